@@ -1,0 +1,1 @@
+"""pytest plugin: real PostgreSQL servers (placeholder; filled in below)."""
