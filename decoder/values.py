@@ -42,13 +42,20 @@ class Interval(NamedTuple):
     microseconds: int
 
     def __str__(self) -> str:
-        sign = "-" if self.microseconds < 0 else ""
-        us = abs(self.microseconds)
-        h, rem = divmod(us, 3_600_000_000)
-        m, rem = divmod(rem, 60_000_000)
-        s, frac = divmod(rem, 1_000_000)
-        clock = f"{sign}{h:02d}:{m:02d}:{s:02d}" + (f".{frac:06d}".rstrip("0") if frac else "")
-        return f"{self.months} mons {self.days} days {clock}"
+        """PostgreSQL's own text form (IntervalStyle 'postgres'): '1 year 2 mons 3 days 04:05:06.7'."""
+        parts = []
+        years, mons = int(self.months / 12), self.months - int(self.months / 12) * 12
+        for n, unit in ((years, "year"), (mons, "mon"), (self.days, "day")):
+            if n:
+                parts.append(f"{n} {unit}{'' if n == 1 else 's'}")
+        if self.microseconds or not parts:
+            sign = "-" if self.microseconds < 0 else ""
+            h, rem = divmod(abs(self.microseconds), 3_600_000_000)
+            m, rem = divmod(rem, 60_000_000)
+            s, frac = divmod(rem, 1_000_000)
+            clock = f"{sign}{h:02d}:{m:02d}:{s:02d}" + (f".{frac:06d}".rstrip("0") if frac else "")
+            parts.append(clock)
+        return " ".join(parts)
 
 
 def pg_epoch_to_datetime(us: int) -> datetime:

@@ -1,0 +1,101 @@
+"""The source side: connections, capability checks, replication slots.
+
+Every failure here becomes a PgferryError whose message names what failed and the fix.
+"""
+
+from __future__ import annotations
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+
+from .errors import PgferryError, SourceNotReady, UsageError
+
+
+def describe_dsn(dsn: str) -> str:
+    """host:port/dbname of a DSN, without the password (never log a DSN as given)."""
+    try:
+        p = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "(unparsable DSN)"
+    return f"{p.get('host', 'localhost')}:{p.get('port', '5432')}/{p.get('dbname', p.get('user', '?'))}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def connect(dsn: str, role: str = "source", **kwargs: object) -> psycopg2.extensions.connection:
+    """Open a connection, turning libpq failures into one-line usage errors."""
+    if not dsn:
+        raise UsageError(f"no {role} given: pass --{role} DSN or set PGFERRY_{role.upper()}")
+    try:
+        psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        raise UsageError(f"invalid {role} DSN: {_first_line(exc)} (expected e.g. "
+                         f"'host=db1 port=5432 dbname=app user=pgferry' or postgresql://user@db1/app)") from None
+    try:
+        conn = psycopg2.connect(dsn, application_name="pgferry", client_encoding="UTF8", **kwargs)
+    except psycopg2.OperationalError as exc:
+        msg = _first_line(exc)
+        if "password authentication failed" in msg or "no password supplied" in msg:
+            hint = "check the password in the DSN, PGPASSWORD or ~/.pgpass"
+        elif "does not exist" in msg:
+            hint = "check the database and user names in the DSN"
+        elif "pg_hba.conf" in msg:
+            hint = "allow this client in the server's pg_hba.conf and reload the server"
+        else:
+            hint = "check host, port and that the server is running and reachable"
+        raise UsageError(f"cannot connect to {role} {describe_dsn(dsn)}: {msg}; {hint}") from None
+    return conn
+
+
+def server_version(conn: psycopg2.extensions.connection) -> int:
+    return int(conn.server_version)
+
+
+def max_protocol_version(server_version_num: int) -> int:
+    """The highest pgoutput protocol version a server speaks (4 since 16, 3 since 15, 2 since 14)."""
+    if server_version_num >= 160000:
+        return 4
+    if server_version_num >= 150000:
+        return 3
+    if server_version_num >= 140000:
+        return 2
+    return 1
+
+
+def check_logical_source(conn: psycopg2.extensions.connection, dsn: str, publication: str | None) -> None:
+    """wal_level, REPLICATION privilege and the publication: what any stream from this source needs."""
+    where = describe_dsn(dsn)
+    with conn.cursor() as cur:
+        cur.execute("SHOW wal_level")
+        (wal_level,) = cur.fetchone()
+        if wal_level != "logical":
+            raise SourceNotReady(
+                f"source {where} has wal_level = {wal_level}; logical decoding needs wal_level = logical: "
+                "run ALTER SYSTEM SET wal_level = logical (or set it in postgresql.conf) and restart the server")
+        cur.execute("SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user")
+        row = cur.fetchone()
+        if row is not None and not (row[0] or row[1]):
+            cur.execute("SELECT current_user")
+            (user,) = cur.fetchone()
+            raise SourceNotReady(
+                f"role {user} on source {where} lacks the REPLICATION privilege: "
+                f"run ALTER ROLE {user} WITH REPLICATION as a superuser")
+        if publication is not None:
+            cur.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,))
+            if cur.fetchone() is None:
+                raise SourceNotReady(
+                    f"publication {publication!r} does not exist on source {where}: create it with "
+                    f"CREATE PUBLICATION {publication} FOR ALL TABLES (or FOR TABLE ...), or pass --publication")
+
+
+def replication_connection(dsn: str) -> psycopg2.extras.LogicalReplicationConnection:
+    try:
+        return connect(dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    except UsageError as exc:
+        raise PgferryError(
+            f"{exc}; a logical replication connection matches the database name in pg_hba.conf "
+            "(not the 'replication' keyword)") from None
