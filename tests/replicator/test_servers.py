@@ -1,0 +1,34 @@
+"""The real-server harness itself: versions, wal_level, unprivileged server user."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.pg
+
+
+def test_pair_is_logical_and_of_the_requested_versions(pair, request):
+    src, dst = pair
+    s_ver, t_ver = request.node.callspec.params["pair"]
+    for db, ver in ((src, s_ver), (dst, t_ver)):
+        assert db.execute("SHOW server_version_num")[0][0].startswith(str(ver))
+        assert db.execute("SHOW wal_level")[0][0] == "logical"
+        assert db.execute("SHOW listen_addresses")[0][0] == "127.0.0.1"
+    assert src.server.port != dst.server.port
+    if os.geteuid() == 0:
+        owner = src.server.datadir.stat().st_uid
+        assert owner != 0, "the server must not run as root"
+
+
+def test_demo_command_runs_end_to_end():
+    res = subprocess.run([sys.executable, "-m", "replicator.cli", "demo", "--changes", "3"],
+                         capture_output=True, text=True, timeout=180, cwd=Path(__file__).parents[2])
+    assert res.returncode == 0, res.stderr
+    ops = [line.split('"op":"')[1].split('"')[0] for line in res.stdout.splitlines()]
+    assert ops == ["insert"] * 5 + ["update", "delete", "truncate"]
+    assert "decoded 8 changes" in res.stderr
