@@ -19,7 +19,7 @@ import math
 import re
 import struct
 from collections.abc import Callable
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any, NamedTuple
 from uuid import UUID
@@ -27,7 +27,7 @@ from uuid import UUID
 from .errors import DecodeError
 from .messages import UNCHANGED
 
-PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _PG_EPOCH_NAIVE = datetime(2000, 1, 1)
 _PG_EPOCH_DATE = date(2000, 1, 1)
 _I32_MAX, _I32_MIN = 2**31 - 1, -(2**31)
@@ -136,7 +136,7 @@ def _t_timestamp(s: str) -> datetime | float:
 def _t_timestamptz(s: str) -> datetime | float:
     if s in ("infinity", "-infinity"):
         return math.inf if s[0] == "i" else -math.inf
-    return datetime.fromisoformat(_fix_offset(s)).astimezone(timezone.utc)
+    return datetime.fromisoformat(_fix_offset(s)).astimezone(UTC)
 
 
 _IV_UNITS = {"year": 12, "years": 12, "mon": 1, "mons": 1, "day": 0, "days": 0}

@@ -7,7 +7,7 @@ import gzip
 import json
 import math
 import struct
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from uuid import UUID
@@ -139,7 +139,7 @@ EXPECTED_ROW1 = {
     "d": date(2024, 2, 29), "tm": time(13, 14, 15, 123456),
     "tmtz": time(13, 14, 15, tzinfo=timezone(timedelta(hours=2))),
     "ts": datetime(2024, 2, 29, 13, 14, 15, 500000),
-    "tstz": datetime(2024, 2, 29, 13, 14, 15, 500000, tzinfo=timezone.utc),
+    "tstz": datetime(2024, 2, 29, 13, 14, 15, 500000, tzinfo=UTC),
     "iv": Interval(14, 3, ((4 * 60 + 5) * 60 + 6) * 1_000_000 + 700_000),
     "u": UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), "j": {"a": [1, 2]}, "jb": {"b": None},
     "ai": [1, None, 3], "at": ["x", 'a "q" b', None, "NULL", "", ","], "a2": [[1, 2], [3, 4]],
@@ -147,7 +147,7 @@ EXPECTED_ROW1 = {
 EXPECTED_ROW2 = {
     "id": 2, "i2": -32768, "i4": -(2**31), "i8": -(2**63), "num": Decimal("-99999.99999"),
     "f8": -math.inf, "b": False, "t": "żółw ☃ 𝄞", "vc": "", "ch": "   ", "by": b"",
-    "d": math.inf, "tm": time(0, 0), "tmtz": time(0, 0, tzinfo=timezone.utc), "ts": -math.inf,
+    "d": math.inf, "tm": time(0, 0), "tmtz": time(0, 0, tzinfo=UTC), "ts": -math.inf,
     "tstz": math.inf, "iv": Interval(0, -1, -1_000_000), "u": UUID(int=0), "j": [], "jb": "s",
     "ai": [], "at": [], "a2": [[None, 2], [3, None]],
 }
@@ -214,7 +214,7 @@ def test_basic_updates_deletes_toast(name):
     assert cap.row(f[3].relation_oid, f[3].new) == {"a": 1, "b": "one"}
     assert f[4].old_kind == "O" and cap.row(f[4].relation_oid, f[4].old) == {"a": 2, "b": None}
 
-    i, u, d = cap.changes("byindex")
+    _ins, u, d = cap.changes("byindex")
     assert u.old_kind == "K" and cap.row(u.relation_oid, u.old) == {"a": 1, "b": 2, "c": None}
     assert cap.row(u.relation_oid, u.new) == {"a": 1, "b": 3, "c": "c"}
     assert d.old_kind == "K" and cap.row(d.relation_oid, d.old) == {"a": 1, "b": 3, "c": None}

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -59,7 +59,7 @@ def test_conversions_text():
     assert convert("Infinity", 1700) == Decimal("Infinity")
     assert math.isnan(convert("NaN", 701)) and convert("-Infinity", 700) == -math.inf
     assert convert("2024-01-02 03:04:05.5-07:30", 1184) == datetime(2024, 1, 2, 10, 34, 5, 500000,
-                                                                     tzinfo=timezone.utc)
+                                                                     tzinfo=UTC)
     assert convert("-infinity", 1082) == -math.inf
     assert convert("1 year -2 mons +3 days -04:05:06", 1186) == Interval(10, 3, -(4 * 3600 + 5 * 60 + 6) * 10**6)
     assert convert("\\x41ff", 17) == b"A\xff"
@@ -82,5 +82,5 @@ def test_conversions_binary_numeric():
 
 def test_pg_epoch():
     dt = pg_epoch_to_datetime(1_000_000)
-    assert dt == datetime(2000, 1, 1, 0, 0, 1, tzinfo=timezone.utc)
+    assert dt == datetime(2000, 1, 1, 0, 0, 1, tzinfo=UTC)
     assert datetime_to_pg_epoch(dt) == 1_000_000

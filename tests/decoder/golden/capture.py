@@ -43,7 +43,8 @@ def capture(version: int) -> None:
                 repl.close()
                 repl = RawReplication(server.host, server.port, server.user, db)
                 stem = DATA / f"pg{version}-{scenario}-{name}"
-                stem.with_suffix(".bin.gz").write_bytes(gzip.compress(b"".join(struct.pack(">I", len(f)) + f for f in frames), 9, mtime=0))
+                packed = b"".join(struct.pack(">I", len(f)) + f for f in frames)
+                stem.with_suffix(".bin.gz").write_bytes(gzip.compress(packed, 9, mtime=0))
                 stem.with_suffix(".json").write_text(json.dumps(
                     {"server_version_num": num, "scenario": scenario, "options": options, "until": str(until)},
                     indent=1) + "\n")
