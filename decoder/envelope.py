@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import _struct as S
 from .errors import DecodeError, short
-from .lsn import Lsn
+from .lsn import lsn_unchecked as _lsn
 from .messages import Keepalive, XLogData
 
 _W, _K = 0x77, 0x6B
@@ -26,7 +26,7 @@ def decode_copy_data(buf: bytes | bytearray | memoryview) -> XLogData | Keepaliv
         if blen < 1 + S.XLOGDATA.size:
             raise short("w", 1, S.XLOGDATA.size, blen - 1, "XLogData header")
         start, end, send_time = S.XLOGDATA.unpack_from(buf, 1)
-        return XLogData(Lsn(start), Lsn(end), send_time, buf[1 + S.XLOGDATA.size:])
+        return XLogData(_lsn(start), _lsn(end), send_time, buf[1 + S.XLOGDATA.size:])
     if tag == _K:
         if blen != 1 + S.KEEPALIVE.size:
             if blen < 1 + S.KEEPALIVE.size:
@@ -34,7 +34,7 @@ def decode_copy_data(buf: bytes | bytearray | memoryview) -> XLogData | Keepaliv
             raise DecodeError(f"{blen - 1 - S.KEEPALIVE.size} unexpected trailing bytes after keepalive",
                               tag="k", offset=1 + S.KEEPALIVE.size)
         end, send_time, reply = S.KEEPALIVE.unpack_from(buf, 1)
-        return Keepalive(Lsn(end), send_time, bool(reply))
+        return Keepalive(_lsn(end), send_time, bool(reply))
     raise DecodeError(f"unknown replication message tag {chr(tag)!r} (0x{tag:02x})", tag=chr(tag), offset=0)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 _MAX = (1 << 64) - 1
 
 
@@ -44,3 +46,6 @@ class Lsn(int):
 
 
 INVALID_LSN = Lsn(0)
+
+# For values decoded with '>Q' (always in range): skips Lsn.__new__'s checks on the hot path.
+lsn_unchecked = functools.partial(int.__new__, Lsn)

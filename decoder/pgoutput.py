@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from . import _struct as S
 from .errors import DecodeError, short
-from .lsn import Lsn
+from .lsn import lsn_unchecked as _lsn
 from .messages import (
     UNCHANGED,
     Begin,
@@ -88,6 +88,39 @@ def _tuple(buf: bytes, pos: int, blen: int, tag: str) -> tuple[Tuple, int]:
     return tuple(values), pos  # type: ignore[arg-type]
 
 
+def _tuple_fast(buf: bytes, pos: int, blen: int, tag: str) -> tuple[Tuple, int]:
+    """The hot loop: no per-field bounds checks. Slicing past the end does not raise, so a
+    short buffer shows as `pos > blen` at the end; any failure re-parses with the checked
+    `_tuple` to report exactly where and what was short."""
+    try:
+        n = buf[pos] << 8 | buf[pos + 1]
+        p = pos + 2
+        out: list[object] = [None] * n
+        for i in range(n):
+            kind = buf[p]
+            if kind == _TEXT:
+                start = p + 5
+                p = start + _u32(buf, p + 1)[0]
+                out[i] = buf[start:p].decode()
+            elif kind == _NULL:
+                p += 1
+            elif kind == _UNCHANGED:
+                out[i] = UNCHANGED
+                p += 1
+            elif kind == _BINARY:
+                start = p + 5
+                p = start + _u32(buf, p + 1)[0]
+                out[i] = buf[start:p]
+            else:
+                break
+        else:
+            if p <= blen:
+                return tuple(out), p  # type: ignore[arg-type]
+    except (IndexError, S.struct.error):
+        pass
+    return _tuple(buf, pos, blen, tag)
+
+
 def _string(buf: bytes, pos: int, blen: int, tag: str, what: str) -> tuple[str, int]:
     end = buf.find(0, pos)
     if end < 0:
@@ -120,20 +153,26 @@ def _end(buf: bytes, pos: int, blen: int, tag: str) -> None:
 
 # -- the change messages (hot path) ------------------------------------------------------------
 def _insert(buf: bytes, blen: int, in_stream: bool) -> Insert:
-    xid, pos = _xid(buf, 1, blen, "I", in_stream)
+    if in_stream:
+        xid, pos = _xid(buf, 1, blen, "I", in_stream)
+    else:
+        xid, pos = None, 1
     if pos + 5 > blen:
         raise short("I", pos, 5, blen - pos, "relation oid and tuple marker")
     (rel,) = _u32(buf, pos)
     if buf[pos + 4] != _N:
         raise DecodeError(f"expected 'N' (new tuple), got {chr(buf[pos + 4])!r}", tag="I", offset=pos + 4)
-    new, pos = _tuple(buf, pos + 5, blen, "I")
+    new, pos = _tuple_fast(buf, pos + 5, blen, "I")
     if pos != blen:
         _end(buf, pos, blen, "I")
     return Insert(xid, rel, new)
 
 
 def _update(buf: bytes, blen: int, in_stream: bool) -> Update:
-    xid, pos = _xid(buf, 1, blen, "U", in_stream)
+    if in_stream:
+        xid, pos = _xid(buf, 1, blen, "U", in_stream)
+    else:
+        xid, pos = None, 1
     if pos + 5 > blen:
         raise short("U", pos, 5, blen - pos, "relation oid and tuple marker")
     (rel,) = _u32(buf, pos)
@@ -143,42 +182,57 @@ def _update(buf: bytes, blen: int, in_stream: bool) -> Update:
     old = None
     if marker == _K or marker == _O:
         old_kind = "K" if marker == _K else "O"
-        old, pos = _tuple(buf, pos, blen, "U")
+        old, pos = _tuple_fast(buf, pos, blen, "U")
         if pos + 1 > blen:
             raise short("U", pos, 1, 0, "new tuple marker")
         marker = buf[pos]
         pos += 1
     if marker != _N:
         raise DecodeError(f"expected 'K', 'O' or 'N' tuple marker, got {chr(marker)!r}", tag="U", offset=pos - 1)
-    new, pos = _tuple(buf, pos, blen, "U")
+    new, pos = _tuple_fast(buf, pos, blen, "U")
     if pos != blen:
         _end(buf, pos, blen, "U")
     return Update(xid, rel, old_kind, old, new)
 
 
 def _delete(buf: bytes, blen: int, in_stream: bool) -> Delete:
-    xid, pos = _xid(buf, 1, blen, "D", in_stream)
+    if in_stream:
+        xid, pos = _xid(buf, 1, blen, "D", in_stream)
+    else:
+        xid, pos = None, 1
     if pos + 5 > blen:
         raise short("D", pos, 5, blen - pos, "relation oid and tuple marker")
     (rel,) = _u32(buf, pos)
     marker = buf[pos + 4]
     if marker != _K and marker != _O:
         raise DecodeError(f"expected 'K' or 'O' tuple marker, got {chr(marker)!r}", tag="D", offset=pos + 4)
-    old, pos = _tuple(buf, pos + 5, blen, "D")
+    old, pos = _tuple_fast(buf, pos + 5, blen, "D")
     if pos != blen:
         _end(buf, pos, blen, "D")
     return Delete(xid, rel, "K" if marker == _K else "O", old)
 
 
 # -- transaction boundaries --------------------------------------------------------------------
+_BEGIN_LEN = 1 + S.BEGIN.size
+_COMMIT_LEN = 1 + S.COMMIT.size
+_unpack_begin = S.BEGIN.unpack_from
+_unpack_commit = S.COMMIT.unpack_from
+
+
 def _begin(buf: bytes, blen: int, in_stream: bool) -> Begin:
-    final_lsn, commit_time, xid = _fixed(buf, blen, "B", S.BEGIN, "Begin")
-    return Begin(Lsn(final_lsn), commit_time, xid)
+    if blen == _BEGIN_LEN:
+        final_lsn, commit_time, xid = _unpack_begin(buf, 1)
+    else:
+        final_lsn, commit_time, xid = _fixed(buf, blen, "B", S.BEGIN, "Begin")
+    return Begin(_lsn(final_lsn), commit_time, xid)
 
 
 def _commit(buf: bytes, blen: int, in_stream: bool) -> Commit:
-    flags, commit_lsn, end_lsn, commit_time = _fixed(buf, blen, "C", S.COMMIT, "Commit")
-    return Commit(flags, Lsn(commit_lsn), Lsn(end_lsn), commit_time)
+    if blen == _COMMIT_LEN:
+        flags, commit_lsn, end_lsn, commit_time = _unpack_commit(buf, 1)
+    else:
+        flags, commit_lsn, end_lsn, commit_time = _fixed(buf, blen, "C", S.COMMIT, "Commit")
+    return Commit(flags, _lsn(commit_lsn), _lsn(end_lsn), commit_time)
 
 
 def _origin(buf: bytes, blen: int, in_stream: bool) -> Origin:
@@ -187,7 +241,7 @@ def _origin(buf: bytes, blen: int, in_stream: bool) -> Origin:
     (lsn,) = S.unpack_u64(buf, 1)
     name, pos = _string(buf, 9, blen, "O", "origin name")
     _end(buf, pos, blen, "O")
-    return Origin(Lsn(lsn), name)
+    return Origin(_lsn(lsn), name)
 
 
 # -- catalog -----------------------------------------------------------------------------------
@@ -262,7 +316,7 @@ def _message(buf: bytes, blen: int, in_stream: bool) -> LogicalMessage:
     if pos + ln > blen:
         raise short("M", pos, ln, blen - pos, "message content")
     _end(buf, pos + ln, blen, "M")
-    return LogicalMessage(xid, bool(flags & 1), Lsn(lsn), prefix, buf[pos:pos + ln])
+    return LogicalMessage(xid, bool(flags & 1), _lsn(lsn), prefix, buf[pos:pos + ln])
 
 
 # -- streaming ---------------------------------------------------------------------------------
@@ -278,14 +332,14 @@ def _stream_stop(buf: bytes, blen: int, in_stream: bool) -> StreamStop:
 
 def _stream_commit(buf: bytes, blen: int, in_stream: bool) -> StreamCommit:
     xid, flags, commit_lsn, end_lsn, commit_time = _fixed(buf, blen, "c", S.STREAM_COMMIT, "Stream Commit")
-    return StreamCommit(xid, flags, Lsn(commit_lsn), Lsn(end_lsn), commit_time)
+    return StreamCommit(xid, flags, _lsn(commit_lsn), _lsn(end_lsn), commit_time)
 
 
 def _stream_abort(buf: bytes, blen: int, in_stream: bool) -> StreamAbort:
     # Protocol 4 with streaming = parallel appends the abort LSN and time; the length tells.
     if blen == 1 + S.STREAM_ABORT_V4.size:
         xid, subxid, lsn, t = S.STREAM_ABORT_V4.unpack_from(buf, 1)
-        return StreamAbort(xid, subxid, Lsn(lsn), t)
+        return StreamAbort(xid, subxid, _lsn(lsn), t)
     xid, subxid = _fixed(buf, blen, "A", S.STREAM_ABORT, "Stream Abort")
     return StreamAbort(xid, subxid)
 
@@ -305,28 +359,28 @@ def _head(buf: bytes, blen: int, tag: str, st: S.struct.Struct, what: str) -> tu
 
 def _begin_prepare(buf: bytes, blen: int, in_stream: bool) -> BeginPrepare:
     lsn, end, t, xid = _head(buf, blen, "b", S.BEGIN_PREPARE, "Begin Prepare")
-    return BeginPrepare(Lsn(lsn), Lsn(end), t, xid, _gid(buf, 1 + S.BEGIN_PREPARE.size, blen, "b"))
+    return BeginPrepare(_lsn(lsn), _lsn(end), t, xid, _gid(buf, 1 + S.BEGIN_PREPARE.size, blen, "b"))
 
 
 def _prepare(buf: bytes, blen: int, in_stream: bool) -> Prepare:
     flags, lsn, end, t, xid = _head(buf, blen, "P", S.PREPARE, "Prepare")
-    return Prepare(flags, Lsn(lsn), Lsn(end), t, xid, _gid(buf, 1 + S.PREPARE.size, blen, "P"))
+    return Prepare(flags, _lsn(lsn), _lsn(end), t, xid, _gid(buf, 1 + S.PREPARE.size, blen, "P"))
 
 
 def _commit_prepared(buf: bytes, blen: int, in_stream: bool) -> CommitPrepared:
     flags, lsn, end, t, xid = _head(buf, blen, "K", S.PREPARE, "Commit Prepared")
-    return CommitPrepared(flags, Lsn(lsn), Lsn(end), t, xid, _gid(buf, 1 + S.PREPARE.size, blen, "K"))
+    return CommitPrepared(flags, _lsn(lsn), _lsn(end), t, xid, _gid(buf, 1 + S.PREPARE.size, blen, "K"))
 
 
 def _rollback_prepared(buf: bytes, blen: int, in_stream: bool) -> RollbackPrepared:
     flags, pend, rend, pt, rt, xid = _head(buf, blen, "r", S.ROLLBACK_PREPARED, "Rollback Prepared")
     gid = _gid(buf, 1 + S.ROLLBACK_PREPARED.size, blen, "r")
-    return RollbackPrepared(flags, Lsn(pend), Lsn(rend), pt, rt, xid, gid)
+    return RollbackPrepared(flags, _lsn(pend), _lsn(rend), pt, rt, xid, gid)
 
 
 def _stream_prepare(buf: bytes, blen: int, in_stream: bool) -> StreamPrepare:
     flags, lsn, end, t, xid = _head(buf, blen, "p", S.PREPARE, "Stream Prepare")
-    return StreamPrepare(flags, Lsn(lsn), Lsn(end), t, xid, _gid(buf, 1 + S.PREPARE.size, blen, "p"))
+    return StreamPrepare(flags, _lsn(lsn), _lsn(end), t, xid, _gid(buf, 1 + S.PREPARE.size, blen, "p"))
 
 
 _PARSERS: dict[int, Callable[[bytes, int, bool], Message]] = {
