@@ -28,12 +28,7 @@ def decode_copy_data(buf: bytes | bytearray | memoryview) -> XLogData | Keepaliv
         start, end, send_time = S.XLOGDATA.unpack_from(buf, 1)
         return XLogData(_lsn(start), _lsn(end), send_time, buf[1 + S.XLOGDATA.size:])
     if tag == _K:
-        if blen != 1 + S.KEEPALIVE.size:
-            if blen < 1 + S.KEEPALIVE.size:
-                raise short("k", 1, S.KEEPALIVE.size, blen - 1, "keepalive")
-            raise DecodeError(f"{blen - 1 - S.KEEPALIVE.size} unexpected trailing bytes after keepalive",
-                              tag="k", offset=1 + S.KEEPALIVE.size)
-        end, send_time, reply = S.KEEPALIVE.unpack_from(buf, 1)
+        end, send_time, reply = S.unpack_exact(buf, blen, "k", S.KEEPALIVE, "keepalive")
         return Keepalive(_lsn(end), send_time, bool(reply))
     raise DecodeError(f"unknown replication message tag {chr(tag)!r} (0x{tag:02x})", tag=chr(tag), offset=0)
 

@@ -88,7 +88,7 @@ class Relation(_Msg, tag="relation"):
     oid: int
     namespace: str
     name: str
-    replica_identity: str
+    replica_identity: ReplicaIdentity
     columns: tuple[Column, ...]
 
 

@@ -137,20 +137,6 @@ def _xid(buf: bytes, pos: int, blen: int, tag: str, in_stream: bool) -> tuple[in
     return _u32(buf, pos)[0], pos + 4
 
 
-def _fixed(buf: bytes, blen: int, tag: str, st: S.struct.Struct, what: str) -> tuple[int, ...]:
-    if blen != 1 + st.size:
-        if blen < 1 + st.size:
-            raise short(tag, 1, st.size, blen - 1, what)
-        raise DecodeError(f"{blen - 1 - st.size} unexpected trailing bytes after {what}", tag=tag,
-                          offset=1 + st.size)
-    return st.unpack_from(buf, 1)
-
-
-def _end(buf: bytes, pos: int, blen: int, tag: str) -> None:
-    if pos != blen:
-        raise DecodeError(f"{blen - pos} unexpected trailing bytes", tag=tag, offset=pos)
-
-
 # -- the change messages (hot path) ------------------------------------------------------------
 def _insert(buf: bytes, blen: int, in_stream: bool) -> Insert:
     if in_stream:
@@ -164,7 +150,7 @@ def _insert(buf: bytes, blen: int, in_stream: bool) -> Insert:
         raise DecodeError(f"expected 'N' (new tuple), got {chr(buf[pos + 4])!r}", tag="I", offset=pos + 4)
     new, pos = _tuple_fast(buf, pos + 5, blen, "I")
     if pos != blen:
-        _end(buf, pos, blen, "I")
+        S.expect_end(pos, blen, "I")
     return Insert(xid, rel, new)
 
 
@@ -191,7 +177,7 @@ def _update(buf: bytes, blen: int, in_stream: bool) -> Update:
         raise DecodeError(f"expected 'K', 'O' or 'N' tuple marker, got {chr(marker)!r}", tag="U", offset=pos - 1)
     new, pos = _tuple_fast(buf, pos, blen, "U")
     if pos != blen:
-        _end(buf, pos, blen, "U")
+        S.expect_end(pos, blen, "U")
     return Update(xid, rel, old_kind, old, new)
 
 
@@ -208,7 +194,7 @@ def _delete(buf: bytes, blen: int, in_stream: bool) -> Delete:
         raise DecodeError(f"expected 'K' or 'O' tuple marker, got {chr(marker)!r}", tag="D", offset=pos + 4)
     old, pos = _tuple_fast(buf, pos + 5, blen, "D")
     if pos != blen:
-        _end(buf, pos, blen, "D")
+        S.expect_end(pos, blen, "D")
     return Delete(xid, rel, "K" if marker == _K else "O", old)
 
 
@@ -223,7 +209,7 @@ def _begin(buf: bytes, blen: int, in_stream: bool) -> Begin:
     if blen == _BEGIN_LEN:
         final_lsn, commit_time, xid = _unpack_begin(buf, 1)
     else:
-        final_lsn, commit_time, xid = _fixed(buf, blen, "B", S.BEGIN, "Begin")
+        final_lsn, commit_time, xid = S.unpack_exact(buf, blen, "B", S.BEGIN, "Begin")
     return Begin(_lsn(final_lsn), commit_time, xid)
 
 
@@ -231,7 +217,7 @@ def _commit(buf: bytes, blen: int, in_stream: bool) -> Commit:
     if blen == _COMMIT_LEN:
         flags, commit_lsn, end_lsn, commit_time = _unpack_commit(buf, 1)
     else:
-        flags, commit_lsn, end_lsn, commit_time = _fixed(buf, blen, "C", S.COMMIT, "Commit")
+        flags, commit_lsn, end_lsn, commit_time = S.unpack_exact(buf, blen, "C", S.COMMIT, "Commit")
     return Commit(flags, _lsn(commit_lsn), _lsn(end_lsn), commit_time)
 
 
@@ -240,7 +226,7 @@ def _origin(buf: bytes, blen: int, in_stream: bool) -> Origin:
         raise short("O", 1, 8, blen - 1, "origin commit LSN")
     (lsn,) = S.unpack_u64(buf, 1)
     name, pos = _string(buf, 9, blen, "O", "origin name")
-    _end(buf, pos, blen, "O")
+    S.expect_end(pos, blen, "O")
     return Origin(_lsn(lsn), name)
 
 
@@ -270,7 +256,7 @@ def _relation(buf: bytes, blen: int, in_stream: bool) -> Relation:
         type_oid, typmod = S.COLUMN_TAIL.unpack_from(buf, pos)
         pos += 8
         cols.append(Column(flags, cname, type_oid, typmod))
-    _end(buf, pos, blen, "R")
+    S.expect_end(pos, blen, "R")
     return Relation(xid, oid, namespace, name, ident, tuple(cols))
 
 
@@ -281,7 +267,7 @@ def _type(buf: bytes, blen: int, in_stream: bool) -> Type:
     (oid,) = _u32(buf, pos)
     namespace, pos = _string(buf, pos + 4, blen, "Y", "namespace")
     name, pos = _string(buf, pos, blen, "Y", "type name")
-    _end(buf, pos, blen, "Y")
+    S.expect_end(pos, blen, "Y")
     return Type(xid, oid, namespace, name)
 
 
@@ -295,7 +281,7 @@ def _truncate(buf: bytes, blen: int, in_stream: bool) -> Truncate:
     if pos + 4 * nrels != blen:
         if pos + 4 * nrels > blen:
             raise short("T", pos, 4 * nrels, blen - pos, f"{nrels} relation oids")
-        _end(buf, pos + 4 * nrels, blen, "T")
+        S.expect_end(pos + 4 * nrels, blen, "T")
     oids = S.struct.unpack_from(f">{nrels}I", buf, pos)
     return Truncate(xid, options, oids)
 
@@ -315,23 +301,23 @@ def _message(buf: bytes, blen: int, in_stream: bool) -> LogicalMessage:
     pos += 4
     if pos + ln > blen:
         raise short("M", pos, ln, blen - pos, "message content")
-    _end(buf, pos + ln, blen, "M")
+    S.expect_end(pos + ln, blen, "M")
     return LogicalMessage(xid, bool(flags & 1), _lsn(lsn), prefix, buf[pos:pos + ln])
 
 
 # -- streaming ---------------------------------------------------------------------------------
 def _stream_start(buf: bytes, blen: int, in_stream: bool) -> StreamStart:
-    xid, first = _fixed(buf, blen, "S", S.STREAM_START, "Stream Start")
+    xid, first = S.unpack_exact(buf, blen, "S", S.STREAM_START, "Stream Start")
     return StreamStart(xid, bool(first))
 
 
 def _stream_stop(buf: bytes, blen: int, in_stream: bool) -> StreamStop:
-    _end(buf, 1, blen, "E")
+    S.expect_end(1, blen, "E")
     return StreamStop()
 
 
 def _stream_commit(buf: bytes, blen: int, in_stream: bool) -> StreamCommit:
-    xid, flags, commit_lsn, end_lsn, commit_time = _fixed(buf, blen, "c", S.STREAM_COMMIT, "Stream Commit")
+    xid, flags, commit_lsn, end_lsn, commit_time = S.unpack_exact(buf, blen, "c", S.STREAM_COMMIT, "Stream Commit")
     return StreamCommit(xid, flags, _lsn(commit_lsn), _lsn(end_lsn), commit_time)
 
 
@@ -340,14 +326,14 @@ def _stream_abort(buf: bytes, blen: int, in_stream: bool) -> StreamAbort:
     if blen == 1 + S.STREAM_ABORT_V4.size:
         xid, subxid, lsn, t = S.STREAM_ABORT_V4.unpack_from(buf, 1)
         return StreamAbort(xid, subxid, _lsn(lsn), t)
-    xid, subxid = _fixed(buf, blen, "A", S.STREAM_ABORT, "Stream Abort")
+    xid, subxid = S.unpack_exact(buf, blen, "A", S.STREAM_ABORT, "Stream Abort")
     return StreamAbort(xid, subxid)
 
 
 # -- two-phase ---------------------------------------------------------------------------------
 def _gid(buf: bytes, pos: int, blen: int, tag: str) -> str:
     gid, pos = _string(buf, pos, blen, tag, "gid")
-    _end(buf, pos, blen, tag)
+    S.expect_end(pos, blen, tag)
     return gid
 
 

@@ -24,14 +24,18 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 from uuid import UUID
 
+from . import _struct as S
 from .errors import DecodeError
 from .messages import UNCHANGED
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _PG_EPOCH_NAIVE = datetime(2000, 1, 1)
 _PG_EPOCH_DATE = date(2000, 1, 1)
-_I32_MAX, _I32_MIN = 2**31 - 1, -(2**31)
-_I64_MAX, _I64_MIN = 2**63 - 1, -(2**63)
+# PostgreSQL's ±infinity for dates and timestamps, in text and in binary (the extreme int32 day
+# number / int64 microsecond count); Python has no infinite date, so they become float ±inf.
+_TEXT_INFINITY = {"infinity": math.inf, "-infinity": -math.inf}
+_DATE_INFINITY = {2**31 - 1: math.inf, -(2**31): -math.inf}
+_TIMESTAMP_INFINITY = {2**63 - 1: math.inf, -(2**63): -math.inf}
 
 
 class Interval(NamedTuple):
@@ -103,8 +107,8 @@ def _t_bytea(s: str) -> bytes:
 
 
 def _t_date(s: str) -> date | float:
-    if s in ("infinity", "-infinity"):
-        return math.inf if s[0] == "i" else -math.inf
+    if s in _TEXT_INFINITY:
+        return _TEXT_INFINITY[s]
     if s.endswith(" BC"):
         raise ValueError("BC dates are not representable in Python")
     return date.fromisoformat(s)
@@ -128,14 +132,14 @@ def _t_timetz(s: str) -> time:
 
 
 def _t_timestamp(s: str) -> datetime | float:
-    if s in ("infinity", "-infinity"):
-        return math.inf if s[0] == "i" else -math.inf
+    if s in _TEXT_INFINITY:
+        return _TEXT_INFINITY[s]
     return datetime.fromisoformat(s)
 
 
 def _t_timestamptz(s: str) -> datetime | float:
-    if s in ("infinity", "-infinity"):
-        return math.inf if s[0] == "i" else -math.inf
+    if s in _TEXT_INFINITY:
+        return _TEXT_INFINITY[s]
     return datetime.fromisoformat(_fix_offset(s)).astimezone(UTC)
 
 
@@ -221,12 +225,13 @@ def parse_text_array(s: str, elem: Callable[[str], Any], delim: str = ",") -> li
 
 
 # -- binary format -------------------------------------------------------------------------------
-_b_i16 = struct.Struct(">h").unpack
-_b_i32 = struct.Struct(">i").unpack
-_b_i64 = struct.Struct(">q").unpack
-_b_u32 = struct.Struct(">I").unpack
-_b_f32 = struct.Struct(">f").unpack
-_b_f64 = struct.Struct(">d").unpack
+# `.unpack` (not unpack_from): a value of the wrong length is an error, not silently cut.
+_b_i16 = S.I16.unpack
+_b_i32 = S.I32.unpack
+_b_i64 = S.I64.unpack
+_b_u32 = S.U32.unpack
+_b_f32 = S.F32.unpack
+_b_f64 = S.F64.unpack
 _NUMERIC_HEAD = struct.Struct(">hhHH")
 _NUMERIC_SPECIAL = {0xC000: Decimal("NaN"), 0xD000: Decimal("Infinity"), 0xF000: Decimal("-Infinity")}
 
@@ -245,10 +250,8 @@ def _b_numeric(b: bytes) -> Decimal:
 
 def _b_date(b: bytes) -> date | float:
     (d,) = _b_i32(b)
-    if d == _I32_MAX:
-        return math.inf
-    if d == _I32_MIN:
-        return -math.inf
+    if d in _DATE_INFINITY:
+        return _DATE_INFINITY[d]
     return _PG_EPOCH_DATE + timedelta(days=d)
 
 
@@ -270,19 +273,15 @@ def _b_timetz(b: bytes) -> time:
 
 def _b_timestamp(b: bytes) -> datetime | float:
     (us,) = _b_i64(b)
-    if us == _I64_MAX:
-        return math.inf
-    if us == _I64_MIN:
-        return -math.inf
+    if us in _TIMESTAMP_INFINITY:
+        return _TIMESTAMP_INFINITY[us]
     return _PG_EPOCH_NAIVE + timedelta(microseconds=us)
 
 
 def _b_timestamptz(b: bytes) -> datetime | float:
     (us,) = _b_i64(b)
-    if us == _I64_MAX:
-        return math.inf
-    if us == _I64_MIN:
-        return -math.inf
+    if us in _TIMESTAMP_INFINITY:
+        return _TIMESTAMP_INFINITY[us]
     return pg_epoch_to_datetime(us)
 
 
@@ -379,7 +378,3 @@ def convert(value: object, type_oid: int) -> Any:
     except (ValueError, IndexError, struct.error, KeyError) as exc:
         raise DecodeError(f"cannot convert value of type OID {type_oid}: {exc}") from None
     raise TypeError(f"not a decoded column value: {type(value).__name__}")
-
-
-def is_known(type_oid: int) -> bool:
-    return type_oid in _SCALARS or type_oid in ARRAY_ELEMENTS
