@@ -90,9 +90,7 @@ class ChangeFormatter:
 
     def __init__(self) -> None:
         self.relations: dict[int, Relation] = {}
-        self.xid: int | None = None
-        self.commit_lsn: Lsn | None = None
-        self.commit_time: int | None = None
+        self.begin: Begin | None = None  # the open transaction
         self.origin: str | None = None
 
     def _row(self, rel: Relation, values: tuple | None, key_only: bool = False,
@@ -110,24 +108,24 @@ class ChangeFormatter:
                 out[col.name] = jsonable(convert(v, col.type_oid), col.type_oid)
         return out, unchanged
 
-    def _base(self, lsn: Lsn, op: str) -> dict[str, Any]:
+    @staticmethod
+    def _base(lsn: Lsn, op: str, txn: Begin | None) -> dict[str, Any]:
         return {
             "lsn": str(lsn),
-            "commit_lsn": str(self.commit_lsn) if self.commit_lsn is not None else None,
-            "xid": self.xid,
-            "commit_time": (pg_epoch_to_datetime(self.commit_time).isoformat()
-                            if self.commit_time is not None else None),
+            "commit_lsn": str(txn.final_lsn) if txn is not None else None,
+            "xid": txn.xid if txn is not None else None,
+            "commit_time": pg_epoch_to_datetime(txn.commit_time).isoformat() if txn is not None else None,
             "op": op,
         }
 
     def format(self, msg: Message, lsn: Lsn) -> dict[str, Any] | None:
         t = type(msg)
         if t is Begin:
-            self.xid, self.commit_lsn, self.commit_time = msg.xid, msg.final_lsn, msg.commit_time
+            self.begin = msg
             self.origin = None
             return None
         if t is Commit:
-            self.xid = self.commit_lsn = self.commit_time = None
+            self.begin = None
             return None
         if t is Relation:
             self.relations[msg.oid] = msg
@@ -145,7 +143,7 @@ class ChangeFormatter:
             old, _ = self._row(rel, getattr(msg, "old", None), key_only=getattr(msg, "old_kind", None) == "K")
             keysrc = old if t is Delete or (t is Update and old is not None) else new
             key = {c.name: keysrc.get(c.name) for c in rel.columns if c.is_key} if keysrc else None
-            line = self._base(lsn, op)
+            line = self._base(lsn, op, self.begin)
             line.update({"schema": rel.namespace, "table": rel.name, "key": key, "old": old, "new": new})
             if unchanged:
                 line["unchanged_toast"] = unchanged
@@ -153,15 +151,15 @@ class ChangeFormatter:
                 line["origin"] = self.origin
             return line
         if t is Truncate:
-            line = self._base(lsn, "truncate")
+            line = self._base(lsn, "truncate", self.begin)
             line["tables"] = [
                 f"{self.relations[o].namespace}.{self.relations[o].name}" if o in self.relations else str(o)
                 for o in msg.relation_oids]
             line.update({"cascade": msg.cascade, "restart_identity": msg.restart_identity})
             return line
         if t is LogicalMessage:
-            line = self._base(lsn, "message") if msg.transactional else {
-                "lsn": str(lsn), "commit_lsn": None, "xid": None, "commit_time": None, "op": "message"}
+            # A non-transactional message belongs to no transaction, even if one is open.
+            line = self._base(lsn, "message", self.begin if msg.transactional else None)
             try:
                 content: str = msg.content.decode()
             except UnicodeDecodeError:
