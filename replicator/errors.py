@@ -24,4 +24,4 @@ class UsageError(PgferryError):
 
 
 class SourceNotReady(PgferryError):
-    exit_code = EXIT_PROBLEM
+    """The source is reachable but not set up for logical replication (exit 1)."""

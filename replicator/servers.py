@@ -19,8 +19,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 DEFAULT_SETTINGS: dict[str, str] = {
@@ -188,19 +187,6 @@ class LocalServer:
             _run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"],
                  user=self.os_user, timeout=60)
 
-    def restart(self, mode: str = "fast") -> None:
-        self.stop(mode)
-        res = _run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w",
-                    "-t", "60", "start"], user=self.os_user)
-        if res.returncode != 0:
-            raise ServerError(f"PostgreSQL {self.version} did not restart: {self.log_tail()}")
-
-    def reconfigure(self, **settings: str) -> None:
-        """Change settings and restart (for settings like wal_level that need one)."""
-        self.settings.update(settings)
-        self._write_conf()
-        self.restart()
-
     def cleanup(self) -> None:
         self.stop("immediate")
         if self._root is not None:
@@ -237,23 +223,3 @@ class LocalServer:
         if res.returncode != 0:
             raise ServerError(f"psql on PostgreSQL {self.version} failed: {res.stderr.strip()}")
         return res.stdout
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            res = subprocess.run([str(self.client_bindir / "pg_isready"), "-h", self.host, "-p", str(self.port)],
-                                 capture_output=True, check=False)
-            if res.returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                raise ServerError(f"PostgreSQL {self.version} not ready after {timeout}s")
-            time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def running(version: int, **kwargs: object) -> Iterator[LocalServer]:
-    server = LocalServer(version, **kwargs)  # type: ignore[arg-type]
-    try:
-        yield server.start()
-    finally:
-        server.cleanup()

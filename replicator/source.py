@@ -51,10 +51,6 @@ def connect(dsn: str, role: str = "source", **kwargs: object) -> psycopg2.extens
     return conn
 
 
-def server_version(conn: psycopg2.extensions.connection) -> int:
-    return int(conn.server_version)
-
-
 def max_protocol_version(server_version_num: int) -> int:
     """The highest pgoutput protocol version a server speaks (4 since 16, 3 since 15, 2 since 14)."""
     if server_version_num >= 160000:

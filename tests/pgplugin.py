@@ -1,7 +1,6 @@
 """pytest plugin: real PostgreSQL servers for the integration tests.
 
 Servers (one per version and role, started on first use, stopped at session end):
-  * ``pg15`` / ``pg18``: a server of each version (``wal_level=logical``).
   * ``pair``: a (source, target) pair, parametrized over ``--pg-pairs`` (default
     ``15-18,18-18,15-15``); 18 -> 18 and 15 -> 15 use a second server of the same version.
   * ``source``: one server, parametrized over the source versions in ``--pg-pairs``.
@@ -131,16 +130,6 @@ def pair(request: pytest.FixtureRequest, pg_servers: _Servers) -> Iterator[tuple
     yield src, dst
     src.drop()
     dst.drop()
-
-
-@pytest.fixture
-def pg15(pg_servers: _Servers) -> LocalServer:
-    return pg_servers.get(15, "src")
-
-
-@pytest.fixture
-def pg18(pg_servers: _Servers) -> LocalServer:
-    return pg_servers.get(18, "src")
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:

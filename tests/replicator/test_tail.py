@@ -164,7 +164,7 @@ def test_tail_bad_input_gives_one_clear_line(source: Db):
     source.execute("DROP ROLE plain_user")
 
 
-def test_tail_refuses_wal_level_replica(pg_servers):
+def test_tail_refuses_wal_level_replica():
     from replicator.servers import LocalServer
     with LocalServer(18, settings={"wal_level": "replica"}, name="replica-") as srv:
         res = _run("tail", "--source", srv.dsn())
