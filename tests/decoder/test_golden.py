@@ -3,6 +3,7 @@ golden/capture.py), decoded and checked field by field against the SQL in golden
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import math
@@ -88,9 +89,15 @@ class Capture:
         return {c.name: convert(v, c.type_oid) for c, v in zip(rel.columns, values, strict=True)}
 
 
+@functools.cache
+def load(name: str) -> Capture:
+    """Each capture is read and decoded once per session, whatever number of tests check it."""
+    return Capture(name)
+
+
 @pytest.fixture(scope="module", params=CAPTURES)
 def cap(request) -> Capture:
-    return Capture(request.param)
+    return load(request.param)
 
 
 def captures_of(scenario: str) -> list[str]:
@@ -155,7 +162,7 @@ EXPECTED_ROW2 = {
 
 @pytest.mark.parametrize("name", captures_of("basic"))
 def test_basic_types_rows(name):
-    cap = Capture(name)
+    cap = load(name)
     inserts = [m for m in cap.changes("types") if isinstance(m, Insert)]
     assert len(inserts) == 3
     r1, r2, r3 = (cap.row(m.relation_oid, m.new) for m in inserts)
@@ -172,7 +179,7 @@ def test_basic_types_rows(name):
 
 @pytest.mark.parametrize("name", captures_of("basic"))
 def test_basic_catalog_messages(name):
-    cap = Capture(name)
+    cap = load(name)
     types = cap.of(Type)
     assert [(t.namespace, t.name) for t in types] == [("public", "mood")]
     rels = {r.name: r for r in cap.relations.values()}
@@ -191,7 +198,7 @@ def test_basic_catalog_messages(name):
 
 @pytest.mark.parametrize("name", captures_of("basic"))
 def test_basic_updates_deletes_toast(name):
-    cap = Capture(name)
+    cap = load(name)
     ups = [m for m in cap.changes("types") if isinstance(m, Update)]
     # UPDATE without key change: no old tuple. Key change 3 -> 10: 'K' with the old key.
     assert ups[0].old_kind is None and ups[0].old is None
@@ -222,7 +229,7 @@ def test_basic_updates_deletes_toast(name):
 
 @pytest.mark.parametrize("name", captures_of("basic"))
 def test_basic_truncate_messages_origin(name):
-    cap = Capture(name)
+    cap = load(name)
     truncs = cap.of(Truncate)
     names = [sorted(cap.rel(o).name for o in t.relation_oids) for t in truncs]
     assert names == [["child", "parent"], ["child", "parent"], ["ident"]]
@@ -282,7 +289,7 @@ def _replay(cap: Capture) -> dict[int, str]:
 
 @pytest.mark.parametrize("name", captures_of("stream"))
 def test_stream_replay_matches_sql(name):
-    cap = Capture(name)
+    cap = load(name)
     expected = {i: ("after" if i <= 1000 else "p" * 50) for i in range(1, 2001) if not 1001 <= i <= 1500}
     expected.update({i: "kept" for i in range(20001, 21001)})
     assert _replay(cap) == expected
@@ -310,7 +317,7 @@ def test_stream_replay_matches_sql(name):
 
 @pytest.mark.parametrize("name", captures_of("twophase"))
 def test_two_phase(name):
-    cap = Capture(name)
+    cap = load(name)
     bp = cap.of(BeginPrepare)
     pr = cap.of(Prepare)
     assert [b.gid for b in bp] == ["gid-commit", "gid-rollback"] == [p.gid for p in pr]

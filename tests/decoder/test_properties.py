@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from decoder import DecodeError, PgOutputDecoder, StreamAbort, decode_copy_data, decode_message
 from decoder.messages import XLogData
-from tests.decoder.test_golden import CAPTURES, Capture
+from tests.decoder.test_golden import CAPTURES, load
 
 TAGS = b"BCORYIUDTMSEcAbPKrpwkxZ\x00\xff"
 
@@ -17,7 +17,7 @@ TAGS = b"BCORYIUDTMSEcAbPKrpwkxZ\x00\xff"
 SAMPLES: dict[str, tuple[bytes, bool]] = {}
 for _name in CAPTURES:
     _dec = PgOutputDecoder()
-    for _env in Capture(_name).wal:
+    for _env in load(_name).wal:
         _flag = _dec.in_stream
         _msg = _dec.decode(_env.data)
         _key = f"{type(_msg).__name__}-{_flag}-{len(_env.data) > 9}"
