@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from decoder import PgOutputDecoder, XLogData, decode_copy_data
+from decoder.pgoutput import ACCELERATED, decode_message_py
 
 DATA = Path(__file__).parent / "data" / "stream-pg18.bin.gz"
 
@@ -46,6 +47,13 @@ def pgferry_decode_all(payloads: list[bytes]) -> int:
     decode = PgOutputDecoder().decode
     for p in payloads:
         decode(p)
+    return len(payloads)
+
+
+def pgferry_pure_python_decode_all(payloads: list[bytes]) -> int:
+    """The fallback parser alone (what runs when the C accelerator is not built)."""
+    for p in payloads:
+        decode_message_py(p)
     return len(payloads)
 
 
@@ -84,18 +92,22 @@ def main(repeats: int = 5) -> None:
     ours: list[float] = []
     full: list[float] = []
     theirs: list[float] = []
+    pure: list[float] = []
     for _ in range(repeats):
         _best(lambda: pgferry_decode_all(payloads), ours)
+        _best(lambda: pgferry_pure_python_decode_all(payloads), pure)
         _best(lambda: pypgoutput_decode_all(payloads), theirs)
         _best(lambda: pgferry_decode_frames(frames), full)
     n = len(payloads)
     kinds = sorted({p[:1].decode() for p in payloads})
     print(f"stream: {n:,} messages ({', '.join(kinds)}), {nbytes / 1e6:.1f} MB; best of {repeats} alternating runs")
-    for name, t in (("pgferry", min(ours)), ("pypgoutput 0.0.3", min(theirs))):
+    label = "pgferry (C)" if ACCELERATED else "pgferry (no C)"
+    for name, t in ((label, min(ours)), ("pgferry pure Py", min(pure)), ("pypgoutput 0.0.3", min(theirs))):
         print(f"  {name:<18} {t:7.3f} s  {n / t:>12,.0f} msg/s  {nbytes / t / 1e6:8.1f} MB/s")
     nf = len(frames)
     print(f"  {'pgferry+envelope':<18} {min(full):7.3f} s  {nf / min(full):>12,.0f} frames/s (all {nf:,} CopyData)")
-    print(f"ratio pgferry / pypgoutput throughput: {min(theirs) / min(ours):.1f}x")
+    print(f"ratio pgferry / pypgoutput throughput: {min(theirs) / min(ours):.1f}x"
+          f" (pure-Python parser alone: {min(theirs) / min(pure):.1f}x)")
 
 
 if __name__ == "__main__":

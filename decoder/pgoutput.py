@@ -14,10 +14,12 @@ flat, with locals instead of helper calls per field.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from . import _struct as S
 from .errors import DecodeError, short
+from .lsn import Lsn
 from .lsn import lsn_unchecked as _lsn
 from .messages import (
     UNCHANGED,
@@ -384,6 +386,15 @@ def decode_message(buf: bytes | bytearray | memoryview, in_stream: bool = False)
     """Decode one pgoutput message (the payload of one XLogData)."""
     if type(buf) is not bytes:
         buf = bytes(buf)
+    if _accelerated is not None:
+        msg = _accelerated(buf, in_stream)
+        if msg is not None:
+            return msg
+    return decode_message_py(buf, in_stream)
+
+
+def decode_message_py(buf: bytes, in_stream: bool = False) -> Message:
+    """The pure-Python parser: every message kind, and the precise error for malformed input."""
     blen = len(buf)
     if blen == 0:
         raise DecodeError("empty message", offset=0, needed=1, present=0)
@@ -398,6 +409,25 @@ def decode_message(buf: bytes | bytearray | memoryview, in_stream: bool = False)
                           tag=chr(buf[0])) from None
 
 
+def _load_accelerator() -> Callable[[bytes, bool], Message | None] | None:
+    """The optional C parser for Begin/Commit/Insert/Update/Delete (decoder/_cdecode.c), unless
+    PGFERRY_PURE_PYTHON=1 or it was not built. It returns None for anything it does not decode
+    (other tags, any malformed input); the Python parser then decodes or reports the error."""
+    if os.environ.get("PGFERRY_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _cdecode  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    _cdecode.init(Insert, Update, Delete, Begin, Commit, Lsn, UNCHANGED)
+    return _cdecode.decode  # type: ignore[no-any-return]
+
+
+_accelerated = _load_accelerator()
+ACCELERATED: bool = _accelerated is not None
+"""True when the C parser is in use (see `_load_accelerator`)."""
+
+
 class PgOutputDecoder:
     """Stateful wrapper for a stream of messages: knows whether it is inside a streamed block, so
     it knows whether change messages carry an xid."""
@@ -409,6 +439,10 @@ class PgOutputDecoder:
         self.stream_xid: int | None = None
 
     def decode(self, buf: bytes | bytearray | memoryview) -> Message:
+        if _accelerated is not None and type(buf) is bytes:
+            msg = _accelerated(buf, self.in_stream)
+            if msg is not None:
+                return msg  # never a Stream Start/Stop: the state below is unaffected
         msg = decode_message(buf, self.in_stream)
         t = type(msg)
         if t is StreamStart:
