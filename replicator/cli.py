@@ -11,12 +11,29 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import EXIT_USAGE, PgferryError
+from .errors import EXIT_USAGE, PgferryError, UsageError
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default=os.environ.get("PGFERRY_SOURCE", ""),
                    help="source DSN (libpq string or URI); default $PGFERRY_SOURCE")
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=os.environ.get("PGFERRY_TARGET", ""),
+                   help="target DSN (libpq string or URI); default $PGFERRY_TARGET")
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use (or create) this permanent slot; default: a temporary slot that is gone on exit")
     tail.add_argument("--format", choices=["json"], default="json", help="output format (json lines)")
 
+    start = sub.add_parser("start", help="stream the source's changes into the target (resumes where it stopped)")
+    _add_source(start)
+    _add_target(start)
+    start.add_argument("--publication", default="pgferry", help="publication to stream (default: pgferry)")
+    start.add_argument("--slot", default="pgferry",
+                       help="replication slot (default: pgferry); created on first start if missing")
+    start.add_argument("--state-schema", default="pgferry", help="schema for pgferry's state on the target")
+    start.add_argument("--no-copy", action="store_true",
+                       help="the target already holds the data as of the slot's creation: only stream")
+    start.add_argument("--batch-rows", type=_positive(int), default=5000,
+                       help="commit a target batch after this many rows (default 5000)")
+    start.add_argument("--batch-bytes", type=_positive(int), default=8 << 20,
+                       help="... or this many bytes of values (default 8 MiB)")
+    start.add_argument("--batch-ms", type=_positive(float), default=500,
+                       help="... or when the batch is this old, in milliseconds (default 500)")
+    start.add_argument("--spool-dir", default=os.environ.get("PGFERRY_SPOOL_DIR") or None,
+                       help="where large in-progress transactions are spooled (default: the temp dir)")
+    start.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
     demo = sub.add_parser("demo", help="start an embedded source, write sample changes and tail them")
     demo.add_argument("--changes", type=int, default=20, help="how many sample transactions to write")
     return parser
@@ -45,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tail":
             from .tail import run_tail
             return run_tail(args.source, args.publication, args.slot)
+        if args.command == "start":
+            return _start(args)
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(args.changes)
@@ -58,6 +96,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return EXIT_USAGE
+
+
+def _start(args: argparse.Namespace) -> int:
+    import logging
+
+    from sink.apply import BatchLimits
+
+    from .stream import StreamConfig, run_stream
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if not args.target:
+        raise UsageError("no target given: pass --target DSN or set PGFERRY_TARGET")
+    if not args.no_copy:
+        logging.getLogger("pgferry").warning(
+            "the initial copy is not implemented yet: streaming only, as with --no-copy (the target must already "
+            "hold the data as of the slot's creation)")
+    cfg = StreamConfig(source=args.source, target=args.target, publication=args.publication, slot=args.slot,
+                       schema=args.state_schema, spool_dir=args.spool_dir,
+                       limits=BatchLimits(rows=args.batch_rows, bytes=args.batch_bytes, seconds=args.batch_ms / 1000))
+    return run_stream(cfg)
 
 
 if __name__ == "__main__":

@@ -142,3 +142,107 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+# -- the daemon under test -------------------------------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+class Daemon:
+    """`pgferry start` as a subprocess; its log goes to a file the test can show on failure."""
+
+    def __init__(self, src: Db, dst: Db, *args: str, source_dsn: str | None = None, target_dsn: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+        import tempfile
+
+        self.src, self.dst = src, dst
+        self.log = tempfile.NamedTemporaryFile(prefix="pgferry-daemon-", suffix=".log", delete=False)  # noqa: SIM115
+        self.cmd = [sys.executable, "-m", "replicator.cli", "start", "--no-copy",
+                    "--source", source_dsn or src.dsn, "--target", target_dsn or dst.dsn, *args]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self._popen = subprocess.Popen
+        self.start()
+        self.wait_ready()
+
+    def start(self) -> Daemon:
+        self.proc = self._popen(self.cmd, stdout=self.log, stderr=self.log, cwd=ROOT, env=self.env)
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        return __import__("pathlib").Path(self.log.name).read_text(errors="replace")
+
+    def stop(self, sig: int = 15, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        self.stop(9)
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def wait_ready(self, timeout: float = 60, slot: str = "pgferry") -> Daemon:
+        """Until the slot exists and the target holds its progress row (changes from now on are streamed)."""
+        def ready() -> bool:
+            return not self.running() or (self.progress(slot) > 0 and bool(self.src.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active", (slot,))))
+        wait_for(ready, timeout, "pgferry to start streaming")
+        assert self.running(), f"pgferry exited with {self.proc.returncode if self.proc else None}:\n{self.output()}"
+        return self
+
+    def progress(self, slot: str = "pgferry", schema: str = "pgferry") -> int:
+        try:
+            rows = self.dst.execute(f"SELECT applied_lsn - '0/0'::pg_lsn FROM {schema}.progress WHERE slot_name = %s",
+                                    (slot,))
+        except psycopg2.errors.UndefinedTable:
+            return 0
+        except psycopg2.errors.InvalidSchemaName:
+            return 0
+        return int(rows[0][0]) if rows else 0
+
+    def wait_caught_up(self, timeout: float = 60, slot: str = "pgferry") -> None:
+        """Until the target's stored progress passes the source's current WAL position."""
+        (lsn,) = self.src.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")[0]
+        wait_for(lambda: self.progress(slot) >= int(lsn) or not self.running(), timeout,
+                 f"pgferry to apply up to {lsn}")
+        assert self.running(), f"pgferry exited with {self.proc.returncode if self.proc else None}:\n{self.output()}"
+
+    def close(self) -> None:
+        if self.running():
+            self.stop(9)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Collects daemons a test starts and kills any still running at the end."""
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.close()
+
+
+def table_digest(db: Db, table: str, columns: list[str]) -> tuple[int, str]:
+    """Row count and an order-independent content hash over `columns` (duplicates count)."""
+    cols = ", ".join(columns)
+    rows = db.execute(f"SELECT count(*), coalesce(md5(string_agg(h, '' ORDER BY h)), '') "
+                      f"FROM (SELECT md5(ROW({cols})::text) AS h FROM {table}) s")
+    return int(rows[0][0]), rows[0][1]
+
+
+def assert_same_tables(src: Db, dst: Db, tables: dict[str, list[str]]) -> None:
+    diffs = []
+    for table, cols in tables.items():
+        a, b = table_digest(src, table, cols), table_digest(dst, table, cols)
+        if a != b:
+            diffs.append(f"{table}: source {a[0]} rows, target {b[0]} rows, hashes {a[1][:8]} vs {b[1][:8]}")
+    assert not diffs, "tables differ:\n" + "\n".join(diffs)

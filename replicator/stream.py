@@ -1,0 +1,420 @@
+"""The stream loop: source replication connection -> decoder -> sink, with feedback.
+
+One `Session` is one pair of connections (replication connection to the source, plain connection
+to the target). `run_stream` runs sessions in a retry loop: a connection failure, a restarted
+server or a terminated walsender ends the session, and the next one resumes from the progress
+stored in the target. Fatal problems (slot gone or invalidated, schema mismatch, a change the
+target rejects) end the daemon with exit 1 and a message that says what to do.
+
+The loop is an explicit state machine; each turn does the first thing that applies, in this
+priority (DESIGN.md §5.6):
+
+  1. shutdown requested    -> finish (commit a batch between transactions) or roll back, feedback, exit 0
+  2. connection health     -> errors surface as exceptions from the calls below and end the session
+  3. finished flushes      -> a durable batch moves `flush_lsn`: send feedback
+  4. batch deadline        -> commit the open batch (only between source transactions)
+  5. incoming messages     -> read a burst, decode, apply or spool
+  6. keepalive replies     -> psycopg2 answers keepalives inside read_message(); idle: advance progress
+
+Exactly-once: the sink writes the applied position in the same target transaction as the rows,
+START_REPLICATION starts from it, and transactions that end at or before it are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+
+from decoder import (
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Lsn,
+    Message,
+    Origin,
+    PgOutputDecoder,
+    Relation,
+    StreamAbort,
+    StreamCommit,
+    StreamStart,
+    StreamStop,
+    Truncate,
+    Type,
+    Update,
+    decode_message,
+)
+from sink.apply import RETRYABLE, BatchLimits, Sink
+from sink.errors import SinkError
+
+from .errors import PgferryError, UsageError
+from .source import check_logical_source, connect, describe_dsn, max_protocol_version
+from .spool import Spool
+
+log = logging.getLogger("pgferry.stream")
+
+# libpq settings for both connections: a dead peer or a black-holed network is noticed in
+# seconds (TCP keepalives while idle, tcp_user_timeout while data is unacknowledged).
+NET_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+               "tcp_user_timeout": 30000, "connect_timeout": 10}
+
+BURST = 2000  # messages read before the loop looks at its deadlines again
+IDLE_PROGRESS_EVERY = 1.0  # seconds between idle progress writes
+
+
+@dataclass
+class StreamConfig:
+    source: str
+    target: str
+    publication: str = "pgferry"
+    slot: str = "pgferry"
+    schema: str = "pgferry"
+    limits: BatchLimits = field(default_factory=BatchLimits)
+    spool_dir: str | None = None
+    status_interval: float = 1.0
+    max_backoff: float = 10.0
+    message_hook: Callable[[LogicalMessage], None] | None = None
+
+
+class FatalError(PgferryError):
+    """Stops the daemon (exit 1): retrying cannot help."""
+
+
+class _Retry(Exception):
+    """This session ended for a reason a reconnect can fix."""
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; wakes the loop's select() at once through a socketpair."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def request(self, *_: object) -> None:
+        self.set = True
+        try:
+            self._w.send(b"x")
+        except OSError:
+            pass
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.request)
+        signal.signal(signal.SIGINT, self.request)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (getattr(exc, "pgerror", None) or str(exc) or type(exc).__name__).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def prepare_slot(conn: psycopg2.extensions.connection, cfg: StreamConfig, stored: Lsn | None) -> tuple[Lsn, bool]:
+    """Check (or on first start create) the slot. Returns (its confirmed position, created)."""
+    where = describe_dsn(cfg.source)
+    with conn.cursor() as cur:
+        cur.execute("SELECT plugin, confirmed_flush_lsn::text, wal_status, database = current_database() "
+                    "FROM pg_replication_slots WHERE slot_name = %s", (cfg.slot,))
+        row = cur.fetchone()
+        if row is None:
+            if stored is not None:
+                raise FatalError(
+                    f"replication slot {cfg.slot!r} no longer exists on source {where}, but the target holds "
+                    f"progress up to {stored}: the changes since then are gone with the slot. Re-sync: drop the "
+                    f"target's copy (and its {cfg.schema!r} state schema) and start again")
+            cur.execute("SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (cfg.slot,))
+            (lsn,) = cur.fetchone()
+            conn.commit()
+            log.info("created replication slot %s on %s at %s", cfg.slot, where, lsn)
+            return Lsn.parse(lsn), True
+        plugin, confirmed, wal_status, same_db = row
+        if not same_db:
+            raise FatalError(f"replication slot {cfg.slot!r} on {where} belongs to another database: "
+                             "pass --slot with another name")
+        if plugin != "pgoutput":
+            raise FatalError(f"replication slot {cfg.slot!r} on {where} uses plugin {plugin}, not pgoutput: "
+                             "pass --slot with another name")
+        if wal_status == "lost" or confirmed is None:
+            raise FatalError(
+                f"replication slot {cfg.slot!r} on {where} is invalidated (wal_status = {wal_status}): the source "
+                "removed WAL that pgferry had not applied yet, so the target is missing changes. Re-sync: drop "
+                "the slot, the target's copy and its state schema, and start again (raise max_slot_wal_keep_size "
+                "to keep this from happening again)")
+        return Lsn.parse(confirmed), False
+
+
+class Session:
+    """One connection pair and the loop over it."""
+
+    def __init__(self, cfg: StreamConfig, stop: StopFlag, spool: Spool) -> None:
+        self.cfg = cfg
+        self.stop = stop
+        self.spool = spool
+        self.sink: Sink | None = None
+        self.repl: Any = None
+        self.target: Any = None
+        self.cur: Any = None
+        self.decoder = PgOutputDecoder()
+        self.skip = False  # the current (non-streamed) source transaction is already applied
+        self.stream_xid: int | None = None
+        self.sent_flush = Lsn(0)
+        self.last_idle = 0.0
+        self.received_data = False
+
+    # -- set-up ------------------------------------------------------------------------------
+    def open(self) -> None:
+        cfg = self.cfg
+        self.target = connect(cfg.target, "target", **NET_OPTIONS)
+        self.sink = Sink(self.target, cfg.slot, cfg.schema, cfg.limits)
+        try:
+            stored = self.sink.open()
+        except psycopg2.errors.InsufficientPrivilege as exc:
+            raise FatalError(f"target {describe_dsn(cfg.target)}: {_first_line(exc)}: pgferry needs CREATE on the "
+                             f"database (or an existing {cfg.schema!r} schema it owns) for its state") from None
+        src = connect(cfg.source, "source", **NET_OPTIONS)
+        try:
+            check_logical_source(src, cfg.source, cfg.publication)
+            proto = min(max_protocol_version(src.server_version), 4)
+            confirmed, created = prepare_slot(src, cfg, stored)
+        finally:
+            src.close()
+        if stored is None:
+            stored = self.sink.open(initial=confirmed, created_slot=created)
+            log.info("first start: streaming slot %s from %s", cfg.slot, stored)
+        assert stored is not None
+        if not self.sink.replica_role:
+            triggers = self.sink.user_triggers()
+            log.warning("the target role may not set session_replication_role = replica: foreign keys are checked "
+                        "and user triggers fire during apply (%s); changes stay in source order so foreign keys "
+                        "hold", ", ".join(triggers) if triggers else "no user triggers found")
+        try:
+            self.repl = connect(cfg.source, "source", connection_factory=psycopg2.extras.LogicalReplicationConnection,
+                                **NET_OPTIONS)
+        except UsageError as exc:
+            raise UsageError(f"{exc}; a logical replication connection matches the database name in pg_hba.conf "
+                             "(not the 'replication' keyword)") from None
+        self.cur = self.repl.cursor()
+        options = {"proto_version": str(proto), "publication_names": cfg.publication, "messages": "true"}
+        if proto >= 2:
+            options["streaming"] = "on"
+        self.cur.start_replication(slot_name=cfg.slot, decode=False, start_lsn=int(stored), options=options,
+                                   status_interval=cfg.status_interval)
+        self.sent_flush = stored
+        log.info("streaming from %s slot %s at %s (protocol %d, streaming %s) into %s",
+                 describe_dsn(cfg.source), cfg.slot, stored, proto, "on" if proto >= 2 else "off",
+                 describe_dsn(cfg.target))
+
+    def close(self) -> None:
+        for c in (self.repl, self.target):
+            if c is not None:
+                try:
+                    c.close()
+                except psycopg2.Error:
+                    pass
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        sink, cur = self.sink, self.cur
+        assert sink is not None
+        read = cur.read_message
+        handle = self.handle
+        fds = [self.repl, self.stop]
+        while True:
+            if self.stop.set:
+                self.shutdown()
+                return
+            self.feedback()
+            deadline = sink.deadline()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline and not sink.in_transaction():
+                sink.flush()
+                continue
+            n = 0
+            while n < BURST:
+                msg = read()
+                if msg is None:
+                    break
+                handle(msg)
+                n += 1
+            if n:
+                continue
+            if (not sink.batch_open() and not sink.in_transaction() and now - self.last_idle >= IDLE_PROGRESS_EVERY):
+                self.last_idle = now
+                wal_end = Lsn(cur.wal_end)
+                if wal_end > sink.stored:
+                    sink.advance_idle(wal_end)
+                    continue
+            timeout = self.cfg.status_interval
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - now))
+            select.select(fds, [], [], timeout)
+
+    def feedback(self, force: bool = False) -> None:
+        assert self.sink is not None
+        durable = self.sink.poll_durable()
+        if durable > self.sent_flush or force:
+            self.cur.send_feedback(write_lsn=int(durable), flush_lsn=int(durable), apply_lsn=int(durable),
+                                   force=True)
+            self.sent_flush = durable
+
+    def shutdown(self) -> None:
+        assert self.sink is not None
+        if self.sink.in_transaction():
+            self.sink.rollback()  # the rest of that source transaction was not received
+        else:
+            self.sink.flush()
+        self.feedback(force=True)
+        log.info("stopped at %s (everything committed on the source up to there is on the target)",
+                 self.sink.durable_lsn)
+
+    # -- messages ----------------------------------------------------------------------------
+    def handle(self, raw: Any) -> None:
+        payload = raw.payload
+        m: Message = self.decoder.decode(payload)
+        t = type(m)
+        if self.stream_xid is not None:
+            if t is StreamStop:
+                self.stream_xid = None
+            else:
+                self.spool.append(self.stream_xid, m.xid, payload)  # type: ignore[union-attr]
+            return
+        sink = self.sink
+        assert sink is not None
+        if t is Insert or t is Update or t is Delete:
+            if not self.skip:
+                sink.apply(m)  # type: ignore[arg-type]
+        elif t is Begin:
+            self.skip = not sink.begin(m.xid, m.final_lsn)  # type: ignore[union-attr]
+        elif t is Commit:
+            if not self.skip:
+                sink.commit(m.end_lsn, m.commit_time)  # type: ignore[union-attr]
+            self.skip = False
+            self.received_data = True
+        elif t is Relation:
+            sink.relation(m)  # type: ignore[arg-type]
+        elif t is Truncate:
+            if not self.skip:
+                sink.apply(m)  # type: ignore[arg-type]
+        elif t is StreamStart:
+            self.stream_xid = m.xid  # type: ignore[union-attr]
+        elif t is StreamCommit:
+            self.apply_streamed(m)  # type: ignore[arg-type]
+        elif t is StreamAbort:
+            self.spool.abort(m.xid, m.subxid)  # type: ignore[union-attr]
+        elif t is LogicalMessage:
+            if self.cfg.message_hook is not None and not (m.transactional and self.skip):  # type: ignore[union-attr]
+                self.cfg.message_hook(m)  # type: ignore[arg-type]
+        elif t is Type or t is Origin:
+            pass  # text-mode values need no type catalog; origins are not filtered
+        else:
+            raise FatalError(f"unexpected {type(m).__name__} message at {Lsn(raw.data_start)}: two-phase "
+                             "decoding is not enabled by pgferry")
+
+    def apply_streamed(self, m: StreamCommit) -> None:
+        sink = self.sink
+        assert sink is not None
+        if not sink.begin(m.xid, m.commit_lsn):
+            self.spool.discard(m.xid)
+            return
+        hook = self.cfg.message_hook
+        count, size = self.spool.stats(m.xid)
+        log.info("applying streamed transaction xid %d committed at %s: %d messages, %d bytes spooled",
+                 m.xid, m.commit_lsn, count, size)
+        for payload in self.spool.replay(m.xid):
+            c = decode_message(payload, True)
+            t = type(c)
+            if t is Insert or t is Update or t is Delete or t is Truncate:
+                sink.apply(c)  # type: ignore[arg-type]
+            elif t is Relation:
+                sink.relation(c)  # type: ignore[arg-type]
+            elif t is LogicalMessage and hook is not None:
+                hook(c)  # type: ignore[arg-type]
+            self.keep_alive()
+        sink.commit(m.end_lsn, m.commit_time)
+        self.received_data = True
+
+    def keep_alive(self) -> None:
+        """During a long replay nothing is read; a periodic status update keeps the walsender from
+        timing the connection out (psycopg2 rate-limits it to the status interval)."""
+        self.cur.send_feedback()
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, RETRYABLE | psycopg2.errors.ObjectInUse | psycopg2.errors.AdminShutdown |
+                  psycopg2.errors.CrashShutdown | psycopg2.errors.CannotConnectNow | _Retry):
+        return True
+    return isinstance(exc, psycopg2.DatabaseError) and not isinstance(exc, psycopg2.errors.UndefinedObject |
+                                                                     psycopg2.errors.ObjectNotInPrerequisiteState)
+
+
+def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
+    """Stream until stopped (exit 0) or a fatal problem (PgferryError). Retries what can be retried."""
+    if stop is None:
+        stop = StopFlag()
+        stop.install()
+    spool = Spool(cfg.spool_dir)
+    backoff = 0.2
+    ever_connected = False
+    last_reason = None
+    try:
+        while not stop.set:
+            session = Session(cfg, stop, spool)
+            try:
+                session.open()
+                ever_connected = True
+                if last_reason is not None:
+                    log.info("reconnected after: %s", last_reason)
+                    last_reason = None
+                session.run()
+                return 0
+            except SinkError as exc:
+                raise FatalError(str(exc)) from None
+            except UsageError as exc:
+                if not ever_connected:
+                    raise
+                reason = str(exc)
+            except PgferryError:
+                raise
+            except (psycopg2.Error, _Retry, OSError) as exc:
+                if not _retryable(exc):
+                    if isinstance(exc, psycopg2.errors.UndefinedObject | psycopg2.errors.ObjectNotInPrerequisiteState):
+                        raise FatalError(f"cannot stream slot {cfg.slot!r}: {_first_line(exc)}. If the slot is gone "
+                                         "or invalidated, the target must be re-synced") from None
+                    raise FatalError(_first_line(exc)) from None
+                reason = _first_line(exc)
+            finally:
+                if session.sink is not None:
+                    session.sink.rollback()
+                session.close()
+                spool.reset()
+            if session.received_data:
+                backoff = 0.2
+            if reason != last_reason:
+                log.warning("connection lost (%s); retrying in %.1fs", reason, backoff)
+            last_reason = reason
+            _sleep(stop, backoff)
+            backoff = min(backoff * 2, cfg.max_backoff)
+        return 0
+    finally:
+        spool.close()
+
+
+def _sleep(stop: StopFlag, seconds: float) -> None:
+    select.select([stop], [], [], seconds)
+

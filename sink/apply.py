@@ -1,0 +1,261 @@
+"""The apply path: decoded source transactions -> batched target transactions.
+
+The sink interface (what the stream loop relies on):
+
+* Ordering: source transactions are given in source commit order and applied in that order; the
+  changes of one transaction in the order given.
+* Batching: several source transactions share one target transaction, bounded by rows, bytes and
+  time (`BatchLimits`). The progress row is written last in the SAME target transaction.
+* Idempotency: `begin()` returns False for a transaction that is already on the target (its commit
+  LSN is below the stored progress); the caller then skips its changes.
+* Durability: `durable_lsn` only ever covers batches whose commit is flushed to the target's WAL
+  (checked with `pg_current_wal_flush_lsn()`, so an asynchronous-commit target is covered too).
+  This is the only position that may be sent to the source as `flush_lsn`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from decoder import Delete, Insert, Lsn, Relation, Truncate, Update
+from decoder.values import pg_epoch_to_datetime
+
+from . import state
+from .errors import ApplyError
+from .relations import TargetTable, map_relation
+
+log = logging.getLogger("pgferry.sink")
+
+# Connection-level failures: the stream loop reconnects and resumes from the stored progress.
+RETRYABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.errors.SerializationFailure,
+             psycopg2.errors.DeadlockDetected)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    rows: int = 5000
+    bytes: int = 8 << 20
+    seconds: float = 0.5
+
+
+class Sink:
+    def __init__(self, conn: psycopg2.extensions.connection, slot: str, schema: str = state.DEFAULT_SCHEMA,
+                 limits: BatchLimits | None = None) -> None:
+        self.conn = conn
+        self.cur = conn.cursor()
+        self.slot = slot
+        self.schema = schema
+        self.limits = limits or BatchLimits()
+        self.tables: dict[int, TargetTable] = {}
+        self.stored = Lsn(0)  # progress as committed on the target
+        self.durable_lsn = Lsn(0)  # progress whose commit is flushed on the target
+        self._pending: deque[tuple[Lsn, Lsn]] = deque()  # (target WAL position, source progress)
+        self._progress_sql = state.progress_sql(schema)
+        self._last_poll = 0.0
+        self.replica_role = False
+        self.rows_applied = 0
+        self.missing_rows = 0
+        # the open batch
+        self._batch_rows = 0
+        self._batch_bytes = 0
+        self._batch_started: float | None = None
+        self._batch_end: Lsn | None = None
+        self._batch_time: int | None = None
+        # the open source transaction
+        self._xid: int | None = None
+        self._commit_lsn: Lsn | None = None
+        self._table: str | None = None
+
+    # -- session -----------------------------------------------------------------------------
+    def open(self, initial: Lsn | None = None, created_slot: bool = False) -> Lsn | None:
+        """Prepare the session and state; return the stored progress (None: never streamed).
+        With `initial`, a missing progress row is created at that position."""
+        cur = self.cur
+        try:
+            cur.execute("SET session_replication_role = replica")
+            self.replica_role = True
+        except psycopg2.errors.InsufficientPrivilege:
+            self.conn.rollback()
+        state.ensure_schema(cur, self.schema)
+        if initial is not None:
+            state.init_progress(cur, self.schema, self.slot, initial, created_slot)
+        stored = state.read_progress(cur, self.schema, self.slot)
+        self.conn.commit()
+        if stored is not None:
+            self.stored = self.durable_lsn = stored
+        return stored
+
+    def user_triggers(self) -> list[str]:
+        """Enabled user triggers on the target's tables: they fire during apply without the replica role."""
+        self.cur.execute("""SELECT format('%I.%I: %I', n.nspname, c.relname, t.tgname)
+            FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE NOT t.tgisinternal AND t.tgenabled IN ('O', 'A') AND n.nspname NOT IN ('pg_catalog', %s)
+            ORDER BY 1""", (self.schema,))
+        rows = [r[0] for r in self.cur.fetchall()]
+        self.conn.rollback()
+        return rows
+
+    # -- catalog -----------------------------------------------------------------------------
+    def relation(self, rel: Relation) -> None:
+        old = self.tables.get(rel.oid)
+        if old is not None and old.rel == rel:
+            return
+        self.tables[rel.oid] = map_relation(self.cur, rel)
+        if self._batch_started is None and self._xid is None:
+            self.conn.rollback()  # the catalog read opened a transaction; do not hold it
+
+    # -- source transactions -----------------------------------------------------------------
+    def begin(self, xid: int, commit_lsn: Lsn) -> bool:
+        """Start a source transaction committed at `commit_lsn`. False: already applied, skip it."""
+        if commit_lsn < self.stored:
+            return False
+        self._xid, self._commit_lsn = xid, commit_lsn
+        if self._batch_started is None:
+            self._batch_started = time.monotonic()
+        return True
+
+    def apply(self, msg: Insert | Update | Delete | Truncate) -> None:
+        t = type(msg)
+        if t is Truncate:
+            self._truncate(msg)  # type: ignore[arg-type]
+            return
+        table = self.tables.get(msg.relation_oid)  # type: ignore[union-attr]
+        if table is None:
+            raise ApplyError(f"change for relation oid {msg.relation_oid} before its Relation message",  # type: ignore[union-attr]
+                             lsn=self._commit_lsn, xid=self._xid)
+        if t is Insert:
+            sql, params = table.insert(msg.new)  # type: ignore[union-attr]
+        elif t is Update:
+            sql, params = table.update(msg.old, msg.new)  # type: ignore[union-attr]
+        else:
+            sql, params = table.delete(msg.old)  # type: ignore[union-attr]
+        self._table = table.display
+        self._execute(sql, params)
+        if t is not Insert and self.cur.rowcount == 0:
+            # Native apply's default for a missing row: skip it and log.
+            self.missing_rows += 1
+            log.warning("%s: row to %s not found on the target (commit LSN %s, xid %s); skipped",
+                        table.display, "update" if t is Update else "delete", self._commit_lsn, self._xid)
+        self.rows_applied += 1
+        self._batch_rows += 1
+        self._batch_bytes += sum(len(p) for p in params if type(p) is str)
+
+    def _truncate(self, msg: Truncate) -> None:
+        names = []
+        for oid in msg.relation_oids:
+            table = self.tables.get(oid)
+            if table is None:
+                raise ApplyError(f"TRUNCATE of relation oid {oid} before its Relation message",
+                                 lsn=self._commit_lsn, xid=self._xid)
+            names.append(table.qualified)
+        sql = "TRUNCATE " + ", ".join(names)
+        if msg.restart_identity:
+            sql += " RESTART IDENTITY"
+        if msg.cascade:
+            sql += " CASCADE"
+        self._table = ", ".join(names)
+        self._execute(sql, [])
+        self._batch_rows += 1
+
+    def _execute(self, sql: str, params: list[Any]) -> None:
+        try:
+            self.cur.execute(sql, params)
+        except RETRYABLE:
+            raise
+        except psycopg2.Error as exc:
+            first = (exc.pgerror or str(exc)).strip().splitlines()[0] if (exc.pgerror or str(exc)) else repr(exc)
+            raise ApplyError(f"the target rejected a change: {first}", lsn=self._commit_lsn, xid=self._xid,
+                             table=self._table) from None
+
+    def commit(self, end_lsn: Lsn, commit_time: int) -> None:
+        """The source transaction is complete. The batch commits when a limit is reached."""
+        self._batch_end = end_lsn
+        self._batch_time = commit_time
+        self._xid = self._commit_lsn = None
+        if self._batch_rows >= self.limits.rows or self._batch_bytes >= self.limits.bytes:
+            self.flush()
+
+    def in_transaction(self) -> bool:
+        return self._xid is not None
+
+    def batch_open(self) -> bool:
+        return self._batch_started is not None
+
+    def deadline(self) -> float | None:
+        """When the open batch must commit (monotonic time), or None."""
+        if self._batch_started is None:
+            return None
+        return self._batch_started + self.limits.seconds
+
+    def flush(self) -> None:
+        """Commit the open batch (complete source transactions only) with its progress row."""
+        if self._batch_end is None:
+            if self._batch_started is not None and self._xid is None:
+                self.conn.rollback()
+                self._batch_started = None
+            return
+        assert self._xid is None, "flush inside a source transaction"
+        end = self._batch_end
+        when = pg_epoch_to_datetime(self._batch_time) if self._batch_time is not None else None
+        self.cur.execute(self._progress_sql, (str(end), when, self.slot))
+        if self.cur.rowcount != 1:
+            raise ApplyError(f"progress row for slot {self.slot} is missing in {self.schema}.progress "
+                             "(was the state schema dropped while pgferry ran?)")
+        self.conn.commit()
+        self.stored = end
+        self._track_durability(end)
+        self._batch_rows = self._batch_bytes = 0
+        self._batch_started = self._batch_end = self._batch_time = None
+
+    def rollback(self) -> None:
+        """Drop the open batch (e.g. on shutdown mid-transaction): the source resends it."""
+        try:
+            self.conn.rollback()
+        except psycopg2.Error:
+            pass
+        self._batch_rows = self._batch_bytes = 0
+        self._batch_started = self._batch_end = self._batch_time = None
+        self._xid = self._commit_lsn = None
+
+    def advance_idle(self, lsn: Lsn) -> None:
+        """Record that the source has nothing pending up to `lsn` (no open transaction or batch)."""
+        if lsn <= self.stored or self._batch_started is not None or self._xid is not None:
+            return
+        self.cur.execute(self._progress_sql, (str(lsn), None, self.slot))
+        self.conn.commit()
+        self.stored = lsn
+        self._track_durability(lsn)
+
+    # -- durability --------------------------------------------------------------------------
+    def _track_durability(self, progress: Lsn) -> None:
+        # Any position at or after our commit record will do: the current insert position is one.
+        self.cur.execute("SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text")
+        insert, flushed = self.cur.fetchone()
+        self.conn.rollback()
+        self._pending.append((Lsn.parse(insert), progress))
+        self._release(Lsn.parse(flushed))
+
+    def poll_durable(self) -> Lsn:
+        """Re-check the target's WAL flush position for asynchronously committed batches
+        (at most every 20 ms: the WAL writer flushes every wal_writer_delay anyway)."""
+        now = time.monotonic()
+        if self._pending and now - self._last_poll >= 0.02:
+            self._last_poll = now
+            self.cur.execute("SELECT pg_current_wal_flush_lsn()::text")
+            (flushed,) = self.cur.fetchone()
+            self.conn.rollback()
+            self._release(Lsn.parse(flushed))
+        return self.durable_lsn
+
+    def _release(self, flushed: Lsn) -> None:
+        while self._pending and self._pending[0][0] <= flushed:
+            _, progress = self._pending.popleft()
+            if progress > self.durable_lsn:
+                self.durable_lsn = progress

@@ -1,0 +1,133 @@
+"""Source relations -> target tables, and the SQL that applies one change to a target table.
+
+A source table is matched to the target table of the same schema and name, and columns are
+matched BY NAME, so a different column order, extra target columns (they get their defaults) and
+columns dropped on the source (pgoutput never sends them) all work. A source column missing on
+the target is a schema mismatch, reported before any row of that table is written.
+
+Rows are found by the replica identity the source sent: key columns (primary key or `USING
+INDEX`) compared with `=`; for `REPLICA IDENTITY FULL` every column compared with `IS NOT DISTINCT
+FROM` (or as text for types without an equality operator), touching exactly ONE row even when the
+table holds duplicates (native apply does the same).
+
+Values travel in PostgreSQL's text form as untyped literals, so the target parses them into its
+own column types: enums, domains, composites, ranges and arrays need no client-side conversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from decoder import UNCHANGED, Relation
+
+from .errors import SchemaMismatch
+from .state import quote_ident
+
+# Types without a default equality operator: FULL identity compares them as text.
+_NO_EQUALITY = frozenset({"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
+
+_TARGET_COLUMNS = """
+SELECT a.attname, a.attgenerated <> '' AS generated,
+       COALESCE(et.typname, bt.typname, t.typname) AS base_type, c.relkind
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type bt ON bt.oid = t.typbasetype AND t.typtype = 'd'
+LEFT JOIN pg_type et ON et.oid = COALESCE(bt.typelem, t.typelem) AND COALESCE(bt.typcategory, t.typcategory) = 'A'
+WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
+ORDER BY a.attnum
+"""
+
+
+@dataclass
+class TargetTable:
+    """One source relation as it maps onto the target. Built from a Relation message."""
+
+    rel: Relation
+    qualified: str
+    names: list[str]  # quoted target column names, one per source column
+    writable: list[bool]  # False for target generated columns
+    key: list[int]  # indexes of the replica identity columns
+    text_compare: list[bool]
+    _sql: dict[tuple[Any, ...], str] = field(default_factory=dict)
+
+    @property
+    def display(self) -> str:
+        return f"{self.rel.namespace}.{self.rel.name}"
+
+    @property
+    def full_identity(self) -> bool:
+        return self.rel.replica_identity == "f"
+
+    # -- statements --------------------------------------------------------------------------
+    def insert(self, new: tuple) -> tuple[str, list[Any]]:
+        cols = tuple(i for i, v in enumerate(new) if v is not UNCHANGED and self.writable[i])
+        sql = self._sql.get(("i", cols))
+        if sql is None:
+            sql = (f"INSERT INTO {self.qualified} ({', '.join(self.names[i] for i in cols)}) "
+                   f"VALUES ({', '.join(['%s'] * len(cols))})")
+            self._sql["i", cols] = sql
+        return sql, [new[i] for i in cols]
+
+    def update(self, old: tuple | None, new: tuple) -> tuple[str, list[Any]]:
+        sets = tuple(i for i, v in enumerate(new) if v is not UNCHANGED and self.writable[i])
+        where, wparams = self._where(old if old is not None else new)
+        sql = self._sql.get(("u", sets, where))
+        if sql is None:
+            assignments = ", ".join(f"{self.names[i]} = %s" for i in sets)
+            sql = f"UPDATE {self.qualified} SET {assignments} WHERE {where}"
+            self._sql["u", sets, where] = sql
+        return sql, [new[i] for i in sets] + wparams
+
+    def delete(self, old: tuple) -> tuple[str, list[Any]]:
+        where, params = self._where(old)
+        return f"DELETE FROM {self.qualified} WHERE {where}", params
+
+    def _where(self, row: tuple) -> tuple[str, list[Any]]:
+        """The row's identity as a WHERE clause. Identity columns the server did not send
+        (UNCHANGED) are left out; FULL identity narrows to one physical row."""
+        if not self.full_identity:
+            cols = tuple(i for i in self.key if row[i] is not UNCHANGED)
+            where = " AND ".join(f"{self.names[i]} = %s" for i in cols)
+            return where, [row[i] for i in cols]
+        conds, params = [], []
+        for i, v in enumerate(row):
+            if v is UNCHANGED:
+                continue
+            if v is None:
+                conds.append(f"{self.names[i]} IS NULL")
+            elif self.text_compare[i]:
+                conds.append(f"{self.names[i]}::text = %s")
+                params.append(v)
+            else:
+                conds.append(f"{self.names[i]} = %s")
+                params.append(v)
+        inner = " AND ".join(conds) or "true"
+        # (tableoid, ctid): a ctid alone is not unique across the partitions of a partitioned table.
+        return (f"(tableoid, ctid) = (SELECT tableoid, ctid FROM {self.qualified} WHERE {inner} LIMIT 1)",
+                params)
+
+
+def map_relation(cur: Any, rel: Relation) -> TargetTable:
+    """Look the relation up on the target; raise SchemaMismatch naming what is missing."""
+    cur.execute(_TARGET_COLUMNS, (rel.namespace, rel.name))
+    rows = cur.fetchall()
+    display = f"{rel.namespace}.{rel.name}"
+    if not rows:
+        raise SchemaMismatch(f"table {display} does not exist on the target: create it (same schema and name) "
+                             "or remove it from the publication")
+    target = {name: (generated, base) for name, generated, base, _ in rows}
+    missing = [c.name for c in rel.columns if c.name not in target]
+    if missing:
+        raise SchemaMismatch(f"table {display} on the target lacks column(s) {', '.join(missing)} that the source "
+                             "publishes: add them (ALTER TABLE ... ADD COLUMN) with compatible types")
+    return TargetTable(
+        rel=rel,
+        qualified=f"{quote_ident(rel.namespace)}.{quote_ident(rel.name)}",
+        names=[quote_ident(c.name) for c in rel.columns],
+        writable=[not target[c.name][0] for c in rel.columns],
+        key=[i for i, c in enumerate(rel.columns) if c.is_key],
+        text_compare=[target[c.name][1] in _NO_EQUALITY for c in rel.columns],
+    )
