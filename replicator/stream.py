@@ -356,8 +356,8 @@ class Session:
 
 
 def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, RETRYABLE | psycopg2.errors.ObjectInUse | psycopg2.errors.AdminShutdown |
-                  psycopg2.errors.CrashShutdown | psycopg2.errors.CannotConnectNow | _Retry):
+    if isinstance(exc, (*RETRYABLE, psycopg2.errors.ObjectInUse, psycopg2.errors.AdminShutdown,
+                        psycopg2.errors.CrashShutdown, psycopg2.errors.CannotConnectNow, _Retry, OSError)):
         return True
     return isinstance(exc, psycopg2.DatabaseError) and not isinstance(exc, psycopg2.errors.UndefinedObject |
                                                                      psycopg2.errors.ObjectNotInPrerequisiteState)

@@ -20,6 +20,7 @@ import psycopg2
 import pytest
 
 from replicator.servers import LocalServer
+from tests.tcpproxy import TcpProxy
 
 _counter = itertools.count()
 
@@ -159,7 +160,7 @@ class Daemon:
         import tempfile
 
         self.src, self.dst = src, dst
-        self.log = tempfile.NamedTemporaryFile(prefix="pgferry-daemon-", suffix=".log", delete=False)  # noqa: SIM115
+        self.log = tempfile.NamedTemporaryFile(prefix="pgferry-daemon-", suffix=".log", delete=False)
         self.cmd = [sys.executable, "-m", "replicator.cli", "start", "--no-copy",
                     "--source", source_dsn or src.dsn, "--target", target_dsn or dst.dsn, *args]
         self.env = {**os.environ, **(env or {})}
@@ -246,3 +247,17 @@ def assert_same_tables(src: Db, dst: Db, tables: dict[str, list[str]]) -> None:
         if a != b:
             diffs.append(f"{table}: source {a[0]} rows, target {b[0]} rows, hashes {a[1][:8]} vs {b[1][:8]}")
     assert not diffs, "tables differ:\n" + "\n".join(diffs)
+
+
+@pytest.fixture
+def tcp_proxy() -> Iterator[Callable[[Db], TcpProxy]]:
+    """Factory: ``tcp_proxy(db)`` returns a proxy to db's server (closed at test end)."""
+    made: list[TcpProxy] = []
+
+    def make(db: Db) -> TcpProxy:
+        p = TcpProxy(db.server.host, db.server.port)
+        made.append(p)
+        return p
+    yield make
+    for p in made:
+        p.close()

@@ -10,6 +10,7 @@ with NULLs and quotes, NaN/Infinity and non-ASCII text.
 from __future__ import annotations
 
 import random
+import threading
 
 import psycopg2
 
@@ -90,8 +91,10 @@ class Workload:
         r = self.rnd
         big = (r.choice("abcdef") * r.randint(3000, 9000)) if r.random() < 0.3 else None
         tags = r.choice([None, [], ["a", None, 'q"uote', "NULL", "ü"], ["x", "y"]])
-        return (round(r.uniform(-1e6, 1e6), 2), r.choice(FLOATS), r.choice(NOTES), big, r.choice(["sad", "ok", "happy"]),
-                tags, f"({r.randint(-5, 5)},\"lbl {r.randint(0, 9)}\")", f"[{r.randint(0, 5)},{r.randint(6, 9)})",
+        mood = r.choice(["sad", "ok", "happy"])
+        composite = f"({r.randint(-5, 5)},\"lbl {r.randint(0, 9)}\")"
+        rng = f"[{r.randint(0, 5)},{r.randint(6, 9)})"
+        return (round(r.uniform(-1e6, 1e6), 2), r.choice(FLOATS), r.choice(NOTES), big, mood, tags, composite, rng,
                 r.randint(1, 1000))
 
     def one_change(self, cur: psycopg2.extensions.cursor) -> None:
@@ -203,8 +206,11 @@ class Workload:
         cur.execute("TRUNCATE nokey, gen RESTART IDENTITY")
         self.conn.commit()
 
-    def run(self, transactions: int, big_every: int = 0) -> None:
+    def run(self, transactions: int, big_every: int = 0, stop: threading.Event | None = None) -> None:
+        """`transactions` transactions, or until `stop` is set when that comes first."""
         for n in range(1, transactions + 1):
+            if stop is not None and stop.is_set():
+                return
             self.transaction()
             if big_every and n % big_every == 0:
                 self.big_transaction()
