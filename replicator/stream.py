@@ -57,7 +57,7 @@ from decoder import (
     decode_message,
 )
 from sink.apply import RETRYABLE, BatchLimits, Sink
-from sink.errors import SinkError
+from sink.errors import ApplyError, SinkError
 
 from .errors import PgferryError, UsageError
 from .source import check_logical_source, connect, describe_dsn, max_protocol_version
@@ -273,6 +273,27 @@ class Session:
                                    force=True)
             self.sent_flush = durable
 
+    def drain(self) -> None:
+        """Commit the open batch and wait until it is durable, then confirm it.
+
+        Needed after a streamed block: its messages carry the LSNs of the in-progress transaction,
+        which may be older than what we already confirmed. psycopg2 then treats everything as
+        confirmed and, on the next keepalive, moves flush_lsn to the server's current position by
+        itself (pqpath.c: explicitly_flushed_lsn >= last_msg_data_start). That is only safe when
+        nothing received is still waiting to become durable on the target, which this ensures.
+        """
+        sink = self.sink
+        assert sink is not None
+        if sink.in_transaction():
+            return
+        sink.flush()
+        deadline = time.monotonic() + 30
+        while sink.poll_durable() < sink.stored:
+            if time.monotonic() > deadline:
+                raise _Retry("the target did not flush its WAL within 30 s")
+            time.sleep(0.005)
+        self.feedback(force=True)
+
     def shutdown(self) -> None:
         assert self.sink is not None
         if self.sink.in_transaction():
@@ -291,6 +312,7 @@ class Session:
         if self.stream_xid is not None:
             if t is StreamStop:
                 self.stream_xid = None
+                self.drain()
             else:
                 self.spool.append(self.stream_xid, m.xid, payload)  # type: ignore[union-attr]
             return
@@ -370,6 +392,7 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
         stop.install()
     spool = Spool(cfg.spool_dir)
     backoff = 0.2
+    isolate_until = Lsn(0)
     ever_connected = False
     last_reason = None
     try:
@@ -377,12 +400,21 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
             session = Session(cfg, stop, spool)
             try:
                 session.open()
+                assert session.sink is not None
+                session.sink.isolate_until = isolate_until
                 ever_connected = True
                 if last_reason is not None:
                     log.info("reconnected after: %s", last_reason)
                     last_reason = None
                 session.run()
                 return 0
+            except ApplyError as exc:
+                if exc.batch_has_earlier and exc.lsn is not None and exc.lsn > isolate_until:
+                    # Commit the transactions before the failing one, then fail on it alone.
+                    isolate_until = exc.lsn
+                    log.info("a change failed in a batch; applying one transaction per batch up to %s", exc.lsn)
+                    continue
+                raise FatalError(str(exc)) from None
             except SinkError as exc:
                 raise FatalError(str(exc)) from None
             except UsageError as exc:

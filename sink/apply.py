@@ -53,12 +53,16 @@ class Sink:
         self.slot = slot
         self.schema = schema
         self.limits = limits or BatchLimits()
-        self.tables: dict[int, TargetTable] = {}
+        self.relations: dict[int, Relation] = {}
+        self.tables: dict[int, TargetTable] = {}  # mapped on first use
         self.stored = Lsn(0)  # progress as committed on the target
         self.durable_lsn = Lsn(0)  # progress whose commit is flushed on the target
         self._pending: deque[tuple[Lsn, Lsn]] = deque()  # (target WAL position, source progress)
         self._progress_sql = state.progress_sql(schema)
         self._last_poll = 0.0
+        # After a failure, transactions up to this commit LSN are applied one per batch, so the
+        # ones before the failing transaction commit and the failure stops exactly at it.
+        self.isolate_until = Lsn(0)
         self.replica_role = False
         self.rows_applied = 0
         self.missing_rows = 0
@@ -71,7 +75,7 @@ class Sink:
         # the open source transaction
         self._xid: int | None = None
         self._commit_lsn: Lsn | None = None
-        self._table: str | None = None
+        self._current: str | None = None
 
     # -- session -----------------------------------------------------------------------------
     def open(self, initial: Lsn | None = None, created_slot: bool = False) -> Lsn | None:
@@ -94,7 +98,7 @@ class Sink:
 
     def user_triggers(self) -> list[str]:
         """Enabled user triggers on the target's tables: they fire during apply without the replica role."""
-        self.cur.execute("""SELECT format('%I.%I: %I', n.nspname, c.relname, t.tgname)
+        self.cur.execute("""SELECT n.nspname || '.' || c.relname || ': ' || t.tgname
             FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE NOT t.tgisinternal AND t.tgenabled IN ('O', 'A') AND n.nspname NOT IN ('pg_catalog', %s)
             ORDER BY 1""", (self.schema,))
@@ -104,12 +108,25 @@ class Sink:
 
     # -- catalog -----------------------------------------------------------------------------
     def relation(self, rel: Relation) -> None:
-        old = self.tables.get(rel.oid)
-        if old is not None and old.rel == rel:
+        """Remember a Relation message. It is mapped onto the target at its first change: with
+        publish_via_partition_root the server also describes leaf partitions that no change
+        will name, and the target need not have them."""
+        if self.relations.get(rel.oid) == rel:
             return
-        self.tables[rel.oid] = map_relation(self.cur, rel)
-        if self._batch_started is None and self._xid is None:
-            self.conn.rollback()  # the catalog read opened a transaction; do not hold it
+        log.debug("relation %s.%s (oid %d, replica identity %s, %d columns)", rel.namespace, rel.name, rel.oid,
+                  rel.replica_identity, len(rel.columns))
+        self.relations[rel.oid] = rel
+        self.tables.pop(rel.oid, None)
+
+    def _table(self, oid: int) -> TargetTable:
+        table = self.tables.get(oid)
+        if table is None:
+            rel = self.relations.get(oid)
+            if rel is None:
+                raise ApplyError(f"change for relation oid {oid} before its Relation message",
+                                 lsn=self._commit_lsn, xid=self._xid)
+            table = self.tables[oid] = map_relation(self.cur, rel)
+        return table
 
     # -- source transactions -----------------------------------------------------------------
     def begin(self, xid: int, commit_lsn: Lsn) -> bool:
@@ -126,17 +143,14 @@ class Sink:
         if t is Truncate:
             self._truncate(msg)  # type: ignore[arg-type]
             return
-        table = self.tables.get(msg.relation_oid)  # type: ignore[union-attr]
-        if table is None:
-            raise ApplyError(f"change for relation oid {msg.relation_oid} before its Relation message",  # type: ignore[union-attr]
-                             lsn=self._commit_lsn, xid=self._xid)
+        table = self._table(msg.relation_oid)  # type: ignore[union-attr]
         if t is Insert:
             sql, params = table.insert(msg.new)  # type: ignore[union-attr]
         elif t is Update:
             sql, params = table.update(msg.old, msg.new)  # type: ignore[union-attr]
         else:
             sql, params = table.delete(msg.old)  # type: ignore[union-attr]
-        self._table = table.display
+        self._current = table.display
         self._execute(sql, params)
         if t is not Insert and self.cur.rowcount == 0:
             # Native apply's default for a missing row: skip it and log.
@@ -150,17 +164,13 @@ class Sink:
     def _truncate(self, msg: Truncate) -> None:
         names = []
         for oid in msg.relation_oids:
-            table = self.tables.get(oid)
-            if table is None:
-                raise ApplyError(f"TRUNCATE of relation oid {oid} before its Relation message",
-                                 lsn=self._commit_lsn, xid=self._xid)
-            names.append(table.qualified)
+            names.append(self._table(oid).qualified)
         sql = "TRUNCATE " + ", ".join(names)
         if msg.restart_identity:
             sql += " RESTART IDENTITY"
         if msg.cascade:
             sql += " CASCADE"
-        self._table = ", ".join(names)
+        self._current = ", ".join(names)
         self._execute(sql, [])
         self._batch_rows += 1
 
@@ -171,15 +181,18 @@ class Sink:
             raise
         except psycopg2.Error as exc:
             first = (exc.pgerror or str(exc)).strip().splitlines()[0] if (exc.pgerror or str(exc)) else repr(exc)
-            raise ApplyError(f"the target rejected a change: {first}", lsn=self._commit_lsn, xid=self._xid,
-                             table=self._table) from None
+            err = ApplyError(f"the target rejected a change: {first}", lsn=self._commit_lsn, xid=self._xid,
+                             table=self._current)
+            err.batch_has_earlier = self._batch_end is not None
+            raise err from None
 
     def commit(self, end_lsn: Lsn, commit_time: int) -> None:
         """The source transaction is complete. The batch commits when a limit is reached."""
+        single = self._commit_lsn is not None and self._commit_lsn <= self.isolate_until
         self._batch_end = end_lsn
         self._batch_time = commit_time
         self._xid = self._commit_lsn = None
-        if self._batch_rows >= self.limits.rows or self._batch_bytes >= self.limits.bytes:
+        if single or self._batch_rows >= self.limits.rows or self._batch_bytes >= self.limits.bytes:
             self.flush()
 
     def in_transaction(self) -> bool:
@@ -236,9 +249,7 @@ class Sink:
     # -- durability --------------------------------------------------------------------------
     def _track_durability(self, progress: Lsn) -> None:
         # Any position at or after our commit record will do: the current insert position is one.
-        self.cur.execute("SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text")
-        insert, flushed = self.cur.fetchone()
-        self.conn.rollback()
+        insert, flushed = self._wal_positions("pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text")
         self._pending.append((Lsn.parse(insert), progress))
         self._release(Lsn.parse(flushed))
 
@@ -248,11 +259,18 @@ class Sink:
         now = time.monotonic()
         if self._pending and now - self._last_poll >= 0.02:
             self._last_poll = now
-            self.cur.execute("SELECT pg_current_wal_flush_lsn()::text")
-            (flushed,) = self.cur.fetchone()
-            self.conn.rollback()
+            (flushed,) = self._wal_positions("pg_current_wal_flush_lsn()::text")
             self._release(Lsn.parse(flushed))
         return self.durable_lsn
+
+    def _wal_positions(self, select: str) -> tuple[str, ...]:
+        self.cur.execute(f"SELECT {select}")
+        row = self.cur.fetchone()
+        if self._batch_started is None and self._xid is None:
+            # End the read's implicit transaction, but NEVER inside an open batch: that would
+            # roll back applied changes whose progress the batch's commit then records.
+            self.conn.rollback()
+        return row  # type: ignore[no-any-return]
 
     def _release(self, flushed: Lsn) -> None:
         while self._pending and self._pending[0][0] <= flushed:

@@ -23,3 +23,5 @@ class SchemaMismatch(SinkError):
 
 class ApplyError(SinkError):
     """Needs an operator: the target rejected a change (constraint, type, value too long...)."""
+
+    batch_has_earlier = False  # the failed batch also held complete earlier source transactions

@@ -1,0 +1,166 @@
+"""`pgferry start` life cycle: stop and resume, fatal errors with clear messages and exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.pgplugin import Daemon, Db, assert_same_tables, wait_for
+from tests.replicator import workload as wl
+
+pytestmark = pytest.mark.pg
+
+
+def test_sigterm_stops_cleanly_and_start_resumes_after_changes_made_while_stopped(pair, daemons):
+    src, dst = pair
+    wl.setup(src, dst)
+    d = Daemon(src, dst)
+    daemons.append(d)
+    w = wl.Workload(src, seed=11)
+    try:
+        w.run(150)
+        d.wait_caught_up()
+        assert d.stop() == 0
+        stopped_at = d.progress()
+        assert "stopped at" in d.output()
+        w.run(150)  # written while pgferry is down: kept by the slot
+        src.execute("CREATE TABLE parent (id int PRIMARY KEY); CREATE TABLE child (id int REFERENCES parent(id))")
+        dst.execute("CREATE TABLE parent (id int PRIMARY KEY); CREATE TABLE child (id int REFERENCES parent(id))")
+        src.execute("INSERT INTO parent VALUES (1), (2); INSERT INTO child VALUES (1), (2)")
+        src.execute("TRUNCATE parent CASCADE")
+        src.execute("INSERT INTO parent VALUES (3)")
+        assert d.progress() == stopped_at
+        d.start()
+        d.wait_caught_up()
+        assert_same_tables(src, dst, {**wl.TABLES, "parent": ["id"], "child": ["id"]})
+        assert d.stop() == 0
+    finally:
+        w.close()
+    out = d.output()
+    assert out.count("first start") == 1 and "Traceback" not in out, out
+
+
+def test_missing_slot_is_fatal_and_says_to_resync(pair, daemons):
+    src, dst = pair
+    wl.setup(src, dst)
+    d = Daemon(src, dst)
+    daemons.append(d)
+    src.execute("INSERT INTO uidx VALUES ('a', 1)")
+    d.wait_caught_up()
+    assert d.stop() == 0
+    src.execute("SELECT pg_drop_replication_slot('pgferry')")
+    src.execute("INSERT INTO uidx VALUES ('b', 2)")
+    d.start()
+    assert d.wait_exit() == 1
+    out = d.output()
+    assert "replication slot 'pgferry' no longer exists" in out and "Re-sync" in out and "Traceback" not in out, out
+    # no new slot was made behind the operator's back
+    assert not src.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgferry'")
+    assert dst.execute("SELECT code FROM uidx") == [("a",)]
+
+
+def test_schema_mismatch_names_table_and_column(pair, daemons):
+    src, dst = pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY, a text, b text); CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute("CREATE TABLE t (id int PRIMARY KEY, a text)")
+    d = Daemon(src, dst)
+    daemons.append(d)
+    src.execute("INSERT INTO t VALUES (1, 'x', 'y')")
+    assert d.wait_exit() == 1
+    out = d.output()
+    assert "public.t on the target lacks column(s) b" in out and "Traceback" not in out, out
+    assert dst.execute("SELECT count(*) FROM t") == [(0,)]
+
+
+def test_rejected_change_stops_with_lsn_xid_and_table(pair, daemons):
+    src, dst = pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute("CREATE TABLE t (id int PRIMARY KEY, v varchar(3))")
+    d = Daemon(src, dst)
+    daemons.append(d)
+    src.execute("INSERT INTO t VALUES (1, 'ok')")
+    src.execute("INSERT INTO t VALUES (2, 'too long')")
+    assert d.wait_exit() == 1
+    out = d.output()
+    assert "the target rejected a change" in out and "value too long" in out, out
+    assert "commit LSN" in out and "xid" in out and "table public.t" in out and "Traceback" not in out, out
+    assert dst.execute("SELECT id FROM t") == [(1,)]
+
+
+def test_bad_target_dsn_and_missing_publication(pair):
+    src, dst = pair
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "replicator.cli", "start", "--no-copy", *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+    r = run("--source", src.dsn, "--target", "host=127.0.0.1 port=1 dbname=x connect_timeout=3")
+    assert r.returncode == 2 and "cannot connect to target" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run("--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 1 and "publication 'pgferry' does not exist" in r.stderr, r.stderr
+
+
+def test_publish_via_partition_root_into_a_plain_target_table(pair, daemons):
+    src, dst = pair
+    src.psql("""CREATE TABLE meas (id int, day date, v float8, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+        CREATE TABLE meas_a PARTITION OF meas FOR VALUES FROM ('2020-01-01') TO ('2025-01-01');
+        CREATE TABLE meas_b PARTITION OF meas FOR VALUES FROM ('2025-01-01') TO ('2030-01-01');
+        CREATE PUBLICATION pgferry FOR TABLE meas WITH (publish_via_partition_root = true);""")
+    dst.execute("CREATE TABLE meas (id int, day date, v float8, PRIMARY KEY (id, day))")
+    d = Daemon(src, dst)
+    daemons.append(d)
+    src.psql("""INSERT INTO meas SELECT g, date '2021-01-01' + g * 30, g FROM generate_series(1, 60) g;
+        UPDATE meas SET day = day + 1500 WHERE id < 10;  -- moves rows across partitions
+        DELETE FROM meas WHERE id BETWEEN 40 AND 45;""")
+    d.wait_caught_up()
+    assert_same_tables(src, dst, {"meas": ["id", "day", "v"]})
+
+
+def test_target_without_replica_role_warns_and_keeps_foreign_keys(pair, daemons):
+    src, dst = pair
+    wl.setup(src, dst)
+    role = f"app_{dst.name}"
+    dst.psql(f"""CREATE ROLE {role} LOGIN;
+        GRANT CREATE ON DATABASE {dst.name} TO {role};
+        GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA public TO {role};
+        GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
+        CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
+        CREATE TRIGGER acct_audit BEFORE INSERT ON acct FOR EACH ROW EXECUTE FUNCTION audit();""")
+    try:
+        d = Daemon(src, dst, target_dsn=dst.server.dsn(dst.name, user=role))
+        daemons.append(d)
+        w = wl.Workload(src, seed=5)
+        try:
+            w.run(200)
+        finally:
+            w.close()
+        d.wait_caught_up()
+        assert_same_tables(src, dst, wl.TABLES)
+        assert d.stop() == 0
+        out = d.output()
+        assert "may not set session_replication_role" in out and "public.acct: acct_audit" in out, out
+    finally:
+        for x in daemons:
+            x.close()
+        dst.psql(f"REASSIGN OWNED BY {role} TO postgres; DROP OWNED BY {role}")
+        Db(dst.server, "postgres").execute(f"DROP ROLE {role}")
+
+
+def test_asynchronous_commit_target_still_equal_and_feedback_moves(pair, daemons):
+    src, dst = pair
+    wl.setup(src, dst)
+    dst.execute(f"ALTER DATABASE {dst.name} SET synchronous_commit = off")
+    d = Daemon(src, dst)
+    daemons.append(d)
+    w = wl.Workload(src, seed=6)
+    try:
+        w.run(300)
+    finally:
+        w.close()
+    d.wait_caught_up()
+    assert_same_tables(src, dst, wl.TABLES)
+    applied = d.progress()
+    wait_for(lambda: src.execute("SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots "
+                                 "WHERE slot_name = 'pgferry'")[0][0] >= applied, 30, "feedback to reach the slot")
+    assert d.stop() == 0
