@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 import select
-import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +60,7 @@ from sink.errors import ApplyError, SinkError
 from .errors import PgferryError, UsageError
 from .source import check_logical_source, connect, describe_dsn, max_protocol_version
 from .spool import Spool
+from .stopflag import StopFlag
 
 log = logging.getLogger("pgferry.stream")
 
@@ -94,30 +93,6 @@ class FatalError(PgferryError):
 
 class _Retry(Exception):
     """This session ended for a reason a reconnect can fix."""
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; wakes the loop's select() at once through a socketpair."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._r, self._w = socket.socketpair()
-        self._r.setblocking(False)
-        self._w.setblocking(False)
-
-    def fileno(self) -> int:
-        return self._r.fileno()
-
-    def request(self, *_: object) -> None:
-        self.set = True
-        try:
-            self._w.send(b"x")
-        except OSError:
-            pass
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self.request)
-        signal.signal(signal.SIGINT, self.request)
 
 
 def _first_line(exc: BaseException) -> str:

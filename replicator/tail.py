@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable
 from datetime import date, datetime, time
 from decimal import Decimal
-from types import FrameType
 from typing import IO, Any
 from uuid import UUID
 
@@ -53,6 +53,7 @@ from .source import (
     max_protocol_version,
     replication_connection,
 )
+from .stopflag import StopFlag
 
 _INFINITE_TYPES = {1082, 1114, 1184}  # date, timestamp, timestamptz print 'infinity'
 
@@ -169,14 +170,6 @@ class ChangeFormatter:
         return None  # Type messages and the like carry nothing to print
 
 
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop()
-
-
 def run_tail(source_dsn: str, publication: str, slot: str | None, out: IO[str] = sys.stdout,
              on_ready: Callable[[str], None] | None = None) -> int:
     """Stream and print until interrupted. Returns the exit code."""
@@ -231,16 +224,23 @@ def run_tail(source_dsn: str, publication: str, slot: str | None, out: IO[str] =
             end = m.end_lsn if type(m) is Commit else m.lsn
             msg.cursor.send_feedback(flush_lsn=end)
 
-    old = signal.signal(signal.SIGTERM, _raise_stop)
+    # Our own read loop instead of consume_stream(): its select() runs inside psycopg2's C code,
+    # which does not return to Python for a signal, so Ctrl-C could wait for the next message.
+    stop = StopFlag()
+    old = {sig: signal.signal(sig, stop.request) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        cur.consume_stream(consume)
-    except (KeyboardInterrupt, _Stop):
-        pass
+        while not stop.set:
+            msg = cur.read_message()
+            if msg is not None:
+                consume(msg)
+            else:
+                select.select([repl, stop], [], [], 1.0)
     except psycopg2.Error as exc:
         raise PgferryError(f"replication stream from {describe_dsn(source_dsn)} failed: "
                            f"{str(exc).strip().splitlines()[0]}") from None
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         try:
             repl.close()  # a temporary slot is dropped with its connection
         except psycopg2.Error:

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tests.pgplugin import Daemon, Db, assert_same_tables, wait_for
+from replicator.servers import LocalServer
+from tests.pgplugin import Daemon, Db, assert_same_tables, new_db, wait_for
 from tests.replicator import workload as wl
 
 pytestmark = pytest.mark.pg
@@ -164,3 +165,37 @@ def test_asynchronous_commit_target_still_equal_and_feedback_moves(pair, daemons
     wait_for(lambda: src.execute("SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots "
                                  "WHERE slot_name = 'pgferry'")[0][0] >= applied, 30, "feedback to reach the slot")
     assert d.stop() == 0
+
+
+def test_invalidated_slot_is_fatal_and_writes_nothing(pair, daemons):
+    """A slot the source invalidated (max_slot_wal_keep_size) has lost changes: stop, never resume."""
+    _, dst = pair
+    src_version = pair[0].version
+    server = LocalServer(src_version, settings={"max_slot_wal_keep_size": "1MB"}, name="inval-").start()
+    try:
+        src = new_db(server, "src")
+        src.execute("CREATE TABLE t (id int PRIMARY KEY, pad text); CREATE PUBLICATION pgferry FOR ALL TABLES")
+        dst.execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+        d = Daemon(src, dst)
+        daemons.append(d)
+        src.execute("INSERT INTO t VALUES (0, 'before')")
+        d.wait_caught_up()
+        assert d.stop() == 0
+
+        def lost() -> bool:
+            src.execute("INSERT INTO t SELECT g, repeat('x', 500) FROM generate_series(1 + (SELECT max(id) FROM t), "
+                        "5000 + (SELECT max(id) FROM t)) g")
+            src.execute("SELECT pg_switch_wal()")
+            src.execute("CHECKPOINT")
+            (status,) = src.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pgferry'")[0]
+            return status == "lost"
+        wait_for(lost, 60, "the slot to be invalidated", interval=0.1)
+        d.start()
+        assert d.wait_exit() == 1
+        out = d.output()
+        assert "is invalidated (wal_status = lost)" in out and "Re-sync" in out and "Traceback" not in out, out
+        assert dst.execute("SELECT id FROM t") == [(0,)]
+    finally:
+        for x in daemons:
+            x.close()
+        server.cleanup()

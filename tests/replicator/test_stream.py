@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.pgplugin import Daemon, assert_same_tables, wait_for
+from replicator.servers import LocalServer
+from tests.pgplugin import Daemon, assert_same_tables, new_db, wait_for
 from tests.replicator import workload as wl
 
 pytestmark = pytest.mark.pg
@@ -121,3 +122,52 @@ def test_network_cuts_mid_stream_recover_without_loss(pair, daemons, tcp_proxy, 
     assert d.stop() == 0
     out = d.output()
     assert "retrying" in out and "reconnected after" in out and "Traceback" not in out, out
+
+
+def test_walsender_and_target_session_terminated_then_servers_restarted(pair, daemons):
+    """Each fault mid-workload: the walsender killed, pgferry's target session killed, the source
+    restarted, the target crash-restarted. pgferry retries and the tables end up equal."""
+    src0, dst0 = pair
+    src_server = LocalServer(src0.version, name="restart-src-").start()
+    dst_server = LocalServer(dst0.version, name="restart-dst-").start()
+    try:
+        src, dst = new_db(src_server, "src"), new_db(dst_server, "dst")
+        wl.setup(src, dst)
+        d = Daemon(src, dst, "--batch-rows", "50", source_dsn=src.dsn + SMALL_WORK_MEM)
+        daemons.append(d)
+        w = wl.Workload(src, seed=4)
+        faults = [
+            lambda: src.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                                "WHERE slot_name = 'pgferry' AND active_pid IS NOT NULL"),
+            lambda: dst.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE application_name = 'pgferry' AND pid <> pg_backend_pid()"),
+            lambda: src_server.restart("fast"),
+            lambda: dst_server.restart("immediate"),
+        ]
+        try:
+            for fault in faults:
+                w.run(150)
+                before = d.output().count("reconnected after")
+                fault()
+                if fault is faults[2]:
+                    w.close()  # the workload's own session died with the server
+                    w = wl.Workload(src, seed=5)
+                    w.ids, w.next_id = wl.current_ids(src)
+
+
+                def reconnected(b: int = before, w: wl.Workload = w) -> bool:
+                    w.run(3)  # keep writing: an idle pgferry notices a dead target session only when it writes
+                    return d.output().count("reconnected after") > b or not d.running()
+                wait_for(reconnected, 60, "pgferry to reconnect")
+            w.run(150)
+        finally:
+            w.close()
+        d.wait_caught_up(timeout=120)
+        assert_same_tables(src, dst, wl.TABLES)
+        assert d.stop() == 0
+        assert "Traceback" not in d.output()
+    finally:
+        for x in daemons:
+            x.close()
+        src_server.cleanup()
+        dst_server.cleanup()

@@ -217,3 +217,9 @@ class Workload:
                 self.aborted_big_transaction()
             if n % 97 == 0:
                 self.truncate()
+
+
+def current_ids(db: Db) -> tuple[list[int], int]:
+    """The acct ids a new Workload on an existing database should know about."""
+    ids = [r[0] for r in db.execute("SELECT id FROM acct ORDER BY id")]
+    return ids, (max(ids) + 1 if ids else 1)
