@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import EXIT_USAGE, PgferryError, UsageError
 
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="... or when the batch is this old, in milliseconds (default 500)")
     start.add_argument("--spool-dir", default=os.environ.get("PGFERRY_SPOOL_DIR") or None,
                        help="where large in-progress transactions are spooled (default: the temp dir)")
+    start.add_argument("--message-hook", default=None, metavar="MODULE:FUNCTION",
+                       help="call this function with each logical decoding message (pg_logical_emit_message); "
+                            "transactional ones in commit order; after a crash one may come again. Default: ignored")
     start.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     demo = sub.add_parser("demo", help="start an embedded source, write sample changes and tail them")
@@ -98,6 +101,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
+def load_hook(spec: str) -> Callable[..., object]:
+    """`package.module:function` -> the function, or a UsageError naming what is wrong."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"--message-hook {spec!r}: expected MODULE:FUNCTION, e.g. myhooks:on_message")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"--message-hook {spec!r}: cannot import {module_name}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UsageError(f"--message-hook {spec!r}: {module_name} has no function {attr}")
+    return fn  # type: ignore[no-any-return]
+
+
 def _start(args: argparse.Namespace) -> int:
     import logging
 
@@ -115,6 +135,7 @@ def _start(args: argparse.Namespace) -> int:
             "hold the data as of the slot's creation)")
     cfg = StreamConfig(source=args.source, target=args.target, publication=args.publication, slot=args.slot,
                        schema=args.state_schema, spool_dir=args.spool_dir,
+                       message_hook=load_hook(args.message_hook) if args.message_hook else None,
                        limits=BatchLimits(rows=args.batch_rows, bytes=args.batch_bytes, seconds=args.batch_ms / 1000))
     return run_stream(cfg)
 

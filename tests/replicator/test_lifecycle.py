@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -199,3 +200,23 @@ def test_invalidated_slot_is_fatal_and_writes_nothing(pair, daemons):
         for x in daemons:
             x.close()
         server.cleanup()
+
+
+def test_logical_messages_reach_the_hook_once_and_rolled_back_ones_never(pair, daemons, tmp_path):
+    src, dst = pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    out = tmp_path / "hook.jsonl"
+    d = Daemon(src, dst, "--message-hook", "tests.replicator.hooks:record", env={"PGFERRY_TEST_HOOK_FILE": str(out)})
+    daemons.append(d)
+    src.psql("""BEGIN; INSERT INTO t VALUES (1); SELECT pg_logical_emit_message(true, 'app', 'committed'); COMMIT;
+        BEGIN; SELECT pg_logical_emit_message(true, 'app', 'rolled back'); ROLLBACK;
+        SELECT pg_logical_emit_message(false, 'app', 'not transactional');""")
+    d.wait_caught_up()
+    wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 2, 30, "two hook calls")
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(x["content"] for x in lines) == ["committed", "not transactional"]
+    assert d.stop() == 0
+    r = subprocess.run([sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target", dst.dsn,
+                        "--message-hook", "nosuchmodule:f"], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and "cannot import nosuchmodule" in r.stderr, r.stderr
