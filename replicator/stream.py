@@ -150,6 +150,7 @@ class Session:
         self.stream_xid: int | None = None
         self.sent_flush = Lsn(0)
         self.last_idle = 0.0
+        self.last_status = 0.0
         self.received_data = False
 
     # -- set-up ------------------------------------------------------------------------------
@@ -347,9 +348,13 @@ class Session:
         self.received_data = True
 
     def keep_alive(self) -> None:
-        """During a long replay nothing is read; a periodic status update keeps the walsender from
-        timing the connection out (psycopg2 rate-limits it to the status interval)."""
-        self.cur.send_feedback()
+        """During a long replay nothing is read (psycopg2 sends its periodic status update only
+        inside read_message), so send one every status interval: the walsender would otherwise
+        time the connection out (wal_sender_timeout)."""
+        now = time.monotonic()
+        if now - self.last_status >= self.cfg.status_interval:
+            self.last_status = now
+            self.cur.send_feedback(force=True)
 
 
 def _retryable(exc: BaseException) -> bool:

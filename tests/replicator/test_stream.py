@@ -171,3 +171,18 @@ def test_walsender_and_target_session_terminated_then_servers_restarted(pair, da
             x.close()
         src_server.cleanup()
         dst_server.cleanup()
+
+
+def test_keepalives_answered_while_a_long_streamed_transaction_is_applied(pair, daemons):
+    """wal_sender_timeout of 2 s: replaying a large streamed transaction takes longer than that,
+    so pgferry must keep answering the walsender, or the connection would be cut and retried forever."""
+    src, dst = pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    d = Daemon(src, dst, source_dsn=src.dsn + " options='-c logical_decoding_work_mem=64kB -c wal_sender_timeout=2s'")
+    daemons.append(d)
+    src.execute("INSERT INTO t SELECT g, repeat('v', 50) FROM generate_series(1, 60000) g")
+    d.wait_caught_up(timeout=180)
+    assert_same_tables(src, dst, {"t": ["id", "v"]})
+    out = d.output()
+    assert "applying streamed transaction" in out and "retrying" not in out, out
