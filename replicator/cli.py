@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--state-schema", default="pgferry", help="schema for pgferry's state on the target")
     start.add_argument("--no-copy", action="store_true",
                        help="the target already holds the data as of the slot's creation: only stream")
+    start.add_argument("--no-schema", action="store_true",
+                       help="the target's tables exist already (made by hand): copy data only")
+    start.add_argument("--tables", default=None,
+                       help="comma-separated tables to publish when pgferry creates the publication (default: all)")
+    start.add_argument("--jobs", type=_positive(int), default=None,
+                       help="tables copied at once (default: the number of CPUs, at most 4)")
     start.add_argument("--batch-rows", type=_positive(int), default=5000,
                        help="commit a target batch after this many rows (default 5000)")
     start.add_argument("--batch-bytes", type=_positive(int), default=8 << 20,
@@ -129,10 +135,17 @@ def _start(args: argparse.Namespace) -> int:
                         stream=sys.stderr)
     if not args.target:
         raise UsageError("no target given: pass --target DSN or set PGFERRY_TARGET")
+    if not args.source:
+        raise UsageError("no source given: pass --source DSN or set PGFERRY_SOURCE")
     if not args.no_copy:
-        logging.getLogger("pgferry").warning(
-            "the initial copy is not implemented yet: streaming only, as with --no-copy (the target must already "
-            "hold the data as of the slot's creation)")
+        from .sync import InitialSync, SyncConfig
+
+        sync_cfg = SyncConfig(source=args.source, target=args.target, publication=args.publication, slot=args.slot,
+                              schema=args.state_schema, schema_copy=not args.no_schema,
+                              tables=[t.strip() for t in args.tables.split(",")] if args.tables else None)
+        if args.jobs:
+            sync_cfg.jobs = args.jobs
+        InitialSync(sync_cfg).run()
     cfg = StreamConfig(source=args.source, target=args.target, publication=args.publication, slot=args.slot,
                        schema=args.state_schema, spool_dir=args.spool_dir,
                        message_hook=load_hook(args.message_hook) if args.message_hook else None,

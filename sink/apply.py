@@ -54,6 +54,7 @@ class Sink:
         self.schema = schema
         self.limits = limits or BatchLimits()
         self.relations: dict[int, Relation] = {}
+        self.snapshots: dict[tuple[str, str], Lsn] = {}  # table -> LSN its initial copy was taken at
         self.tables: dict[int, TargetTable] = {}  # mapped on first use
         self.stored = Lsn(0)  # progress as committed on the target
         self.durable_lsn = Lsn(0)  # progress whose commit is flushed on the target
@@ -91,6 +92,7 @@ class Sink:
         if initial is not None:
             state.init_progress(cur, self.schema, self.slot, initial, created_slot)
         stored = state.read_progress(cur, self.schema, self.slot)
+        self.snapshots = state.snapshot_lsns(cur, self.schema, self.slot)
         self.conn.commit()
         if stored is not None:
             self.stored = self.durable_lsn = stored
@@ -126,6 +128,7 @@ class Sink:
                 raise ApplyError(f"change for relation oid {oid} before its Relation message",
                                  lsn=self._commit_lsn, xid=self._xid)
             table = self.tables[oid] = map_relation(self.cur, rel)
+            table.snapshot_lsn = self.snapshots.get((rel.namespace, rel.name), Lsn(0))
         return table
 
     # -- source transactions -----------------------------------------------------------------
@@ -144,6 +147,8 @@ class Sink:
             self._truncate(msg)  # type: ignore[arg-type]
             return
         table = self._table(msg.relation_oid)  # type: ignore[union-attr]
+        if self._commit_lsn is not None and self._commit_lsn < table.snapshot_lsn:
+            return  # committed before this table's copy was taken: the copy has it
         if t is Insert:
             sql, params = table.insert(msg.new)  # type: ignore[union-attr]
         elif t is Update:
@@ -164,7 +169,11 @@ class Sink:
     def _truncate(self, msg: Truncate) -> None:
         names = []
         for oid in msg.relation_oids:
-            names.append(self._table(oid).qualified)
+            table = self._table(oid)
+            if self._commit_lsn is None or self._commit_lsn >= table.snapshot_lsn:
+                names.append(table.qualified)
+        if not names:
+            return
         sql = "TRUNCATE " + ", ".join(names)
         if msg.restart_identity:
             sql += " RESTART IDENTITY"

@@ -51,6 +51,7 @@ class TargetTable:
     writable: list[bool]  # False for target generated columns
     key: list[int]  # indexes of the replica identity columns
     text_compare: list[bool]
+    snapshot_lsn: int = 0  # changes committed before this LSN are in the table's initial copy
     _sql: dict[tuple[Any, ...], str] = field(default_factory=dict)
 
     @property

@@ -30,6 +30,28 @@ def ensure_schema(cur: Any, schema: str) -> None:
         source_commit_time timestamptz,
         updated_at timestamptz NOT NULL DEFAULT now(),
         slot_created_by_pgferry boolean NOT NULL DEFAULT false)""")
+    # Initial sync, per slot: the phase (schema -> copy -> streaming) and per table its state and
+    # the snapshot LSN its copy was taken at. Stream changes to a table that commit before its
+    # snapshot LSN are already in the copy and are skipped (PostgreSQL's table sync does the same).
+    cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.sync (
+        slot_name text PRIMARY KEY,
+        phase text NOT NULL,
+        consistent_lsn pg_lsn NOT NULL,
+        pre_data_done boolean NOT NULL DEFAULT false,
+        post_data_done boolean NOT NULL DEFAULT false,
+        publication_created boolean NOT NULL DEFAULT false,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        copied_at timestamptz)""")
+    cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.tables (
+        slot_name text NOT NULL,
+        schema_name text NOT NULL,
+        table_name text NOT NULL,
+        state text NOT NULL DEFAULT 'pending',
+        snapshot_lsn pg_lsn,
+        rows bigint,
+        bytes bigint,
+        copied_at timestamptz,
+        PRIMARY KEY (slot_name, schema_name, table_name))""")
 
 
 def read_progress(cur: Any, schema: str, slot: str) -> Lsn | None:
@@ -42,6 +64,13 @@ def read_progress(cur: Any, schema: str, slot: str) -> Lsn | None:
 def init_progress(cur: Any, schema: str, slot: str, lsn: Lsn, created_slot: bool) -> None:
     cur.execute(f"INSERT INTO {quote_ident(schema)}.progress (slot_name, applied_lsn, slot_created_by_pgferry) "
                 "VALUES (%s, %s::pg_lsn, %s) ON CONFLICT (slot_name) DO NOTHING", (slot, str(lsn), created_slot))
+
+
+def snapshot_lsns(cur: Any, schema: str, slot: str) -> dict[tuple[str, str], Lsn]:
+    """(schema, table) -> the LSN of the snapshot its copy was taken in."""
+    cur.execute(f"SELECT schema_name, table_name, snapshot_lsn::text FROM {quote_ident(schema)}.tables "
+                "WHERE slot_name = %s AND snapshot_lsn IS NOT NULL", (slot,))
+    return {(n, t): Lsn.parse(lsn) for n, t, lsn in cur.fetchall()}
 
 
 def progress_sql(schema: str) -> str:

@@ -153,7 +153,7 @@ class Daemon:
     """`pgferry start` as a subprocess; its log goes to a file the test can show on failure."""
 
     def __init__(self, src: Db, dst: Db, *args: str, source_dsn: str | None = None, target_dsn: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, copy: bool = False, ready: bool = True) -> None:
         import os
         import subprocess
         import sys
@@ -161,13 +161,14 @@ class Daemon:
 
         self.src, self.dst = src, dst
         self.log = tempfile.NamedTemporaryFile(prefix="pgferry-daemon-", suffix=".log", delete=False)
-        self.cmd = [sys.executable, "-m", "replicator.cli", "start", "--no-copy",
+        self.cmd = [sys.executable, "-m", "replicator.cli", "start", *([] if copy else ["--no-copy"]),
                     "--source", source_dsn or src.dsn, "--target", target_dsn or dst.dsn, *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self._popen = subprocess.Popen
         self.start()
-        self.wait_ready()
+        if ready:
+            self.wait_ready()
 
     def start(self) -> Daemon:
         self.proc = self._popen(self.cmd, stdout=self.log, stderr=self.log, cwd=ROOT, env=self.env)

@@ -1,0 +1,536 @@
+"""Initial sync: publication, slot with an exported snapshot, schema, parallel copy, handoff.
+
+The copy and the stream meet at exactly one LSN per table:
+
+* First run: the slot is created with `EXPORT_SNAPSHOT`; its consistent point C is recorded as the
+  stream's start, and every table is copied in that snapshot, so the copy holds exactly the
+  transactions that committed before C and the stream delivers exactly the ones after.
+* Resume after a crash or stop during the copy: tables already marked `copied` keep their data
+  (snapshot C). Each remaining table is emptied and copied again in a NEW snapshot, exported by a
+  temporary slot at LSN S > C, and recorded with `snapshot_lsn = S`. The stream still starts at C;
+  the sink skips changes to that table from transactions committing before S (the copy has them)
+  and applies the rest. This is how PostgreSQL's own table sync works.
+
+Each table is copied in ONE target transaction that also marks it `copied`, so a crash leaves it
+either complete and marked, or untouched and re-copied.
+
+Schema: `pg_dump --schema-only` (the newest pg_dump available: it dumps older servers correctly),
+pre-data (tables, types, sequences...) before the copy and post-data (indexes, constraints,
+triggers) after it, so the copy runs without index maintenance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+
+from decoder import Lsn
+from sink import state
+from sink.state import quote_ident
+
+from .errors import PgferryError, UsageError
+from .source import check_logical_source, connect, describe_dsn
+
+log = logging.getLogger("pgferry.sync")
+
+FIRST_USER_OID = 16384  # built-in types below: their binary format and OID are the same on every server
+COPY_CHUNK = 1 << 20
+
+
+class SyncError(PgferryError):
+    """The initial sync cannot go on (exit 1)."""
+
+
+@dataclass
+class SyncConfig:
+    source: str
+    target: str
+    publication: str
+    slot: str
+    schema: str
+    tables: list[str] | None = None  # --tables: publish only these (schema.table or table)
+    jobs: int = max(1, min(4, os.cpu_count() or 1))
+    schema_copy: bool = True  # False: --no-schema, the target's tables are made by hand
+
+
+@dataclass
+class TableCopy:
+    schema: str
+    name: str
+    rows: int = 0
+    bytes: int = 0
+
+    @property
+    def qualified(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
+
+    @property
+    def display(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+# -- tools ------------------------------------------------------------------------------------
+def find_pg_dump() -> str:
+    """The newest pg_dump on this machine (PGFERRY_PG_DUMP overrides)."""
+    override = os.environ.get("PGFERRY_PG_DUMP")
+    if override:
+        return override
+    candidates = [shutil.which("pg_dump")]
+    try:
+        from .servers import embedded_bindir
+
+        candidates.append(str(embedded_bindir() / "pg_dump"))
+    except Exception:  # the wheel may be missing outside the demo/test set-up
+        pass
+    candidates += [str(p) for p in Path("/usr/lib/postgresql").glob("*/bin/pg_dump")]
+    best: tuple[int, str] | None = None
+    for c in candidates:
+        if not c or not os.access(c, os.X_OK):
+            continue
+        out = subprocess.run([c, "--version"], capture_output=True, text=True, check=False).stdout
+        m = re.search(r"(\d+)", out.split(")")[-1] if ")" in out else out)
+        if m and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), c)
+    if best is None:
+        raise UsageError("pg_dump not found: install the PostgreSQL client (e.g. apt-get install postgresql-client) "
+                         "or set PGFERRY_PG_DUMP, or pass --no-schema with the target's tables created by hand")
+    return best[1]
+
+
+def dump_schema(dsn: str, section: str, snapshot: str | None) -> str:
+    """One pg_dump section as SQL that a plain connection can run (psql meta-commands removed)."""
+    cmd = [find_pg_dump(), "--schema-only", f"--section={section}", "--no-owner", "--no-privileges",
+           "--no-publications", "--no-subscriptions", "--no-comments", "-d", dsn]
+    if snapshot:
+        cmd.insert(1, f"--snapshot={snapshot}")
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SyncError(f"pg_dump --section={section} of source {describe_dsn(dsn)} failed: "
+                        f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+    # pg_dump 17.6+/18 brackets its output with \restrict / \unrestrict (psql-only commands).
+    return "\n".join(line for line in res.stdout.splitlines() if not line.startswith("\\"))
+
+
+# -- the orchestration -------------------------------------------------------------------------
+class InitialSync:
+    def __init__(self, cfg: SyncConfig) -> None:
+        self.cfg = cfg
+        self.target: Any = None
+        self.snapshot_conn: Any = None  # a replication connection that keeps an exported snapshot alive
+
+    def run(self) -> None:
+        """Bring the target to a copied state. Returns when streaming may start (from the slot's
+        consistent point, stored as the progress)."""
+        cfg = self.cfg
+        self.target = connect(cfg.target, "target")
+        try:
+            cur = self.target.cursor()
+            state.ensure_schema(cur, cfg.schema)
+            self.target.commit()
+            row = self._sync_row()
+            if row is None:
+                if state.read_progress(cur, cfg.schema, cfg.slot) is not None:
+                    self.target.rollback()
+                    return  # streamed before without a copy (--no-copy): nothing to sync
+                self._first_run()
+            elif row["phase"] == "streaming":
+                return
+            else:
+                log.info("resuming the initial sync of slot %s (phase %s)", cfg.slot, row["phase"])
+                self._resume(row)
+        finally:
+            if self.snapshot_conn is not None:
+                self.snapshot_conn.close()
+            self.target.close()
+
+    def _sync_row(self) -> dict[str, Any] | None:
+        cur = self.target.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
+        cur.execute(f"SELECT phase, consistent_lsn::text, pre_data_done, post_data_done "
+                    f"FROM {quote_ident(self.cfg.schema)}.sync WHERE slot_name = %s", (self.cfg.slot,))
+        row = cur.fetchone()
+        self.target.rollback()
+        return dict(row) if row else None
+
+    # -- first run ---------------------------------------------------------------------------
+    def _first_run(self) -> None:
+        cfg = self.cfg
+        src = connect(cfg.source, "source")
+        try:
+            check_logical_source(src, cfg.source, None)
+            created_pub = ensure_publication(src, cfg)
+            check_extensions(src, self.target, cfg)
+            exists = _slot_exists(src, cfg.slot)
+        finally:
+            src.close()
+        if exists:
+            raise SyncError(f"replication slot {cfg.slot!r} already exists on source {describe_dsn(cfg.source)} but "
+                            "the target has no pgferry state for it: its changes since creation cannot be matched to "
+                            "a copy. Drop it (SELECT pg_drop_replication_slot(...)) or pass another --slot")
+        consistent, snapshot = self._export_snapshot(cfg.slot, temporary=False)
+        cur = self.target.cursor()
+        s = quote_ident(cfg.schema)
+        cur.execute(f"INSERT INTO {s}.sync (slot_name, phase, consistent_lsn, publication_created) "
+                    "VALUES (%s, 'schema', %s::pg_lsn, %s)", (cfg.slot, str(consistent), created_pub))
+        state.init_progress(cur, cfg.schema, cfg.slot, consistent, True)
+        self.target.commit()
+        log.info("slot %s created at %s; copying in snapshot %s", cfg.slot, consistent, snapshot)
+        self._schema_pre(snapshot)
+        tables = self._register_tables()
+        self._copy_all(tables, snapshot, consistent)
+        self._finish(snapshot)
+
+    # -- resume ------------------------------------------------------------------------------
+    def _resume(self, row: dict[str, Any]) -> None:
+        cfg = self.cfg
+        src = connect(cfg.source, "source")
+        try:
+            if not _slot_exists(src, cfg.slot):
+                raise SyncError(f"replication slot {cfg.slot!r} is gone from source {describe_dsn(cfg.source)}: the "
+                                f"initial sync cannot resume. Drop the target's tables and its {cfg.schema!r} schema "
+                                "and start again")
+        finally:
+            src.close()
+        # A new snapshot for what is left, exported by a temporary slot (gone with its connection).
+        consistent, snapshot = self._export_snapshot(f"{cfg.slot}_resync_{os.getpid()}", temporary=True)
+        if not row["pre_data_done"]:
+            self._schema_pre(snapshot)
+        tables = self._register_tables()
+        cur = self.target.cursor()
+        cur.execute(f"SELECT schema_name, table_name FROM {quote_ident(cfg.schema)}.tables "
+                    "WHERE slot_name = %s AND state = 'copied'", (cfg.slot,))
+        done = set(cur.fetchall())
+        self.target.rollback()
+        todo = [t for t in tables if (t.schema, t.name) not in done]
+        log.info("%d of %d tables already copied; copying %d in a new snapshot at %s", len(done), len(tables),
+                 len(todo), consistent)
+        self._copy_all(todo, snapshot, consistent)
+        self._finish(snapshot)
+
+    # -- steps -------------------------------------------------------------------------------
+    def _export_snapshot(self, slot: str, temporary: bool) -> tuple[Lsn, str]:
+        """Create a slot with an exported snapshot; the replication connection is kept open (and
+        idle) until the copy is done, since the snapshot lives as long as it."""
+        conn = connect(self.cfg.source, "source", connection_factory=psycopg2.extras.LogicalReplicationConnection)
+        cur = conn.cursor()
+        waiter = _report_waiting_transactions(self.cfg.source)
+        try:
+            cur.execute(f"CREATE_REPLICATION_SLOT {quote_ident(slot)}{' TEMPORARY' if temporary else ''} "
+                        "LOGICAL pgoutput EXPORT_SNAPSHOT")
+            _, consistent, snapshot, _ = cur.fetchone()
+        except psycopg2.Error as exc:
+            conn.close()
+            raise SyncError(f"could not create replication slot {slot!r} on {describe_dsn(self.cfg.source)}: "
+                            f"{str(exc).strip().splitlines()[0]}") from None
+        finally:
+            waiter.set()
+        if self.snapshot_conn is not None:
+            self.snapshot_conn.close()
+        self.snapshot_conn = conn
+        return Lsn.parse(consistent), snapshot
+
+    def _schema_pre(self, snapshot: str) -> None:
+        if not self.cfg.schema_copy:
+            self._mark("pre_data_done = true, phase = 'copy'")
+            return
+        sql = dump_schema(self.cfg.source, "pre-data", snapshot)
+        self._run_schema_sql(sql, "pre_data_done = true, phase = 'copy'", "tables, types and sequences")
+
+    def _run_schema_sql(self, sql: str, mark: str, what: str) -> None:
+        conn = connect(self.cfg.target, "target")
+        try:
+            cur = conn.cursor()
+            try:
+                cur.execute(sql)
+            except psycopg2.Error as exc:
+                raise SyncError(f"creating the {what} on target {describe_dsn(self.cfg.target)} failed: "
+                                f"{str(exc).strip().splitlines()[0]}. If the target already has them, pass "
+                                "--no-schema") from None
+            cur.execute(f"UPDATE {quote_ident(self.cfg.schema)}.sync SET {mark} WHERE slot_name = %s",
+                        (self.cfg.slot,))
+            conn.commit()
+        finally:
+            conn.close()
+        log.info("schema: created the %s on the target", what)
+
+    def _mark(self, assignments: str) -> None:
+        cur = self.target.cursor()
+        cur.execute(f"UPDATE {quote_ident(self.cfg.schema)}.sync SET {assignments} WHERE slot_name = %s",
+                    (self.cfg.slot,))
+        self.target.commit()
+
+    def _register_tables(self) -> list[TableCopy]:
+        src = connect(self.cfg.source, "source")
+        try:
+            with src.cursor() as cur:
+                cur.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s "
+                            "ORDER BY 1, 2", (self.cfg.publication,))
+                tables = [TableCopy(n, t) for n, t in cur.fetchall()]
+        finally:
+            src.close()
+        cur = self.target.cursor()
+        for t in tables:
+            cur.execute(f"INSERT INTO {quote_ident(self.cfg.schema)}.tables (slot_name, schema_name, table_name) "
+                        "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (self.cfg.slot, t.schema, t.name))
+        self.target.commit()
+        return tables
+
+    def _copy_all(self, tables: list[TableCopy], snapshot: str, snapshot_lsn: Lsn) -> None:
+        if not tables:
+            return
+        started = time.monotonic()
+        total = _estimate_bytes(self.cfg.source, tables)
+        progress = _Progress(total, len(tables))
+        ticker = threading.Event()
+        threading.Thread(target=progress.report_every, args=(ticker, 5.0), daemon=True).start()
+        try:
+            with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="copy") as pool:
+                futures = [pool.submit(copy_table, self.cfg, t, snapshot, snapshot_lsn, progress) for t in tables]
+                for f in futures:
+                    f.result()
+        finally:
+            ticker.set()
+        took = time.monotonic() - started
+        log.info("copy: %d tables, %d rows, %.1f MB in %.1f s (%.1f MB/s)", len(tables), progress.rows,
+                 progress.bytes / 1e6, took, progress.bytes / 1e6 / max(took, 1e-6))
+
+    def _finish(self, snapshot: str) -> None:
+        copy_sequences(self.cfg)
+        row = self._sync_row()
+        if self.cfg.schema_copy and row is not None and not row["post_data_done"]:
+            sql = dump_schema(self.cfg.source, "post-data", snapshot)
+            self._run_schema_sql(sql, "post_data_done = true", "indexes, constraints and triggers")
+        self._mark("phase = 'streaming', copied_at = now()")
+
+
+# -- one table ------------------------------------------------------------------------------------
+class _Progress:
+    def __init__(self, total_bytes: int, tables: int) -> None:
+        self.total_bytes, self.tables = total_bytes, tables
+        self.rows = self.bytes = self.done = 0
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        with self.lock:
+            self.bytes += nbytes
+
+    def report_every(self, stop: threading.Event, seconds: float) -> None:
+        while not stop.wait(seconds):
+            took = time.monotonic() - self.started
+            rate = self.bytes / max(took, 1e-6)
+            left = max(self.total_bytes - self.bytes, 0)
+            eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+            log.info("copy: %d/%d tables, %.1f of ~%.1f MB, %.1f MB/s, ETA %s", self.done, self.tables,
+                     self.bytes / 1e6, self.total_bytes / 1e6, rate / 1e6, eta)
+
+
+class _CountingWriter:
+    """File-like sink for psycopg2's COPY TO that forwards chunks to a pipe and counts bytes."""
+
+    def __init__(self, fd: int, progress: _Progress) -> None:
+        self.f = os.fdopen(fd, "wb", buffering=COPY_CHUNK)
+        self.progress = progress
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.f.write(data)
+        self.bytes += len(data)
+        self.progress.add(len(data))
+        return len(data)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, progress: _Progress) -> None:
+    """Copy one table in the exported snapshot: source COPY TO piped into target COPY FROM, in one
+    target transaction that also empties the table first and marks it copied."""
+    started = time.monotonic()
+    src = connect(cfg.source, "source")
+    dst = connect(cfg.target, "target")
+    try:
+        scur = src.cursor()
+        scur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        scur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+        scur.execute("""SELECT a.attname, a.atttypid < %s, c.relkind FROM pg_attribute a JOIN pg_class c
+            ON c.oid = a.attrelid WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+            AND a.attgenerated = '' ORDER BY a.attnum""", (FIRST_USER_OID, t.qualified))
+        cols = scur.fetchall()
+        names = ", ".join(quote_ident(c[0]) for c in cols)
+        binary = all(c[1] for c in cols)
+        fmt = "(FORMAT binary)" if binary else ""
+        only = "ONLY " if cols and cols[0][2] == "r" else ""
+        dcur = dst.cursor()
+        dcur.execute(f"TRUNCATE {t.qualified}")
+        r, w = os.pipe()
+        writer = _CountingWriter(w, progress)
+        errors: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                scur.copy_expert(f"COPY (SELECT {names} FROM {only}{t.qualified}) TO STDOUT {fmt}", writer)
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                try:
+                    writer.close()
+                except OSError:
+                    pass
+
+        th = threading.Thread(target=produce, daemon=True)
+        th.start()
+        try:
+            with os.fdopen(r, "rb", buffering=COPY_CHUNK) as reader:
+                dcur.copy_expert(f"COPY {t.qualified} ({names}) FROM STDIN {fmt}", reader, size=COPY_CHUNK)
+                t.rows = dcur.rowcount
+        finally:
+            th.join()
+        if errors:
+            raise errors[0]
+        t.bytes = writer.bytes
+        dcur.execute(f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', snapshot_lsn = %s::pg_lsn, "
+                     "rows = %s, bytes = %s, copied_at = now() WHERE slot_name = %s AND schema_name = %s "
+                     "AND table_name = %s", (str(snapshot_lsn), t.rows, t.bytes, cfg.slot, t.schema, t.name))
+        dst.commit()
+        src.rollback()
+    except psycopg2.Error as exc:
+        raise SyncError(f"copying {t.display} failed: {str(exc).strip().splitlines()[0]}") from None
+    finally:
+        src.close()
+        dst.close()
+    with progress.lock:
+        progress.rows += max(t.rows, 0)
+        progress.done += 1
+    took = time.monotonic() - started
+    log.info("copied %s: %d rows, %.1f MB in %.1f s (%s)", t.display, t.rows, t.bytes / 1e6, took,
+             "binary" if binary else "text")
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def ensure_publication(src: psycopg2.extensions.connection, cfg: SyncConfig) -> bool:
+    """Create the publication unless it exists. Returns True when pgferry created it."""
+    with src.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (cfg.publication,))
+        if cur.fetchone():
+            return False
+        what = "FOR ALL TABLES"
+        if cfg.tables:
+            what = "FOR TABLE " + ", ".join(".".join(quote_ident(p) for p in t.split(".", 1)) for t in cfg.tables)
+        try:
+            cur.execute(f"CREATE PUBLICATION {quote_ident(cfg.publication)} {what}")
+        except psycopg2.Error as exc:
+            src.rollback()
+            raise SyncError(f"could not create publication {cfg.publication!r} on {describe_dsn(cfg.source)}: "
+                            f"{str(exc).strip().splitlines()[0]}. Create it as a superuser: CREATE PUBLICATION "
+                            f"{cfg.publication} {what}") from None
+    src.commit()
+    log.info("created publication %s %s", cfg.publication, what)
+    return True
+
+
+def check_extensions(src: Any, target: Any, cfg: SyncConfig) -> None:
+    """Extensions the source uses that the target cannot install: reported before anything starts."""
+    if not cfg.schema_copy:
+        return
+    with src.cursor() as cur:
+        cur.execute("SELECT extname FROM pg_extension WHERE extname <> 'plpgsql'")
+        used = {r[0] for r in cur.fetchall()}
+    src.rollback()
+    cur = target.cursor()
+    cur.execute("SELECT name FROM pg_available_extensions")
+    available = {r[0] for r in cur.fetchall()}
+    target.rollback()
+    missing = sorted(used - available)
+    if missing:
+        raise SyncError(f"the source uses extension(s) {', '.join(missing)} that the target "
+                        f"{describe_dsn(cfg.target)} cannot install: install them on the target server first")
+
+
+def copy_sequences(cfg: SyncConfig) -> list[tuple[str, int]]:
+    """Every sequence's current value onto the target (identity, serial and standalone)."""
+    src = connect(cfg.source, "source")
+    dst = connect(cfg.target, "target")
+    out = []
+    try:
+        with src.cursor() as cur:
+            cur.execute("SELECT schemaname, sequencename, last_value FROM pg_sequences "
+                        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') AND last_value IS NOT NULL")
+            rows = cur.fetchall()
+        dcur = dst.cursor()
+        for schema, name, value in rows:
+            qualified = f"{quote_ident(schema)}.{quote_ident(name)}"
+            dcur.execute("SELECT to_regclass(%s) IS NOT NULL", (qualified,))
+            if dcur.fetchone()[0]:
+                dcur.execute("SELECT setval(%s, %s, true)", (qualified, value))
+                out.append((f"{schema}.{name}", int(value)))
+        dst.commit()
+    finally:
+        src.close()
+        dst.close()
+    log.info("sequences: %d values copied", len(out))
+    return out
+
+
+def _slot_exists(src: Any, slot: str) -> bool:
+    with src.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        found = cur.fetchone() is not None
+    src.rollback()
+    return found
+
+
+def _estimate_bytes(dsn: str, tables: list[TableCopy]) -> int:
+    src = connect(dsn, "source")
+    try:
+        with src.cursor() as cur:
+            cur.execute("SELECT coalesce(sum(pg_table_size(format('%%I.%%I', s, t)::regclass)), 0) "
+                        "FROM unnest(%s::text[], %s::text[]) AS x(s, t)",
+                        ([t.schema for t in tables], [t.name for t in tables]))
+            return int(cur.fetchone()[0])
+    finally:
+        src.close()
+
+
+def _report_waiting_transactions(dsn: str) -> threading.Event:
+    """While a slot is being created the source must finish the transactions already running; say
+    which ones after a couple of seconds, then every 10 s."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if done.wait(2.0):
+            return
+        try:
+            conn = connect(dsn, "source")
+        except PgferryError:
+            return
+        try:
+            while not done.is_set():
+                with conn.cursor() as cur:
+                    cur.execute("""SELECT pid, now() - xact_start, query_start, left(query, 60) FROM pg_stat_activity
+                        WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+                        ORDER BY xact_start""")
+                    rows = cur.fetchall()
+                conn.rollback()
+                for pid, age, qstart, query in rows:
+                    log.warning("waiting for the slot to become consistent: transaction of pid %s open for %s "
+                                "(query started %s: %s)", pid, age, qstart, query)
+                if done.wait(10.0):
+                    return
+        finally:
+            conn.close()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return done
