@@ -41,6 +41,7 @@ from decoder import Lsn
 from sink import state
 from sink.state import quote_ident
 
+from . import failpoints
 from .errors import PgferryError, UsageError
 from .source import check_logical_source, connect, describe_dsn
 
@@ -348,6 +349,8 @@ class _CountingWriter:
     def write(self, data: bytes) -> int:
         self.f.write(data)
         self.bytes += len(data)
+        if self.bytes > 4 * COPY_CHUNK:
+            failpoints.hit("mid_copy")
         self.progress.add(len(data))
         return len(data)
 

@@ -28,7 +28,7 @@ from .state import quote_ident
 _NO_EQUALITY = frozenset({"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
 
 _TARGET_COLUMNS = """
-SELECT a.attname, a.attgenerated <> '' AS generated,
+SELECT a.attname, a.attgenerated <> '' AS generated, a.attidentity = 'a' AS identity_always,
        COALESCE(et.typname, bt.typname, t.typname) AS base_type, c.relkind
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -49,6 +49,7 @@ class TargetTable:
     qualified: str
     names: list[str]  # quoted target column names, one per source column
     writable: list[bool]  # False for target generated columns
+    settable: list[bool]  # also False for GENERATED ALWAYS identity columns (UPDATE cannot set them)
     key: list[int]  # indexes of the replica identity columns
     text_compare: list[bool]
     snapshot_lsn: int = 0  # changes committed before this LSN are in the table's initial copy
@@ -67,13 +68,14 @@ class TargetTable:
         cols = tuple(i for i, v in enumerate(new) if v is not UNCHANGED and self.writable[i])
         sql = self._sql.get(("i", cols))
         if sql is None:
+            # OVERRIDING SYSTEM VALUE: the source's value of a GENERATED ALWAYS identity column wins.
             sql = (f"INSERT INTO {self.qualified} ({', '.join(self.names[i] for i in cols)}) "
-                   f"VALUES ({', '.join(['%s'] * len(cols))})")
+                   f"OVERRIDING SYSTEM VALUE VALUES ({', '.join(['%s'] * len(cols))})")
             self._sql["i", cols] = sql
         return sql, [new[i] for i in cols]
 
     def update(self, old: tuple | None, new: tuple) -> tuple[str, list[Any]]:
-        sets = tuple(i for i, v in enumerate(new) if v is not UNCHANGED and self.writable[i])
+        sets = tuple(i for i, v in enumerate(new) if v is not UNCHANGED and self.settable[i])
         where, wparams = self._where(old if old is not None else new)
         sql = self._sql.get(("u", sets, where))
         if sql is None:
@@ -119,7 +121,7 @@ def map_relation(cur: Any, rel: Relation) -> TargetTable:
     if not rows:
         raise SchemaMismatch(f"table {display} does not exist on the target: create it (same schema and name) "
                              "or remove it from the publication")
-    target = {name: (generated, base) for name, generated, base, _ in rows}
+    target = {name: (generated, base, always) for name, generated, always, base, _ in rows}
     missing = [c.name for c in rel.columns if c.name not in target]
     if missing:
         raise SchemaMismatch(f"table {display} on the target lacks column(s) {', '.join(missing)} that the source "
@@ -129,6 +131,7 @@ def map_relation(cur: Any, rel: Relation) -> TargetTable:
         qualified=f"{quote_ident(rel.namespace)}.{quote_ident(rel.name)}",
         names=[quote_ident(c.name) for c in rel.columns],
         writable=[not target[c.name][0] for c in rel.columns],
+        settable=[not target[c.name][0] and not target[c.name][2] for c in rel.columns],
         key=[i for i, c in enumerate(rel.columns) if c.is_key],
         text_compare=[target[c.name][1] in _NO_EQUALITY for c in rel.columns],
     )

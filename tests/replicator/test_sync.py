@@ -1,0 +1,104 @@
+"""`pgferry start` with the initial copy: a populated source under live pgbench writes."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from replicator.servers import find_bindir
+from tests.pgplugin import Daemon, Db, assert_same_tables, wait_for
+
+pytestmark = [pytest.mark.pg, pytest.mark.slow]
+
+PGBENCH = str(find_bindir(18) / "pgbench")
+TABLES = {
+    "pgbench_accounts": ["aid", "bid", "abalance", "filler"],
+    "pgbench_branches": ["bid", "bbalance", "filler"],
+    "pgbench_tellers": ["tid", "bid", "tbalance", "filler"],
+    "pgbench_history": ["tid", "bid", "aid", "delta", "mtime", "filler"],
+    "typed": ["id", "m", "d", "r", "p", "a", "j", "n", "f", "t", "b", "u", "ts", "iv"],
+}
+
+TYPED = """
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
+CREATE TYPE pair AS (x integer, label text);
+CREATE TABLE typed (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, m mood, d posint, r int4range, p pair,
+    a text[], j jsonb, n numeric, f float8, t text, b bytea, u uuid, ts timestamptz, iv interval,
+    twice bigint GENERATED ALWAYS AS (id * 2) STORED);
+ALTER TABLE typed ALTER COLUMN t SET STORAGE EXTERNAL;
+INSERT INTO typed (m, d, r, p, a, j, n, f, t, b, u, ts, iv)
+SELECT (ARRAY['sad','ok','happy'])[1 + g % 3]::mood, 1 + g, int4range(g, g + 10), ROW(g, 'żółw "' || g || '"')::pair,
+       ARRAY['a', NULL, 'q"uote'], jsonb_build_object('g', g, 'arr', jsonb_build_array(1, 'x')),
+       CASE WHEN g % 50 = 0 THEN 'NaN'::numeric ELSE g / 7.0 END,
+       CASE WHEN g % 40 = 0 THEN '-Infinity'::float8 ELSE g * 1.5 END,
+       CASE WHEN g % 10 = 0 THEN repeat(md5(g::text), 200) ELSE 'naïve ☃ ' || g END,
+       decode(md5(g::text), 'hex'), md5(g::text)::uuid,
+       CASE WHEN g % 30 = 0 THEN 'infinity'::timestamptz ELSE now() - g * interval '1 minute' END,
+       make_interval(days => g, secs => g / 3.0)
+FROM generate_series(1, 5000) g;
+CREATE SEQUENCE standalone START 100;
+SELECT nextval('standalone') FROM generate_series(1, 5);
+"""
+
+TYPED_WRITES = """
+INSERT INTO typed (m, d, t) VALUES ('happy', :aid % 1000 + 1, 'from pgbench ' || :aid);
+UPDATE typed SET n = n + 1, t = t WHERE id = :aid % 5000 + 1;
+"""
+
+
+def _load(src: Db, scale: int) -> None:
+    subprocess.run([PGBENCH, "-i", "-s", str(scale), "-q", "-d", src.dsn], check=True, capture_output=True)
+    src.psql(TYPED)
+
+
+def _pgbench(src: Db, tmp_path, seconds: int) -> subprocess.Popen:
+    script = tmp_path / "typed.sql"
+    script.write_text("\\set aid random(1, 100000)\n" + TYPED_WRITES)
+    return subprocess.Popen([PGBENCH, "-c", "4", "-T", str(seconds), "-n", "-b", "tpcb-like", "-f", str(script),
+                             "-d", src.dsn], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _check_done(src: Db, dst: Db, d: Daemon, bench: subprocess.Popen) -> None:
+    assert bench.wait(timeout=300) == 0, bench.stderr.read() if bench.stderr else ""
+    d.wait_caught_up(timeout=300)
+    assert_same_tables(src, dst, TABLES)
+    # sequences were copied at the end of the copy: the target's are at least the source's at that time
+    (seq,) = dst.execute("SELECT last_value FROM standalone")[0]
+    assert seq == 104
+    assert d.stop() == 0
+    out = d.output()
+    assert "Traceback" not in out, out
+
+
+def test_copy_under_pgbench_load_meets_the_stream_exactly(pair, daemons, tmp_path):
+    src, dst = pair
+    _load(src, 10)
+    bench = _pgbench(src, tmp_path, 25)
+    wait_for(lambda: src.execute("SELECT count(*) FROM pgbench_history")[0][0] > 100, 30, "pgbench to write")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    _check_done(src, dst, d, bench)
+    out = d.output()
+    assert "copied public.pgbench_accounts: 1000000 rows" in out and "(binary)" in out and "(text)" in out, out
+    # indexes and constraints came after the copy
+    assert dst.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'pgbench_accounts'") == [(1,)]
+
+
+def test_killed_mid_copy_then_restarted_resumes_without_loss(pair, daemons, tmp_path):
+    src, dst = pair
+    _load(src, 10)
+    bench = _pgbench(src, tmp_path, 25)
+    wait_for(lambda: src.execute("SELECT count(*) FROM pgbench_history")[0][0] > 100, 30, "pgbench to write")
+    d = Daemon(src, dst, "--jobs", "2", copy=True, ready=False, env={"PGFERRY_FAILPOINT": "mid_copy"})
+    daemons.append(d)
+    assert d.wait_exit(timeout=120) == 99, d.output()
+    assert "failpoint mid_copy reached" in d.output()
+    copied = dst.execute("SELECT count(*) FILTER (WHERE state = 'copied'), count(*) FROM pgferry.tables")[0]
+    assert copied[0] < copied[1], copied  # the kill came mid-copy
+    d.env.pop("PGFERRY_FAILPOINT")
+    d.start()
+    _check_done(src, dst, d, bench)
+    out = d.output()
+    assert "resuming the initial sync" in out and "in a new snapshot" in out, out
