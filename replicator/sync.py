@@ -21,6 +21,7 @@ triggers) after it, so the copy runs without index maintenance.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ import shutil
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,18 +290,36 @@ class InitialSync:
         return tables
 
     def _copy_all(self, tables: list[TableCopy], snapshot: str, snapshot_lsn: Lsn) -> None:
+        """Copy the tables, `jobs` parts at a time. A big table is split into block ranges
+        (`ctid` range scans) copied side by side, so one large table does not serialize the copy;
+        it is emptied first and marked copied when its last part has committed."""
         if not tables:
             return
         started = time.monotonic()
-        total = _estimate_bytes(self.cfg.source, tables)
-        progress = _Progress(total, len(tables))
+        sizes = _table_sizes(self.cfg.source, tables)
+        progress = _Progress(sum(sizes.values()), len(tables))
         ticker = threading.Event()
         threading.Thread(target=progress.report_every, args=(ticker, 5.0), daemon=True).start()
+        parts: list[tuple[TableCopy, str]] = []
+        split: dict[str, int] = {}
+        for t in sorted(tables, key=lambda t: -sizes[t.display]):  # biggest first: shortest total time
+            ranges = block_ranges(sizes[t.display], self.cfg.jobs)
+            if len(ranges) > 1:
+                truncate_target(self.cfg, t)
+                split[t.display] = len(ranges)
+            parts += [(t, where) for where in ranges]
         try:
             with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="copy") as pool:
-                futures = [pool.submit(copy_table, self.cfg, t, snapshot, snapshot_lsn, progress) for t in tables]
-                for f in futures:
+                futures = {pool.submit(copy_table, self.cfg, t, snapshot, snapshot_lsn, progress, where,
+                                       t.display not in split): t for t, where in parts}
+                for f in as_completed(futures):
                     f.result()
+                    t = futures[f]
+                    if t.display in split:
+                        split[t.display] -= 1
+                        if split[t.display] == 0:
+                            mark_copied(self.cfg, t, snapshot_lsn)
+                            progress.table_done(t)
         finally:
             ticker.set()
         took = time.monotonic() - started
@@ -323,6 +342,10 @@ class _Progress:
         self.rows = self.bytes = self.done = 0
         self.started = time.monotonic()
         self.lock = threading.Lock()
+
+    def table_done(self, t: TableCopy) -> None:
+        with self.lock:
+            self.done += 1
 
     def add(self, nbytes: int) -> None:
         with self.lock:
@@ -358,9 +381,54 @@ class _CountingWriter:
         self.f.close()
 
 
-def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, progress: _Progress) -> None:
-    """Copy one table in the exported snapshot: source COPY TO piped into target COPY FROM, in one
-    target transaction that also empties the table first and marks it copied."""
+SPLIT_BYTES = 64 << 20  # tables above this are copied in block ranges, side by side
+BLOCK = 8192
+
+
+def block_ranges(size: int, jobs: int) -> list[str]:
+    """WHERE clauses that split a table of `size` bytes into up to `jobs` block ranges; [""] for
+    one part. The last range is open-ended: the snapshot may see rows in blocks added since."""
+    parts = min(jobs, size // SPLIT_BYTES)
+    if parts < 2:
+        return [""]
+    step = max(1, size // BLOCK // parts)
+    bounds = [i * step for i in range(1, parts)]
+    out = [f"ctid < '({bounds[0]},0)'::tid"]
+    out += [f"ctid >= '({a},0)'::tid AND ctid < '({b},0)'::tid" for a, b in itertools.pairwise(bounds)]
+    out.append(f"ctid >= '({bounds[-1]},0)'::tid")
+    return out
+
+
+def truncate_target(cfg: SyncConfig, t: TableCopy) -> None:
+    dst = connect(cfg.target, "target")
+    try:
+        dst.cursor().execute(f"TRUNCATE {t.qualified}")
+        dst.commit()
+    finally:
+        dst.close()
+
+
+def mark_copied(cfg: SyncConfig, t: TableCopy, snapshot_lsn: Lsn, cur: Any = None) -> None:
+    sql = (f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', snapshot_lsn = %s::pg_lsn, rows = %s, "
+           "bytes = %s, copied_at = now() WHERE slot_name = %s AND schema_name = %s AND table_name = %s")
+    args = (str(snapshot_lsn), t.rows, t.bytes, cfg.slot, t.schema, t.name)
+    if cur is not None:
+        cur.execute(sql, args)
+        return
+    dst = connect(cfg.target, "target")
+    try:
+        dst.cursor().execute(sql, args)
+        dst.commit()
+    finally:
+        dst.close()
+    log.info("copied %s: %d rows, %.1f MB in parts", t.display, t.rows, t.bytes / 1e6)
+
+
+def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, progress: _Progress,
+               where: str = "", whole: bool = True) -> None:
+    """Copy one table (or one block range of it, `where`) in the exported snapshot: source COPY TO
+    piped into target COPY FROM. A whole table is emptied, copied and marked copied in ONE target
+    transaction; a part only adds its rows (the caller empties the table and marks it)."""
     started = time.monotonic()
     src = connect(cfg.source, "source")
     dst = connect(cfg.target, "target")
@@ -377,14 +445,16 @@ def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, 
         fmt = "(FORMAT binary)" if binary else ""
         only = "ONLY " if cols and cols[0][2] == "r" else ""
         dcur = dst.cursor()
-        dcur.execute(f"TRUNCATE {t.qualified}")
+        if whole:
+            dcur.execute(f"TRUNCATE {t.qualified}")
         r, w = os.pipe()
         writer = _CountingWriter(w, progress)
         errors: list[BaseException] = []
+        query = f"SELECT {names} FROM {only}{t.qualified}" + (f" WHERE {where}" if where else "")
 
         def produce() -> None:
             try:
-                scur.copy_expert(f"COPY (SELECT {names} FROM {only}{t.qualified}) TO STDOUT {fmt}", writer)
+                scur.copy_expert(f"COPY ({query}) TO STDOUT {fmt}", writer)
             except BaseException as exc:
                 errors.append(exc)
             finally:
@@ -398,15 +468,17 @@ def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, 
         try:
             with os.fdopen(r, "rb", buffering=COPY_CHUNK) as reader:
                 dcur.copy_expert(f"COPY {t.qualified} ({names}) FROM STDIN {fmt}", reader, size=COPY_CHUNK)
-                t.rows = dcur.rowcount
+                rows = max(dcur.rowcount, 0)
         finally:
             th.join()
         if errors:
             raise errors[0]
-        t.bytes = writer.bytes
-        dcur.execute(f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', snapshot_lsn = %s::pg_lsn, "
-                     "rows = %s, bytes = %s, copied_at = now() WHERE slot_name = %s AND schema_name = %s "
-                     "AND table_name = %s", (str(snapshot_lsn), t.rows, t.bytes, cfg.slot, t.schema, t.name))
+        with progress.lock:
+            t.rows += rows
+            t.bytes += writer.bytes
+            progress.rows += rows
+        if whole:
+            mark_copied(cfg, t, snapshot_lsn, dcur)
         dst.commit()
         src.rollback()
     except psycopg2.Error as exc:
@@ -414,12 +486,10 @@ def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, 
     finally:
         src.close()
         dst.close()
-    with progress.lock:
-        progress.rows += max(t.rows, 0)
-        progress.done += 1
-    took = time.monotonic() - started
-    log.info("copied %s: %d rows, %.1f MB in %.1f s (%s)", t.display, t.rows, t.bytes / 1e6, took,
-             "binary" if binary else "text")
+    if whole:
+        progress.table_done(t)
+        log.info("copied %s: %d rows, %.1f MB in %.1f s (%s)", t.display, t.rows, t.bytes / 1e6,
+                 time.monotonic() - started, "binary" if binary else "text")
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -495,14 +565,18 @@ def _slot_exists(src: Any, slot: str) -> bool:
     return found
 
 
-def _estimate_bytes(dsn: str, tables: list[TableCopy]) -> int:
+def _table_sizes(dsn: str, tables: list[TableCopy]) -> dict[str, int]:
+    """schema.table -> its heap size on the source (partitioned roots: the sum of their partitions)."""
     src = connect(dsn, "source")
     try:
         with src.cursor() as cur:
-            cur.execute("SELECT coalesce(sum(pg_table_size(format('%%I.%%I', s, t)::regclass)), 0) "
-                        "FROM unnest(%s::text[], %s::text[]) AS x(s, t)",
+            # pg_partition_tree() is empty for a plain table
+            cur.execute("""SELECT s || '.' || t, greatest(pg_relation_size(format('%%I.%%I', s, t)::regclass),
+                    coalesce((SELECT sum(pg_relation_size(p.relid))
+                              FROM pg_partition_tree(format('%%I.%%I', s, t)::regclass) p), 0))
+                FROM unnest(%s::text[], %s::text[]) AS x(s, t)""",
                         ([t.schema for t in tables], [t.name for t in tables]))
-            return int(cur.fetchone()[0])
+            return {name: int(size) for name, size in cur.fetchall()}
     finally:
         src.close()
 
