@@ -21,6 +21,7 @@ triggers) after it, so the copy runs without index maintenance.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -85,6 +86,7 @@ class TableCopy:
 
 
 # -- tools ------------------------------------------------------------------------------------
+@functools.cache
 def find_pg_dump() -> str:
     """The newest pg_dump on this machine (PGFERRY_PG_DUMP overrides)."""
     override = os.environ.get("PGFERRY_PG_DUMP")
@@ -115,10 +117,10 @@ def find_pg_dump() -> str:
 def dump_schema(dsn: str, section: str, snapshot: str | None) -> str:
     """One pg_dump section as SQL that a plain connection can run (psql meta-commands removed)."""
     cmd = [find_pg_dump(), "--schema-only", f"--section={section}", "--no-owner", "--no-privileges",
-           "--no-publications", "--no-subscriptions", "--no-comments", "-d", dsn]
+           "--no-publications", "--no-subscriptions", "--no-comments"]
     if snapshot:
         cmd.insert(1, f"--snapshot={snapshot}")
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=libpq_env(dsn))
     if res.returncode != 0:
         raise SyncError(f"pg_dump --section={section} of source {describe_dsn(dsn)} failed: "
                         f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
@@ -254,6 +256,8 @@ class InitialSync:
         conn = connect(self.cfg.target, "target")
         try:
             cur = conn.cursor()
+            # Index builds (post-data) sort whole tables: give them memory instead of temp files.
+            cur.execute("SET maintenance_work_mem = '1GB'")
             try:
                 cur.execute(sql)
             except psycopg2.Error as exc:
@@ -297,7 +301,7 @@ class InitialSync:
             return
         started = time.monotonic()
         sizes = _table_sizes(self.cfg.source, tables)
-        progress = _Progress(sum(sizes.values()), len(tables))
+        progress = _Progress(self.cfg, sum(sizes.values()), len(tables))
         ticker = threading.Event()
         threading.Thread(target=progress.report_every, args=(ticker, 5.0), daemon=True).start()
         parts: list[tuple[TableCopy, str]] = []
@@ -337,7 +341,11 @@ class InitialSync:
 
 # -- one table ------------------------------------------------------------------------------------
 class _Progress:
-    def __init__(self, total_bytes: int, tables: int) -> None:
+    """Rows and bytes copied so far: finished parts plus the target's pg_stat_progress_copy for
+    the COPYs still running (the data never passes through Python, so this is where to look)."""
+
+    def __init__(self, cfg: SyncConfig, total_bytes: int, tables: int) -> None:
+        self.cfg = cfg
         self.total_bytes, self.tables = total_bytes, tables
         self.rows = self.bytes = self.done = 0
         self.started = time.monotonic()
@@ -347,38 +355,50 @@ class _Progress:
         with self.lock:
             self.done += 1
 
-    def add(self, nbytes: int) -> None:
+    def part_done(self, rows: int, nbytes: int) -> None:
         with self.lock:
+            self.rows += rows
             self.bytes += nbytes
 
+    def running(self, conn: Any) -> tuple[int, int]:
+        """(rows, bytes) of the COPYs in progress on the target."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT coalesce(sum(p.tuples_processed), 0), coalesce(sum(p.bytes_processed), 0) "
+                        "FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
+                        "WHERE a.application_name = 'pgferry-copy'")
+            rows, nbytes = cur.fetchone()
+        conn.rollback()
+        return int(rows), int(nbytes)
+
     def report_every(self, stop: threading.Event, seconds: float) -> None:
-        while not stop.wait(seconds):
-            took = time.monotonic() - self.started
-            rate = self.bytes / max(took, 1e-6)
-            left = max(self.total_bytes - self.bytes, 0)
-            eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-            log.info("copy: %d/%d tables, %.1f of ~%.1f MB, %.1f MB/s, ETA %s", self.done, self.tables,
-                     self.bytes / 1e6, self.total_bytes / 1e6, rate / 1e6, eta)
+        """Log progress every `seconds`; look at the running COPYs twice a second."""
+        try:
+            conn = connect(self.cfg.target, "target")
+        except PgferryError:
+            return
+        last = time.monotonic()
+        try:
+            while not stop.wait(0.5):
+                rows, nbytes = self.running(conn)
+                if rows > MID_COPY_ROWS:
+                    failpoints.hit("mid_copy")
+                if time.monotonic() - last < seconds:
+                    continue
+                last = time.monotonic()
+                nbytes += self.bytes
+                took = last - self.started
+                rate = nbytes / max(took, 1e-6)
+                left = max(self.total_bytes - nbytes, 0)
+                eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+                log.info("copy: %d/%d tables, %d rows, %.1f of ~%.1f MB, %.1f MB/s, ETA %s", self.done,
+                         self.tables, self.rows + rows, nbytes / 1e6, self.total_bytes / 1e6, rate / 1e6, eta)
+        except psycopg2.Error:
+            return
+        finally:
+            conn.close()
 
 
-class _CountingWriter:
-    """File-like sink for psycopg2's COPY TO that forwards chunks to a pipe and counts bytes."""
-
-    def __init__(self, fd: int, progress: _Progress) -> None:
-        self.f = os.fdopen(fd, "wb", buffering=COPY_CHUNK)
-        self.progress = progress
-        self.bytes = 0
-
-    def write(self, data: bytes) -> int:
-        self.f.write(data)
-        self.bytes += len(data)
-        if self.bytes > 4 * COPY_CHUNK:
-            failpoints.hit("mid_copy")
-        self.progress.add(len(data))
-        return len(data)
-
-    def close(self) -> None:
-        self.f.close()
+MID_COPY_ROWS = 100_000  # the mid_copy failpoint fires once the running COPYs have passed this many rows
 
 
 SPLIT_BYTES = 64 << 20  # tables above this are copied in block ranges, side by side
@@ -426,70 +446,126 @@ def mark_copied(cfg: SyncConfig, t: TableCopy, snapshot_lsn: Lsn, cur: Any = Non
 
 def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, progress: _Progress,
                where: str = "", whole: bool = True) -> None:
-    """Copy one table (or one block range of it, `where`) in the exported snapshot: source COPY TO
-    piped into target COPY FROM. A whole table is emptied, copied and marked copied in ONE target
-    transaction; a part only adds its rows (the caller empties the table and marks it)."""
+    """Copy one table (or one block range of it, `where`) in the exported snapshot.
+
+    Two psql processes joined by a pipe: `COPY (SELECT ...) TO STDOUT` on the source, in the
+    snapshot, into `COPY ... FROM STDIN` on the target (binary when every column has a built-in
+    type, text otherwise). No byte of the data passes through Python: psycopg2's COPY calls back
+    into Python once per row, which on a 2-core machine cost as much as the copy itself. A whole
+    table is emptied, copied and marked copied in ONE target transaction (`psql -1`); a part only
+    adds its rows (the caller empties the table first and marks it when all parts are in).
+    """
     started = time.monotonic()
     src = connect(cfg.source, "source")
-    dst = connect(cfg.target, "target")
     try:
-        scur = src.cursor()
-        scur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        scur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
-        scur.execute("""SELECT a.attname, a.atttypid < %s, c.relkind FROM pg_attribute a JOIN pg_class c
-            ON c.oid = a.attrelid WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
-            AND a.attgenerated = '' ORDER BY a.attnum""", (FIRST_USER_OID, t.qualified))
-        cols = scur.fetchall()
-        names = ", ".join(quote_ident(c[0]) for c in cols)
-        binary = all(c[1] for c in cols)
-        fmt = "(FORMAT binary)" if binary else ""
-        only = "ONLY " if cols and cols[0][2] == "r" else ""
-        dcur = dst.cursor()
-        if whole:
-            dcur.execute(f"TRUNCATE {t.qualified}")
-        r, w = os.pipe()
-        writer = _CountingWriter(w, progress)
-        errors: list[BaseException] = []
-        query = f"SELECT {names} FROM {only}{t.qualified}" + (f" WHERE {where}" if where else "")
-
-        def produce() -> None:
-            try:
-                scur.copy_expert(f"COPY ({query}) TO STDOUT {fmt}", writer)
-            except BaseException as exc:
-                errors.append(exc)
-            finally:
-                try:
-                    writer.close()
-                except OSError:
-                    pass
-
-        th = threading.Thread(target=produce, daemon=True)
-        th.start()
-        try:
-            with os.fdopen(r, "rb", buffering=COPY_CHUNK) as reader:
-                dcur.copy_expert(f"COPY {t.qualified} ({names}) FROM STDIN {fmt}", reader, size=COPY_CHUNK)
-                rows = max(dcur.rowcount, 0)
-        finally:
-            th.join()
-        if errors:
-            raise errors[0]
-        with progress.lock:
-            t.rows += rows
-            t.bytes += writer.bytes
-            progress.rows += rows
-        if whole:
-            mark_copied(cfg, t, snapshot_lsn, dcur)
-        dst.commit()
-        src.rollback()
-    except psycopg2.Error as exc:
-        raise SyncError(f"copying {t.display} failed: {str(exc).strip().splitlines()[0]}") from None
+        with src.cursor() as scur:
+            scur.execute("""SELECT a.attname, a.atttypid < %s, c.relkind FROM pg_attribute a JOIN pg_class c
+                ON c.oid = a.attrelid WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attgenerated = '' ORDER BY a.attnum""", (FIRST_USER_OID, t.qualified))
+            cols = scur.fetchall()
     finally:
         src.close()
-        dst.close()
+    names = ", ".join(quote_ident(c[0]) for c in cols)
+    binary = all(c[1] for c in cols)
+    fmt = "(FORMAT binary)" if binary else ""
+    only = "ONLY " if cols and cols[0][2] == "r" else ""
+    query = f"SELECT {names} FROM {only}{t.qualified}" + (f" WHERE {where}" if where else "")
+    psql = find_client("psql")
+    out_cmd = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1",
+               "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+               "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
+               "-c", f"COPY ({query}) TO STDOUT {fmt}"]
+    in_cmd = [psql, "-X", "-v", "ON_ERROR_STOP=1", "-1"]
     if whole:
+        in_cmd += ["-c", f"TRUNCATE {t.qualified}"]
+    in_cmd += ["-c", f"COPY {t.qualified} ({names}) FROM STDIN {fmt}"]
+    if whole:
+        in_cmd += ["-c", f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', "
+                         f"snapshot_lsn = '{snapshot_lsn}', "
+                         f"copied_at = now() WHERE slot_name = {_literal(cfg.slot)} AND "
+                         f"schema_name = {_literal(t.schema)} AND table_name = {_literal(t.name)}"]
+    out = subprocess.Popen(out_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(cfg.source),
+                           preexec_fn=_die_with_parent)
+    into = subprocess.Popen(in_cmd, stdin=out.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=libpq_env(cfg.target, "pgferry-copy"), preexec_fn=_die_with_parent)
+    assert out.stdout is not None
+    out.stdout.close()  # the target psql holds the read end now
+    in_out, in_err = into.communicate()
+    out_err = out.stderr.read() if out.stderr else b""
+    out.wait()
+    if out.returncode != 0 or into.returncode != 0:
+        err = (out_err if out.returncode != 0 else in_err).decode(errors="replace").strip()
+        raise SyncError(f"copying {t.display} failed: {err or 'psql exited with an error'}")
+    m = re.search(rb"^COPY (\d+)", in_out, re.M)
+    rows = int(m.group(1)) if m else 0
+    with progress.lock:
+        t.rows += rows
+    progress.part_done(rows, 0)
+    if whole:
+        _record_rows(cfg, t)
         progress.table_done(t)
-        log.info("copied %s: %d rows, %.1f MB in %.1f s (%s)", t.display, t.rows, t.bytes / 1e6,
-                 time.monotonic() - started, "binary" if binary else "text")
+        log.info("copied %s: %d rows in %.1f s (%s)", t.display, t.rows, time.monotonic() - started,
+                 "binary" if binary else "text")
+
+
+def _record_rows(cfg: SyncConfig, t: TableCopy) -> None:
+    """The row count psql reported (informational: the copied mark was committed with the rows)."""
+    dst = connect(cfg.target, "target")
+    try:
+        dst.cursor().execute(f"UPDATE {quote_ident(cfg.schema)}.tables SET rows = %s WHERE slot_name = %s AND "
+                             "schema_name = %s AND table_name = %s", (t.rows, cfg.slot, t.schema, t.name))
+        dst.commit()
+    finally:
+        dst.close()
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _die_with_parent() -> None:
+    """Children of the daemon die with it (kill -9 included), so no copy commits after it is gone."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+_LIBPQ_ENV = {"host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE",
+              "user": "PGUSER", "password": "PGPASSWORD", "passfile": "PGPASSFILE", "options": "PGOPTIONS",
+              "sslmode": "PGSSLMODE", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "sslrootcert": "PGSSLROOTCERT",
+              "sslcrl": "PGSSLCRL", "connect_timeout": "PGCONNECT_TIMEOUT",
+              "target_session_attrs": "PGTARGETSESSIONATTRS", "service": "PGSERVICE",
+              "channel_binding": "PGCHANNELBINDING", "gssencmode": "PGGSSENCMODE", "krbsrvname": "PGKRBSRVNAME",
+              "sslnegotiation": "PGSSLNEGOTIATION", "application_name": "PGAPPNAME"}
+
+
+def libpq_env(dsn: str, application_name: str = "pgferry") -> dict[str, str]:
+    """The DSN as PG* environment variables for pg_dump/psql: a password on a command line would be
+    visible to every user of the machine in `ps`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PG") or k in ("PGPASSFILE", "PGSERVICEFILE", "PGSYSCONFDIR")}
+    for key, value in psycopg2.extensions.parse_dsn(dsn).items():
+        var = _LIBPQ_ENV.get(key)
+        if var is None:
+            raise UsageError(f"DSN parameter {key!r} is not supported for pg_dump/psql by pgferry")
+        env[var] = value
+    env["PGAPPNAME"] = application_name
+    return env
+
+
+def find_client(name: str) -> str:
+    """psql (or another client) next to the pg_dump in use."""
+    path = Path(find_pg_dump()).with_name(name)
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise UsageError(f"{name} not found next to {find_pg_dump()} or on PATH: install the PostgreSQL client")
+    return found
 
 
 # -- helpers --------------------------------------------------------------------------------------
