@@ -176,6 +176,8 @@ class InitialSync:
             check_logical_source(src, cfg.source, None)
             created_pub = ensure_publication(src, cfg)
             check_extensions(src, self.target, cfg)
+            if not cfg.schema_copy:
+                check_target_schema(src, self.target, cfg)
             exists = _slot_exists(src, cfg.slot)
         finally:
             src.close()
@@ -588,6 +590,42 @@ def ensure_publication(src: psycopg2.extensions.connection, cfg: SyncConfig) -> 
     src.commit()
     log.info("created publication %s %s", cfg.publication, what)
     return True
+
+
+_COLUMNS = """SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"""
+
+
+def check_target_schema(src: Any, target: Any, cfg: SyncConfig) -> None:
+    """--no-schema: the target's tables were made by hand. Every published table and column must be
+    there; all differences are reported at once, before anything is created or copied."""
+    with src.cursor() as cur:
+        cur.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1, 2",
+                    (cfg.publication,))
+        tables = cur.fetchall()
+        cur.execute(_COLUMNS, ([t[0] for t in tables], [t[1] for t in tables]))
+        source = cur.fetchall()
+    src.rollback()
+    cur = target.cursor()
+    cur.execute(_COLUMNS, ([t[0] for t in tables], [t[1] for t in tables]))
+    on_target = {(n, t, a): typ for n, t, a, typ in cur.fetchall()}
+    target.rollback()
+    present = {(n, t) for n, t, _ in on_target}
+    problems = [f"table {n}.{t} is missing" for n, t in tables if (n, t) not in present]
+    for n, t, a, typ in source:
+        if (n, t) not in present:
+            continue
+        other = on_target.get((n, t, a))
+        if other is None:
+            problems.append(f"{n}.{t}: column {a} ({typ}) is missing")
+        elif other != typ:
+            problems.append(f"{n}.{t}: column {a} is {other} on the target but {typ} on the source")
+    if problems:
+        raise SyncError(f"--no-schema: the target {describe_dsn(cfg.target)} does not match the source's published "
+                        f"tables ({len(problems)} problem(s)): " + "; ".join(problems) +
+                        ". Fix the target's tables (or drop --no-schema to let pgferry create them)")
 
 
 def check_extensions(src: Any, target: Any, cfg: SyncConfig) -> None:

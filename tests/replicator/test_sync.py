@@ -9,7 +9,7 @@ import pytest
 from replicator.servers import find_bindir
 from tests.pgplugin import Daemon, Db, assert_same_tables, wait_for
 
-pytestmark = [pytest.mark.pg, pytest.mark.slow]
+pytestmark = pytest.mark.pg
 
 PGBENCH = str(find_bindir(18) / "pgbench")
 TABLES = {
@@ -72,6 +72,7 @@ def _check_done(src: Db, dst: Db, d: Daemon, bench: subprocess.Popen) -> None:
     assert "Traceback" not in out, out
 
 
+@pytest.mark.slow
 def test_copy_under_pgbench_load_meets_the_stream_exactly(pair, daemons, tmp_path):
     src, dst = pair
     _load(src, 10)
@@ -86,6 +87,7 @@ def test_copy_under_pgbench_load_meets_the_stream_exactly(pair, daemons, tmp_pat
     assert dst.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'pgbench_accounts'") == [(1,)]
 
 
+@pytest.mark.slow
 def test_killed_mid_copy_then_restarted_resumes_without_loss(pair, daemons, tmp_path):
     src, dst = pair
     _load(src, 10)
@@ -102,3 +104,31 @@ def test_killed_mid_copy_then_restarted_resumes_without_loss(pair, daemons, tmp_
     _check_done(src, dst, d, bench)
     out = d.output()
     assert "resuming the initial sync" in out and "in a new snapshot" in out, out
+
+
+def test_no_schema_reports_every_difference_before_anything_starts(pair, daemons):
+    src, dst = pair
+    src.execute("CREATE TABLE a (id int PRIMARY KEY, x text, y int); CREATE TABLE b (id int PRIMARY KEY)")
+    dst.execute("CREATE TABLE a (id int PRIMARY KEY, x int)")
+    d = Daemon(src, dst, "--no-schema", copy=True, ready=False)
+    daemons.append(d)
+    assert d.wait_exit() == 1
+    out = d.output()
+    assert "table public.b is missing" in out and "public.a: column y (integer) is missing" in out, out
+    assert "public.a: column x is integer on the target but text on the source" in out, out
+    assert "Traceback" not in out, out
+    assert not src.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgferry'")
+
+
+def test_no_schema_copies_into_tables_made_by_hand(pair, daemons):
+    src, dst = pair
+    src.execute("CREATE TABLE a (id int PRIMARY KEY, x text); INSERT INTO a SELECT g, 'v' || g FROM "
+                "generate_series(1, 1000) g")
+    dst.execute("CREATE TABLE a (x text, id int PRIMARY KEY, extra int DEFAULT 7)")
+    d = Daemon(src, dst, "--no-schema", copy=True, ready=False)
+    daemons.append(d)
+    wait_for(lambda: d.progress() > 0 or not d.running(), 60, "the sync to start")
+    src.execute("UPDATE a SET x = 'changed' WHERE id <= 10")
+    d.wait_caught_up()
+    assert_same_tables(src, dst, {"a": ["id", "x"]})
+    assert dst.execute("SELECT count(*) FROM a WHERE extra = 7") == [(1000,)]
