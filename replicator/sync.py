@@ -174,6 +174,7 @@ class InitialSync:
         src = connect(cfg.source, "source")
         try:
             check_logical_source(src, cfg.source, None)
+            check_replicability(src, cfg)
             created_pub = ensure_publication(src, cfg)
             check_extensions(src, self.target, cfg)
             if not cfg.schema_copy:
@@ -596,6 +597,48 @@ _COLUMNS = """SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
 WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"""
+
+
+def check_replicability(src: Any, cfg: SyncConfig) -> None:
+    """What logical replication cannot carry, said before anything starts: unlogged tables and large
+    objects (warnings with the fix), and tables without a replica identity. Publishing such a table
+    makes every UPDATE and DELETE on it FAIL on the source, so that is an error when the source has
+    updated or deleted rows in it, and a warning otherwise (insert-only tables are fine)."""
+    with src.cursor() as cur:
+        cur.execute("""SELECT n.nspname || '.' || c.relname, c.relpersistence = 'u',
+                c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
+                    SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)),
+                coalesce(s.n_tup_upd + s.n_tup_del, 0) > 0
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+            WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+              AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
+              AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[])
+                   OR c.relname = ANY(%s::text[]))
+            ORDER BY 1""", (cfg.tables, cfg.tables, cfg.tables))
+        rows = cur.fetchall()
+        cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
+        (large_objects,) = cur.fetchone()
+    src.rollback()
+    unlogged = [r[0] for r in rows if r[1]]
+    if unlogged:
+        log.warning("unlogged tables are not replicated: %s. Copy them by hand at cutover, or make them logged "
+                    "first (ALTER TABLE ... SET LOGGED)", ", ".join(unlogged))
+    if large_objects:
+        log.warning("the source has %d large objects; logical replication does not carry them. Copy them at "
+                    "cutover (pg_dump --large-objects --data-only)", large_objects)
+    no_identity = [(r[0], r[3]) for r in rows if r[2] and not r[1]]
+    quiet = [name for name, changed in no_identity if not changed]
+    if quiet:
+        log.warning("tables without a primary key or replica identity: %s. They seem insert-only; an UPDATE or "
+                    "DELETE on them would fail on the source once published (fix: ALTER TABLE <table> REPLICA "
+                    "IDENTITY FULL)", ", ".join(quiet))
+    written = [name for name, changed in no_identity if changed]
+    if written:
+        raise SyncError("tables without a primary key or replica identity that receive UPDATE or DELETE: "
+                        f"{', '.join(written)}. Once published, those statements would fail on the source. Add a "
+                        "primary key, or run ALTER TABLE <table> REPLICA IDENTITY FULL (or USING INDEX <unique "
+                        "index>), then start again")
 
 
 def check_target_schema(src: Any, target: Any, cfg: SyncConfig) -> None:

@@ -132,3 +132,22 @@ def test_no_schema_copies_into_tables_made_by_hand(pair, daemons):
     d.wait_caught_up()
     assert_same_tables(src, dst, {"a": ["id", "x"]})
     assert dst.execute("SELECT count(*) FROM a WHERE extra = 7") == [(1000,)]
+
+
+def test_tables_without_identity_that_get_updates_stop_before_publishing(pair, daemons):
+    src, dst = pair
+    src.psql("""CREATE TABLE keyless (a int, b text); INSERT INTO keyless VALUES (1, 'x');
+        UPDATE keyless SET b = 'y'; CREATE TABLE logonly (a int); INSERT INTO logonly VALUES (1);
+        CREATE UNLOGGED TABLE scratch (a int); SELECT lo_create(0);""")
+    wait_for(lambda: src.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'keyless'")[0][0] > 0,
+             30, "table statistics")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    assert d.wait_exit() == 1
+    out = d.output()
+    assert "receive UPDATE or DELETE: public.keyless" in out and "REPLICA IDENTITY FULL" in out, out
+    assert "unlogged tables are not replicated: public.scratch" in out, out
+    assert "1 large objects" in out and "seem insert-only" in out and "public.logonly" in out, out
+    # nothing was created on the source: the application's updates keep working
+    assert not src.execute("SELECT 1 FROM pg_publication")
+    assert not src.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgferry'")
