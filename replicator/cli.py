@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "transactional ones in commit order; after a crash one may come again. Default: ignored")
     start.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    demo = sub.add_parser("demo", help="start an embedded source, write sample changes and tail them")
-    demo.add_argument("--changes", type=int, default=20, help="how many sample transactions to write")
+    demo = sub.add_parser("demo", help="migrate sample data between two embedded servers under live writes")
+    demo.add_argument("--write-seconds", type=_positive(float), default=10.0,
+                      help="how long the application keeps writing once streaming runs (default 10)")
     return parser
 
 
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _start(args)
         if args.command == "demo":
             from .demo import run_demo
-            return run_demo(args.changes)
+            return run_demo(args.write_seconds)
     except PgferryError as exc:
         print(f"pgferry: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -330,8 +330,9 @@ class InitialSync:
         finally:
             ticker.set()
         took = time.monotonic() - started
-        log.info("copy: %d tables, %d rows, %.1f MB in %.1f s (%.1f MB/s)", len(tables), progress.rows,
-                 progress.bytes / 1e6, took, progress.bytes / 1e6 / max(took, 1e-6))
+        size = sum(sizes.values())
+        log.info("copy: %d tables, %d rows, %.1f MB of source tables in %.1f s (%.1f MB/s)", len(tables),
+                 progress.rows, size / 1e6, took, size / 1e6 / max(took, 1e-6))
 
     def _finish(self, snapshot: str) -> None:
         copy_sequences(self.cfg)
