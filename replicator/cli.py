@@ -79,6 +79,37 @@ def build_parser() -> argparse.ArgumentParser:
                             "transactional ones in commit order; after a crash one may come again. Default: ignored")
     start.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+    def common(p: argparse.ArgumentParser) -> None:
+        _add_source(p)
+        _add_target(p)
+        p.add_argument("--slot", default="pgferry", help="replication slot (default: pgferry)")
+        p.add_argument("--state-schema", default="pgferry", help="pgferry's state schema on the target")
+
+    status = sub.add_parser("status", help="phase, applied and source LSN, lag, tables (daemon running or not)")
+    common(status)
+    status.add_argument("--json", action="store_true", help="one JSON object")
+
+    verify = sub.add_parser("verify", help="compare source and target per table; exit 1 on any difference")
+    common(verify)
+    verify.add_argument("--publication", default="pgferry", help="the published tables are compared")
+    verify.add_argument("--tables", default=None, help="comma-separated subset of the published tables")
+    verify.add_argument("--mode", choices=["count", "checksum"], default="checksum")
+    verify.add_argument("--json", action="store_true", help="one JSON object")
+
+    cutover = sub.add_parser("cutover", help="fence the source, hand off at one LSN, copy sequences, verify")
+    common(cutover)
+    cutover.add_argument("--publication", default="pgferry")
+    cutover.add_argument("--fence", choices=["read-only", "none"], default="read-only",
+                         help="read-only (default): the source database refuses writes for every role and open "
+                              "sessions are ended; none: you stopped the writers yourself")
+    cutover.add_argument("--timeout", type=_positive(float), default=60.0,
+                         help="seconds to wait for the daemon to apply up to the handoff (default 60)")
+    cutover.add_argument("--receipt", default=None, help="also write the JSON receipt to this file")
+
+    cleanup = sub.add_parser("cleanup", help="drop the slot and publication pgferry created")
+    common(cleanup)
+    cleanup.add_argument("--drop-state", action="store_true", help="also drop the state schema on the target")
+
     demo = sub.add_parser("demo", help="migrate sample data between two embedded servers under live writes")
     demo.add_argument("--write-seconds", type=_positive(float), default=10.0,
                       help="how long the application keeps writing once streaming runs (default 10)")
@@ -93,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tail(args.source, args.publication, args.slot)
         if args.command == "start":
             return _start(args)
+        if args.command in ("status", "verify", "cutover", "cleanup"):
+            return _admin(args)
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(args.write_seconds)
@@ -106,6 +139,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return EXIT_USAGE
+
+
+def _admin(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for role in ("source", "target"):
+        if not getattr(args, role):
+            raise UsageError(f"no {role} given: pass --{role} DSN or set PGFERRY_{role.upper()}")
+    if args.command == "status":
+        from .status import run_status
+        return run_status(args.source, args.target, args.slot, args.state_schema, args.json)
+    if args.command == "verify":
+        from .verify import print_results, verify
+        tables = [t.strip() for t in args.tables.split(",")] if args.tables else None
+        results = verify(args.source, args.target, args.publication, tables, args.mode)
+        return print_results(results, args.json)
+    if args.command == "cutover":
+        from .cutover import run_cutover
+        return run_cutover(args.source, args.target, args.publication, args.slot, args.state_schema, args.fence,
+                           args.timeout, args.receipt)
+    from .cleanup import run_cleanup
+    return run_cleanup(args.source, args.target, args.slot, args.state_schema, args.drop_state)
 
 
 def load_hook(spec: str) -> Callable[..., object]:

@@ -56,6 +56,7 @@ from decoder import (
 )
 from sink.apply import RETRYABLE, BatchLimits, Sink
 from sink.errors import ApplyError, SinkError
+from sink.state import HANDOFF_PREFIX
 
 from .errors import PgferryError, UsageError
 from .source import check_logical_source, connect, describe_dsn, max_protocol_version
@@ -151,6 +152,8 @@ class Session:
         self.sent_flush = Lsn(0)
         self.last_idle = 0.0
         self.last_status = 0.0
+        self.handoff: str | None = None  # cutover id of the marker in the current source transaction
+        self.handed_off: Lsn | None = None
         self.received_data = False
 
     # -- set-up ------------------------------------------------------------------------------
@@ -228,6 +231,11 @@ class Session:
                     break
                 handle(msg)
                 n += 1
+                if self.handed_off is not None:
+                    self.feedback(force=True)
+                    log.info("cutover: handed off at %s; every transaction committed on the source up to there "
+                             "is on the target. Stopping.", self.handed_off)
+                    return
             if n:
                 continue
             if (not sink.batch_open() and not sink.in_transaction() and now - self.last_idle >= IDLE_PROGRESS_EVERY):
@@ -302,6 +310,12 @@ class Session:
         elif t is Commit:
             if not self.skip:
                 sink.commit(m.end_lsn, m.commit_time)  # type: ignore[union-attr]
+                if self.handoff is not None:
+                    cutover_id, self.handoff = self.handoff, None
+                    if sink.handoff(cutover_id):
+                        self.handed_off = m.end_lsn  # type: ignore[union-attr]
+                        return
+                    log.warning("a handoff marker arrived for cutover %s, which gave up: streaming on", cutover_id)
             self.skip = False
             self.received_data = True
         elif t is Relation:
@@ -316,7 +330,10 @@ class Session:
         elif t is StreamAbort:
             self.spool.abort(m.xid, m.subxid)  # type: ignore[union-attr]
         elif t is LogicalMessage:
-            if self.cfg.message_hook is not None and not (m.transactional and self.skip):  # type: ignore[union-attr]
+            if m.prefix == HANDOFF_PREFIX:  # type: ignore[union-attr]
+                if m.transactional and not self.skip:  # type: ignore[union-attr]
+                    self.handoff = m.content.decode()  # type: ignore[union-attr]
+            elif self.cfg.message_hook is not None and not (m.transactional and self.skip):  # type: ignore[union-attr]
                 self.cfg.message_hook(m)  # type: ignore[arg-type]
         elif t is Type or t is Origin:
             pass  # text-mode values need no type catalog; origins are not filtered

@@ -189,8 +189,9 @@ class InitialSync:
         consistent, snapshot = self._export_snapshot(cfg.slot, temporary=False)
         cur = self.target.cursor()
         s = quote_ident(cfg.schema)
-        cur.execute(f"INSERT INTO {s}.sync (slot_name, phase, consistent_lsn, publication_created) "
-                    "VALUES (%s, 'schema', %s::pg_lsn, %s)", (cfg.slot, str(consistent), created_pub))
+        cur.execute(f"INSERT INTO {s}.sync (slot_name, phase, consistent_lsn, publication_created, publication) "
+                    "VALUES (%s, 'schema', %s::pg_lsn, %s, %s)",
+                    (cfg.slot, str(consistent), created_pub, cfg.publication))
         state.init_progress(cur, cfg.schema, cfg.slot, consistent, True)
         self.target.commit()
         log.info("slot %s created at %s; copying in snapshot %s", cfg.slot, consistent, snapshot)
@@ -335,7 +336,7 @@ class InitialSync:
                  progress.rows, size / 1e6, took, size / 1e6 / max(took, 1e-6))
 
     def _finish(self, snapshot: str) -> None:
-        copy_sequences(self.cfg)
+        copy_sequences(self.cfg.source, self.cfg.target)
         row = self._sync_row()
         if self.cfg.schema_copy and row is not None and not row["post_data_done"]:
             sql = dump_schema(self.cfg.source, "post-data", snapshot)
@@ -690,10 +691,10 @@ def check_extensions(src: Any, target: Any, cfg: SyncConfig) -> None:
                         f"{describe_dsn(cfg.target)} cannot install: install them on the target server first")
 
 
-def copy_sequences(cfg: SyncConfig) -> list[tuple[str, int]]:
+def copy_sequences(source: str, target: str) -> list[tuple[str, int]]:
     """Every sequence's current value onto the target (identity, serial and standalone)."""
-    src = connect(cfg.source, "source")
-    dst = connect(cfg.target, "target")
+    src = connect(source, "source")
+    dst = connect(target, "target")
     out = []
     try:
         with src.cursor() as cur:

@@ -204,6 +204,18 @@ class Sink:
         if single or self._batch_rows >= self.limits.rows or self._batch_bytes >= self.limits.bytes:
             self.flush()
 
+    def handoff(self, cutover_id: str) -> bool:
+        """The handoff marker's transaction is complete: claim the cutover in this batch and commit.
+        True when this daemon now owns the handoff (it must stop); False if the cutover gave up."""
+        assert self._batch_end is not None
+        self.cur.execute(state.handoff_sql(self.schema), (str(self._batch_end), self.slot, cutover_id))
+        claimed = self.cur.rowcount == 1
+        if claimed:
+            self.cur.execute(f"UPDATE {state.quote_ident(self.schema)}.sync SET phase = 'done' WHERE slot_name = %s",
+                             (self.slot,))
+        self.flush()
+        return claimed
+
     def in_transaction(self) -> bool:
         return self._xid is not None
 
@@ -226,7 +238,7 @@ class Sink:
         assert self._xid is None, "flush inside a source transaction"
         end = self._batch_end
         when = pg_epoch_to_datetime(self._batch_time) if self._batch_time is not None else None
-        self.cur.execute(self._progress_sql, (str(end), when, self.slot))
+        self.cur.execute(self._progress_sql, (str(end), when, self._batch_rows, self.slot))
         if self.cur.rowcount != 1:
             raise ApplyError(f"progress row for slot {self.slot} is missing in {self.schema}.progress "
                              "(was the state schema dropped while pgferry ran?)")
@@ -250,7 +262,7 @@ class Sink:
         """Record that the source has nothing pending up to `lsn` (no open transaction or batch)."""
         if lsn <= self.stored or self._batch_started is not None or self._xid is not None:
             return
-        self.cur.execute(self._progress_sql, (str(lsn), None, self.slot))
+        self.cur.execute(self._progress_sql, (str(lsn), None, 0, self.slot))
         self.conn.commit()
         self.stored = lsn
         self._track_durability(lsn)

@@ -30,6 +30,18 @@ def ensure_schema(cur: Any, schema: str) -> None:
         source_commit_time timestamptz,
         updated_at timestamptz NOT NULL DEFAULT now(),
         slot_created_by_pgferry boolean NOT NULL DEFAULT false)""")
+    cur.execute(f"ALTER TABLE {s}.progress ADD COLUMN IF NOT EXISTS rows_applied bigint NOT NULL DEFAULT 0")
+    # Cutover: `pgferry cutover` requests a handoff (state 'requested', an id it also sends through
+    # the source's WAL as a logical message); the daemon that applies that message's transaction
+    # sets state 'done' and the handoff LSN in the same target transaction, then stops. A cutover
+    # that gives up sets 'cancelled' first, so exactly one of the two wins.
+    cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.control (
+        slot_name text PRIMARY KEY,
+        cutover_id text,
+        state text,
+        requested_at timestamptz,
+        handoff_lsn pg_lsn,
+        done_at timestamptz)""")
     # Initial sync, per slot: the phase (schema -> copy -> streaming) and per table its state and
     # the snapshot LSN its copy was taken at. Stream changes to a table that commit before its
     # snapshot LSN are already in the copy and are skipped (PostgreSQL's table sync does the same).
@@ -42,6 +54,7 @@ def ensure_schema(cur: Any, schema: str) -> None:
         publication_created boolean NOT NULL DEFAULT false,
         started_at timestamptz NOT NULL DEFAULT now(),
         copied_at timestamptz)""")
+    cur.execute(f"ALTER TABLE {s}.sync ADD COLUMN IF NOT EXISTS publication text")
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.tables (
         slot_name text NOT NULL,
         schema_name text NOT NULL,
@@ -76,4 +89,14 @@ def snapshot_lsns(cur: Any, schema: str, slot: str) -> dict[tuple[str, str], Lsn
 def progress_sql(schema: str) -> str:
     """The statement a batch runs last, inside its transaction. GREATEST: progress never moves back."""
     return (f"UPDATE {quote_ident(schema)}.progress SET applied_lsn = GREATEST(applied_lsn, %s::pg_lsn), "
-            "source_commit_time = COALESCE(%s, source_commit_time), updated_at = now() WHERE slot_name = %s")
+            "source_commit_time = COALESCE(%s, source_commit_time), rows_applied = rows_applied + %s, "
+            "updated_at = now() WHERE slot_name = %s")
+
+
+HANDOFF_PREFIX = "pgferry-handoff"
+
+
+def handoff_sql(schema: str) -> str:
+    """Run by the daemon in the batch that applies the handoff marker's transaction."""
+    return (f"UPDATE {quote_ident(schema)}.control SET state = 'done', handoff_lsn = %s::pg_lsn, done_at = now() "
+            "WHERE slot_name = %s AND cutover_id = %s AND state = 'requested'")

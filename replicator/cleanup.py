@@ -1,0 +1,69 @@
+"""`pgferry cleanup [--drop-state]`: drop what pgferry created on the source, as its state records.
+
+The slot is dropped only if pgferry created it, the publication only if pgferry created it; with
+--drop-state the state schema on the target goes too. Refused while the daemon runs (slot active).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import psycopg2
+
+from sink.state import quote_ident
+
+from .errors import PgferryError
+from .source import connect, describe_dsn
+
+
+def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bool) -> int:
+    dst = connect(target, "target")
+    s = quote_ident(schema)
+    try:
+        with dst.cursor() as cur:
+            try:
+                cur.execute(f"SELECT p.slot_created_by_pgferry, y.publication_created, y.publication "
+                            f"FROM {s}.progress p LEFT JOIN {s}.sync y USING (slot_name) WHERE p.slot_name = %s",
+                            (slot,))
+                row = cur.fetchone()
+            except (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName):
+                row = None
+        dst.rollback()
+    finally:
+        dst.close()
+    if row is None:
+        raise PgferryError(f"no pgferry state for slot {slot!r} on target {describe_dsn(target)}: nothing to clean up")
+    slot_created, pub_created, publication = row
+    dropped = []
+    src = connect(source, "source")
+    src.autocommit = True
+    try:
+        with src.cursor() as cur:
+            # after a cutover the source database is fenced read-only; this session is pgferry's own
+            cur.execute("SET default_transaction_read_only = off")
+            cur.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+            found = cur.fetchone()
+            if found and found[0]:
+                raise PgferryError(f"slot {slot!r} is in use: stop `pgferry start` first (SIGTERM), then clean up")
+            if found and slot_created:
+                cur.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                dropped.append(f"slot {slot}")
+            if pub_created and publication:
+                cur.execute(f"DROP PUBLICATION IF EXISTS {quote_ident(publication)}")
+                dropped.append(f"publication {publication}")
+    except psycopg2.Error as exc:
+        raise PgferryError(f"cleanup on source {describe_dsn(source)} failed after dropping "
+                           f"{', '.join(dropped) or 'nothing'}: {str(exc).strip().splitlines()[0]}") from None
+    finally:
+        src.close()
+    if drop_state:
+        dst = connect(target, "target")
+        try:
+            dst.cursor().execute(f"DROP SCHEMA {s} CASCADE")
+            dst.commit()
+            dropped.append(f"state schema {schema}")
+        finally:
+            dst.close()
+    print("pgferry cleanup: dropped " + (", ".join(dropped) if dropped else "nothing (pgferry created none of it)"),
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,131 @@
+"""`pgferry status [--json]`: where the migration is, from any machine that reaches both databases.
+
+Everything comes from the target's state schema and the source's catalog, so it works whether the
+daemon runs or not. `lag_seconds` is the time since the stored progress last moved while the
+target is behind (0 when caught up): the age of the oldest change not yet applied, as seen from
+the progress row, which the daemon updates at least every second while it has work.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import IO
+
+import msgspec
+import psycopg2
+
+from decoder import Lsn
+from sink.state import quote_ident
+
+from .source import connect
+
+
+class TableStatus(msgspec.Struct):
+    name: str
+    state: str
+    rows: int | None
+
+
+class Status(msgspec.Struct):
+    phase: str
+    applied_lsn: str | None
+    source_lsn: str
+    lag_bytes: int | None
+    lag_seconds: float | None
+    rows_applied: int
+    conflicts: int
+    daemon_running: bool
+    slot: str
+    slot_wal_status: str | None
+    slot_retained_wal_bytes: int | None
+    slot_safe_wal_size: int | None
+    last_source_commit: str | None
+    cutover: str | None
+    tables: list[TableStatus]
+
+
+def collect(source: str, target: str, slot: str, schema: str) -> Status:
+    src = connect(source, "source")
+    try:
+        with src.cursor() as cur:
+            cur.execute("SELECT pg_current_wal_lsn()::text")
+            (source_lsn,) = cur.fetchone()
+            safe = "safe_wal_size" if src.server_version >= 130000 else "NULL::bigint"
+            cur.execute(f"SELECT active, wal_status, pg_current_wal_lsn() - restart_lsn, {safe} "
+                        "FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+            slot_row = cur.fetchone()
+    finally:
+        src.close()
+    dst = connect(target, "target")
+    s = quote_ident(schema)
+    try:
+        with dst.cursor() as cur:
+            try:
+                cur.execute(f"SELECT applied_lsn::text, rows_applied, updated_at, source_commit_time "
+                            f"FROM {s}.progress WHERE slot_name = %s", (slot,))
+                progress = cur.fetchone()
+                cur.execute(f"SELECT phase FROM {s}.sync WHERE slot_name = %s", (slot,))
+                sync = cur.fetchone()
+                cur.execute(f"SELECT schema_name || '.' || table_name, state, rows FROM {s}.tables "
+                            "WHERE slot_name = %s ORDER BY 1", (slot,))
+                tables = [TableStatus(n, st, r) for n, st, r in cur.fetchall()]
+                cur.execute(f"SELECT state, handoff_lsn::text FROM {s}.control WHERE slot_name = %s", (slot,))
+                control = cur.fetchone()
+            except psycopg2.errors.UndefinedTable:
+                progress = sync = control = None
+                tables = []
+    finally:
+        dst.close()
+    running = bool(slot_row and slot_row[0])
+    if sync is not None and sync[0] == "done":
+        phase = "done"
+    elif progress is None:
+        phase = "preflight"
+    elif sync is not None and sync[0] != "streaming":
+        phase = sync[0] if running else "stopped"
+    else:
+        phase = "streaming" if running else "stopped"
+    applied = progress[0] if progress else None
+    lag_bytes = lag_seconds = None
+    if applied is not None:
+        lag_bytes = max(0, int(Lsn.parse(source_lsn)) - int(Lsn.parse(applied)))
+        lag_seconds = 0.0
+        if lag_bytes > 0 and progress[2] is not None:
+            lag_seconds = round(max(0.0, (datetime.now(UTC) - progress[2]).total_seconds()), 3)
+    return Status(
+        phase=phase, applied_lsn=applied, source_lsn=source_lsn, lag_bytes=lag_bytes, lag_seconds=lag_seconds,
+        rows_applied=int(progress[1]) if progress else 0, conflicts=0, daemon_running=running, slot=slot,
+        slot_wal_status=slot_row[1] if slot_row else None,
+        slot_retained_wal_bytes=int(slot_row[2]) if slot_row and slot_row[2] is not None else None,
+        slot_safe_wal_size=int(slot_row[3]) if slot_row and slot_row[3] is not None else None,
+        last_source_commit=progress[3].isoformat() if progress and progress[3] else None,
+        cutover=f"{control[0]} at {control[1]}" if control and control[1] else (control[0] if control else None),
+        tables=tables)
+
+
+def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, out: IO[str] = sys.stdout) -> int:
+    st = collect(source, target, slot, schema)
+    if as_json:
+        out.write(msgspec.json.encode(st).decode() + "\n")
+        return 0
+    lines = [
+        f"phase         {st.phase} (daemon {'running' if st.daemon_running else 'not running'})",
+        f"applied LSN   {st.applied_lsn or '-'}   source LSN {st.source_lsn}",
+        f"lag           {st.lag_bytes if st.lag_bytes is not None else '-'} bytes, "
+        f"{st.lag_seconds if st.lag_seconds is not None else '-'} s",
+        f"rows applied  {st.rows_applied}   conflicts {st.conflicts}",
+        f"slot          {st.slot}: wal_status {st.slot_wal_status or 'missing'}, retains "
+        f"{_mb(st.slot_retained_wal_bytes)}" + (f", safe_wal_size {_mb(st.slot_safe_wal_size)}"
+                                                if st.slot_safe_wal_size is not None else ""),
+    ]
+    if st.cutover:
+        lines.append(f"cutover       {st.cutover}")
+    for t in st.tables:
+        lines.append(f"  {t.name:<40} {t.state:<8} {t.rows if t.rows is not None else ''}")
+    out.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f} MB"

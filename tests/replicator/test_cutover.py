@@ -1,0 +1,121 @@
+"""`pgferry cutover`, `status`, `verify` and `cleanup` end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psycopg2
+import pytest
+
+from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, wait_for
+from tests.replicator.test_sync import PGBENCH, TABLES, TYPED
+
+pytestmark = pytest.mark.pg
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "replicator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, check=False)
+
+
+def _status(src: Db, dst: Db) -> dict:
+    r = cli("status", "--json", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _sequences(db: Db) -> dict[str, int]:
+    return {f"{s}.{n}": int(v or 0) for s, n, v in db.execute(
+        "SELECT schemaname, sequencename, last_value FROM pg_sequences WHERE schemaname = 'public'")}
+
+
+def test_cutover_under_pgbench_hands_off_exactly_and_cleans_up(pair, daemons, tmp_path):
+    src, dst = pair
+    subprocess.run([PGBENCH, "-i", "-s", "2", "-q", "-d", src.dsn], check=True, capture_output=True)
+    src.psql(TYPED)
+    bench = subprocess.Popen([PGBENCH, "-c", "4", "-T", "120", "-n", "-d", src.dsn], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        d = Daemon(src, dst, copy=True, ready=False)
+        daemons.append(d)
+        wait_for(lambda: _status(src, dst)["phase"] == "streaming" or not d.running(), 120, "streaming")
+        st = _status(src, dst)
+        assert st["daemon_running"] and {t["state"] for t in st["tables"]} == {"copied"}, st
+        receipt_file = tmp_path / "receipt.json"
+        r = cli("cutover", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60", "--receipt",
+                str(receipt_file))
+        assert r.returncode == 0, r.stdout + r.stderr + d.output()
+        receipt = json.loads(receipt_file.read_text())
+        assert receipt == json.loads(r.stdout)
+        print("write downtime (fence to receipt):", receipt["write_downtime_s"], "s; handed off after",
+              receipt["handed_off_after_s"], "s")
+        assert receipt["ok"] and receipt["fenced_at"] and receipt["finished_at"]
+        # the handoff LSN is the applied LSN stored on the target
+        (applied,) = dst.execute("SELECT applied_lsn::text FROM pgferry.progress")[0]
+        assert receipt["handoff_lsn"] == applied == receipt["applied_lsn"]
+        assert d.wait_exit(timeout=30) == 0, d.output()
+        assert "handed off at" in d.output()
+    finally:
+        bench.wait(timeout=180)
+    # after the fence, writes on the source fail with a read-only error
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+        src.execute("INSERT INTO pgbench_history (tid, bid, aid, delta) VALUES (1, 1, 1, 1)")
+    assert_same_tables(src, dst, TABLES)
+    assert {t["name"] for t in receipt["tables"]} >= {"public.pgbench_accounts", "public.typed"}
+    assert all(t["match"] and t["source_rows"] == t["target_rows"] for t in receipt["tables"])
+    # nextval on the target is above every value the source used
+    source_seq = _sequences(src)
+    assert source_seq and {s["name"] for s in receipt["sequences"]} == set(source_seq)
+    for name, used in source_seq.items():
+        (nxt,) = dst.execute("SELECT nextval(%s)", (name,))[0]
+        assert nxt > used, (name, nxt, used)
+    assert cli("verify", "--source", src.dsn, "--target", dst.dsn).returncode == 0
+    assert _status(src, dst)["phase"] == "done"
+    r = cli("cleanup", "--source", src.dsn, "--target", dst.dsn, "--drop-state")
+    assert r.returncode == 0, r.stderr
+    assert not src.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'pgferry%'")
+    assert not src.execute("SELECT 1 FROM pg_publication")
+    assert not dst.execute("SELECT 1 FROM pg_namespace WHERE nspname = 'pgferry'")
+
+
+def test_cutover_timeout_lifts_the_fence_and_the_daemon_streams_on(pair, daemons):
+    src, dst = pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    wait_for(lambda: _status(src, dst)["phase"] == "streaming" or not d.running(), 60, "streaming")
+    assert d.stop() == 0
+    r = cli("cutover", "--source", src.dsn, "--target", dst.dsn, "--timeout", "3")
+    assert r.returncode == 1 and "cutover timed out" in r.stderr and "fence is lifted" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    src.execute("INSERT INTO t VALUES (1, 'writable again')")  # the fence is gone
+    assert dst.execute("SELECT state FROM pgferry.control") == [("cancelled",)]
+    d.start()
+    d.wait_caught_up()
+    assert d.running(), d.output()  # it ignored the withdrawn handoff marker
+    assert "gave up: streaming on" in d.output()
+    assert_same_tables(src, dst, {"t": ["id", "v"]})
+
+
+def test_verify_names_the_table_and_key_range_that_differ(pair, daemons, monkeypatch):
+    src, dst = pair
+    src.execute("CREATE TABLE t (a int, b int, v text, PRIMARY KEY (a, b)); CREATE TABLE k (v int)")
+    src.execute("INSERT INTO t SELECT g / 10, g % 10, 'x' FROM generate_series(0, 2999) g; "
+                "INSERT INTO k VALUES (1), (1)")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    wait_for(lambda: _status(src, dst)["phase"] == "streaming" or not d.running(), 60, "streaming")
+    assert d.stop() == 0
+    assert cli("verify", "--source", src.dsn, "--target", dst.dsn).returncode == 0
+    dst.execute("UPDATE t SET v = 'changed' WHERE a = 250 AND b = 3")
+    dst.execute("DELETE FROM k WHERE ctid = (SELECT min(ctid) FROM k)")
+    r = cli("verify", "--source", src.dsn, "--target", dst.dsn, "--json")
+    assert r.returncode == 1
+    result = {t["name"]: t for t in json.loads(r.stdout)["tables"]}
+    assert result["public.k"]["differences"] == ["row count 2 on the source, 1 on the target",
+                                                  "content differs (table without primary key: hashed whole)"]
+    assert not result["public.t"]["match"] and result["public.k"]["match"] is False
+    r = cli("verify", "--source", src.dsn, "--target", dst.dsn, "--mode", "count", "--tables", "t")
+    assert r.returncode == 0, r.stdout
