@@ -128,6 +128,21 @@ def dump_schema(dsn: str, section: str, snapshot: str | None) -> str:
     return "\n".join(line for line in res.stdout.splitlines() if not line.startswith("\\"))
 
 
+_SET_LINE = re.compile(r"^SET\s+([a-z_][a-z0-9_.]*)\s*=", re.I)
+
+
+def drop_unknown_settings(sql: str, known: set[str]) -> str:
+    """A newer pg_dump starts with SETs an older target does not have (pg_dump 18: transaction_timeout);
+    drop those lines (they only tune the restoring session)."""
+    out = []
+    for line in sql.splitlines():
+        m = _SET_LINE.match(line)
+        if m and m.group(1).lower() not in known:
+            continue
+        out.append(line)
+    return "\n".join(out)
+
+
 # -- the orchestration -------------------------------------------------------------------------
 class InitialSync:
     def __init__(self, cfg: SyncConfig) -> None:
@@ -262,6 +277,8 @@ class InitialSync:
             cur = conn.cursor()
             # Index builds (post-data) sort whole tables: give them memory instead of temp files.
             cur.execute("SET maintenance_work_mem = '1GB'")
+            cur.execute("SELECT name FROM pg_settings")
+            sql = drop_unknown_settings(sql, {r[0] for r in cur.fetchall()})
             try:
                 cur.execute(sql)
             except psycopg2.Error as exc:
