@@ -5,15 +5,15 @@
    partitioned table;
 3. keep an application-like write load running on the source;
 4. run `pgferry start`: initial sync (schema, parallel copy, exact handoff) then streaming;
-5. stop the writes, wait until the target has applied everything, compare every table on both
-   sides (row counts and content hashes), print a summary, stop the servers.
-
-Cutover (fencing the source, the handoff LSN, sequences, the receipt) arrives with the cutover
-issue; until then the demo ends after the comparison.
+5. `pgferry cutover` while the application still writes: the source is fenced (its writes now
+   fail), the daemon applies up to the handoff LSN and stops, sequences are copied, every table is
+   verified; print the receipt and a summary (rows, time, the write-downtime window), stop the
+   servers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 import psycopg2
+import psycopg2.errors
 
 from .errors import PgferryError
 from .servers import LocalServer, ServerError
@@ -51,43 +52,45 @@ INSERT INTO events SELECT g, date '2025-06-01' + g % 400, 'k' || g % 5, jsonb_bu
 FROM generate_series(1, 50000) g;
 """
 
-TABLES = ["accounts", "transfers", "events_2025", "events_2026"]  # events' rows live in its partitions
 
 
-def _writer(dsn: str, stop: threading.Event, counter: list[int]) -> None:
-    """An application: transfers between accounts, new accounts, event rows, invoice numbers."""
+def _writer(dsn: str, stop: threading.Event, counter: list[int], refused: list[str]) -> None:
+    """An application: transfers between accounts, new accounts, event rows, invoice numbers. Like a
+    real one it reconnects when its session is ended; it stops at the first write the source refuses
+    (the cutover's fence) and records why."""
     rnd = random.Random(1)
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            while not stop.is_set():
-                a, b, amount = rnd.randint(1, 20000), rnd.randint(1, 20000), rnd.randint(1, 100)
-                cur.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", (amount, a))
-                cur.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (amount, b))
-                cur.execute("INSERT INTO transfers (src, dst, amount) VALUES (%s, %s, %s)", (a, b, amount))
-                if rnd.random() < 0.1:
-                    cur.execute("INSERT INTO accounts (name) VALUES ('new customer')")
-                    cur.execute("SELECT nextval('invoice_no')")
-                if rnd.random() < 0.2:
-                    cur.execute("INSERT INTO events VALUES (%s, %s, 'live', '{}') ON CONFLICT DO NOTHING",
-                                (100000 + counter[0], f"2026-0{rnd.randint(1, 9)}-1{rnd.randint(0, 9)}"))
-                conn.commit()
-                counter[0] += 1
-                time.sleep(0.002)
-    finally:
+    conn = None
+    while not stop.is_set():
+        try:
+            if conn is None or conn.closed:
+                conn = psycopg2.connect(dsn)
+            _one_transaction(conn, conn.cursor(), rnd, counter)
+        except psycopg2.errors.ReadOnlySqlTransaction as exc:
+            refused.append(str(exc).strip().splitlines()[0])
+            break
+        except psycopg2.OperationalError:
+            conn = None  # session ended: reconnect
+            time.sleep(0.05)
+            continue
+        time.sleep(0.002)
+    if conn is not None:
         conn.close()
 
 
-def _digest(dsn: str, table: str) -> tuple[int, str]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"SELECT count(*), coalesce(md5(string_agg(h, '' ORDER BY h)), '') FROM "
-                        f"(SELECT md5(t::text) AS h FROM ONLY {table} t) s")
-            n, h = cur.fetchone()
-        return int(n), h
-    finally:
-        conn.close()
+def _one_transaction(conn: psycopg2.extensions.connection, cur: psycopg2.extensions.cursor, rnd: random.Random,
+                     counter: list[int]) -> None:
+    a, b, amount = rnd.randint(1, 20000), rnd.randint(1, 20000), rnd.randint(1, 100)
+    cur.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", (amount, a))
+    cur.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (amount, b))
+    cur.execute("INSERT INTO transfers (src, dst, amount) VALUES (%s, %s, %s)", (a, b, amount))
+    if rnd.random() < 0.1:
+        cur.execute("INSERT INTO accounts (name) VALUES ('new customer')")
+        cur.execute("SELECT nextval('invoice_no')")
+    if rnd.random() < 0.2:
+        cur.execute("INSERT INTO events VALUES (%s, %s, 'live', '{}') ON CONFLICT DO NOTHING",
+                    (100000 + counter[0], f"2026-0{rnd.randint(1, 9)}-1{rnd.randint(0, 9)}"))
+    conn.commit()
+    counter[0] += 1
 
 
 def _scalar(dsn: str, sql: str) -> object:
@@ -133,54 +136,52 @@ def run_demo(write_seconds: float = 10.0, out: IO[str] = sys.stdout) -> int:
         say("source loaded: 20,000 accounts (some with TOASTed notes), 100,000 transfers, 50,000 events "
             "in a partitioned table, a sequence")
 
-        stop, counter = threading.Event(), [0]
-        writer = threading.Thread(target=_writer, args=(src, stop, counter), daemon=True)
+        stop, counter, refused = threading.Event(), [0], []
+        writer = threading.Thread(target=_writer, args=(src, stop, counter, refused), daemon=True)
         writer.start()
         say("application writes running on the source; starting `pgferry start` (copy, then stream)")
         started = time.monotonic()
         root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": str(root)}
         daemon = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", "--source", src, "--target", dst],
-                                  cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stderr=subprocess.PIPE,
-                                  text=True)
-        log_lines: list[str] = []
+                                  cwd=root, env=env, stderr=subprocess.PIPE, text=True)
 
         def relay() -> None:
             assert daemon.stderr is not None
             for line in daemon.stderr:
-                log_lines.append(line)
                 print("  | " + line.rstrip().split(": ", 1)[-1], file=out, flush=True)
 
         threading.Thread(target=relay, daemon=True).start()
         try:
             _wait(lambda: _scalar(dst, "SELECT phase FROM pgferry.sync") == "streaming", 300, "the copy", daemon)
-            copied = time.monotonic() - started
-            say(f"initial copy done in {copied:.1f} s; streaming. Writing for {write_seconds:.0f} s more...")
+            say(f"initial copy done in {time.monotonic() - started:.1f} s; streaming while the application "
+                f"writes. Cutover in {write_seconds:.0f} s...")
             time.sleep(write_seconds)
-            stop.set()
-            writer.join(timeout=30)
-            end = str(_scalar(src, "SELECT pg_current_wal_lsn()"))
-            say(f"writes stopped after {counter[0]} application transactions; source at {end}; waiting for "
-                "the target to catch up...")
-            t0 = time.monotonic()
-            _wait(lambda: bool(_scalar(dst, f"SELECT applied_lsn >= '{end}' FROM pgferry.progress")), 120,
-                  "the target to catch up", daemon)
-            say(f"caught up {time.monotonic() - t0:.1f} s after the writes stopped")
+            say(f"`pgferry cutover` now, with the application still writing ({counter[0]} transactions so far)")
+            cut = subprocess.run([sys.executable, "-m", "replicator.cli", "cutover", "--source", src, "--target", dst,
+                                  "--timeout", "120"], cwd=root, env=env, capture_output=True, text=True, check=False)
+            for line in cut.stderr.splitlines():
+                print("  | " + line.rstrip().split(": ", 1)[-1], file=out, flush=True)
+            if cut.returncode != 0:
+                raise PgferryError(f"demo: cutover failed (exit {cut.returncode})")
+            rc = daemon.wait(timeout=60)
         finally:
+            stop.set()
             if daemon.poll() is None:
                 daemon.send_signal(signal.SIGTERM)
-            rc = daemon.wait(timeout=60)
+                daemon.wait(timeout=60)
+        writer.join(timeout=30)
         if rc != 0:
             raise PgferryError(f"demo: pgferry exited with {rc}")
-        say("comparing every table on both sides (row counts and content hashes):")
-        ok = True
-        for table in TABLES:
-            a, b = _digest(src, table), _digest(dst, table)
-            ok &= a == b
-            print(f"  {table:<12} source {a[0]:>7} rows  target {b[0]:>7} rows  {'equal' if a == b else 'DIFFERENT'}",
-                  file=out)
-        say(f"{'all tables equal' if ok else 'DIFFERENCES FOUND'}; total {time.monotonic() - started:.1f} s. "
-            "Cutover (fence, handoff LSN, sequences, receipt) comes with the next milestone.")
-        return 0 if ok else 1
+        receipt = json.loads(cut.stdout)
+        print("receipt:", file=out)
+        print(cut.stdout.rstrip(), file=out)
+        rows = sum(t["target_rows"] for t in receipt["tables"])
+        say(f"the application's writes after the fence were refused: {refused[0] if refused else '(none tried)'}")
+        say(f"summary: {len(receipt['tables'])} tables, {rows:,} rows on the target, all equal: {receipt['ok']}; "
+            f"handoff at {receipt['handoff_lsn']}; write downtime (fence to receipt) {receipt['write_downtime_s']} s; "
+            f"total {time.monotonic() - started:.1f} s")
+        return 0 if receipt["ok"] else 1
     finally:
         for s in servers:
             s.cleanup()
