@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
+import psycopg2.extras
 
 from decoder import Delete, Insert, Lsn, Relation, Truncate, Update
 from decoder.values import pg_epoch_to_datetime
@@ -36,6 +37,9 @@ log = logging.getLogger("pgferry.sink")
 # Connection-level failures: the stream loop reconnects and resumes from the stored progress.
 RETRYABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.errors.SerializationFailure,
              psycopg2.errors.DeadlockDetected)
+
+
+INSERT_ROWS = 1000  # rows per multi-row INSERT
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,13 @@ class Sink:
         # After a failure, transactions up to this commit LSN are applied one per batch, so the
         # ones before the failing transaction commit and the failure stops exactly at it.
         self.isolate_until = Lsn(0)
+        # a run of inserts into one table with the same columns, sent as one statement
+        self._ins_head: str | None = None
+        self._ins_template = ""
+        self._ins_table = ""
+        self._ins_rows: list[list[Any]] = []
+        self._ins_xid: int | None = None
+        self._ins_lsn: Lsn | None = None
         self.replica_role = False
         self.rows_applied = 0
         self.missing_rows = 0
@@ -150,14 +161,24 @@ class Sink:
         if self._commit_lsn is not None and self._commit_lsn < table.snapshot_lsn:
             return  # committed before this table's copy was taken: the copy has it
         if t is Insert:
-            sql, params = table.insert(msg.new)  # type: ignore[union-attr]
-        elif t is Update:
+            head, template, params = table.insert(msg.new)  # type: ignore[union-attr]
+            if head is not self._ins_head or len(self._ins_rows) >= INSERT_ROWS:
+                self._flush_inserts()
+                self._ins_head, self._ins_template, self._ins_table = head, template, table.display
+            self._ins_rows.append(params)
+            self._ins_xid, self._ins_lsn = self._xid, self._commit_lsn  # of the newest row: named on failure
+            self.rows_applied += 1
+            self._batch_rows += 1
+            self._batch_bytes += sum(len(p) for p in params if type(p) is str)
+            return
+        self._flush_inserts()
+        if t is Update:
             sql, params = table.update(msg.old, msg.new)  # type: ignore[union-attr]
         else:
             sql, params = table.delete(msg.old)  # type: ignore[union-attr]
         self._current = table.display
         self._execute(sql, params)
-        if t is not Insert and self.cur.rowcount == 0:
+        if self.cur.rowcount == 0:
             # Native apply's default for a missing row: skip it and log.
             self.missing_rows += 1
             log.warning("%s: row to %s not found on the target (commit LSN %s, xid %s); skipped",
@@ -166,7 +187,22 @@ class Sink:
         self._batch_rows += 1
         self._batch_bytes += sum(len(p) for p in params if type(p) is str)
 
+    def _flush_inserts(self) -> None:
+        """Send the buffered run of inserts (same table and columns) as one multi-row INSERT."""
+        if not self._ins_rows:
+            return
+        rows, self._ins_rows = self._ins_rows, []
+        self._current = self._ins_table
+        try:
+            psycopg2.extras.execute_values(self.cur, self._ins_head, rows, template=self._ins_template,
+                                           page_size=INSERT_ROWS)
+        except RETRYABLE:
+            raise
+        except psycopg2.Error as exc:
+            raise self._apply_error(exc, self._ins_lsn, self._ins_xid) from None
+
     def _truncate(self, msg: Truncate) -> None:
+        self._flush_inserts()
         names = []
         for oid in msg.relation_oids:
             table = self._table(oid)
@@ -189,11 +225,17 @@ class Sink:
         except RETRYABLE:
             raise
         except psycopg2.Error as exc:
-            first = (exc.pgerror or str(exc)).strip().splitlines()[0] if (exc.pgerror or str(exc)) else repr(exc)
-            err = ApplyError(f"the target rejected a change: {first}", lsn=self._commit_lsn, xid=self._xid,
-                             table=self._current)
-            err.batch_has_earlier = self._batch_end is not None
-            raise err from None
+            raise self._apply_error(exc) from None
+
+    def _apply_error(self, exc: psycopg2.Error, lsn: Lsn | None = None, xid: int | None = None) -> ApplyError:
+        text = (exc.pgerror or str(exc)).strip()
+        first = text.splitlines()[0] if text else repr(exc)
+        err = ApplyError(f"the target rejected a change: {first}", lsn=lsn or self._commit_lsn,
+                         xid=xid if lsn else self._xid, table=self._current)
+        # With earlier transactions in the batch (or buffered inserts from them), the failure is
+        # re-run one transaction per batch to pin it on exactly one transaction.
+        err.batch_has_earlier = self._batch_end is not None
+        return err
 
     def commit(self, end_lsn: Lsn, commit_time: int) -> None:
         """The source transaction is complete. The batch commits when a limit is reached."""
@@ -208,6 +250,7 @@ class Sink:
         """The handoff marker's transaction is complete: claim the cutover in this batch and commit.
         True when this daemon now owns the handoff (it must stop); False if the cutover gave up."""
         assert self._batch_end is not None
+        self._flush_inserts()
         self.cur.execute(state.handoff_sql(self.schema), (str(self._batch_end), self.slot, cutover_id))
         claimed = self.cur.rowcount == 1
         if claimed:
@@ -236,6 +279,7 @@ class Sink:
                 self._batch_started = None
             return
         assert self._xid is None, "flush inside a source transaction"
+        self._flush_inserts()
         end = self._batch_end
         when = pg_epoch_to_datetime(self._batch_time) if self._batch_time is not None else None
         self.cur.execute(self._progress_sql, (str(end), when, self._batch_rows, self.slot))
@@ -250,6 +294,7 @@ class Sink:
 
     def rollback(self) -> None:
         """Drop the open batch (e.g. on shutdown mid-transaction): the source resends it."""
+        self._ins_rows = []
         try:
             self.conn.rollback()
         except psycopg2.Error:

@@ -53,7 +53,7 @@ class TargetTable:
     key: list[int]  # indexes of the replica identity columns
     text_compare: list[bool]
     snapshot_lsn: int = 0  # changes committed before this LSN are in the table's initial copy
-    _sql: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    _sql: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     @property
     def display(self) -> str:
@@ -64,15 +64,17 @@ class TargetTable:
         return self.rel.replica_identity == "f"
 
     # -- statements --------------------------------------------------------------------------
-    def insert(self, new: tuple) -> tuple[str, list[Any]]:
+    def insert(self, new: tuple) -> tuple[str, str, list[Any]]:
+        """(statement with one `VALUES %s` for any number of rows, the row template, the values):
+        consecutive inserts with the same statement go to the target as one multi-row INSERT."""
         cols = tuple(i for i, v in enumerate(new) if v is not UNCHANGED and self.writable[i])
-        sql = self._sql.get(("i", cols))
-        if sql is None:
+        parts = self._sql.get(("i", cols))
+        if parts is None:
             # OVERRIDING SYSTEM VALUE: the source's value of a GENERATED ALWAYS identity column wins.
-            sql = (f"INSERT INTO {self.qualified} ({', '.join(self.names[i] for i in cols)}) "
-                   f"OVERRIDING SYSTEM VALUE VALUES ({', '.join(['%s'] * len(cols))})")
-            self._sql["i", cols] = sql
-        return sql, [new[i] for i in cols]
+            parts = (f"INSERT INTO {self.qualified} ({', '.join(self.names[i] for i in cols)}) "
+                     "OVERRIDING SYSTEM VALUE VALUES %s", f"({', '.join(['%s'] * len(cols))})")
+            self._sql["i", cols] = parts
+        return parts[0], parts[1], [new[i] for i in cols]
 
     def update(self, old: tuple | None, new: tuple) -> tuple[str, list[Any]]:
         sets = tuple(i for i, v in enumerate(new) if v is not UNCHANGED and self.settable[i])
