@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="... or when the batch is this old, in milliseconds (default 500)")
     start.add_argument("--spool-dir", default=os.environ.get("PGFERRY_SPOOL_DIR") or None,
                        help="where large in-progress transactions are spooled (default: the temp dir)")
+    start.add_argument("--network-timeout", type=_positive(float), default=30.0,
+                       help="seconds of silence from the source (pings included) after which the connection is "
+                            "presumed dead and re-opened (default 30)")
     start.add_argument("--message-hook", default=None, metavar="MODULE:FUNCTION",
                        help="call this function with each logical decoding message (pg_logical_emit_message); "
                             "transactional ones in commit order; after a crash one may come again. Default: ignored")
@@ -206,6 +209,7 @@ def _start(args: argparse.Namespace) -> int:
     cfg = StreamConfig(source=args.source, target=args.target, publication=args.publication, slot=args.slot,
                        schema=args.state_schema, spool_dir=args.spool_dir,
                        message_hook=load_hook(args.message_hook) if args.message_hook else None,
+                       network_timeout=args.network_timeout,
                        limits=BatchLimits(rows=args.batch_rows, bytes=args.batch_bytes, seconds=args.batch_ms / 1000))
     return run_stream(cfg)
 

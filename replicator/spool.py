@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from sink import failpoints
+
 _LEN = struct.Struct(">I")
 
 
@@ -49,6 +51,8 @@ class Spool:
         t.f.write(_LEN.pack(len(payload)))
         t.f.write(payload)
         t.count += 1
+        if t.count == 1000:
+            failpoints.hit("during_spool")
 
     def abort(self, xid: int, subxid: int) -> None:
         """Stream Abort: the whole transaction (subxid == xid) or one subtransaction."""

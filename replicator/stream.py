@@ -85,6 +85,7 @@ class StreamConfig:
     spool_dir: str | None = None
     status_interval: float = 1.0
     max_backoff: float = 10.0
+    network_timeout: float = 30.0  # silence from the source after which the connection is presumed dead
     message_hook: Callable[[LogicalMessage], None] | None = None
 
 
@@ -152,6 +153,8 @@ class Session:
         self.sent_flush = Lsn(0)
         self.last_idle = 0.0
         self.last_status = 0.0
+        self.last_heard = time.monotonic()
+        self.last_ping = 0.0
         self.handoff: str | None = None  # cutover id of the marker in the current source transaction
         self.handed_off: Lsn | None = None
         self.received_data = False
@@ -237,7 +240,9 @@ class Session:
                              "is on the target. Stopping.", self.handed_off)
                     return
             if n:
+                self.last_heard = time.monotonic()  # not `now`: handling the burst may have taken long
                 continue
+            self.check_alive(now)
             if (not sink.batch_open() and not sink.in_transaction() and now - self.last_idle >= IDLE_PROGRESS_EVERY):
                 self.last_idle = now
                 wal_end = Lsn(cur.wal_end)
@@ -248,6 +253,22 @@ class Session:
             if deadline is not None:
                 timeout = max(0.0, min(timeout, deadline - now))
             select.select(fds, [], [], timeout)
+
+    def check_alive(self, now: float) -> None:
+        """Notice a dead or black-holed source connection (no RST, just silence) within
+        `network_timeout`: an idle walsender sends nothing, so ask it for a reply now and then.
+        psycopg2 hides keepalives, but stamps `io_timestamp` on every read and on every feedback
+        it sends: a read newer than the last feedback means the server answered."""
+        cur = self.cur
+        if cur.io_timestamp > cur.feedback_timestamp:
+            self.last_heard = now
+        silent = now - self.last_heard
+        if silent > self.cfg.network_timeout:
+            raise _Retry(f"no message from the source for {silent:.0f} s (network_timeout "
+                         f"{self.cfg.network_timeout:.0f} s): the connection is presumed dead")
+        if silent > self.cfg.network_timeout / 3 and now - self.last_ping > self.cfg.network_timeout / 6:
+            self.last_ping = now
+            cur.send_feedback(reply=True)
 
     def feedback(self, force: bool = False) -> None:
         assert self.sink is not None

@@ -40,10 +40,9 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from decoder import Lsn
-from sink import state
+from sink import failpoints, state
 from sink.state import quote_ident
 
-from . import failpoints
 from .errors import PgferryError, UsageError
 from .source import check_logical_source, connect, describe_dsn
 

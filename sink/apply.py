@@ -28,7 +28,7 @@ import psycopg2.extras
 from decoder import Delete, Insert, Lsn, Relation, Truncate, Update
 from decoder.values import pg_epoch_to_datetime
 
-from . import state
+from . import failpoints, state
 from .errors import ApplyError
 from .relations import TargetTable, map_relation
 
@@ -286,7 +286,9 @@ class Sink:
         if self.cur.rowcount != 1:
             raise ApplyError(f"progress row for slot {self.slot} is missing in {self.schema}.progress "
                              "(was the state schema dropped while pgferry ran?)")
+        failpoints.hit("after_apply_before_commit")
         self.conn.commit()
+        failpoints.hit("after_commit_before_feedback")
         self.stored = end
         self._track_durability(end)
         self._batch_rows = self._batch_bytes = 0

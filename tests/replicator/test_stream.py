@@ -186,3 +186,53 @@ def test_keepalives_answered_while_a_long_streamed_transaction_is_applied(pair, 
     assert_same_tables(src, dst, {"t": ["id", "v"]})
     out = d.output()
     assert "applying streamed transaction" in out and "retrying" not in out, out
+
+
+def test_black_holed_source_connection_is_noticed_and_reopened(pair, daemons, tcp_proxy):
+    """The proxy stops forwarding without closing anything: no RST, no error, just silence.
+    pgferry must notice within --network-timeout, not hang, and resume once the path is back."""
+    src, dst = pair
+    wl.setup(src, dst)
+    proxy = tcp_proxy(src)
+    d = Daemon(src, dst, "--network-timeout", "4", source_dsn=proxy.dsn_for(src.dsn))
+    daemons.append(d)
+    w = wl.Workload(src, seed=8)
+    try:
+        w.run(100)
+        d.wait_caught_up()
+        proxy.blackhole(True)
+        w.run(100)  # written while the path is dead
+        wait_for(lambda: "no message from the source" in d.output(), 30, "pgferry to notice the silence")
+        proxy.blackhole(False)
+        w.run(100)
+    finally:
+        w.close()
+    d.wait_caught_up(timeout=120)
+    assert_same_tables(src, dst, wl.TABLES)
+    assert d.stop() == 0
+    assert "reconnected after" in d.output()
+
+
+@pytest.mark.parametrize("failpoint", ["after_apply_before_commit", "after_commit_before_feedback", "during_spool"])
+def test_failpoints_exit_abruptly_and_restart_loses_nothing(pair, daemons, failpoint):
+    src, dst = pair
+    if (src.version, dst.version) != (15, 18):
+        pytest.skip("the failpoint scenarios run on 15 -> 18 (the main case); the SIGKILL test covers all pairs")
+    wl.setup(src, dst)
+    d = Daemon(src, dst, "--batch-rows", "50", source_dsn=src.dsn + SMALL_WORK_MEM,
+               env={"PGFERRY_FAILPOINT": failpoint})
+    daemons.append(d)
+    w = wl.Workload(src, seed=9)
+    try:
+        w.run(200, big_every=100)
+        assert d.wait_exit(timeout=60) == 99, d.output()
+        assert f"failpoint {failpoint} reached" in d.output()
+        w.run(100, big_every=50)  # more while it is down
+        d.env.pop("PGFERRY_FAILPOINT")
+        d.start()
+        w.run(100)
+    finally:
+        w.close()
+    d.wait_caught_up(timeout=120)
+    assert_same_tables(src, dst, wl.TABLES)
+    assert d.stop() == 0
