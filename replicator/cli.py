@@ -206,6 +206,9 @@ def _start(args: argparse.Namespace) -> int:
         if args.jobs:
             sync_cfg.jobs = args.jobs
         InitialSync(sync_cfg).run()
+        from sink import failpoints
+
+        failpoints.hit("before_stream")  # the copy is done and recorded; streaming has not started
     cfg = StreamConfig(source=args.source, target=args.target, publication=args.publication, slot=args.slot,
                        schema=args.state_schema, spool_dir=args.spool_dir,
                        message_hook=load_hook(args.message_hook) if args.message_hook else None,

@@ -1,0 +1,147 @@
+"""Reliability scenarios beyond crashes and cuts: locks, aborted streams, the copy/stream seam,
+a source without logical WAL, and a soak with random kills and network cuts under pgbench."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from replicator.servers import LocalServer
+from tests.pgplugin import ROOT, Daemon, assert_same_tables, new_db, wait_for
+from tests.replicator import workload as wl
+from tests.replicator.test_sync import PGBENCH, TABLES, TYPED
+
+pytestmark = pytest.mark.pg
+
+
+def _main_pair_only(src, dst) -> None:
+    if (src.version, dst.version) != (15, 18):
+        pytest.skip("fault scenarios run on 15 -> 18, the main case")
+
+
+def test_a_locked_target_table_makes_pgferry_wait_not_fail(pair, daemons):
+    src, dst = pair
+    _main_pair_only(src, dst)
+    wl.setup(src, dst)
+    d = Daemon(src, dst)
+    daemons.append(d)
+    locker = psycopg2.connect(dst.dsn)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE acct IN ACCESS EXCLUSIVE MODE")
+        w = wl.Workload(src, seed=12)
+        try:
+            w.run(100)
+        finally:
+            w.close()
+        # pgferry is blocked on the lock: its session waits (wait_event_type Lock), nothing fails
+        wait_for(lambda: dst.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgferry' "
+                                     "AND wait_event_type = 'Lock'")[0][0] == 1, 30, "pgferry to wait on the lock")
+    finally:
+        locker.rollback()
+        locker.close()
+    d.wait_caught_up()
+    assert_same_tables(src, dst, wl.TABLES)
+    out = d.output()
+    assert "retrying" not in out and "error" not in out.lower(), out
+
+
+def test_a_streamed_transaction_cut_off_at_the_source_is_discarded(pair, daemons, tmp_path):
+    """A large transaction streamed while in progress, whose backend is terminated mid-way: the
+    source aborts it, pgferry drops what it spooled, and nothing of it reaches the target."""
+    src, dst = pair
+    _main_pair_only(src, dst)
+    wl.setup(src, dst)
+    d = Daemon(src, dst, "--spool-dir", str(tmp_path),
+               source_dsn=src.dsn + " options='-c logical_decoding_work_mem=64kB'")
+    daemons.append(d)
+    conn = psycopg2.connect(src.dsn)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        (pid,) = cur.fetchone()
+
+    def big() -> None:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("INSERT INTO nokey SELECT g, 'doomed', NULL FROM generate_series(1, 2000000) g")
+        except psycopg2.Error:
+            pass
+
+    th = threading.Thread(target=big, daemon=True)
+    th.start()
+    wait_for(lambda: any(f.stat().st_size > 0 for f in tmp_path.glob("pgferry-spool-*/*.spool")), 60,
+             "pgferry to spool part of it", interval=0.1)
+    src.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    th.join(30)
+    w = wl.Workload(src, seed=13)
+    try:
+        w.run(50)
+    finally:
+        w.close()
+    d.wait_caught_up()
+    assert_same_tables(src, dst, wl.TABLES)
+    assert dst.execute("SELECT count(*) FROM nokey WHERE b = 'doomed'") == [(0,)]
+
+
+def test_restart_between_copy_and_stream(pair, daemons, tmp_path):
+    src, dst = pair
+    _main_pair_only(src, dst)
+    subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-d", src.dsn], check=True, capture_output=True)
+    src.psql(TYPED)
+    bench = subprocess.Popen([PGBENCH, "-c", "2", "-T", "15", "-n", "-d", src.dsn], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    d = Daemon(src, dst, copy=True, ready=False, env={"PGFERRY_FAILPOINT": "before_stream"})
+    daemons.append(d)
+    assert d.wait_exit(timeout=120) == 99, d.output()
+    d.env.pop("PGFERRY_FAILPOINT")
+    d.start()
+    bench.wait(timeout=60)
+    d.wait_caught_up(timeout=120)
+    assert_same_tables(src, dst, TABLES)
+
+
+def test_source_without_logical_wal_is_refused_clearly(pair):
+    _, dst = pair
+    with LocalServer(pair[0].version, settings={"wal_level": "replica"}, name="replica-") as server:
+        src = new_db(server, "src")
+        r = subprocess.run([sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target", dst.dsn],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+    assert r.returncode == 1 and "wal_level = replica" in r.stderr and "wal_level = logical" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_soak_pgbench_with_random_kills_and_network_cuts(pair, daemons, tcp_proxy):
+    """PGFERRY_SOAK_SECONDS (default 20 in CI) of pgbench while pgferry is killed every few seconds
+    and its source connection cut now and then; afterwards, zero differences."""
+    src, dst = pair
+    _main_pair_only(src, dst)
+    seconds = int(os.environ.get("PGFERRY_SOAK_SECONDS", "20"))
+    subprocess.run([PGBENCH, "-i", "-s", "2", "-q", "-d", src.dsn], check=True, capture_output=True)
+    src.psql(TYPED)
+    proxy = tcp_proxy(src)
+    bench = subprocess.Popen([PGBENCH, "-c", "3", "-T", str(seconds), "-n", "-d", src.dsn],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    d = Daemon(src, dst, "--batch-rows", "200", copy=True, ready=False, source_dsn=proxy.dsn_for(src.dsn))
+    daemons.append(d)
+    rnd = random.Random(42)
+    kills = cuts = 0
+    while bench.poll() is None:
+        time.sleep(rnd.uniform(1.0, 4.0))  # the moment of the next fault
+        if rnd.random() < 0.3:
+            cuts += proxy.cut() > 0
+        else:
+            d.kill()
+            kills += 1
+            d.start()
+    assert kills >= 2
+    d.wait_caught_up(timeout=300)
+    assert_same_tables(src, dst, TABLES)
+    print(f"soak: {seconds} s of pgbench, {kills} kills, {cuts} network cuts, no differences")
