@@ -21,18 +21,14 @@ triggers) after it, so the copy runs without index maintenance.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
 import os
 import re
-import shutil
 import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -40,16 +36,17 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from decoder import Lsn
-from sink import failpoints, state
+from sink import state
 from sink.state import quote_ident
 
-from .errors import PgferryError, UsageError
+from .checks import check_extensions, check_replicability, check_target_schema
+from .copy import CopyProgress, block_ranges, copy_table, mark_copied, table_sizes, truncate_target
+from .errors import PgferryError
+from .pgtools import find_pg_dump, libpq_env
 from .source import check_logical_source, connect, describe_dsn
 
 log = logging.getLogger("pgferry.sync")
 
-FIRST_USER_OID = 16384  # built-in types below: their binary format and OID are the same on every server
-COPY_CHUNK = 1 << 20
 
 
 class SyncError(PgferryError):
@@ -85,32 +82,6 @@ class TableCopy:
 
 
 # -- tools ------------------------------------------------------------------------------------
-@functools.cache
-def find_pg_dump() -> str:
-    """The newest pg_dump on this machine (PGFERRY_PG_DUMP overrides)."""
-    override = os.environ.get("PGFERRY_PG_DUMP")
-    if override:
-        return override
-    candidates = [shutil.which("pg_dump")]
-    try:
-        from .servers import embedded_bindir
-
-        candidates.append(str(embedded_bindir() / "pg_dump"))
-    except Exception:  # the wheel may be missing outside the demo/test set-up
-        pass
-    candidates += [str(p) for p in Path("/usr/lib/postgresql").glob("*/bin/pg_dump")]
-    best: tuple[int, str] | None = None
-    for c in candidates:
-        if not c or not os.access(c, os.X_OK):
-            continue
-        out = subprocess.run([c, "--version"], capture_output=True, text=True, check=False).stdout
-        m = re.search(r"(\d+)", out.split(")")[-1] if ")" in out else out)
-        if m and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), c)
-    if best is None:
-        raise UsageError("pg_dump not found: install the PostgreSQL client (e.g. apt-get install postgresql-client) "
-                         "or set PGFERRY_PG_DUMP, or pass --no-schema with the target's tables created by hand")
-    return best[1]
 
 
 def dump_schema(dsn: str, section: str, snapshot: str | None) -> str:
@@ -320,8 +291,8 @@ class InitialSync:
         if not tables:
             return
         started = time.monotonic()
-        sizes = _table_sizes(self.cfg.source, tables)
-        progress = _Progress(self.cfg, sum(sizes.values()), len(tables))
+        sizes = table_sizes(self.cfg.source, tables)
+        progress = CopyProgress(self.cfg, sizes, len(tables))
         ticker = threading.Event()
         threading.Thread(target=progress.report_every, args=(ticker, 5.0), daemon=True).start()
         parts: list[tuple[TableCopy, str]] = []
@@ -361,232 +332,30 @@ class InitialSync:
 
 
 # -- one table ------------------------------------------------------------------------------------
-class _Progress:
-    """Rows and bytes copied so far: finished parts plus the target's pg_stat_progress_copy for
-    the COPYs still running (the data never passes through Python, so this is where to look)."""
-
-    def __init__(self, cfg: SyncConfig, total_bytes: int, tables: int) -> None:
-        self.cfg = cfg
-        self.total_bytes, self.tables = total_bytes, tables
-        self.rows = self.bytes = self.done = 0
-        self.started = time.monotonic()
-        self.lock = threading.Lock()
-
-    def table_done(self, t: TableCopy) -> None:
-        with self.lock:
-            self.done += 1
-
-    def part_done(self, rows: int, nbytes: int) -> None:
-        with self.lock:
-            self.rows += rows
-            self.bytes += nbytes
-
-    def running(self, conn: Any) -> tuple[int, int]:
-        """(rows, bytes) of the COPYs in progress on the target."""
-        with conn.cursor() as cur:
-            cur.execute("SELECT coalesce(sum(p.tuples_processed), 0), coalesce(sum(p.bytes_processed), 0) "
-                        "FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
-                        "WHERE a.application_name = 'pgferry-copy'")
-            rows, nbytes = cur.fetchone()
-        conn.rollback()
-        return int(rows), int(nbytes)
-
-    def report_every(self, stop: threading.Event, seconds: float) -> None:
-        """Log progress every `seconds`; look at the running COPYs twice a second."""
-        try:
-            conn = connect(self.cfg.target, "target")
-        except PgferryError:
-            return
-        last = time.monotonic()
-        try:
-            while not stop.wait(0.5):
-                rows, nbytes = self.running(conn)
-                if rows > MID_COPY_ROWS:
-                    failpoints.hit("mid_copy")
-                if time.monotonic() - last < seconds:
-                    continue
-                last = time.monotonic()
-                nbytes += self.bytes
-                took = last - self.started
-                rate = nbytes / max(took, 1e-6)
-                left = max(self.total_bytes - nbytes, 0)
-                eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-                log.info("copy: %d/%d tables, %d rows, %.1f of ~%.1f MB, %.1f MB/s, ETA %s", self.done,
-                         self.tables, self.rows + rows, nbytes / 1e6, self.total_bytes / 1e6, rate / 1e6, eta)
-        except psycopg2.Error:
-            return
-        finally:
-            conn.close()
 
 
-MID_COPY_ROWS = 100_000  # the mid_copy failpoint fires once the running COPYs have passed this many rows
 
 
-SPLIT_BYTES = 64 << 20  # tables above this are copied in block ranges, side by side
-BLOCK = 8192
 
 
-def block_ranges(size: int, jobs: int) -> list[str]:
-    """WHERE clauses that split a table of `size` bytes into up to `jobs` block ranges; [""] for
-    one part. The last range is open-ended: the snapshot may see rows in blocks added since."""
-    parts = min(jobs, size // SPLIT_BYTES)
-    if parts < 2:
-        return [""]
-    step = max(1, size // BLOCK // parts)
-    bounds = [i * step for i in range(1, parts)]
-    out = [f"ctid < '({bounds[0]},0)'::tid"]
-    out += [f"ctid >= '({a},0)'::tid AND ctid < '({b},0)'::tid" for a, b in itertools.pairwise(bounds)]
-    out.append(f"ctid >= '({bounds[-1]},0)'::tid")
-    return out
 
 
-def truncate_target(cfg: SyncConfig, t: TableCopy) -> None:
-    dst = connect(cfg.target, "target")
-    try:
-        dst.cursor().execute(f"TRUNCATE {t.qualified}")
-        dst.commit()
-    finally:
-        dst.close()
 
 
-def mark_copied(cfg: SyncConfig, t: TableCopy, snapshot_lsn: Lsn, cur: Any = None) -> None:
-    sql = (f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', snapshot_lsn = %s::pg_lsn, rows = %s, "
-           "bytes = %s, copied_at = now() WHERE slot_name = %s AND schema_name = %s AND table_name = %s")
-    args = (str(snapshot_lsn), t.rows, t.bytes, cfg.slot, t.schema, t.name)
-    if cur is not None:
-        cur.execute(sql, args)
-        return
-    dst = connect(cfg.target, "target")
-    try:
-        dst.cursor().execute(sql, args)
-        dst.commit()
-    finally:
-        dst.close()
-    log.info("copied %s: %d rows, %.1f MB in parts", t.display, t.rows, t.bytes / 1e6)
 
 
-def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, progress: _Progress,
-               where: str = "", whole: bool = True) -> None:
-    """Copy one table (or one block range of it, `where`) in the exported snapshot.
-
-    Two psql processes joined by a pipe: `COPY (SELECT ...) TO STDOUT` on the source, in the
-    snapshot, into `COPY ... FROM STDIN` on the target (binary when every column has a built-in
-    type, text otherwise). No byte of the data passes through Python: psycopg2's COPY calls back
-    into Python once per row, which on a 2-core machine cost as much as the copy itself. A whole
-    table is emptied, copied and marked copied in ONE target transaction (`psql -1`); a part only
-    adds its rows (the caller empties the table first and marks it when all parts are in).
-    """
-    started = time.monotonic()
-    src = connect(cfg.source, "source")
-    try:
-        with src.cursor() as scur:
-            scur.execute("""SELECT a.attname, a.atttypid < %s, c.relkind FROM pg_attribute a JOIN pg_class c
-                ON c.oid = a.attrelid WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
-                AND a.attgenerated = '' ORDER BY a.attnum""", (FIRST_USER_OID, t.qualified))
-            cols = scur.fetchall()
-    finally:
-        src.close()
-    names = ", ".join(quote_ident(c[0]) for c in cols)
-    binary = all(c[1] for c in cols)
-    fmt = "(FORMAT binary)" if binary else ""
-    only = "ONLY " if cols and cols[0][2] == "r" else ""
-    query = f"SELECT {names} FROM {only}{t.qualified}" + (f" WHERE {where}" if where else "")
-    psql = find_client("psql")
-    out_cmd = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1",
-               "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-               "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
-               "-c", f"COPY ({query}) TO STDOUT {fmt}"]
-    in_cmd = [psql, "-X", "-v", "ON_ERROR_STOP=1", "-1"]
-    if whole:
-        in_cmd += ["-c", f"TRUNCATE {t.qualified}"]
-    in_cmd += ["-c", f"COPY {t.qualified} ({names}) FROM STDIN {fmt}"]
-    if whole:
-        in_cmd += ["-c", f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', "
-                         f"snapshot_lsn = '{snapshot_lsn}', "
-                         f"copied_at = now() WHERE slot_name = {_literal(cfg.slot)} AND "
-                         f"schema_name = {_literal(t.schema)} AND table_name = {_literal(t.name)}"]
-    out = subprocess.Popen(out_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(cfg.source),
-                           preexec_fn=_die_with_parent)
-    into = subprocess.Popen(in_cmd, stdin=out.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=libpq_env(cfg.target, "pgferry-copy"), preexec_fn=_die_with_parent)
-    assert out.stdout is not None
-    out.stdout.close()  # the target psql holds the read end now
-    in_out, in_err = into.communicate()
-    out_err = out.stderr.read() if out.stderr else b""
-    out.wait()
-    if out.returncode != 0 or into.returncode != 0:
-        err = (out_err if out.returncode != 0 else in_err).decode(errors="replace").strip()
-        raise SyncError(f"copying {t.display} failed: {err or 'psql exited with an error'}")
-    m = re.search(rb"^COPY (\d+)", in_out, re.M)
-    rows = int(m.group(1)) if m else 0
-    with progress.lock:
-        t.rows += rows
-    progress.part_done(rows, 0)
-    if whole:
-        _record_rows(cfg, t)
-        progress.table_done(t)
-        log.info("copied %s: %d rows in %.1f s (%s)", t.display, t.rows, time.monotonic() - started,
-                 "binary" if binary else "text")
 
 
-def _record_rows(cfg: SyncConfig, t: TableCopy) -> None:
-    """The row count psql reported (informational: the copied mark was committed with the rows)."""
-    dst = connect(cfg.target, "target")
-    try:
-        dst.cursor().execute(f"UPDATE {quote_ident(cfg.schema)}.tables SET rows = %s WHERE slot_name = %s AND "
-                             "schema_name = %s AND table_name = %s", (t.rows, cfg.slot, t.schema, t.name))
-        dst.commit()
-    finally:
-        dst.close()
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
-def _die_with_parent() -> None:
-    """Children of the daemon die with it (kill -9 included), so no copy commits after it is gone."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
-_LIBPQ_ENV = {"host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE",
-              "user": "PGUSER", "password": "PGPASSWORD", "passfile": "PGPASSFILE", "options": "PGOPTIONS",
-              "sslmode": "PGSSLMODE", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "sslrootcert": "PGSSLROOTCERT",
-              "sslcrl": "PGSSLCRL", "connect_timeout": "PGCONNECT_TIMEOUT",
-              "target_session_attrs": "PGTARGETSESSIONATTRS", "service": "PGSERVICE",
-              "channel_binding": "PGCHANNELBINDING", "gssencmode": "PGGSSENCMODE", "krbsrvname": "PGKRBSRVNAME",
-              "sslnegotiation": "PGSSLNEGOTIATION", "application_name": "PGAPPNAME"}
 
 
-def libpq_env(dsn: str, application_name: str = "pgferry") -> dict[str, str]:
-    """The DSN as PG* environment variables for pg_dump/psql: a password on a command line would be
-    visible to every user of the machine in `ps`."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PG") or k in ("PGPASSFILE", "PGSERVICEFILE", "PGSYSCONFDIR")}
-    for key, value in psycopg2.extensions.parse_dsn(dsn).items():
-        var = _LIBPQ_ENV.get(key)
-        if var is None:
-            raise UsageError(f"DSN parameter {key!r} is not supported for pg_dump/psql by pgferry")
-        env[var] = value
-    env["PGAPPNAME"] = application_name
-    return env
 
 
-def find_client(name: str) -> str:
-    """psql (or another client) next to the pg_dump in use."""
-    path = Path(find_pg_dump()).with_name(name)
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if found is None:
-        raise UsageError(f"{name} not found next to {find_pg_dump()} or on PATH: install the PostgreSQL client")
-    return found
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -611,100 +380,12 @@ def ensure_publication(src: psycopg2.extensions.connection, cfg: SyncConfig) -> 
     return True
 
 
-_COLUMNS = """SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"""
 
 
-def check_replicability(src: Any, cfg: SyncConfig) -> None:
-    """What logical replication cannot carry, said before anything starts: unlogged tables and large
-    objects (warnings with the fix), and tables without a replica identity. Publishing such a table
-    makes every UPDATE and DELETE on it FAIL on the source, so that is an error when the source has
-    updated or deleted rows in it, and a warning otherwise (insert-only tables are fine)."""
-    with src.cursor() as cur:
-        cur.execute("""SELECT n.nspname || '.' || c.relname, c.relpersistence = 'u',
-                c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
-                    SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)),
-                coalesce(s.n_tup_upd + s.n_tup_del, 0) > 0
-            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
-            WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-              AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
-              AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[])
-                   OR c.relname = ANY(%s::text[]))
-            ORDER BY 1""", (cfg.tables, cfg.tables, cfg.tables))
-        rows = cur.fetchall()
-        cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
-        (large_objects,) = cur.fetchone()
-    src.rollback()
-    unlogged = [r[0] for r in rows if r[1]]
-    if unlogged:
-        log.warning("unlogged tables are not replicated: %s. Copy them by hand at cutover, or make them logged "
-                    "first (ALTER TABLE ... SET LOGGED)", ", ".join(unlogged))
-    if large_objects:
-        log.warning("the source has %d large objects; logical replication does not carry them. Copy them at "
-                    "cutover (pg_dump --large-objects --data-only)", large_objects)
-    no_identity = [(r[0], r[3]) for r in rows if r[2] and not r[1]]
-    quiet = [name for name, changed in no_identity if not changed]
-    if quiet:
-        log.warning("tables without a primary key or replica identity: %s. They seem insert-only; an UPDATE or "
-                    "DELETE on them would fail on the source once published (fix: ALTER TABLE <table> REPLICA "
-                    "IDENTITY FULL)", ", ".join(quiet))
-    written = [name for name, changed in no_identity if changed]
-    if written:
-        raise SyncError("tables without a primary key or replica identity that receive UPDATE or DELETE: "
-                        f"{', '.join(written)}. Once published, those statements would fail on the source. Add a "
-                        "primary key, or run ALTER TABLE <table> REPLICA IDENTITY FULL (or USING INDEX <unique "
-                        "index>), then start again")
 
 
-def check_target_schema(src: Any, target: Any, cfg: SyncConfig) -> None:
-    """--no-schema: the target's tables were made by hand. Every published table and column must be
-    there; all differences are reported at once, before anything is created or copied."""
-    with src.cursor() as cur:
-        cur.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1, 2",
-                    (cfg.publication,))
-        tables = cur.fetchall()
-        cur.execute(_COLUMNS, ([t[0] for t in tables], [t[1] for t in tables]))
-        source = cur.fetchall()
-    src.rollback()
-    cur = target.cursor()
-    cur.execute(_COLUMNS, ([t[0] for t in tables], [t[1] for t in tables]))
-    on_target = {(n, t, a): typ for n, t, a, typ in cur.fetchall()}
-    target.rollback()
-    present = {(n, t) for n, t, _ in on_target}
-    problems = [f"table {n}.{t} is missing" for n, t in tables if (n, t) not in present]
-    for n, t, a, typ in source:
-        if (n, t) not in present:
-            continue
-        other = on_target.get((n, t, a))
-        if other is None:
-            problems.append(f"{n}.{t}: column {a} ({typ}) is missing")
-        elif other != typ:
-            problems.append(f"{n}.{t}: column {a} is {other} on the target but {typ} on the source")
-    if problems:
-        raise SyncError(f"--no-schema: the target {describe_dsn(cfg.target)} does not match the source's published "
-                        f"tables ({len(problems)} problem(s)): " + "; ".join(problems) +
-                        ". Fix the target's tables (or drop --no-schema to let pgferry create them)")
 
 
-def check_extensions(src: Any, target: Any, cfg: SyncConfig) -> None:
-    """Extensions the source uses that the target cannot install: reported before anything starts."""
-    if not cfg.schema_copy:
-        return
-    with src.cursor() as cur:
-        cur.execute("SELECT extname FROM pg_extension WHERE extname <> 'plpgsql'")
-        used = {r[0] for r in cur.fetchall()}
-    src.rollback()
-    cur = target.cursor()
-    cur.execute("SELECT name FROM pg_available_extensions")
-    available = {r[0] for r in cur.fetchall()}
-    target.rollback()
-    missing = sorted(used - available)
-    if missing:
-        raise SyncError(f"the source uses extension(s) {', '.join(missing)} that the target "
-                        f"{describe_dsn(cfg.target)} cannot install: install them on the target server first")
 
 
 def copy_sequences(source: str, target: str) -> list[tuple[str, int]]:
@@ -740,20 +421,6 @@ def _slot_exists(src: Any, slot: str) -> bool:
     return found
 
 
-def _table_sizes(dsn: str, tables: list[TableCopy]) -> dict[str, int]:
-    """schema.table -> its heap size on the source (partitioned roots: the sum of their partitions)."""
-    src = connect(dsn, "source")
-    try:
-        with src.cursor() as cur:
-            # pg_partition_tree() is empty for a plain table
-            cur.execute("""SELECT s || '.' || t, greatest(pg_relation_size(format('%%I.%%I', s, t)::regclass),
-                    coalesce((SELECT sum(pg_relation_size(p.relid))
-                              FROM pg_partition_tree(format('%%I.%%I', s, t)::regclass) p), 0))
-                FROM unnest(%s::text[], %s::text[]) AS x(s, t)""",
-                        ([t.schema for t in tables], [t.name for t in tables]))
-            return {name: int(size) for name, size in cur.fetchall()}
-    finally:
-        src.close()
 
 
 def _report_waiting_transactions(dsn: str) -> threading.Event:

@@ -1,0 +1,115 @@
+"""Checks run before anything is created: what logical replication cannot carry, and what the
+target lacks. Every finding names its fix."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .errors import PgferryError
+from .source import describe_dsn
+
+if TYPE_CHECKING:
+    from .sync import SyncConfig
+
+log = logging.getLogger("pgferry.sync")
+
+
+class CheckError(PgferryError):
+    """Starting would break the source, or cannot work with this target (exit 1)."""
+
+
+def check_replicability(src: Any, cfg: SyncConfig) -> None:
+    """What logical replication cannot carry, said before anything starts: unlogged tables and large
+    objects (warnings with the fix), and tables without a replica identity. Publishing such a table
+    makes every UPDATE and DELETE on it FAIL on the source, so that is an error when the source has
+    updated or deleted rows in it, and a warning otherwise (insert-only tables are fine)."""
+    with src.cursor() as cur:
+        cur.execute("""SELECT n.nspname || '.' || c.relname, c.relpersistence = 'u',
+                c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
+                    SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)),
+                coalesce(s.n_tup_upd + s.n_tup_del, 0) > 0
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+            WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+              AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
+              AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[])
+                   OR c.relname = ANY(%s::text[]))
+            ORDER BY 1""", (cfg.tables, cfg.tables, cfg.tables))
+        rows = cur.fetchall()
+        cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
+        (large_objects,) = cur.fetchone()
+    src.rollback()
+    unlogged = [r[0] for r in rows if r[1]]
+    if unlogged:
+        log.warning("unlogged tables are not replicated: %s. Copy them by hand at cutover, or make them logged "
+                    "first (ALTER TABLE ... SET LOGGED)", ", ".join(unlogged))
+    if large_objects:
+        log.warning("the source has %d large objects; logical replication does not carry them. Copy them at "
+                    "cutover (pg_dump --large-objects --data-only)", large_objects)
+    no_identity = [(r[0], r[3]) for r in rows if r[2] and not r[1]]
+    quiet = [name for name, changed in no_identity if not changed]
+    if quiet:
+        log.warning("tables without a primary key or replica identity: %s. They seem insert-only; an UPDATE or "
+                    "DELETE on them would fail on the source once published (fix: ALTER TABLE <table> REPLICA "
+                    "IDENTITY FULL)", ", ".join(quiet))
+    written = [name for name, changed in no_identity if changed]
+    if written:
+        raise CheckError("tables without a primary key or replica identity that receive UPDATE or DELETE: "
+                        f"{', '.join(written)}. Once published, those statements would fail on the source. Add a "
+                        "primary key, or run ALTER TABLE <table> REPLICA IDENTITY FULL (or USING INDEX <unique "
+                        "index>), then start again")
+
+
+_COLUMNS = """SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"""
+
+
+def check_target_schema(src: Any, target: Any, cfg: SyncConfig) -> None:
+    """--no-schema: the target's tables were made by hand. Every published table and column must be
+    there; all differences are reported at once, before anything is created or copied."""
+    with src.cursor() as cur:
+        cur.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1, 2",
+                    (cfg.publication,))
+        tables = cur.fetchall()
+        cur.execute(_COLUMNS, ([t[0] for t in tables], [t[1] for t in tables]))
+        source = cur.fetchall()
+    src.rollback()
+    cur = target.cursor()
+    cur.execute(_COLUMNS, ([t[0] for t in tables], [t[1] for t in tables]))
+    on_target = {(n, t, a): typ for n, t, a, typ in cur.fetchall()}
+    target.rollback()
+    present = {(n, t) for n, t, _ in on_target}
+    problems = [f"table {n}.{t} is missing" for n, t in tables if (n, t) not in present]
+    for n, t, a, typ in source:
+        if (n, t) not in present:
+            continue
+        other = on_target.get((n, t, a))
+        if other is None:
+            problems.append(f"{n}.{t}: column {a} ({typ}) is missing")
+        elif other != typ:
+            problems.append(f"{n}.{t}: column {a} is {other} on the target but {typ} on the source")
+    if problems:
+        raise CheckError(f"--no-schema: the target {describe_dsn(cfg.target)} does not match the source's published "
+                        f"tables ({len(problems)} problem(s)): " + "; ".join(problems) +
+                        ". Fix the target's tables (or drop --no-schema to let pgferry create them)")
+
+
+def check_extensions(src: Any, target: Any, cfg: SyncConfig) -> None:
+    """Extensions the source uses that the target cannot install: reported before anything starts."""
+    if not cfg.schema_copy:
+        return
+    with src.cursor() as cur:
+        cur.execute("SELECT extname FROM pg_extension WHERE extname <> 'plpgsql'")
+        used = {r[0] for r in cur.fetchall()}
+    src.rollback()
+    cur = target.cursor()
+    cur.execute("SELECT name FROM pg_available_extensions")
+    available = {r[0] for r in cur.fetchall()}
+    target.rollback()
+    missing = sorted(used - available)
+    if missing:
+        raise CheckError(f"the source uses extension(s) {', '.join(missing)} that the target "
+                        f"{describe_dsn(cfg.target)} cannot install: install them on the target server first")

@@ -1,0 +1,252 @@
+"""Copying table data: source `COPY TO` piped into target `COPY FROM` by two psql processes.
+
+No byte of the data passes through Python: psycopg2's COPY calls back into Python once per row,
+which on a 2-core machine cost as much as the copy itself. Tables over SPLIT_BYTES are split into
+`ctid` block ranges copied side by side. Progress comes from the target's `pg_stat_progress_copy`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import psycopg2
+
+from decoder import Lsn
+from sink import failpoints
+from sink.state import quote_ident
+
+from .errors import PgferryError
+from .pgtools import find_client, libpq_env
+from .source import connect
+
+if TYPE_CHECKING:
+    from .sync import SyncConfig, TableCopy
+
+log = logging.getLogger("pgferry.sync")
+
+
+class CopyError(PgferryError):
+    """A table could not be copied (exit 1)."""
+
+
+FIRST_USER_OID = 16384  # built-in types below: their binary format and OID are the same on every server
+
+
+
+
+class CopyProgress:
+    """Rows and bytes copied so far: finished parts plus the target's pg_stat_progress_copy for
+    the COPYs still running (the data never passes through Python, so this is where to look)."""
+
+    def __init__(self, cfg: SyncConfig, sizes: dict[str, int], tables: int) -> None:
+        self.cfg = cfg
+        self.sizes = sizes  # table -> source size: what a finished table counts for
+        self.total_bytes, self.tables = sum(sizes.values()), tables
+        self.done_bytes = 0
+        self.rows = self.done = 0
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+
+    def table_done(self, t: TableCopy) -> None:
+        with self.lock:
+            self.done += 1
+            self.done_bytes += self.sizes.get(t.display, 0)
+
+    def part_done(self, rows: int) -> None:
+        with self.lock:
+            self.rows += rows
+
+    def running(self, conn: Any) -> tuple[int, int]:
+        """(rows, bytes) of the COPYs in progress on the target."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT coalesce(sum(p.tuples_processed), 0), coalesce(sum(p.bytes_processed), 0) "
+                        "FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
+                        "WHERE a.application_name = 'pgferry-copy'")
+            rows, nbytes = cur.fetchone()
+        conn.rollback()
+        return int(rows), int(nbytes)
+
+    def report_every(self, stop: threading.Event, seconds: float) -> None:
+        """Log progress every `seconds`; look at the running COPYs twice a second."""
+        try:
+            conn = connect(self.cfg.target, "target")
+        except PgferryError:
+            return
+        last = time.monotonic()
+        try:
+            while not stop.wait(0.5):
+                rows, nbytes = self.running(conn)
+                if rows > MID_COPY_ROWS:
+                    failpoints.hit("mid_copy")
+                if time.monotonic() - last < seconds:
+                    continue
+                last = time.monotonic()
+                nbytes += self.done_bytes  # COPY bytes of running parts + source size of finished tables
+                took = last - self.started
+                rate = nbytes / max(took, 1e-6)
+                left = max(self.total_bytes - nbytes, 0)
+                eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+                log.info("copy: %d/%d tables, %d rows, %.1f of ~%.1f MB, %.1f MB/s, ETA %s", self.done,
+                         self.tables, self.rows + rows, nbytes / 1e6, self.total_bytes / 1e6, rate / 1e6, eta)
+        except psycopg2.Error:
+            return
+        finally:
+            conn.close()
+
+
+MID_COPY_ROWS = 100_000  # the mid_copy failpoint fires once the running COPYs have passed this many rows
+
+
+SPLIT_BYTES = 64 << 20  # tables above this are copied in block ranges, side by side
+
+
+BLOCK = 8192
+
+
+def block_ranges(size: int, jobs: int) -> list[str]:
+    """WHERE clauses that split a table of `size` bytes into up to `jobs` block ranges; [""] for
+    one part. The last range is open-ended: the snapshot may see rows in blocks added since."""
+    parts = min(jobs, size // SPLIT_BYTES)
+    if parts < 2:
+        return [""]
+    step = max(1, size // BLOCK // parts)
+    bounds = [i * step for i in range(1, parts)]
+    out = [f"ctid < '({bounds[0]},0)'::tid"]
+    out += [f"ctid >= '({a},0)'::tid AND ctid < '({b},0)'::tid" for a, b in itertools.pairwise(bounds)]
+    out.append(f"ctid >= '({bounds[-1]},0)'::tid")
+    return out
+
+
+def truncate_target(cfg: SyncConfig, t: TableCopy) -> None:
+    dst = connect(cfg.target, "target")
+    try:
+        dst.cursor().execute(f"TRUNCATE {t.qualified}")
+        dst.commit()
+    finally:
+        dst.close()
+
+
+def mark_copied(cfg: SyncConfig, t: TableCopy, snapshot_lsn: Lsn) -> None:
+    """A split table: all its parts are in (a whole table is marked in its own copy transaction)."""
+    sql = (f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', snapshot_lsn = %s::pg_lsn, rows = %s, "
+           "bytes = %s, copied_at = now() WHERE slot_name = %s AND schema_name = %s AND table_name = %s")
+    args = (str(snapshot_lsn), t.rows, t.bytes, cfg.slot, t.schema, t.name)
+    dst = connect(cfg.target, "target")
+    try:
+        dst.cursor().execute(sql, args)
+        dst.commit()
+    finally:
+        dst.close()
+    log.info("copied %s: %d rows, %.1f MB in parts", t.display, t.rows, t.bytes / 1e6)
+
+
+def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, progress: CopyProgress,
+               where: str = "", whole: bool = True) -> None:
+    """Copy one table (or one block range of it, `where`) in the exported snapshot.
+
+    Two psql processes joined by a pipe: `COPY (SELECT ...) TO STDOUT` on the source, in the
+    snapshot, into `COPY ... FROM STDIN` on the target (binary when every column has a built-in
+    type, text otherwise). No byte of the data passes through Python: psycopg2's COPY calls back
+    into Python once per row, which on a 2-core machine cost as much as the copy itself. A whole
+    table is emptied, copied and marked copied in ONE target transaction (`psql -1`); a part only
+    adds its rows (the caller empties the table first and marks it when all parts are in).
+    """
+    started = time.monotonic()
+    src = connect(cfg.source, "source")
+    try:
+        with src.cursor() as scur:
+            scur.execute("""SELECT a.attname, a.atttypid < %s, c.relkind FROM pg_attribute a JOIN pg_class c
+                ON c.oid = a.attrelid WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attgenerated = '' ORDER BY a.attnum""", (FIRST_USER_OID, t.qualified))
+            cols = scur.fetchall()
+    finally:
+        src.close()
+    names = ", ".join(quote_ident(c[0]) for c in cols)
+    binary = all(c[1] for c in cols)
+    fmt = "(FORMAT binary)" if binary else ""
+    only = "ONLY " if cols and cols[0][2] == "r" else ""
+    query = f"SELECT {names} FROM {only}{t.qualified}" + (f" WHERE {where}" if where else "")
+    psql = find_client("psql")
+    out_cmd = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1",
+               "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+               "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
+               "-c", f"COPY ({query}) TO STDOUT {fmt}"]
+    in_cmd = [psql, "-X", "-v", "ON_ERROR_STOP=1", "-1"]
+    if whole:
+        in_cmd += ["-c", f"TRUNCATE {t.qualified}"]
+    in_cmd += ["-c", f"COPY {t.qualified} ({names}) FROM STDIN {fmt}"]
+    if whole:
+        in_cmd += ["-c", f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', "
+                         f"snapshot_lsn = '{snapshot_lsn}', "
+                         f"copied_at = now() WHERE slot_name = {_literal(cfg.slot)} AND "
+                         f"schema_name = {_literal(t.schema)} AND table_name = {_literal(t.name)}"]
+    out = subprocess.Popen(out_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(cfg.source),
+                           preexec_fn=_die_with_parent)
+    into = subprocess.Popen(in_cmd, stdin=out.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=libpq_env(cfg.target, "pgferry-copy"), preexec_fn=_die_with_parent)
+    assert out.stdout is not None
+    out.stdout.close()  # the target psql holds the read end now
+    in_out, in_err = into.communicate()
+    out_err = out.stderr.read() if out.stderr else b""
+    out.wait()
+    if out.returncode != 0 or into.returncode != 0:
+        err = (out_err if out.returncode != 0 else in_err).decode(errors="replace").strip()
+        raise CopyError(f"copying {t.display} failed: {err or 'psql exited with an error'}")
+    m = re.search(rb"^COPY (\d+)", in_out, re.M)
+    rows = int(m.group(1)) if m else 0
+    with progress.lock:
+        t.rows += rows
+    progress.part_done(rows)
+    if whole:
+        _record_rows(cfg, t)
+        progress.table_done(t)
+        log.info("copied %s: %d rows in %.1f s (%s)", t.display, t.rows, time.monotonic() - started,
+                 "binary" if binary else "text")
+
+
+def _record_rows(cfg: SyncConfig, t: TableCopy) -> None:
+    """The row count psql reported (informational: the copied mark was committed with the rows)."""
+    dst = connect(cfg.target, "target")
+    try:
+        dst.cursor().execute(f"UPDATE {quote_ident(cfg.schema)}.tables SET rows = %s WHERE slot_name = %s AND "
+                             "schema_name = %s AND table_name = %s", (t.rows, cfg.slot, t.schema, t.name))
+        dst.commit()
+    finally:
+        dst.close()
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _die_with_parent() -> None:
+    """Children of the daemon die with it (kill -9 included), so no copy commits after it is gone."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def table_sizes(dsn: str, tables: list[TableCopy]) -> dict[str, int]:
+    """schema.table -> its heap size on the source (partitioned roots: the sum of their partitions)."""
+    src = connect(dsn, "source")
+    try:
+        with src.cursor() as cur:
+            # pg_partition_tree() is empty for a plain table
+            cur.execute("""SELECT s || '.' || t, greatest(pg_relation_size(format('%%I.%%I', s, t)::regclass),
+                    coalesce((SELECT sum(pg_relation_size(p.relid))
+                              FROM pg_partition_tree(format('%%I.%%I', s, t)::regclass) p), 0))
+                FROM unnest(%s::text[], %s::text[]) AS x(s, t)""",
+                        ([t.schema for t in tables], [t.name for t in tables]))
+            return {name: int(size) for name, size in cur.fetchall()}
+    finally:
+        src.close()
