@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 
@@ -127,7 +128,12 @@ class InitialSync:
         self.target = connect(cfg.target, "target")
         try:
             cur = self.target.cursor()
-            state.ensure_schema(cur, cfg.schema)
+            try:
+                state.ensure_schema(cur, cfg.schema)
+            except psycopg2.errors.InsufficientPrivilege as exc:
+                raise SyncError(f"target {describe_dsn(cfg.target)}: {str(exc).strip().splitlines()[0]}: pgferry "
+                                f"needs CREATE on the target database for its {cfg.schema!r} state schema and the "
+                                f"tables (GRANT CREATE ON DATABASE ... TO the target role)") from None
             self.target.commit()
             row = self._sync_row()
             if row is None:
