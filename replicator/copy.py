@@ -130,6 +130,20 @@ def truncate_target(cfg: SyncConfig, t: TableCopy) -> None:
         dst.commit()
     finally:
         dst.close()
+    mark_copying(cfg, t)
+
+
+def mark_copying(cfg: SyncConfig, t: TableCopy) -> None:
+    """For `status`: this table's copy has started (it stays 'copying' if the daemon dies mid-way;
+    only 'copied' tables are kept on resume)."""
+    dst = connect(cfg.target, "target")
+    try:
+        dst.cursor().execute(f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copying' WHERE slot_name = %s "
+                             "AND schema_name = %s AND table_name = %s AND state <> 'copied'",
+                             (cfg.slot, t.schema, t.name))
+        dst.commit()
+    finally:
+        dst.close()
 
 
 def mark_copied(cfg: SyncConfig, t: TableCopy, snapshot_lsn: Lsn) -> None:
@@ -158,6 +172,8 @@ def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, 
     adds its rows (the caller empties the table first and marks it when all parts are in).
     """
     started = time.monotonic()
+    if whole:
+        mark_copying(cfg, t)
     src = connect(cfg.source, "source")
     try:
         with src.cursor() as scur:

@@ -55,6 +55,11 @@ def collect(source: str, target: str, slot: str, schema: str) -> Status:
             cur.execute(f"SELECT active, wal_status, pg_current_wal_lsn() - restart_lsn, {safe} "
                         "FROM pg_replication_slots WHERE slot_name = %s", (slot,))
             slot_row = cur.fetchone()
+            # during the initial copy the slot is not streamed yet: the daemon then shows as the
+            # replication connection that holds the exported snapshot
+            cur.execute("SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'walsender' "
+                        "AND application_name = 'pgferry' AND datname = current_database()")
+            (copying_walsender,) = cur.fetchone()
     finally:
         src.close()
     dst = connect(target, "target")
@@ -67,9 +72,14 @@ def collect(source: str, target: str, slot: str, schema: str) -> Status:
                 progress = cur.fetchone()
                 cur.execute(f"SELECT phase FROM {s}.sync WHERE slot_name = %s", (slot,))
                 sync = cur.fetchone()
-                cur.execute(f"SELECT schema_name || '.' || table_name, state, rows FROM {s}.tables "
-                            "WHERE slot_name = %s ORDER BY 1", (slot,))
-                tables = [TableStatus(n, st, r) for n, st, r in cur.fetchall()]
+                # rows of a table being copied: what its running COPYs have written so far
+                cur.execute(f"""SELECT t.schema_name || '.' || t.table_name, t.state,
+                        CASE WHEN t.state = 'copying' THEN (
+                            SELECT sum(p.tuples_processed) FROM pg_stat_progress_copy p
+                            JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE n.nspname = t.schema_name AND c.relname = t.table_name) ELSE t.rows END
+                    FROM {s}.tables t WHERE t.slot_name = %s ORDER BY 1""", (slot,))
+                tables = [TableStatus(n, st, None if r is None else int(r)) for n, st, r in cur.fetchall()]
                 cur.execute(f"SELECT state, handoff_lsn::text FROM {s}.control WHERE slot_name = %s", (slot,))
                 control = cur.fetchone()
             except psycopg2.errors.UndefinedTable:
@@ -77,7 +87,7 @@ def collect(source: str, target: str, slot: str, schema: str) -> Status:
                 tables = []
     finally:
         dst.close()
-    running = bool(slot_row and slot_row[0])
+    running = bool(slot_row and slot_row[0]) or bool(copying_walsender and sync is not None and sync[0] != "streaming")
     if sync is not None and sync[0] == "done":
         phase = "done"
     elif progress is None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 
 import pytest
 
 from replicator.servers import find_bindir
-from tests.pgplugin import Daemon, Db, assert_same_tables, wait_for
+from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, wait_for
 
 pytestmark = pytest.mark.pg
 
@@ -99,6 +101,11 @@ def test_killed_mid_copy_then_restarted_resumes_without_loss(pair, daemons, tmp_
     assert "failpoint mid_copy reached" in d.output()
     copied = dst.execute("SELECT count(*) FILTER (WHERE state = 'copied'), count(*) FROM pgferry.tables")[0]
     assert copied[0] < copied[1], copied  # the kill came mid-copy
+    r = subprocess.run([sys.executable, "-m", "replicator.cli", "status", "--json", "--source", src.dsn, "--target",
+                        dst.dsn], capture_output=True, text=True, timeout=60, cwd=ROOT, check=True)
+    st = json.loads(r.stdout)
+    assert st["phase"] == "stopped" and not st["daemon_running"], st
+    assert "copying" in {t["state"] for t in st["tables"]}, st  # the table the kill interrupted
     d.env.pop("PGFERRY_FAILPOINT")
     d.start()
     _check_done(src, dst, d, bench)
