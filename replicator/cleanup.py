@@ -12,7 +12,7 @@ import psycopg2
 
 from sink.state import quote_ident
 
-from .errors import PgferryError
+from .errors import PgferryError, first_line
 from .source import connect, describe_dsn
 
 
@@ -53,7 +53,7 @@ def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bo
                 dropped.append(f"publication {publication}")
     except psycopg2.Error as exc:
         raise PgferryError(f"cleanup on source {describe_dsn(source)} failed after dropping "
-                           f"{', '.join(dropped) or 'nothing'}: {str(exc).strip().splitlines()[0]}") from None
+                           f"{', '.join(dropped) or 'nothing'}: {first_line(exc)}") from None
     finally:
         src.close()
     if drop_state:

@@ -34,7 +34,7 @@ import psycopg2
 
 from sink.state import HANDOFF_PREFIX, ensure_schema, quote_ident
 
-from .errors import PgferryError
+from .errors import PgferryError, first_line
 from .source import connect, describe_dsn
 from .sync import copy_sequences
 from .verify import verify
@@ -62,7 +62,7 @@ class Fence:
                     cur.execute(f"ALTER DATABASE {quote_ident(db)} SET default_transaction_read_only = on")
                 except psycopg2.Error as exc:
                     raise PgferryError(f"cannot fence source {describe_dsn(self.dsn)}: "
-                                       f"{str(exc).strip().splitlines()[0]} (ALTER DATABASE needs the database "
+                                       f"{first_line(exc)} (ALTER DATABASE needs the database "
                                        "owner or a superuser; or use --fence none and stop the writers yourself)"
                                        ) from None
                 self.on = True

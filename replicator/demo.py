@@ -27,7 +27,7 @@ from typing import IO
 import psycopg2
 import psycopg2.errors
 
-from .errors import PgferryError
+from .errors import PgferryError, first_line
 from .servers import LocalServer, ServerError
 
 SAMPLE_SCHEMA = """
@@ -66,7 +66,7 @@ def _writer(dsn: str, stop: threading.Event, counter: list[int], refused: list[s
                 conn = psycopg2.connect(dsn)
             _one_transaction(conn, conn.cursor(), rnd, counter)
         except psycopg2.errors.ReadOnlySqlTransaction as exc:
-            refused.append(str(exc).strip().splitlines()[0])
+            refused.append(first_line(exc))
             break
         except psycopg2.OperationalError:
             conn = None  # session ended: reconnect

@@ -25,3 +25,9 @@ class UsageError(PgferryError):
 
 class SourceNotReady(PgferryError):
     """The source is reachable but not set up for logical replication (exit 1)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libpq and server errors run to several lines)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

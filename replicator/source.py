@@ -9,7 +9,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from .errors import PgferryError, SourceNotReady, UsageError
+from .errors import PgferryError, SourceNotReady, UsageError, first_line
 
 
 def describe_dsn(dsn: str) -> str:
@@ -21,11 +21,6 @@ def describe_dsn(dsn: str) -> str:
     return f"{p.get('host', 'localhost')}:{p.get('port', '5432')}/{p.get('dbname', p.get('user', '?'))}"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
 def connect(dsn: str, role: str = "source", **kwargs: object) -> psycopg2.extensions.connection:
     """Open a connection, turning libpq failures into one-line usage errors."""
     if not dsn:
@@ -33,12 +28,12 @@ def connect(dsn: str, role: str = "source", **kwargs: object) -> psycopg2.extens
     try:
         psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError as exc:
-        raise UsageError(f"invalid {role} DSN: {_first_line(exc)} (expected e.g. "
+        raise UsageError(f"invalid {role} DSN: {first_line(exc)} (expected e.g. "
                          f"'host=db1 port=5432 dbname=app user=pgferry' or postgresql://user@db1/app)") from None
     try:
         conn = psycopg2.connect(dsn, application_name="pgferry", client_encoding="UTF8", **kwargs)
     except psycopg2.OperationalError as exc:
-        msg = _first_line(exc)
+        msg = first_line(exc)
         if "password authentication failed" in msg or "no password supplied" in msg:
             hint = "check the password in the DSN, PGPASSWORD or ~/.pgpass"
         elif "does not exist" in msg:

@@ -58,7 +58,7 @@ from sink.apply import RETRYABLE, BatchLimits, Sink
 from sink.errors import ApplyError, SinkError
 from sink.state import HANDOFF_PREFIX
 
-from .errors import PgferryError, UsageError
+from .errors import PgferryError, UsageError, first_line
 from .source import check_logical_source, connect, describe_dsn, max_protocol_version
 from .spool import Spool
 from .stopflag import StopFlag
@@ -95,11 +95,6 @@ class FatalError(PgferryError):
 
 class _Retry(Exception):
     """This session ended for a reason a reconnect can fix."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = (getattr(exc, "pgerror", None) or str(exc) or type(exc).__name__).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def prepare_slot(conn: psycopg2.extensions.connection, cfg: StreamConfig, stored: Lsn | None) -> tuple[Lsn, bool]:
@@ -167,7 +162,7 @@ class Session:
         try:
             stored = self.sink.open()
         except psycopg2.errors.InsufficientPrivilege as exc:
-            raise FatalError(f"target {describe_dsn(cfg.target)}: {_first_line(exc)}: pgferry needs CREATE on the "
+            raise FatalError(f"target {describe_dsn(cfg.target)}: {first_line(exc)}: pgferry needs CREATE on the "
                              f"database (or an existing {cfg.schema!r} schema it owns) for its state") from None
         src = connect(cfg.source, "source", **NET_OPTIONS)
         try:
@@ -444,10 +439,10 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
             except (psycopg2.Error, _Retry, OSError) as exc:
                 if not _retryable(exc):
                     if isinstance(exc, psycopg2.errors.UndefinedObject | psycopg2.errors.ObjectNotInPrerequisiteState):
-                        raise FatalError(f"cannot stream slot {cfg.slot!r}: {_first_line(exc)}. If the slot is gone "
+                        raise FatalError(f"cannot stream slot {cfg.slot!r}: {first_line(exc)}. If the slot is gone "
                                          "or invalidated, the target must be re-synced") from None
-                    raise FatalError(_first_line(exc)) from None
-                reason = _first_line(exc)
+                    raise FatalError(first_line(exc)) from None
+                reason = first_line(exc)
             finally:
                 if session.sink is not None:
                     session.sink.rollback()

@@ -42,7 +42,7 @@ from sink.state import quote_ident
 
 from .checks import check_extensions, check_replicability, check_target_schema
 from .copy import CopyProgress, block_ranges, copy_table, mark_copied, table_sizes, truncate_target
-from .errors import PgferryError
+from .errors import PgferryError, first_line
 from .pgtools import find_pg_dump, libpq_env
 from .source import check_logical_source, connect, describe_dsn
 
@@ -131,7 +131,7 @@ class InitialSync:
             try:
                 state.ensure_schema(cur, cfg.schema)
             except psycopg2.errors.InsufficientPrivilege as exc:
-                raise SyncError(f"target {describe_dsn(cfg.target)}: {str(exc).strip().splitlines()[0]}: pgferry "
+                raise SyncError(f"target {describe_dsn(cfg.target)}: {first_line(exc)}: pgferry "
                                 f"needs CREATE on the target database for its {cfg.schema!r} state schema and the "
                                 f"tables (GRANT CREATE ON DATABASE ... TO the target role)") from None
             self.target.commit()
@@ -232,7 +232,7 @@ class InitialSync:
         except psycopg2.Error as exc:
             conn.close()
             raise SyncError(f"could not create replication slot {slot!r} on {describe_dsn(self.cfg.source)}: "
-                            f"{str(exc).strip().splitlines()[0]}") from None
+                            f"{first_line(exc)}") from None
         finally:
             waiter.set()
         if self.snapshot_conn is not None:
@@ -259,7 +259,7 @@ class InitialSync:
                 cur.execute(sql)
             except psycopg2.Error as exc:
                 raise SyncError(f"creating the {what} on target {describe_dsn(self.cfg.target)} failed: "
-                                f"{str(exc).strip().splitlines()[0]}. If the target already has them, pass "
+                                f"{first_line(exc)}. If the target already has them, pass "
                                 "--no-schema") from None
             cur.execute(f"UPDATE {quote_ident(self.cfg.schema)}.sync SET {mark} WHERE slot_name = %s",
                         (self.cfg.slot,))
@@ -379,7 +379,7 @@ def ensure_publication(src: psycopg2.extensions.connection, cfg: SyncConfig) -> 
         except psycopg2.Error as exc:
             src.rollback()
             raise SyncError(f"could not create publication {cfg.publication!r} on {describe_dsn(cfg.source)}: "
-                            f"{str(exc).strip().splitlines()[0]}. Create it as a superuser: CREATE PUBLICATION "
+                            f"{first_line(exc)}. Create it as a superuser: CREATE PUBLICATION "
                             f"{cfg.publication} {what}") from None
     src.commit()
     log.info("created publication %s %s", cfg.publication, what)

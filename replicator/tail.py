@@ -45,7 +45,7 @@ from decoder import (
 )
 from decoder.values import Interval, convert, pg_epoch_to_datetime
 
-from .errors import PgferryError
+from .errors import PgferryError, first_line
 from .source import (
     check_logical_source,
     connect,
@@ -205,7 +205,7 @@ def run_tail(source_dsn: str, publication: str, slot: str | None, out: IO[str] =
     except psycopg2.Error as exc:
         repl.close()
         raise PgferryError(f"could not start streaming from {describe_dsn(source_dsn)} "
-                           f"slot {slot_name}: {str(exc).strip().splitlines()[0]}") from None
+                           f"slot {slot_name}: {first_line(exc)}") from None
 
     if on_ready is not None:
         on_ready(slot_name)
@@ -237,7 +237,7 @@ def run_tail(source_dsn: str, publication: str, slot: str | None, out: IO[str] =
                 select.select([repl, stop], [], [], 1.0)
     except psycopg2.Error as exc:
         raise PgferryError(f"replication stream from {describe_dsn(source_dsn)} failed: "
-                           f"{str(exc).strip().splitlines()[0]}") from None
+                           f"{first_line(exc)}") from None
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)

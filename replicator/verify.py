@@ -21,6 +21,7 @@ import psycopg2
 
 from sink.state import quote_ident
 
+from .errors import first_line
 from .source import connect
 
 log = logging.getLogger("pgferry.verify")
@@ -83,7 +84,7 @@ def verify_table(src: Any, dst: Any, schema: str, table: str, mode: str) -> Tabl
         dst.rollback()
         (res.source_rows,) = _one(src, f"SELECT count(*) FROM {qualified}")
         res.match = False
-        res.differences.append(f"cannot read the target table: {str(exc).strip().splitlines()[0]}")
+        res.differences.append(f"cannot read the target table: {first_line(exc)}")
         return res
     (res.source_rows,) = _one(src, f"SELECT count(*) FROM {qualified}")
     if res.source_rows != res.target_rows:
