@@ -157,7 +157,7 @@ def mark_copied(cfg: SyncConfig, t: TableCopy, snapshot_lsn: Lsn) -> None:
         dst.commit()
     finally:
         dst.close()
-    log.info("copied %s: %d rows, %.1f MB in parts", t.display, t.rows, t.bytes / 1e6)
+    log.info("copied %s: %d rows in parts", t.display, t.rows)
 
 
 def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, progress: CopyProgress,
@@ -185,8 +185,12 @@ def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, 
         src.close()
     names = ", ".join(quote_ident(c[0]) for c in cols)
     binary = all(c[1] for c in cols)
+    plain = bool(cols) and cols[0][2] == "r"  # not a partitioned root
     fmt = "(FORMAT binary)" if binary else ""
-    only = "ONLY " if cols and cols[0][2] == "r" else ""
+    only = "ONLY " if plain else ""
+    # A whole plain table is truncated in the same transaction, so its rows can be written frozen:
+    # the target then needs no anti-wraparound vacuum or hint-bit writes over the fresh data.
+    into_fmt = f"({'FORMAT binary, ' if binary else ''}FREEZE)" if whole and plain else fmt
     query = f"SELECT {names} FROM {only}{t.qualified}" + (f" WHERE {where}" if where else "")
     psql = find_client("psql")
     out_cmd = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1",
@@ -196,7 +200,7 @@ def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, 
     in_cmd = [psql, "-X", "-v", "ON_ERROR_STOP=1", "-1"]
     if whole:
         in_cmd += ["-c", f"TRUNCATE {t.qualified}"]
-    in_cmd += ["-c", f"COPY {t.qualified} ({names}) FROM STDIN {fmt}"]
+    in_cmd += ["-c", f"COPY {t.qualified} ({names}) FROM STDIN {into_fmt}"]
     if whole:
         in_cmd += ["-c", f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', "
                          f"snapshot_lsn = '{snapshot_lsn}', "

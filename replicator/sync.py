@@ -27,7 +27,7 @@ import re
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from decoder import Lsn
-from sink import state
+from sink import failpoints, state
 from sink.state import quote_ident
 
 from .checks import check_extensions, check_replicability, check_target_schema
@@ -114,6 +114,9 @@ def drop_unknown_settings(sql: str, known: set[str]) -> str:
     return "\n".join(out)
 
 
+NO_LSN = Lsn(0)  # sync.consistent_lsn before the slot exists
+
+
 # -- the orchestration -------------------------------------------------------------------------
 class InitialSync:
     def __init__(self, cfg: SyncConfig) -> None:
@@ -140,7 +143,10 @@ class InitialSync:
                 if state.read_progress(cur, cfg.schema, cfg.slot) is not None:
                     self.target.rollback()
                     return  # streamed before without a copy (--no-copy): nothing to sync
-                self._first_run()
+                self._first_run(None)
+            elif row["consistent_lsn"] == str(NO_LSN):
+                log.info("the last start stopped while creating slot %s: starting the sync over", cfg.slot)
+                self._first_run(row)
             elif row["phase"] == "streaming":
                 return
             else:
@@ -153,43 +159,56 @@ class InitialSync:
 
     def _sync_row(self) -> dict[str, Any] | None:
         cur = self.target.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
-        cur.execute(f"SELECT phase, consistent_lsn::text, pre_data_done, post_data_done "
+        cur.execute(f"SELECT phase, consistent_lsn::text, pre_data_done, post_data_done, publication_created "
                     f"FROM {quote_ident(self.cfg.schema)}.sync WHERE slot_name = %s", (self.cfg.slot,))
         row = cur.fetchone()
         self.target.rollback()
         return dict(row) if row else None
 
     # -- first run ---------------------------------------------------------------------------
-    def _first_run(self) -> None:
+    def _first_run(self, pending: dict[str, Any] | None) -> None:
+        """Publication, slot, schema, copy. `pending`: the sync row of a start that died between
+        recording its intent and recording the slot's consistent point (the slot, if it exists,
+        was made by that start and is dropped: nothing has been copied from its snapshot)."""
         cfg = self.cfg
         src = connect(cfg.source, "source")
         try:
             check_logical_source(src, cfg.source, None)
             check_replicability(src, cfg)
-            created_pub = ensure_publication(src, cfg)
+            created_pub = ensure_publication(src, cfg) or bool(pending and pending["publication_created"])
             check_extensions(src, self.target, cfg)
             if not cfg.schema_copy:
                 check_target_schema(src, self.target, cfg)
             exists = _slot_exists(src, cfg.slot)
+            if exists and pending is not None:
+                _drop_stale_slot(src, cfg.slot)
         finally:
             src.close()
-        if exists:
+        if exists and pending is None:
             raise SyncError(f"replication slot {cfg.slot!r} already exists on source {describe_dsn(cfg.source)} but "
                             "the target has no pgferry state for it: its changes since creation cannot be matched to "
                             "a copy. Drop it (SELECT pg_drop_replication_slot(...)) or pass another --slot")
-        consistent, snapshot = self._export_snapshot(cfg.slot, temporary=False)
         cur = self.target.cursor()
         s = quote_ident(cfg.schema)
+        # The intent is committed before the slot exists, so a crash in between is recognised on
+        # the next start (consistent_lsn still 0/0) instead of leaving an unexplained slot behind.
         cur.execute(f"INSERT INTO {s}.sync (slot_name, phase, consistent_lsn, publication_created, publication) "
-                    "VALUES (%s, 'schema', %s::pg_lsn, %s, %s)",
-                    (cfg.slot, str(consistent), created_pub, cfg.publication))
+                    "VALUES (%s, 'schema', %s::pg_lsn, %s, %s) ON CONFLICT (slot_name) DO UPDATE SET "
+                    "publication_created = EXCLUDED.publication_created",
+                    (cfg.slot, str(NO_LSN), created_pub, cfg.publication))
+        self.target.commit()
+        consistent, snapshot = self._export_snapshot(cfg.slot, temporary=False)
+        failpoints.hit("after_slot_created")
+        cur.execute(f"UPDATE {s}.sync SET consistent_lsn = %s::pg_lsn WHERE slot_name = %s",
+                    (str(consistent), cfg.slot))
         state.init_progress(cur, cfg.schema, cfg.slot, consistent, True)
         self.target.commit()
         log.info("slot %s created at %s; copying in snapshot %s", cfg.slot, consistent, snapshot)
         self._schema_pre(snapshot)
         tables = self._register_tables()
+        post = self._dump_post_data(snapshot)
         self._copy_all(tables, snapshot, consistent)
-        self._finish(snapshot)
+        self._finish(post)
 
     # -- resume ------------------------------------------------------------------------------
     def _resume(self, row: dict[str, Any]) -> None:
@@ -215,8 +234,9 @@ class InitialSync:
         todo = [t for t in tables if (t.schema, t.name) not in done]
         log.info("%d of %d tables already copied; copying %d in a new snapshot at %s", len(done), len(tables),
                  len(todo), consistent)
+        post = self._dump_post_data(snapshot) if not row["post_data_done"] else None
         self._copy_all(todo, snapshot, consistent)
-        self._finish(snapshot)
+        self._finish(post)
 
     # -- steps -------------------------------------------------------------------------------
     def _export_snapshot(self, slot: str, temporary: bool) -> tuple[Lsn, str]:
@@ -328,40 +348,22 @@ class InitialSync:
         log.info("copy: %d tables, %d rows, %.1f MB of source tables in %.1f s (%.1f MB/s)", len(tables),
                  progress.rows, size / 1e6, took, size / 1e6 / max(took, 1e-6))
 
-    def _finish(self, snapshot: str) -> None:
+    def _dump_post_data(self, snapshot: str) -> Future[str] | None:
+        """pg_dump's post-data section, dumped in the background while the copy runs (it reads
+        only the catalog, in the same snapshot)."""
+        if not self.cfg.schema_copy:
+            return None
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="post-data-dump")
+        future = pool.submit(dump_schema, self.cfg.source, "post-data", snapshot)
+        pool.shutdown(wait=False)
+        return future
+
+    def _finish(self, post: Future[str] | None) -> None:
         copy_sequences(self.cfg.source, self.cfg.target)
         row = self._sync_row()
-        if self.cfg.schema_copy and row is not None and not row["post_data_done"]:
-            sql = dump_schema(self.cfg.source, "post-data", snapshot)
-            self._run_schema_sql(sql, "post_data_done = true", "indexes, constraints and triggers")
+        if post is not None and row is not None and not row["post_data_done"]:
+            self._run_schema_sql(post.result(), "post_data_done = true", "indexes, constraints and triggers")
         self._mark("phase = 'streaming', copied_at = now()")
-
-
-# -- one table ------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -417,6 +419,23 @@ def copy_sequences(source: str, target: str) -> list[tuple[str, int]]:
         dst.close()
     log.info("sequences: %d values copied", len(out))
     return out
+
+
+def _drop_stale_slot(src: Any, slot: str, timeout: float = 30.0) -> None:
+    """Drop the slot an interrupted start created; its walsender may take a moment to exit."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with src.cursor() as cur:
+                cur.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            src.commit()
+            log.info("dropped slot %s, left by the interrupted start", slot)
+            return
+        except psycopg2.errors.ObjectInUse as exc:
+            src.rollback()
+            if time.monotonic() > deadline:
+                raise SyncError(f"slot {slot!r} on source is still in use: {first_line(exc)}") from None
+            time.sleep(0.2)
 
 
 def _slot_exists(src: Any, slot: str) -> bool:

@@ -107,6 +107,30 @@ def test_restart_between_copy_and_stream(pair, daemons, tmp_path):
     assert_same_tables(src, dst, TABLES)
 
 
+def test_killed_between_creating_the_slot_and_recording_it_starts_over(pair, daemons, tmp_path):
+    src, dst = pair
+    _main_pair_only(src, dst)
+    subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-d", src.dsn], check=True, capture_output=True)
+    src.psql(TYPED)
+    bench = subprocess.Popen([PGBENCH, "-c", "2", "-T", "10", "-n", "-d", src.dsn], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    d = Daemon(src, dst, copy=True, ready=False, env={"PGFERRY_FAILPOINT": "after_slot_created"})
+    daemons.append(d)
+    assert d.wait_exit(timeout=120) == 99, d.output()
+    # the slot exists, but its consistent point never reached the target
+    assert src.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgferry'") == [(1,)]
+    assert dst.execute("SELECT consistent_lsn::text FROM pgferry.sync") == [("0/0",)]
+    d.env.pop("PGFERRY_FAILPOINT")
+    d.start()
+    bench.wait(timeout=60)
+    d.wait_caught_up(timeout=120)
+    assert_same_tables(src, dst, TABLES)
+    out = d.output()
+    assert "dropped slot pgferry, left by the interrupted start" in out, out
+    (lsn,) = dst.execute("SELECT consistent_lsn::text FROM pgferry.sync")[0]
+    assert lsn != "0/0"
+
+
 def test_source_without_logical_wal_is_refused_clearly(pair):
     _, dst = pair
     with LocalServer(pair[0].version, settings={"wal_level": "replica"}, name="replica-") as server:
