@@ -30,6 +30,7 @@ from decoder.values import pg_epoch_to_datetime
 
 from . import failpoints, state
 from .errors import ApplyError
+from .netbatch import NetBatch
 from .relations import TargetTable, map_relation
 
 log = logging.getLogger("pgferry.sink")
@@ -76,6 +77,11 @@ class Sink:
         self._ins_xid: int | None = None
         self._ins_lsn: Lsn | None = None
         self.replica_role = False
+        # net changes of the batch, applied set-based (replica role only: no foreign-key triggers)
+        self.net = NetBatch()
+        self._net_lsn: Lsn | None = None
+        self._net_xid: int | None = None
+        self._exact = False  # the open source transaction is applied change by change, in order
         self.rows_applied = 0
         self.missing_rows = 0
         # the open batch
@@ -148,6 +154,7 @@ class Sink:
         if commit_lsn < self.stored:
             return False
         self._xid, self._commit_lsn = xid, commit_lsn
+        self._exact = commit_lsn <= self.isolate_until or not self.replica_role
         if self._batch_started is None:
             self._batch_started = time.monotonic()
         return True
@@ -160,6 +167,15 @@ class Sink:
         table = self._table(msg.relation_oid)  # type: ignore[union-attr]
         if self._commit_lsn is not None and self._commit_lsn < table.snapshot_lsn:
             return  # committed before this table's copy was taken: the copy has it
+        if not self._exact:
+            if self.net.add(table, msg):  # type: ignore[arg-type]
+                self._net_lsn, self._net_xid = self._commit_lsn, self._xid
+                self.rows_applied += 1
+                self._batch_rows += 1
+                row = msg.old if t is Delete else msg.new  # type: ignore[union-attr]
+                self._batch_bytes += sum(len(v) for v in row if type(v) is str)
+                return
+            self._flush_net()  # what is pending comes first: source order
         if t is Insert:
             head, template, params = table.insert(msg.new)  # type: ignore[union-attr]
             if head is not self._ins_head or len(self._ins_rows) >= INSERT_ROWS:
@@ -201,8 +217,28 @@ class Sink:
         except psycopg2.Error as exc:
             raise self._apply_error(exc, self._ins_lsn, self._ins_xid) from None
 
-    def _truncate(self, msg: Truncate) -> None:
+    def _flush_net(self) -> None:
+        """Write the pending net changes (after any buffered direct inserts, which came first)."""
         self._flush_inserts()
+        if not self.net:
+            return
+        try:
+            for table, op, missing in self.net.write(self.cur):
+                # Native apply's default for a missing row: skip it and log.
+                self.missing_rows += missing
+                log.warning("%s: %d row(s) to %s not found on the target (batch up to commit LSN %s); skipped",
+                            table.display, missing, op, self._net_lsn)
+        except RETRYABLE:
+            raise
+        except psycopg2.Error as exc:
+            self._current = self.net.current
+            err = self._apply_error(exc, self._net_lsn, self._net_xid)
+            # Set-based and reordered: re-run these transactions one by one, in order, to pin it.
+            err.batch_has_earlier = True
+            raise err from None
+
+    def _truncate(self, msg: Truncate) -> None:
+        self._flush_net()
         names = []
         for oid in msg.relation_oids:
             table = self._table(oid)
@@ -250,7 +286,7 @@ class Sink:
         """The handoff marker's transaction is complete: claim the cutover in this batch and commit.
         True when this daemon now owns the handoff (it must stop); False if the cutover gave up."""
         assert self._batch_end is not None
-        self._flush_inserts()
+        self._flush_net()
         self.cur.execute(state.handoff_sql(self.schema), (str(self._batch_end), self.slot, cutover_id))
         claimed = self.cur.rowcount == 1
         if claimed:
@@ -279,7 +315,7 @@ class Sink:
                 self._batch_started = None
             return
         assert self._xid is None, "flush inside a source transaction"
-        self._flush_inserts()
+        self._flush_net()
         end = self._batch_end
         when = pg_epoch_to_datetime(self._batch_time) if self._batch_time is not None else None
         self.cur.execute(self._progress_sql, (str(end), when, self._batch_rows, self.slot))
@@ -297,6 +333,7 @@ class Sink:
     def rollback(self) -> None:
         """Drop the open batch (e.g. on shutdown mid-transaction): the source resends it."""
         self._ins_rows = []
+        self.net = NetBatch()
         try:
             self.conn.rollback()
         except psycopg2.Error:

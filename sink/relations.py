@@ -29,7 +29,8 @@ _NO_EQUALITY = frozenset({"json", "xml", "point", "line", "lseg", "box", "path",
 
 _TARGET_COLUMNS = """
 SELECT a.attname, a.attgenerated <> '' AS generated, a.attidentity = 'a' AS identity_always,
-       COALESCE(et.typname, bt.typname, t.typname) AS base_type, c.relkind
+       COALESCE(et.typname, bt.typname, t.typname) AS base_type, c.relkind,
+       format_type(a.atttypid, a.atttypmod) AS sql_type
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -52,6 +53,7 @@ class TargetTable:
     settable: list[bool]  # also False for GENERATED ALWAYS identity columns (UPDATE cannot set them)
     key: list[int]  # indexes of the replica identity columns
     text_compare: list[bool]
+    types: list[str]  # the target column's SQL type, one per source column (casts in VALUES lists)
     snapshot_lsn: int = 0  # changes committed before this LSN are in the table's initial copy
     _sql: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
@@ -90,6 +92,32 @@ class TargetTable:
         where, params = self._where(old)
         return f"DELETE FROM {self.qualified} WHERE {where}", params
 
+    # -- set-based statements (sink/netbatch.py): one `VALUES %s` list of typed rows -------------
+    def key_template(self) -> str:
+        return "(" + ", ".join(f"%s::{self.types[i]}" for i in self.key) + ")"
+
+    def delete_using(self) -> str:
+        sql = self._sql.get(("D",))
+        if sql is None:
+            v = ", ".join(f"k{n}" for n in range(len(self.key)))
+            match = " AND ".join(f"t.{self.names[i]} = v.k{n}" for n, i in enumerate(self.key))
+            sql = self._sql["D",] = f"DELETE FROM {self.qualified} AS t USING (VALUES %s) AS v({v}) WHERE {match}"
+        return sql  # type: ignore[no-any-return]
+
+    def update_from(self, sets: tuple[int, ...]) -> tuple[str, str]:
+        """UPDATE of the columns `sets` from rows (key columns..., set columns...)."""
+        parts = self._sql.get(("U", sets))
+        if parts is None:
+            keys = [f"k{n}" for n in range(len(self.key))]
+            vals = [f"c{i}" for i in sets]
+            assignments = ", ".join(f"{self.names[i]} = v.c{i}" for i in sets)
+            match = " AND ".join(f"t.{self.names[i]} = v.k{n}" for n, i in enumerate(self.key))
+            sql = (f"UPDATE {self.qualified} AS t SET {assignments} FROM (VALUES %s) AS v({', '.join(keys + vals)}) "
+                   f"WHERE {match}")
+            template = "(" + ", ".join(f"%s::{self.types[i]}" for i in (*self.key, *sets)) + ")"
+            parts = self._sql["U", sets] = (sql, template)
+        return parts  # type: ignore[no-any-return]
+
     def _where(self, row: tuple) -> tuple[str, list[Any]]:
         """The row's identity as a WHERE clause. Identity columns the server did not send
         (UNCHANGED) are left out; FULL identity narrows to one physical row."""
@@ -123,7 +151,7 @@ def map_relation(cur: Any, rel: Relation) -> TargetTable:
     if not rows:
         raise SchemaMismatch(f"table {display} does not exist on the target: create it (same schema and name) "
                              "or remove it from the publication")
-    target = {name: (generated, base, always) for name, generated, always, base, _ in rows}
+    target = {name: (generated, base, always, sql_type) for name, generated, always, base, _, sql_type in rows}
     missing = [c.name for c in rel.columns if c.name not in target]
     if missing:
         raise SchemaMismatch(f"table {display} on the target lacks column(s) {', '.join(missing)} that the source "
@@ -136,4 +164,5 @@ def map_relation(cur: Any, rel: Relation) -> TargetTable:
         settable=[not target[c.name][0] and not target[c.name][2] for c in rel.columns],
         key=[i for i, c in enumerate(rel.columns) if c.is_key],
         text_compare=[target[c.name][1] in _NO_EQUALITY for c in rel.columns],
+        types=[target[c.name][3] for c in rel.columns],
     )

@@ -1,0 +1,238 @@
+"""Catch-up: pgferry against native `CREATE SUBSCRIPTION` on the same backlog, side by side.
+
+    python -m bench.catchup [--pairs 15-18,18-18] [--scenarios bulk,oltp,hot] [--scale 1.0]
+
+For each source -> target pair and scenario:
+
+1. the same tables and starting rows on the source and on two target databases;
+2. three slots created at the same moment: one for a native subscription (created disabled on
+   the first target database), one for pgferry (the second), one for a reader that discards;
+3. the backlog is written on the source (not timed) and its end LSN taken;
+4. one at a time, each consumer is started and timed until its slot's `confirmed_flush_lsn`
+   reaches the end LSN (native: `ALTER SUBSCRIPTION ... ENABLE`; pgferry: `pgferry start
+   --no-copy` as a subprocess, its peak RSS read from /proc; ceiling: a psycopg2 loop that reads
+   the slot and drops every message, confirming at the end);
+5. both targets are compared with the source (ordered per-row checksums).
+
+Scenarios (`--scale` multiplies the sizes):
+* bulk: 1,000,000 rows inserted in 100 transactions;
+* oltp: pgbench tpcb-like, 100,000 transactions (4 clients);
+* hot: 20,000 rows, each updated 25 times, one row per transaction (500,000 transactions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import psycopg2.extras
+
+from replicator.servers import LocalServer, find_bindir
+from tests.pgplugin import Db, new_db, table_digest
+
+ROOT = Path(__file__).resolve().parent.parent
+PGBENCH = str(find_bindir(18) / "pgbench")
+PUB = "bench_pub"
+
+
+@dataclass
+class Scenario:
+    name: str
+    schema: str  # DDL + starting rows, run on the source and both targets
+    tables: dict[str, list[str]]  # for the comparison
+    backlog: Callable[[Db, float], int]  # writes the backlog; returns its row changes
+
+
+def _bulk_backlog(src: Db, scale: float) -> int:
+    txns, per = max(1, int(100 * scale)), 10_000
+    src.execute(f"""DO $$ BEGIN FOR k IN 0..{txns - 1} LOOP
+        INSERT INTO bulk SELECT g, g % 1000, md5(g::text), '2026-01-01'::timestamptz + g * interval '1 s'
+        FROM generate_series(k * {per} + 1, (k + 1) * {per}) g; COMMIT; END LOOP; END $$""")
+    return txns * per
+
+
+def _hot_backlog(src: Db, scale: float) -> int:
+    n = max(1, int(500_000 * scale))
+    src.execute(f"DO $$ BEGIN FOR i IN 0..{n - 1} LOOP UPDATE hot SET v = v + 1, t = 'u' || i "
+                f"WHERE id = i % 20000 + 1; COMMIT; END LOOP; END $$")
+    return n
+
+
+def _oltp_backlog(src: Db, scale: float) -> int:
+    per_client = max(1, int(25_000 * scale))
+    subprocess.run([PGBENCH, "-n", "-c", "4", "-j", "2", "-t", str(per_client), "-b", "tpcb-like", "-d", src.dsn],
+                   check=True, capture_output=True)
+    return 4 * per_client * 4  # 3 updates and 1 insert per transaction
+
+
+SCENARIOS = {
+    "bulk": Scenario("bulk", "CREATE TABLE bulk (id bigint PRIMARY KEY, a int, b text, c timestamptz)",
+                     {"bulk": ["id", "a", "b", "c"]}, _bulk_backlog),
+    "oltp": Scenario("oltp", "", {"pgbench_accounts": ["aid", "bid", "abalance", "filler"],
+                                  "pgbench_branches": ["bid", "bbalance", "filler"],
+                                  "pgbench_tellers": ["tid", "bid", "tbalance", "filler"],
+                                  "pgbench_history": ["tid", "bid", "aid", "delta", "mtime", "filler"]},
+                     _oltp_backlog),
+    "hot": Scenario("hot", "CREATE TABLE hot (id int PRIMARY KEY, v int NOT NULL, t text);"
+                           "INSERT INTO hot SELECT g, 0, 'start' FROM generate_series(1, 20000) g",
+                    {"hot": ["id", "v", "t"]}, _hot_backlog),
+}
+
+
+def _prepare(db: Db, sc: Scenario) -> None:
+    if sc.name == "oltp":  # pgbench's initial data is deterministic: the same on every side
+        subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-d", db.dsn], check=True, capture_output=True)
+        db.execute("ALTER TABLE pgbench_history REPLICA IDENTITY FULL")
+    else:
+        db.psql(sc.schema)
+
+
+def _confirmed(src: Db, slot: str) -> int:
+    (lsn,) = src.execute("SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots "
+                         "WHERE slot_name = %s", (slot,))[0]
+    return int(lsn)
+
+
+def _wait_confirmed(src: Db, slot: str, end: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:
+    started = time.perf_counter()
+    while _confirmed(src, slot) < end:
+        if time.perf_counter() - started > timeout:
+            raise RuntimeError(f"slot {slot} did not reach the end LSN within {timeout:.0f} s")
+        if not alive():
+            raise RuntimeError(f"the consumer of slot {slot} exited")
+        time.sleep(0.02)
+    return time.perf_counter()
+
+
+def run_native(src: Db, dst: Db, end: int, timeout: float) -> float:
+    t = time.perf_counter()
+    dst.execute("ALTER SUBSCRIPTION bench_sub ENABLE")
+    done = _wait_confirmed(src, "bench_native", end, timeout)
+    dst.execute("ALTER SUBSCRIPTION bench_sub DISABLE")
+    return done - t
+
+
+def run_pgferry(src: Db, dst: Db, end: int, timeout: float, extra: list[str]) -> tuple[float, int]:
+    with tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target",
+                                 dst.dsn, "--no-copy", "--slot", "bench_pgferry", "--publication", PUB, *extra],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            done = _wait_confirmed(src, "bench_pgferry", end, timeout, lambda: proc.poll() is None)
+            rss = _peak_rss_kb(proc.pid)
+        except RuntimeError:
+            proc.kill()
+            err.seek(0)
+            print(err.read()[-3000:], file=sys.stderr)
+            raise
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    return done - t, rss
+
+
+def _peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_ceiling(src: Db, end: int, timeout: float) -> float:
+    """Read the backlog from the slot and discard it: what the source can send at most."""
+    t = time.perf_counter()
+    conn = psycopg2.connect(src.dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    cur = conn.cursor()
+    cur.start_replication(slot_name="bench_ceiling", decode=False,
+                          options={"proto_version": "1", "publication_names": PUB})
+    last = 0
+    while last < end:
+        msg = cur.read_message()
+        if msg is None:
+            if time.perf_counter() - t > timeout:
+                raise RuntimeError("the discarding reader did not reach the end LSN")
+            select.select([conn], [], [], 0.1)
+            if cur.wal_end >= end:
+                last = max(last, cur.wal_end)
+            continue
+        last = max(last, msg.data_start)
+    took = time.perf_counter() - t
+    cur.send_feedback(flush_lsn=end, force=True)
+    conn.close()
+    return took
+
+
+def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, extra: list[str]) -> dict:
+    src, native, ours = new_db(s, "src"), new_db(tgt, "native"), new_db(tgt, "ours")
+    for db in (src, native, ours):
+        _prepare(db, sc)
+    src.execute(f"CREATE PUBLICATION {PUB} FOR ALL TABLES")
+    for slot in ("bench_native", "bench_pgferry", "bench_ceiling"):
+        src.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    native.execute(f"CREATE SUBSCRIPTION bench_sub CONNECTION '{src.dsn}' PUBLICATION {PUB} WITH (enabled = false, "
+                   "create_slot = false, slot_name = 'bench_native', copy_data = false)")
+    t = time.perf_counter()
+    changes = sc.backlog(src, scale)
+    (end,) = src.execute("SELECT (pg_current_wal_lsn() - '0/0')::bigint")[0]
+    gen = time.perf_counter() - t
+    (wal,) = src.execute("SELECT pg_size_pretty(pg_current_wal_lsn() - confirmed_flush_lsn) FROM pg_replication_slots "
+                         "WHERE slot_name = 'bench_native'")[0]
+    timeout = 600
+    for db in (src, native, ours):
+        db.execute("CHECKPOINT")
+    t_native = run_native(src, native, end, timeout)
+    t_ours, rss = run_pgferry(src, ours, end, timeout, extra)
+    t_ceiling = run_ceiling(src, end, timeout)
+    same = all(table_digest(src, name, cols) == table_digest(native, name, cols) == table_digest(ours, name, cols)
+               for name, cols in sc.tables.items())
+    native.execute("DROP SUBSCRIPTION bench_sub")
+    for slot in ("bench_pgferry", "bench_ceiling"):
+        src.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    return {"scenario": sc.name, "changes": changes, "wal": wal, "generate_s": gen, "native_s": t_native,
+            "pgferry_s": t_ours, "ceiling_s": t_ceiling, "rss_mb": rss / 1024, "same": same}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", default="15-18,18-18")
+    ap.add_argument("--scenarios", default="bulk,oltp,hot")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies every backlog's size")
+    ap.add_argument("--pgferry-args", default="", help="extra flags for pgferry start, e.g. '--batch-rows 20000'")
+    args = ap.parse_args()
+    pairs = [tuple(int(v) for v in p.split("-")) for p in args.pairs.split(",")]
+    results = []
+    with LocalServer(18, name="bench-tgt-") as tgt:
+        for sv, tv in pairs:
+            assert tv == 18, "the target is PostgreSQL 18"
+            with LocalServer(sv, name=f"bench-src{sv}-") as s:
+                for name in args.scenarios.split(","):
+                    r = run_scenario(s, tgt, SCENARIOS[name], args.scale, args.pgferry_args.split())
+                    r["pair"] = f"{sv}->{tv}"
+                    results.append(r)
+                    _print_row(r, header=len(results) == 1)
+    if not all(r["same"] for r in results):
+        print("MISMATCH: a target differs from the source", file=sys.stderr)
+        sys.exit(1)
+
+
+def _print_row(r: dict, header: bool) -> None:
+    if header:
+        print(f"{'pair':7} {'scenario':8} {'changes':>9} {'WAL':>8} {'native s':>9} {'pgferry s':>9} "
+              f"{'ceiling s':>9} {'pgferry/native':>14} {'ceiling/pgferry':>15} {'rows/s':>9} {'RSS MB':>7}")
+    print(f"{r['pair']:7} {r['scenario']:8} {r['changes']:>9,} {r['wal']:>8} {r['native_s']:>9.2f} "
+          f"{r['pgferry_s']:>9.2f} {r['ceiling_s']:>9.2f} {r['native_s'] / r['pgferry_s']:>13.2f}x "
+          f"{r['ceiling_s'] / r['pgferry_s']:>14.2f} {r['changes'] / r['pgferry_s']:>9,.0f} {r['rss_mb']:>7.0f}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

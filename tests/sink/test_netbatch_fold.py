@@ -1,0 +1,63 @@
+"""Folding a batch's changes into their net effect per key (pure code, no server)."""
+
+from __future__ import annotations
+
+from decoder import UNCHANGED, Column, Delete, Insert, Relation, Update
+from sink.netbatch import DEL, DEL_INS, INS, UPD, NetBatch
+from sink.relations import TargetTable
+
+
+def _table(identity: str = "d") -> TargetTable:
+    cols = (Column(flags=1, name="id", type_oid=23, type_modifier=-1),
+            Column(flags=0, name="v", type_oid=25, type_modifier=-1),
+            Column(flags=0, name="big", type_oid=25, type_modifier=-1))
+    rel = Relation(xid=None, oid=1, namespace="public", name="t", replica_identity=identity, columns=cols)
+    return TargetTable(rel=rel, qualified="public.t", names=["id", "v", "big"], writable=[True] * 3,
+                       settable=[True] * 3, key=[0], text_compare=[False] * 3, types=["integer", "text", "text"])
+
+
+def ins(*row):
+    return Insert(xid=None, relation_oid=1, new=tuple(row))
+
+
+def upd(*row, old=None):
+    return Update(xid=None, relation_oid=1, old=old, old_kind="K" if old else None, new=tuple(row))
+
+
+def dele(key):
+    return Delete(xid=None, relation_oid=1, old=(key, None, None), old_kind="K")
+
+
+def _net(b: NetBatch) -> dict:
+    return {k: (op, row) for _, rows in b.tables.values() for k, (op, row) in rows.items()}
+
+
+def test_changes_to_one_key_fold_to_their_net_effect():
+    t = _table()
+    b = NetBatch()
+    assert b.add(t, ins("1", "a", "x" * 10))
+    assert b.add(t, upd("1", "b", UNCHANGED))  # TOASTed column unchanged: the inserted value stays
+    assert b.add(t, upd("2", "c", UNCHANGED))
+    assert b.add(t, upd("2", UNCHANGED, "y"))
+    assert b.add(t, dele("3"))
+    assert b.add(t, ins("3", "again", None))
+    assert b.add(t, ins("4", "gone", None))
+    assert b.add(t, dele("4"))
+    assert b.add(t, upd("5", "z", None))
+    assert b.add(t, dele("5"))
+    assert _net(b) == {("1",): (INS, ["1", "b", "x" * 10]), ("2",): (UPD, ["2", "c", "y"]),
+                       ("3",): (DEL_INS, ["3", "again", None]), ("5",): (DEL, None)}
+
+
+def test_what_cannot_fold_is_refused_so_the_caller_keeps_source_order():
+    t = _table()
+    b = NetBatch()
+    assert not b.add(t, upd("2", "v", None, old=("1", None, None)))  # key change
+    assert b.add(t, ins("1", "a", None))
+    assert not b.add(t, ins("1", "dup", None))  # a second insert of the same key
+    assert b.add(t, dele("7"))
+    assert not b.add(t, dele("7"))
+    assert not b.add(t, upd("7", "after delete", None))
+    assert not b.add(t, upd(UNCHANGED, "key not sent", None))
+    assert not NetBatch().add(_table("f"), ins("1", "a", None))  # FULL identity: compared whole, in order
+    assert _net(b) == {("1",): (INS, ["1", "a", None]), ("7",): (DEL, None)}
