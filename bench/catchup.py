@@ -23,6 +23,7 @@ Scenarios (`--scale` multiplies the sizes):
 from __future__ import annotations
 
 import argparse
+import os
 import select
 import signal
 import subprocess
@@ -121,23 +122,45 @@ def run_native(src: Db, dst: Db, end: int, timeout: float) -> float:
     return done - t
 
 
-def run_pgferry(src: Db, dst: Db, end: int, timeout: float, extra: list[str]) -> tuple[float, int]:
+def run_pgferry(src: Db, dst: Db, end: int, timeout: float, extra: list[str],
+                profile: Path | None = None) -> tuple[float, int]:
+    cmd = [sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target", dst.dsn, "--no-copy",
+           "--slot", "bench_pgferry", "--publication", PUB, *extra]
+    if profile is not None:
+        cmd = ["py-spy", "record", "--rate", "250", "--format", "raw", "--output", str(profile), "--", *cmd]
     with tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target",
-                                 dst.dsn, "--no-copy", "--slot", "bench_pgferry", "--publication", PUB, *extra],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
         try:
             done = _wait_confirmed(src, "bench_pgferry", end, timeout, lambda: proc.poll() is None)
-            rss = _peak_rss_kb(proc.pid)
+            daemon = _daemon_pid(proc.pid) if profile is not None else proc.pid
+            rss = _peak_rss_kb(daemon)
         except RuntimeError:
             proc.kill()
             err.seek(0)
             print(err.read()[-3000:], file=sys.stderr)
             raise
-        proc.send_signal(signal.SIGTERM)
+        os.kill(daemon, signal.SIGTERM)  # under py-spy: it writes the profile when the daemon exits
         proc.wait(timeout=60)
     return done - t, rss
+
+
+def _daemon_pid(pid: int) -> int:
+    """The pgferry process under py-spy (py-spy's child)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(children[0]) if children else pid
+
+
+def top_costs(profile: Path, n: int = 15) -> list[tuple[float, str]]:
+    """Self time per function from a py-spy raw (collapsed stacks) profile, biggest first."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in profile.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frame = stack.rsplit(";", 1)[-1]
+        own[frame] = own.get(frame, 0) + int(count)
+        total += int(count)
+    return [(c / max(total, 1), f) for f, c in sorted(own.items(), key=lambda kv: -kv[1])[:n]]
 
 
 def _peak_rss_kb(pid: int) -> int:
@@ -171,7 +194,8 @@ def run_ceiling(src: Db, end: int, timeout: float) -> float:
     return took
 
 
-def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, extra: list[str]) -> dict:
+def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, extra: list[str],
+                 profile: Path | None = None) -> dict:
     src, native, ours = new_db(s, "src"), new_db(tgt, "native"), new_db(tgt, "ours")
     for db in (src, native, ours):
         _prepare(db, sc)
@@ -190,7 +214,7 @@ def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, e
     for db in (src, native, ours):
         db.execute("CHECKPOINT")
     t_native = run_native(src, native, end, timeout)
-    t_ours, rss = run_pgferry(src, ours, end, timeout, extra)
+    t_ours, rss = run_pgferry(src, ours, end, timeout, extra, profile)
     t_ceiling = run_ceiling(src, end, timeout)
     same = all(table_digest(src, name, cols) == table_digest(native, name, cols) == table_digest(ours, name, cols)
                for name, cols in sc.tables.items())
@@ -207,6 +231,7 @@ def main() -> None:
     ap.add_argument("--scenarios", default="bulk,oltp,hot")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every backlog's size")
     ap.add_argument("--pgferry-args", default="", help="extra flags for pgferry start, e.g. '--batch-rows 20000'")
+    ap.add_argument("--profile", type=Path, help="run pgferry under py-spy; write profiles here and print top costs")
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("-")) for p in args.pairs.split(",")]
     results = []
@@ -215,10 +240,17 @@ def main() -> None:
             assert tv == 18, "the target is PostgreSQL 18"
             with LocalServer(sv, name=f"bench-src{sv}-") as s:
                 for name in args.scenarios.split(","):
-                    r = run_scenario(s, tgt, SCENARIOS[name], args.scale, args.pgferry_args.split())
+                    profile = None
+                    if args.profile is not None:
+                        args.profile.mkdir(parents=True, exist_ok=True)
+                        profile = args.profile / f"{sv}-{tv}-{name}.txt"
+                    r = run_scenario(s, tgt, SCENARIOS[name], args.scale, args.pgferry_args.split(), profile)
                     r["pair"] = f"{sv}->{tv}"
                     results.append(r)
                     _print_row(r, header=len(results) == 1)
+                    if profile is not None:
+                        for share, frame in top_costs(profile):
+                            print(f"    {share:6.1%}  {frame}")
     if not all(r["same"] for r in results):
         print("MISMATCH: a target differs from the source", file=sys.stderr)
         sys.exit(1)

@@ -4,7 +4,8 @@ Within one target transaction, the changes to one row (same table, same replica-
 fold into one net operation: insert, update (the columns any of the updates set, newest value
 wins), delete, or delete-then-insert. The batch is then written per table with one statement per
 page of rows: `DELETE ... USING (VALUES ...)`, `UPDATE ... FROM (VALUES ...)` per set of changed
-columns, and multi-row `INSERT`s, in that order.
+columns (a VALUES list, not a staging table: the planner knows its size and picks the key index),
+and a `COPY` per set of inserted columns, in that order.
 
 Folding and reordering keep the one-by-one result for every row; they can only differ where a
 constraint sees rows side by side (a unique index over other columns, a foreign key). The caller
@@ -18,6 +19,7 @@ applies that change on its own, so source order is kept.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,8 +29,9 @@ from decoder import UNCHANGED, Delete, Insert, Update
 
 from .relations import TargetTable
 
-INS, UPD, DEL, DEL_INS = range(4)
-PAGE = 1000  # rows per statement
+INS, UPD, DEL, DEL_INS, APPEND = range(5)  # APPEND: an insert into a table without a key
+PAGE = 1000  # rows per UPDATE / DELETE statement
+COPY_CHUNK = 1 << 20  # bytes per read when psycopg2 sends a COPY
 
 
 class NetBatch:
@@ -36,6 +39,7 @@ class NetBatch:
 
     def __init__(self) -> None:
         self.tables: dict[int, tuple[TargetTable, dict[tuple, list[Any]]]] = {}
+        self._appended: list[None] = []  # a counter: keys for APPEND rows
         self.current = ""  # the table being written (named when a statement fails)
 
     def __bool__(self) -> bool:
@@ -43,9 +47,14 @@ class NetBatch:
 
     def add(self, table: TargetTable, msg: Insert | Update | Delete) -> bool:
         """Fold one change in; False when it cannot be folded (apply it on its own, in order)."""
-        if table.full_identity or not table.key:
-            return False
         t = type(msg)
+        if table.full_identity or not table.key:
+            appended = self._rows(table)
+            if t is not Insert or appended is None:
+                return False  # found by comparing whole rows: applied on its own, after what is pending
+            appended[(len(self._appended),)] = [APPEND, msg.new]  # type: ignore[union-attr]
+            self._appended.append(None)
+            return True
         if t is Delete:
             row = msg.old  # type: ignore[union-attr]
         elif t is Update and msg.old is not None:  # type: ignore[union-attr]
@@ -57,12 +66,9 @@ class NetBatch:
         key = tuple(row[i] for i in table.key)
         if UNCHANGED in key or None in key:
             return False
-        entry = self.tables.get(table.rel.oid)
-        if entry is None or entry[0] is not table:
-            if entry is not None:
-                return False  # the relation was redescribed mid-batch: keep it simple
-            entry = self.tables[table.rel.oid] = (table, {})
-        rows = entry[1]
+        rows = self._rows(table)
+        if rows is None:
+            return False
         cur = rows.get(key)
         if t is Insert:
             if cur is None:
@@ -92,10 +98,21 @@ class NetBatch:
                 rows[key] = [DEL, None]
         return True
 
+    def _rows(self, table: TargetTable) -> dict[tuple, list[Any]] | None:
+        """The table's pending rows; None if its relation was redescribed since they were added
+        (the caller writes them out with their own mapping first)."""
+        entry = self.tables.get(table.rel.oid)
+        if entry is None:
+            entry = self.tables[table.rel.oid] = (table, {})
+        elif entry[0] is not table:
+            return None
+        return entry[1]
+
     def write(self, cur: Any) -> Iterator[tuple[TargetTable, str, int]]:
         """Send everything pending (and forget it). Yields (table, 'update'|'delete', rows that were
         not found on the target) where some were missing."""
         tables, self.tables = self.tables, {}
+        self._appended = []
         for table, rows in tables.values():
             self.current = table.display
             deletes = [k for k, (op, _) in rows.items() if op in (DEL, DEL_INS)]
@@ -115,13 +132,24 @@ class NetBatch:
                 found = _run(cur, sql, template, params)
                 if found < len(params):
                     yield table, "update", len(params) - found
-            inserts: dict[str, tuple[str, list[list[Any]]]] = {}
+            inserts: dict[str, list[list[Any]]] = {}
             for op, row in rows.values():
-                if op == INS or op == DEL_INS:
-                    head, template, params = table.insert(row)
-                    inserts.setdefault(head, (template, []))[1].append(params)
-            for head, (template, params) in inserts.items():
-                _run(cur, head, template, params)
+                if op == INS or op == DEL_INS or op == APPEND:
+                    sql, params = table.copy_in(row)
+                    inserts.setdefault(sql, []).append(params)
+            for sql, params in inserts.items():
+                cur.copy_expert(sql, io.StringIO(copy_text(params)), size=COPY_CHUNK)
+
+
+_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text(rows: list[list[Any]]) -> str:
+    """Rows of text values (or None) in COPY's text format."""
+    j = "\t".join
+    return "".join([j(["\\N" if v is None else (v.translate(_ESCAPE) if ("\\" in v or "\t" in v or "\n" in v
+                                                                      or "\r" in v) else v) for v in r]) + "\n"
+                    for r in rows])
 
 
 def _run(cur: Any, sql: str, template: str, params: list[Any]) -> int:

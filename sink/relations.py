@@ -78,6 +78,16 @@ class TargetTable:
             self._sql["i", cols] = parts
         return parts[0], parts[1], [new[i] for i in cols]
 
+    def copy_in(self, new: tuple | list) -> tuple[str, list[Any]]:
+        """(COPY statement, the row's values) for a set-based insert. COPY writes GENERATED ALWAYS
+        identity columns as given, like INSERT ... OVERRIDING SYSTEM VALUE."""
+        cols = tuple(i for i, v in enumerate(new) if v is not UNCHANGED and self.writable[i])
+        sql = self._sql.get(("C", cols))
+        if sql is None:
+            sql = self._sql["C", cols] = (f"COPY {self.qualified} ({', '.join(self.names[i] for i in cols)}) "
+                                          "FROM STDIN")
+        return sql, [new[i] for i in cols]
+
     def update(self, old: tuple | None, new: tuple) -> tuple[str, list[Any]]:
         sets = tuple(i for i, v in enumerate(new) if v is not UNCHANGED and self.settable[i])
         where, wparams = self._where(old if old is not None else new)

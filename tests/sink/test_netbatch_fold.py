@@ -59,5 +59,13 @@ def test_what_cannot_fold_is_refused_so_the_caller_keeps_source_order():
     assert not b.add(t, dele("7"))
     assert not b.add(t, upd("7", "after delete", None))
     assert not b.add(t, upd(UNCHANGED, "key not sent", None))
-    assert not NetBatch().add(_table("f"), ins("1", "a", None))  # FULL identity: compared whole, in order
+    full = NetBatch()
+    assert full.add(_table("f"), ins("1", "a", None))  # FULL identity: inserts are appended
+    assert not full.add(_table("f"), dele("1"))  # but rows are found by comparing them whole, in order
     assert _net(b) == {("1",): (INS, ["1", "a", None]), ("7",): (DEL, None)}
+
+
+def test_a_relation_redescribed_mid_batch_is_not_folded_with_its_old_rows():
+    b = NetBatch()
+    assert b.add(_table(), ins("1", "a", None))
+    assert not b.add(_table(), upd("1", "b", None))  # a new mapping: write the old rows out first
