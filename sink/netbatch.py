@@ -3,9 +3,11 @@
 Within one target transaction, the changes to one row (same table, same replica-identity key)
 fold into one net operation: insert, update (the columns any of the updates set, newest value
 wins), delete, or delete-then-insert. The batch is then written per table with one statement per
-page of rows: `DELETE ... USING (VALUES ...)`, `UPDATE ... FROM (VALUES ...)` per set of changed
-columns (a VALUES list, not a staging table: the planner knows its size and picks the key index),
-and a `COPY` per set of inserted columns, in that order.
+page of rows: `DELETE ... USING unnest(arrays)`, `UPDATE ... FROM unnest(arrays)` per set of changed
+columns (one array literal per column, not a staging table: the planner knows how many rows a
+constant array holds and picks the key index), and a `COPY` per set of inserted columns, in that
+order. The arrays are text[] (an array-typed column's values are elements holding array text);
+each value is cast to its column's type where it is used.
 
 Folding and reordering keep the one-by-one result for every row; they can only differ where a
 constraint sees rows side by side (a unique index over other columns, a foreign key). The caller
@@ -23,14 +25,12 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg2.extras
-
 from decoder import UNCHANGED, Delete, Insert, Update
 
 from .relations import TargetTable
 
 INS, UPD, DEL, DEL_INS, APPEND = range(5)  # APPEND: an insert into a table without a key
-PAGE = 1000  # rows per UPDATE / DELETE statement
+PAGE = 5000  # rows per UPDATE / DELETE statement
 COPY_CHUNK = 1 << 20  # bytes per read when psycopg2 sends a COPY
 
 
@@ -117,7 +117,7 @@ class NetBatch:
             self.current = table.display
             deletes = [k for k, (op, _) in rows.items() if op in (DEL, DEL_INS)]
             if deletes:
-                found = _run(cur, table.delete_using(), table.key_template(), deletes)
+                found = _run(cur, table.delete_using(), deletes)
                 if found < len(deletes):
                     yield table, "delete", len(deletes) - found
             updates: dict[tuple[int, ...], list[list[Any]]] = {}
@@ -128,8 +128,7 @@ class NetBatch:
                     if sets:
                         updates.setdefault(sets, []).append([*key, *(row[i] for i in sets)])
             for sets, params in updates.items():
-                sql, template = table.update_from(sets)
-                found = _run(cur, sql, template, params)
+                found = _run(cur, table.update_from(sets), params)
                 if found < len(params):
                     yield table, "update", len(params) - found
             inserts: dict[str, list[list[Any]]] = {}
@@ -152,11 +151,19 @@ def copy_text(rows: list[list[Any]]) -> str:
                     for r in rows])
 
 
-def _run(cur: Any, sql: str, template: str, params: list[Any]) -> int:
-    """Execute `sql` (one `VALUES %s`) over the rows a page at a time; total rows affected."""
+def _run(cur: Any, sql: str, rows: list[list[Any]]) -> int:
+    """Execute `sql` over the rows, a page at a time, one array literal per column (see
+    TargetTable.update_from); total rows affected."""
     n = 0
-    for i in range(0, len(params), PAGE):
-        page = params[i:i + PAGE]
-        psycopg2.extras.execute_values(cur, sql, page, template=template, page_size=len(page))
+    for i in range(0, len(rows), PAGE):
+        page = rows[i:i + PAGE]
+        cur.execute(sql, [array_text(col) for col in zip(*page, strict=True)])
         n += cur.rowcount
     return n
+
+
+def array_text(values: tuple[Any, ...]) -> str:
+    """Text values (or None) as a one-dimensional array literal."""
+    return "{" + ",".join(["NULL" if v is None else '"' + (v.replace("\\", "\\\\").replace('"', '\\"')
+                                                            if ("\\" in v or '"' in v) else v) + '"'
+                           for v in values]) + "}"

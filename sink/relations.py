@@ -102,31 +102,29 @@ class TargetTable:
         where, params = self._where(old)
         return f"DELETE FROM {self.qualified} WHERE {where}", params
 
-    # -- set-based statements (sink/netbatch.py): one `VALUES %s` list of typed rows -------------
-    def key_template(self) -> str:
-        return "(" + ", ".join(f"%s::{self.types[i]}" for i in self.key) + ")"
+    # -- set-based statements (sink/netbatch.py): one text array literal per column --------------
+    def _from(self, cols: tuple[int, ...]) -> str:
+        """Rows given as one text array literal per column, named k0.. (key) then c<i> (columns
+        `cols`); each value is cast to its column's type where it is used (see _val)."""
+        names = [f"k{n}" for n in range(len(self.key))] + [f"c{i}" for i in cols]
+        return f"unnest({', '.join(['%s::text[]'] * len(names))}) AS v({', '.join(names)})"
 
     def delete_using(self) -> str:
         sql = self._sql.get(("D",))
         if sql is None:
-            v = ", ".join(f"k{n}" for n in range(len(self.key)))
-            match = " AND ".join(f"t.{self.names[i]} = v.k{n}" for n, i in enumerate(self.key))
-            sql = self._sql["D",] = f"DELETE FROM {self.qualified} AS t USING (VALUES %s) AS v({v}) WHERE {match}"
+            match = " AND ".join(f"t.{self.names[i]} = v.k{n}::{self.types[i]}" for n, i in enumerate(self.key))
+            sql = self._sql["D",] = f"DELETE FROM {self.qualified} AS t USING {self._from(())} WHERE {match}"
         return sql  # type: ignore[no-any-return]
 
-    def update_from(self, sets: tuple[int, ...]) -> tuple[str, str]:
+    def update_from(self, sets: tuple[int, ...]) -> str:
         """UPDATE of the columns `sets` from rows (key columns..., set columns...)."""
-        parts = self._sql.get(("U", sets))
-        if parts is None:
-            keys = [f"k{n}" for n in range(len(self.key))]
-            vals = [f"c{i}" for i in sets]
-            assignments = ", ".join(f"{self.names[i]} = v.c{i}" for i in sets)
-            match = " AND ".join(f"t.{self.names[i]} = v.k{n}" for n, i in enumerate(self.key))
-            sql = (f"UPDATE {self.qualified} AS t SET {assignments} FROM (VALUES %s) AS v({', '.join(keys + vals)}) "
-                   f"WHERE {match}")
-            template = "(" + ", ".join(f"%s::{self.types[i]}" for i in (*self.key, *sets)) + ")"
-            parts = self._sql["U", sets] = (sql, template)
-        return parts  # type: ignore[no-any-return]
+        sql = self._sql.get(("U", sets))
+        if sql is None:
+            assignments = ", ".join(f"{self.names[i]} = v.c{i}::{self.types[i]}" for i in sets)
+            match = " AND ".join(f"t.{self.names[i]} = v.k{n}::{self.types[i]}" for n, i in enumerate(self.key))
+            sql = self._sql["U", sets] = (f"UPDATE {self.qualified} AS t SET {assignments} FROM {self._from(sets)} "
+                                          f"WHERE {match}")
+        return sql  # type: ignore[no-any-return]
 
     def _where(self, row: tuple) -> tuple[str, list[Any]]:
         """The row's identity as a WHERE clause. Identity columns the server did not send

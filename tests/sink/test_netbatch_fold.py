@@ -69,3 +69,11 @@ def test_a_relation_redescribed_mid_batch_is_not_folded_with_its_old_rows():
     b = NetBatch()
     assert b.add(_table(), ins("1", "a", None))
     assert not b.add(_table(), upd("1", "b", None))  # a new mapping: write the old rows out first
+
+
+def test_text_forms_for_copy_and_array_literals_escape_what_they_must():
+    from sink.netbatch import array_text, copy_text
+
+    assert copy_text([["a\\b", None, "x\ty\nz\r"], ["1", "", "NULL"]]) == "a\\\\b\t\\N\tx\\ty\\nz\\r\n1\t\tNULL\n"
+    assert array_text(("a", None, 'q"uote', "back\\slash", "", "NULL", '{"x",NULL}')) == (
+        '{"a",NULL,"q\\"uote","back\\\\slash","","NULL","{\\"x\\",NULL}"}')
