@@ -320,7 +320,7 @@ class Session:
         assert sink is not None
         if t is Insert or t is Update or t is Delete:
             if not self.skip:
-                sink.apply(m)  # type: ignore[arg-type]
+                sink.apply(m, len(payload))  # type: ignore[arg-type]
         elif t is Begin:
             self.skip = not sink.begin(m.xid, m.final_lsn)  # type: ignore[union-attr]
         elif t is Commit:

@@ -159,7 +159,9 @@ class Sink:
             self._batch_started = time.monotonic()
         return True
 
-    def apply(self, msg: Insert | Update | Delete | Truncate) -> None:
+    def apply(self, msg: Insert | Update | Delete | Truncate, size: int = 0) -> None:
+        """Apply one change of the open source transaction. `size`: its message's length in
+        bytes, for the batch's byte budget (0: estimated from the values)."""
         t = type(msg)
         if t is Truncate:
             self._truncate(msg)  # type: ignore[arg-type]
@@ -172,8 +174,11 @@ class Sink:
                 self._net_lsn, self._net_xid = self._commit_lsn, self._xid
                 self.rows_applied += 1
                 self._batch_rows += 1
-                row = msg.old if t is Delete else msg.new  # type: ignore[union-attr]
-                self._batch_bytes += sum(len(v) for v in row if type(v) is str)
+                if size:
+                    self._batch_bytes += size
+                else:
+                    row = msg.old if t is Delete else msg.new  # type: ignore[union-attr]
+                    self._batch_bytes += sum(len(v) for v in row if type(v) is str)
                 return
             self._flush_net()  # what is pending comes first: source order
         if t is Insert:

@@ -63,7 +63,7 @@ class NetBatch:
             row = msg.new  # type: ignore[union-attr]
         if row is None:
             return False
-        key = tuple(row[i] for i in table.key)
+        key = (row[table.key[0]],) if len(table.key) == 1 else tuple([row[i] for i in table.key])
         if UNCHANGED in key or None in key:
             return False
         rows = self._rows(table)
@@ -72,18 +72,20 @@ class NetBatch:
         cur = rows.get(key)
         if t is Insert:
             if cur is None:
-                rows[key] = [INS, list(row)]
+                rows[key] = [INS, row]  # a tuple until an update merges into it
             elif cur[0] == DEL:
-                rows[key] = [DEL_INS, list(row)]
+                rows[key] = [DEL_INS, row]
             else:
                 return False
         elif t is Update:
             if cur is None:
-                rows[key] = [UPD, list(row)]
+                rows[key] = [UPD, row]
             elif cur[0] == DEL:
                 return False
             else:
                 merged = cur[1]
+                if type(merged) is tuple:
+                    merged = cur[1] = list(merged)
                 for i, v in enumerate(row):
                     if v is not UNCHANGED:
                         merged[i] = v
@@ -131,7 +133,7 @@ class NetBatch:
                 found = _run(cur, table.update_from(sets), params)
                 if found < len(params):
                     yield table, "update", len(params) - found
-            inserts: dict[str, list[list[Any]]] = {}
+            inserts: dict[str, list[Any]] = {}
             for op, row in rows.values():
                 if op == INS or op == DEL_INS or op == APPEND:
                     sql, params = table.copy_in(row)
@@ -143,7 +145,7 @@ class NetBatch:
 _ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def copy_text(rows: list[list[Any]]) -> str:
+def copy_text(rows: list[Any]) -> str:
     """Rows of text values (or None) in COPY's text format."""
     j = "\t".join
     return "".join([j(["\\N" if v is None else (v.translate(_ESCAPE) if ("\\" in v or "\t" in v or "\n" in v

@@ -57,6 +57,9 @@ class TargetTable:
     snapshot_lsn: int = 0  # changes committed before this LSN are in the table's initial copy
     _sql: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.all_writable = all(self.writable)
+
     @property
     def display(self) -> str:
         return f"{self.rel.namespace}.{self.rel.name}"
@@ -78,9 +81,14 @@ class TargetTable:
             self._sql["i", cols] = parts
         return parts[0], parts[1], [new[i] for i in cols]
 
-    def copy_in(self, new: tuple | list) -> tuple[str, list[Any]]:
+    def copy_in(self, new: tuple | list) -> tuple[str, tuple | list]:
         """(COPY statement, the row's values) for a set-based insert. COPY writes GENERATED ALWAYS
         identity columns as given, like INSERT ... OVERRIDING SYSTEM VALUE."""
+        if self.all_writable and UNCHANGED not in new:  # the usual case: every column, as sent
+            sql = self._sql.get("C*")
+            if sql is None:
+                sql = self._sql["C*"] = f"COPY {self.qualified} ({', '.join(self.names)}) FROM STDIN"
+            return sql, new  # type: ignore[return-value]
         cols = tuple(i for i, v in enumerate(new) if v is not UNCHANGED and self.writable[i])
         sql = self._sql.get(("C", cols))
         if sql is None:
