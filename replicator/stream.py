@@ -71,6 +71,7 @@ NET_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                "tcp_user_timeout": 30000, "connect_timeout": 10}
 
 BURST = 2000  # messages read before the loop looks at its deadlines again
+READ_PAUSE = 0.0005  # seconds; see Session.run
 IDLE_PROGRESS_EVERY = 1.0  # seconds between idle progress writes
 
 
@@ -226,6 +227,10 @@ class Session:
             while n < BURST:
                 msg = read()
                 if msg is None:
+                    if n:
+                        # Catching up and the socket is drained: wait a moment so the walsender's
+                        # next send() carries many messages instead of one (its CPU is the ceiling).
+                        time.sleep(READ_PAUSE)
                     break
                 handle(msg)
                 n += 1
