@@ -221,7 +221,7 @@ class Session:
             deadline = sink.deadline()
             now = time.monotonic()
             if deadline is not None and now >= deadline and not sink.in_transaction():
-                sink.flush()
+                sink.flush(wait=False)
                 continue
             n = 0
             while n < BURST:
@@ -242,6 +242,9 @@ class Session:
             if n:
                 self.last_heard = time.monotonic()  # not `now`: handling the burst may have taken long
                 continue
+            if sink.batch_open() and not sink.in_transaction():
+                sink.flush(wait=False)  # nothing more to read right now: no reason to wait for the deadline
+                continue
             self.check_alive(now)
             if (not sink.batch_open() and not sink.in_transaction() and now - self.last_idle >= IDLE_PROGRESS_EVERY):
                 self.last_idle = now
@@ -252,6 +255,8 @@ class Session:
             timeout = self.cfg.status_interval
             if deadline is not None:
                 timeout = max(0.0, min(timeout, deadline - now))
+            if sink.writing():
+                timeout = min(timeout, 0.002)  # confirm the batch as soon as it is durable
             select.select(fds, [], [], timeout)
 
     def check_alive(self, now: float) -> None:
@@ -330,7 +335,8 @@ class Session:
             self.skip = not sink.begin(m.xid, m.final_lsn)  # type: ignore[union-attr]
         elif t is Commit:
             if not self.skip:
-                sink.commit(m.end_lsn, m.commit_time)  # type: ignore[union-attr]
+                # a handoff marker's transaction is committed together with the cutover claim
+                sink.commit(m.end_lsn, m.commit_time, hold=self.handoff is not None)  # type: ignore[union-attr]
                 if self.handoff is not None:
                     cutover_id, self.handoff = self.handoff, None
                     if sink.handoff(cutover_id):

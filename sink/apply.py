@@ -16,6 +16,7 @@ The sink interface (what the stream loop relies on):
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -82,6 +83,10 @@ class Sink:
         self._net_lsn: Lsn | None = None
         self._net_xid: int | None = None
         self._exact = False  # the open source transaction is applied change by change, in order
+        # A full batch is written and committed by a background thread while the stream loop
+        # reads and folds the next one; anything else that needs the connection waits for it.
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
         self.rows_applied = 0
         self.missing_rows = 0
         # the open batch
@@ -144,6 +149,7 @@ class Sink:
             if rel is None:
                 raise ApplyError(f"change for relation oid {oid} before its Relation message",
                                  lsn=self._commit_lsn, xid=self._xid)
+            self._join()
             table = self.tables[oid] = map_relation(self.cur, rel)
             table.snapshot_lsn = self.snapshots.get((rel.namespace, rel.name), Lsn(0))
         return table
@@ -212,6 +218,7 @@ class Sink:
         """Send the buffered run of inserts (same table and columns) as one multi-row INSERT."""
         if not self._ins_rows:
             return
+        self._join()
         rows, self._ins_rows = self._ins_rows, []
         self._current = self._ins_table
         try:
@@ -224,20 +231,25 @@ class Sink:
 
     def _flush_net(self) -> None:
         """Write the pending net changes (after any buffered direct inserts, which came first)."""
+        self._join()
         self._flush_inserts()
-        if not self.net:
+        net, self.net = self.net, NetBatch()
+        self._write_net(net, self._net_lsn, self._net_xid)
+
+    def _write_net(self, net: NetBatch, lsn: Lsn | None, xid: int | None) -> None:
+        if not net:
             return
         try:
-            for table, op, missing in self.net.write(self.cur):
+            for table, op, missing in net.write(self.cur):
                 # Native apply's default for a missing row: skip it and log.
                 self.missing_rows += missing
                 log.warning("%s: %d row(s) to %s not found on the target (batch up to commit LSN %s); skipped",
-                            table.display, missing, op, self._net_lsn)
+                            table.display, missing, op, lsn)
         except RETRYABLE:
             raise
         except psycopg2.Error as exc:
-            self._current = self.net.current
-            err = self._apply_error(exc, self._net_lsn, self._net_xid)
+            self._current = net.current
+            err = self._apply_error(exc, lsn, xid)
             # Set-based and reordered: re-run these transactions one by one, in order, to pin it.
             err.batch_has_earlier = True
             raise err from None
@@ -261,6 +273,7 @@ class Sink:
         self._batch_rows += 1
 
     def _execute(self, sql: str, params: list[Any]) -> None:
+        self._join()
         try:
             self.cur.execute(sql, params)
         except RETRYABLE:
@@ -278,14 +291,19 @@ class Sink:
         err.batch_has_earlier = self._batch_end is not None
         return err
 
-    def commit(self, end_lsn: Lsn, commit_time: int) -> None:
-        """The source transaction is complete. The batch commits when a limit is reached."""
+    def commit(self, end_lsn: Lsn, commit_time: int, hold: bool = False) -> None:
+        """The source transaction is complete. The batch commits when a limit is reached, unless
+        `hold` (the caller commits it itself, e.g. with a cutover claim: `handoff`)."""
         single = self._commit_lsn is not None and self._commit_lsn <= self.isolate_until
         self._batch_end = end_lsn
         self._batch_time = commit_time
         self._xid = self._commit_lsn = None
-        if single or self._batch_rows >= self.limits.rows or self._batch_bytes >= self.limits.bytes:
+        if hold:
+            return
+        if single:
             self.flush()
+        elif self._batch_rows >= self.limits.rows or self._batch_bytes >= self.limits.bytes:
+            self.flush(wait=False)
 
     def handoff(self, cutover_id: str) -> bool:
         """The handoff marker's transaction is complete: claim the cutover in this batch and commit.
@@ -303,6 +321,10 @@ class Sink:
     def in_transaction(self) -> bool:
         return self._xid is not None
 
+    def writing(self) -> bool:
+        """A batch is being written in the background."""
+        return self._writer is not None
+
     def batch_open(self) -> bool:
         return self._batch_started is not None
 
@@ -312,18 +334,34 @@ class Sink:
             return None
         return self._batch_started + self.limits.seconds
 
-    def flush(self) -> None:
-        """Commit the open batch (complete source transactions only) with its progress row."""
+    def flush(self, wait: bool = True) -> None:
+        """Commit the open batch (complete source transactions only) with its progress row.
+        `wait=False`: write and commit it in the background; the next use of the connection
+        waits for it (and raises its error, if any)."""
+        self._join()
         if self._batch_end is None:
             if self._batch_started is not None and self._xid is None:
                 self.conn.rollback()
                 self._batch_started = None
             return
         assert self._xid is None, "flush inside a source transaction"
-        self._flush_net()
-        end = self._batch_end
-        when = pg_epoch_to_datetime(self._batch_time) if self._batch_time is not None else None
-        self.cur.execute(self._progress_sql, (str(end), when, self._batch_rows, self.slot))
+        self._flush_inserts()  # statements already sent in this batch stay on this thread
+        args = (self.net, self._net_lsn, self._net_xid, self._batch_end, self._batch_time, self._batch_rows)
+        self.net = NetBatch()
+        self._batch_rows = self._batch_bytes = 0
+        self._batch_started = self._batch_end = self._batch_time = None
+        if wait:
+            self._write_batch(*args)
+            return
+        self._writer = threading.Thread(target=self._write_in_background, args=args, name="batch-writer",
+                                        daemon=True)
+        self._writer.start()
+
+    def _write_batch(self, net: NetBatch, net_lsn: Lsn | None, net_xid: int | None, end: Lsn,
+                     commit_time: int | None, rows: int) -> None:
+        self._write_net(net, net_lsn, net_xid)
+        when = pg_epoch_to_datetime(commit_time) if commit_time is not None else None
+        self.cur.execute(self._progress_sql, (str(end), when, rows, self.slot))
         if self.cur.rowcount != 1:
             raise ApplyError(f"progress row for slot {self.slot} is missing in {self.schema}.progress "
                              "(was the state schema dropped while pgferry ran?)")
@@ -332,11 +370,29 @@ class Sink:
         failpoints.hit("after_commit_before_feedback")
         self.stored = end
         self._track_durability(end)
-        self._batch_rows = self._batch_bytes = 0
-        self._batch_started = self._batch_end = self._batch_time = None
+
+    def _write_in_background(self, *args: Any) -> None:
+        try:
+            self._write_batch(*args)
+        except BaseException as exc:  # raised in the stream loop's thread by _join()
+            self._writer_error = exc
+
+    def _join(self) -> None:
+        """Wait for the background batch; raise its error here, in the caller's thread."""
+        if self._writer is None:
+            return
+        self._writer.join()
+        self._writer = None
+        if self._writer_error is not None:
+            exc, self._writer_error = self._writer_error, None
+            raise exc
 
     def rollback(self) -> None:
         """Drop the open batch (e.g. on shutdown mid-transaction): the source resends it."""
+        try:
+            self._join()
+        except Exception:  # the batch is dropped either way: the caller already failed or stops
+            pass
         self._ins_rows = []
         self.net = NetBatch()
         try:
@@ -351,6 +407,7 @@ class Sink:
         """Record that the source has nothing pending up to `lsn` (no open transaction or batch)."""
         if lsn <= self.stored or self._batch_started is not None or self._xid is not None:
             return
+        self._join()
         self.cur.execute(self._progress_sql, (str(lsn), None, 0, self.slot))
         self.conn.commit()
         self.stored = lsn
@@ -366,6 +423,10 @@ class Sink:
     def poll_durable(self) -> Lsn:
         """Re-check the target's WAL flush position for asynchronously committed batches
         (at most every 20 ms: the WAL writer flushes every wal_writer_delay anyway)."""
+        if self._writer is not None:
+            if self._writer.is_alive():
+                return self.durable_lsn
+            self._join()
         now = time.monotonic()
         if self._pending and now - self._last_poll >= 0.02:
             self._last_poll = now
