@@ -38,6 +38,8 @@ import psycopg2
 import psycopg2.extras
 
 from replicator.servers import LocalServer, find_bindir
+from replicator.source import max_protocol_version
+from replicator.stream import READ_PAUSE
 from tests.pgplugin import Db, new_db, table_digest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,23 +173,29 @@ def _peak_rss_kb(pid: int) -> int:
 
 
 def run_ceiling(src: Db, end: int, timeout: float) -> float:
-    """Read the backlog from the slot and discard it: what the source can send at most."""
+    """Read the backlog from the slot and discard it: what the source can send at most. Same
+    options and read strategy as pgferry's loop (bursts, a short pause when the socket drains)."""
     t = time.perf_counter()
     conn = psycopg2.connect(src.dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
     cur = conn.cursor()
+    proto = min(max_protocol_version(conn.server_version), 4)
     cur.start_replication(slot_name="bench_ceiling", decode=False,
-                          options={"proto_version": "1", "publication_names": PUB})
-    last = 0
-    while last < end:
-        msg = cur.read_message()
+                          options={"proto_version": str(proto), "publication_names": PUB, "messages": "true",
+                                   "streaming": "on"})
+    read = cur.read_message
+    while True:
+        msg = read()
         if msg is None:
+            if cur.wal_end >= end:
+                break
             if time.perf_counter() - t > timeout:
                 raise RuntimeError("the discarding reader did not reach the end LSN")
-            select.select([conn], [], [], 0.1)
-            if cur.wal_end >= end:
-                last = max(last, cur.wal_end)
+            time.sleep(READ_PAUSE)
+            if read() is None:
+                select.select([conn], [], [], 0.1)
             continue
-        last = max(last, msg.data_start)
+        if msg.data_start >= end:
+            break
     took = time.perf_counter() - t
     cur.send_feedback(flush_lsn=end, force=True)
     conn.close()
