@@ -82,6 +82,7 @@ class Sink:
         self.net = NetBatch()
         self._net_lsn: Lsn | None = None
         self._net_xid: int | None = None
+        self._net_rows = self._net_bytes = 0  # folded since the net changes were last written
         self._exact = False  # the open source transaction is applied change by change, in order
         # A full batch is written and committed by a background thread while the stream loop
         # reads and folds the next one; anything else that needs the connection waits for it.
@@ -180,11 +181,16 @@ class Sink:
                 self._net_lsn, self._net_xid = self._commit_lsn, self._xid
                 self.rows_applied += 1
                 self._batch_rows += 1
-                if size:
-                    self._batch_bytes += size
-                else:
+                if not size:
                     row = msg.old if t is Delete else msg.new  # type: ignore[union-attr]
-                    self._batch_bytes += sum(len(v) for v in row if type(v) is str)
+                    size = sum(len(v) for v in row if type(v) is str)
+                self._batch_bytes += size
+                self._net_rows += 1
+                self._net_bytes += size
+                if self._net_rows >= 2 * self.limits.rows or self._net_bytes >= 2 * self.limits.bytes:
+                    # a transaction larger than a batch: write what it has so far (no commit: it
+                    # is not complete), so memory stays bounded whatever its size
+                    self._flush_net()
                 return
             self._flush_net()  # what is pending comes first: source order
         if t is Insert:
@@ -234,6 +240,7 @@ class Sink:
         self._join()
         self._flush_inserts()
         net, self.net = self.net, NetBatch()
+        self._net_rows = self._net_bytes = 0
         self._write_net(net, self._net_lsn, self._net_xid)
 
     def _write_net(self, net: NetBatch, lsn: Lsn | None, xid: int | None) -> None:
@@ -348,7 +355,7 @@ class Sink:
         self._flush_inserts()  # statements already sent in this batch stay on this thread
         args = (self.net, self._net_lsn, self._net_xid, self._batch_end, self._batch_time, self._batch_rows)
         self.net = NetBatch()
-        self._batch_rows = self._batch_bytes = 0
+        self._batch_rows = self._batch_bytes = self._net_rows = self._net_bytes = 0
         self._batch_started = self._batch_end = self._batch_time = None
         if wait:
             self._write_batch(*args)
@@ -395,6 +402,7 @@ class Sink:
             pass
         self._ins_rows = []
         self.net = NetBatch()
+        self._net_rows = self._net_bytes = 0
         try:
             self.conn.rollback()
         except psycopg2.Error:

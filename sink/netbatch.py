@@ -122,22 +122,31 @@ class NetBatch:
                 found = _run(cur, table.delete_using(), deletes)
                 if found < len(deletes):
                     yield table, "delete", len(deletes) - found
-            updates: dict[tuple[int, ...], list[list[Any]]] = {}
+            updates: dict[tuple[int, ...], list[tuple]] = {}
+            every = table.update_cols  # the usual case: every column sent (no unchanged TOAST)
+            every_get = table.getter(every)
             for key, (op, row) in rows.items():
                 if op == UPD:
-                    sets = tuple(i for i, v in enumerate(row) if v is not UNCHANGED and table.settable[i]
-                                 and i not in table.key)
+                    if UNCHANGED not in row:
+                        if every:
+                            updates.setdefault(every, []).append(key + every_get(row))
+                        continue
+                    sets = tuple(i for i in every if row[i] is not UNCHANGED)
                     if sets:
-                        updates.setdefault(sets, []).append([*key, *(row[i] for i in sets)])
+                        updates.setdefault(sets, []).append(key + table.getter(sets)(row))
             for sets, params in updates.items():
                 found = _run(cur, table.update_from(sets), params)
                 if found < len(params):
                     yield table, "update", len(params) - found
             inserts: dict[str, list[Any]] = {}
+            copy_in = table.copy_in
             for op, row in rows.values():
                 if op == INS or op == DEL_INS or op == APPEND:
-                    sql, params = table.copy_in(row)
-                    inserts.setdefault(sql, []).append(params)
+                    sql, params = copy_in(row)
+                    group = inserts.get(sql)
+                    if group is None:
+                        group = inserts[sql] = []
+                    group.append(params)
             for sql, params in inserts.items():
                 cur.copy_expert(sql, io.StringIO(copy_text(params)), size=COPY_CHUNK)
 
@@ -148,9 +157,17 @@ _ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 def copy_text(rows: list[Any]) -> str:
     """Rows of text values (or None) in COPY's text format."""
     j = "\t".join
-    return "".join([j(["\\N" if v is None else (v.translate(_ESCAPE) if ("\\" in v or "\t" in v or "\n" in v
-                                                                      or "\r" in v) else v) for v in r]) + "\n"
-                    for r in rows])
+    out = []
+    for r in rows:
+        if None not in r:
+            line = j(r)
+            # one check per row: no value holds a tab (the count), backslash, newline or CR
+            if line.count("\t") == len(r) - 1 and "\\" not in line and "\n" not in line and "\r" not in line:
+                out.append(line)
+                continue
+        out.append(j(["\\N" if v is None else v.translate(_ESCAPE) for v in r]))
+    out.append("")
+    return "\n".join(out)
 
 
 def _run(cur: Any, sql: str, rows: list[list[Any]]) -> int:

@@ -16,6 +16,7 @@ own column types: enums, domains, composites, ranges and arrays need no client-s
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,22 @@ class TargetTable:
 
     def __post_init__(self) -> None:
         self.all_writable = all(self.writable)
+        # what a set-based UPDATE may set: settable columns outside the key
+        self.update_cols = tuple(i for i, ok in enumerate(self.settable) if ok and i not in self.key)
+        self._getters: dict[tuple[int, ...], Any] = {}
+
+    def getter(self, cols: tuple[int, ...]) -> Any:
+        """A function row -> tuple of the values at `cols` (operator.itemgetter, cached)."""
+        g = self._getters.get(cols)
+        if g is None:
+            if len(cols) == 1:
+                i = cols[0]
+                g = self._getters[cols] = lambda row: (row[i],)
+            elif cols:
+                g = self._getters[cols] = operator.itemgetter(*cols)
+            else:
+                g = self._getters[cols] = lambda row: ()
+        return g
 
     @property
     def display(self) -> str:

@@ -74,3 +74,29 @@ def test_a_rejected_change_in_a_folded_batch_is_pinned_to_its_transaction(pair, 
     assert "value too long" in out and f"xid {xid}" in out and "Traceback" not in out, out
     # everything before the failing transaction is in, nothing after it
     assert dst.execute("SELECT count(*), min(v), max(v), max(id) FROM t") == [(50, "ok2", "ok2", 50)]
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_for_a_transaction_far_larger_than_a_batch(pair, daemons):
+    src, dst = pair
+    ddl = "CREATE TABLE wide (id int PRIMARY KEY, pad text)"
+    src.execute(ddl + "; CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute(ddl)
+    d = Daemon(src, dst)
+    daemons.append(d)
+    # 200,000 rows of 1 kB in ONE transaction (~220 MB): streamed, spooled, then applied
+    src.execute("INSERT INTO wide SELECT g, repeat(md5(g::text), 32) FROM generate_series(1, 200000) g")
+    src.execute("UPDATE wide SET pad = 'x' || pad WHERE id % 2 = 0")
+    d.wait_caught_up(timeout=240)
+    assert dst.execute("SELECT count(*), count(*) FILTER (WHERE pad LIKE 'x%') FROM wide") == [(200000, 100000)]
+    assert_same_tables(src, dst, {"wide": ["id", "pad"]})
+    assert d.proc is not None
+    peak = _peak_rss_mb(d.proc.pid)
+    assert peak < 150, f"pgferry's peak RSS was {peak:.0f} MB for a 220 MB transaction"
