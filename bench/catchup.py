@@ -125,7 +125,7 @@ def run_native(src: Db, dst: Db, end: int, timeout: float) -> float:
 
 
 def run_pgferry(src: Db, dst: Db, end: int, timeout: float, extra: list[str],
-                profile: Path | None = None) -> tuple[float, int]:
+                profile: Path | None = None) -> tuple[float, int, float]:
     cmd = [sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target", dst.dsn, "--no-copy",
            "--slot", "bench_pgferry", "--publication", PUB, *extra]
     if profile is not None:
@@ -137,6 +137,7 @@ def run_pgferry(src: Db, dst: Db, end: int, timeout: float, extra: list[str],
             done = _wait_confirmed(src, "bench_pgferry", end, timeout, lambda: proc.poll() is None)
             daemon = _daemon_pid(proc.pid) if profile is not None else proc.pid
             rss = _peak_rss_kb(daemon)
+            cpu = _cpu_seconds(daemon)
         except RuntimeError:
             proc.kill()
             err.seek(0)
@@ -144,7 +145,13 @@ def run_pgferry(src: Db, dst: Db, end: int, timeout: float, extra: list[str],
             raise
         os.kill(daemon, signal.SIGTERM)  # under py-spy: it writes the profile when the daemon exits
         proc.wait(timeout=60)
-    return done - t, rss
+    return done - t, rss, cpu
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU the process has used (all threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _daemon_pid(pid: int) -> int:
@@ -222,7 +229,7 @@ def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, e
     for db in (src, native, ours):
         db.execute("CHECKPOINT")
     t_native = run_native(src, native, end, timeout)
-    t_ours, rss = run_pgferry(src, ours, end, timeout, extra, profile)
+    t_ours, rss, cpu = run_pgferry(src, ours, end, timeout, extra, profile)
     t_ceiling = run_ceiling(src, end, timeout)
     same = all(table_digest(src, name, cols) == table_digest(native, name, cols) == table_digest(ours, name, cols)
                for name, cols in sc.tables.items())
@@ -230,7 +237,8 @@ def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, e
     for slot in ("bench_pgferry", "bench_ceiling"):
         src.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
     return {"scenario": sc.name, "changes": changes, "wal": wal, "generate_s": gen, "native_s": t_native,
-            "pgferry_s": t_ours, "ceiling_s": t_ceiling, "rss_mb": rss / 1024, "same": same}
+            "pgferry_s": t_ours, "ceiling_s": t_ceiling, "rss_mb": rss / 1024, "cpu_s": cpu,
+            "same": same}
 
 
 def main() -> None:
@@ -267,10 +275,12 @@ def main() -> None:
 def _print_row(r: dict, header: bool) -> None:
     if header:
         print(f"{'pair':7} {'scenario':8} {'changes':>9} {'WAL':>8} {'native s':>9} {'pgferry s':>9} "
-              f"{'ceiling s':>9} {'pgferry/native':>14} {'ceiling/pgferry':>15} {'rows/s':>9} {'RSS MB':>7}")
+              f"{'ceiling s':>9} {'pgferry/native':>14} {'ceiling/pgferry':>15} {'rows/s':>9} {'RSS MB':>7} "
+              f"{'CPU s':>6}")
     print(f"{r['pair']:7} {r['scenario']:8} {r['changes']:>9,} {r['wal']:>8} {r['native_s']:>9.2f} "
           f"{r['pgferry_s']:>9.2f} {r['ceiling_s']:>9.2f} {r['native_s'] / r['pgferry_s']:>13.2f}x "
-          f"{r['ceiling_s'] / r['pgferry_s']:>14.2f} {r['changes'] / r['pgferry_s']:>9,.0f} {r['rss_mb']:>7.0f}",
+          f"{r['ceiling_s'] / r['pgferry_s']:>14.2f} {r['changes'] / r['pgferry_s']:>9,.0f} {r['rss_mb']:>7.0f} "
+          f"{r['cpu_s']:>6.2f}",
           flush=True)
 
 

@@ -11,6 +11,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from sink.apply import BatchLimits
+
 from .errors import EXIT_USAGE, PgferryError, UsageError
 
 
@@ -66,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated tables to publish when pgferry creates the publication (default: all)")
     start.add_argument("--jobs", type=_positive(int), default=None,
                        help="tables copied at once (default: the number of CPUs, at most 4)")
-    start.add_argument("--batch-rows", type=_positive(int), default=5000,
-                       help="commit a target batch after this many rows (default 5000)")
-    start.add_argument("--batch-bytes", type=_positive(int), default=8 << 20,
-                       help="... or this many bytes of values (default 8 MiB)")
+    start.add_argument("--batch-rows", type=_positive(int), default=BatchLimits.rows,
+                       help=f"commit a target batch after this many row changes (default {BatchLimits.rows})")
+    start.add_argument("--batch-bytes", type=_positive(int), default=BatchLimits.bytes,
+                       help=f"... or this many bytes of changes (default {BatchLimits.bytes >> 20} MiB)")
     start.add_argument("--batch-ms", type=_positive(float), default=500,
                        help="... or when the batch is this old, in milliseconds (default 500)")
     start.add_argument("--spool-dir", default=os.environ.get("PGFERRY_SPOOL_DIR") or None,
@@ -186,8 +188,6 @@ def load_hook(spec: str) -> Callable[..., object]:
 
 def _start(args: argparse.Namespace) -> int:
     import logging
-
-    from sink.apply import BatchLimits
 
     from .stream import StreamConfig, run_stream
 

@@ -46,8 +46,10 @@ INSERT_ROWS = 1000  # rows per multi-row INSERT
 
 @dataclass(frozen=True)
 class BatchLimits:
-    rows: int = 5000
-    bytes: int = 8 << 20
+    # Measured with bench/catchup.py: 50k-change batches fold hot rows 2-3x better than 5k ones
+    # and keep the peak RSS near 100 MB (a batch being written plus the next one being read).
+    rows: int = 50_000
+    bytes: int = 16 << 20
     seconds: float = 0.5
 
 
@@ -187,7 +189,7 @@ class Sink:
                 self._batch_bytes += size
                 self._net_rows += 1
                 self._net_bytes += size
-                if self._net_rows >= 2 * self.limits.rows or self._net_bytes >= 2 * self.limits.bytes:
+                if self._net_rows >= self.limits.rows or self._net_bytes >= self.limits.bytes:
                     # a transaction larger than a batch: write what it has so far (no commit: it
                     # is not complete), so memory stays bounded whatever its size
                     self._flush_net()
