@@ -241,16 +241,74 @@ def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, e
             "same": same}
 
 
+def run_steady(s: LocalServer, tgt: LocalServer, rate: int, seconds: int, extra: list[str]) -> dict:
+    """pgbench at a fixed rate with native and pgferry both subscribed (same load, same time):
+    the lag of each slot, sampled every 0.5 s. Keeping up = the lag stays bounded."""
+    sc = SCENARIOS["oltp"]
+    src, native, ours = new_db(s, "src"), new_db(tgt, "native"), new_db(tgt, "ours")
+    for db in (src, native, ours):
+        _prepare(db, sc)
+    src.execute(f"CREATE PUBLICATION {PUB} FOR ALL TABLES")
+    for slot in ("bench_native", "bench_pgferry"):
+        src.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    native.execute(f"CREATE SUBSCRIPTION bench_sub CONNECTION '{src.dsn}' PUBLICATION {PUB} WITH (create_slot = false, "
+                   "slot_name = 'bench_native', copy_data = false)")
+    proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target", ours.dsn,
+                             "--no-copy", "--slot", "bench_pgferry", "--publication", PUB, *extra],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lag_sql = ("SELECT slot_name, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots "
+               "WHERE slot_name IN ('bench_native', 'bench_pgferry')")
+    try:
+        (start,) = src.execute("SELECT (pg_current_wal_lsn() - '0/0')::bigint")[0]
+        for slot in ("bench_native", "bench_pgferry"):
+            _wait_confirmed(src, slot, int(start), 60, lambda: proc.poll() is None)
+        bench = subprocess.Popen([PGBENCH, "-n", "-c", "4", "-j", "2", "-R", str(rate), "-T", str(seconds),
+                                  "-b", "tpcb-like", "-d", src.dsn], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        samples: dict[str, list[int]] = {"bench_native": [], "bench_pgferry": []}
+        while bench.poll() is None:
+            for slot, lag in src.execute(lag_sql):
+                samples[slot].append(int(lag))
+            time.sleep(0.5)
+        out = bench.communicate()[0]
+        (end,) = src.execute("SELECT (pg_current_wal_lsn() - '0/0')::bigint")[0]
+        t = time.perf_counter()
+        drained = {slot: _wait_confirmed(src, slot, int(end), 120, lambda: proc.poll() is None) - t
+                   for slot in samples}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    native.execute("DROP SUBSCRIPTION bench_sub")
+    src.execute("SELECT pg_drop_replication_slot('bench_pgferry')")
+    tps = next((line.split("=")[1].split()[0] for line in out.splitlines() if line.startswith("tps")), "?")
+    same = all(table_digest(src, n, c) == table_digest(native, n, c) == table_digest(ours, n, c)
+               for n, c in sc.tables.items())
+    res = {"tps": tps, "same": same}
+    for slot, name in (("bench_native", "native"), ("bench_pgferry", "pgferry")):
+        lags = samples[slot]
+        tail = lags[len(lags) * 3 // 4:] or [0]
+        res[name] = {"max_kb": max(lags or [0]) / 1024, "mean_kb": sum(lags) / max(len(lags), 1) / 1024,
+                     "last_quarter_max_kb": max(tail) / 1024, "drain_s": drained[slot]}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", default="15-18,18-18")
     ap.add_argument("--scenarios", default="bulk,oltp,hot")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every backlog's size")
     ap.add_argument("--pgferry-args", default="", help="extra flags for pgferry start, e.g. '--batch-rows 20000'")
+    ap.add_argument("--steady", type=int, metavar="TPS",
+                    help="instead of the backlogs: pgbench at TPS for --seconds with native and pgferry both "
+                         "subscribed; prints each one's lag")
+    ap.add_argument("--seconds", type=int, default=30)
     ap.add_argument("--profile", type=Path, help="run pgferry under py-spy; write profiles here and print top costs")
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("-")) for p in args.pairs.split(",")]
     results = []
+    if args.steady:
+        _main_steady(pairs, args)
+        return
     with LocalServer(18, name="bench-tgt-") as tgt:
         for sv, tv in pairs:
             assert tv == 18, "the target is PostgreSQL 18"
@@ -268,6 +326,23 @@ def main() -> None:
                         for share, frame in top_costs(profile):
                             print(f"    {share:6.1%}  {frame}")
     if not all(r["same"] for r in results):
+        print("MISMATCH: a target differs from the source", file=sys.stderr)
+        sys.exit(1)
+
+
+def _main_steady(pairs: list[tuple[int, ...]], args: argparse.Namespace) -> None:
+    ok = True
+    with LocalServer(18, name="bench-tgt-") as tgt:
+        for sv, tv in pairs:
+            with LocalServer(sv, name=f"bench-src{sv}-") as s:
+                r = run_steady(s, tgt, args.steady, args.seconds, args.pgferry_args.split())
+            ok = ok and r["same"]
+            print(f"{sv}->{tv} pgbench tpcb-like at {args.steady} tps for {args.seconds} s (got {r['tps']} tps):")
+            for name in ("native", "pgferry"):
+                x = r[name]
+                print(f"  {name:8} lag max {x['max_kb']:8.0f} kB  mean {x['mean_kb']:8.0f} kB  last quarter max "
+                      f"{x['last_quarter_max_kb']:8.0f} kB  caught up {x['drain_s']:.2f} s after the load stopped")
+    if not ok:
         print("MISMATCH: a target differs from the source", file=sys.stderr)
         sys.exit(1)
 
