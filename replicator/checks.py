@@ -4,7 +4,9 @@ target lacks. Every finding names its fix."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
 
 from .errors import PgferryError
 from .source import describe_dsn
@@ -19,11 +21,21 @@ class CheckError(PgferryError):
     """Starting would break the source, or cannot work with this target (exit 1)."""
 
 
-def check_replicability(src: Any, cfg: SyncConfig) -> None:
-    """What logical replication cannot carry, said before anything starts: unlogged tables and large
-    objects (warnings with the fix), and tables without a replica identity. Publishing such a table
-    makes every UPDATE and DELETE on it FAIL on the source, so that is an error when the source has
-    updated or deleted rows in it, and a warning otherwise (insert-only tables are fine)."""
+class Finding(msgspec.Struct, kw_only=True):
+    """One preflight finding: what is wrong (or worth knowing) and the exact fix."""
+
+    severity: Literal["error", "warning", "info"]
+    side: Literal["source", "target"]
+    check: str
+    message: str
+    fix: str = ""
+
+
+def replicability_findings(src: Any, tables: list[str] | None) -> list[Finding]:
+    """What logical replication cannot carry: unlogged tables and large objects (warnings with the
+    fix), and tables without a replica identity. Publishing such a table makes every UPDATE and
+    DELETE on it FAIL on the source, so that is an error when the source has updated or deleted rows
+    in it, and a warning otherwise (insert-only tables are fine). `tables`: None for all."""
     with src.cursor() as cur:
         cur.execute("""SELECT n.nspname || '.' || c.relname, c.relpersistence = 'u',
                 c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
@@ -35,30 +47,47 @@ def check_replicability(src: Any, cfg: SyncConfig) -> None:
               AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
               AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[])
                    OR c.relname = ANY(%s::text[]))
-            ORDER BY 1""", (cfg.tables, cfg.tables, cfg.tables))
+            ORDER BY 1""", (tables, tables, tables))
         rows = cur.fetchall()
         cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
         (large_objects,) = cur.fetchone()
     src.rollback()
+    out = []
     unlogged = [r[0] for r in rows if r[1]]
     if unlogged:
-        log.warning("unlogged tables are not replicated: %s. Copy them by hand at cutover, or make them logged "
-                    "first (ALTER TABLE ... SET LOGGED)", ", ".join(unlogged))
+        out.append(Finding(severity="warning", side="source", check="unlogged tables",
+                           message=f"unlogged tables are not replicated: {', '.join(unlogged)}",
+                           fix="copy them by hand at cutover, or make them logged first: ALTER TABLE <table> SET "
+                               "LOGGED"))
     if large_objects:
-        log.warning("the source has %d large objects; logical replication does not carry them. Copy them at "
-                    "cutover (pg_dump --large-objects --data-only)", large_objects)
+        out.append(Finding(severity="warning", side="source", check="large objects",
+                           message=f"the source has {large_objects} large objects; logical replication does not "
+                                   "carry them",
+                           fix="copy them at cutover: pg_dump --large-objects --data-only ... | psql ..."))
     no_identity = [(r[0], r[3]) for r in rows if r[2] and not r[1]]
     quiet = [name for name, changed in no_identity if not changed]
     if quiet:
-        log.warning("tables without a primary key or replica identity: %s. They seem insert-only; an UPDATE or "
-                    "DELETE on them would fail on the source once published (fix: ALTER TABLE <table> REPLICA "
-                    "IDENTITY FULL)", ", ".join(quiet))
+        out.append(Finding(severity="warning", side="source", check="replica identity",
+                           message=f"tables without a primary key or replica identity: {', '.join(quiet)}. They "
+                                   "seem insert-only; an UPDATE or DELETE on them would fail on the source once "
+                                   "published",
+                           fix="ALTER TABLE <table> REPLICA IDENTITY FULL (or add a primary key)"))
     written = [name for name, changed in no_identity if changed]
     if written:
-        raise CheckError("tables without a primary key or replica identity that receive UPDATE or DELETE: "
-                        f"{', '.join(written)}. Once published, those statements would fail on the source. Add a "
-                        "primary key, or run ALTER TABLE <table> REPLICA IDENTITY FULL (or USING INDEX <unique "
-                        "index>), then start again")
+        out.append(Finding(severity="error", side="source", check="replica identity",
+                           message="tables without a primary key or replica identity that receive UPDATE or "
+                                   f"DELETE: {', '.join(written)}. Once published, those statements would fail "
+                                   "on the source",
+                           fix="add a primary key, or run ALTER TABLE <table> REPLICA IDENTITY FULL (or USING "
+                               "INDEX <unique index>), then start again"))
+    return out
+
+
+def check_replicability(src: Any, cfg: SyncConfig) -> None:
+    """Raise on what `replicability_findings` calls an error (preflight reported the rest)."""
+    errors = [f for f in replicability_findings(src, cfg.tables) if f.severity == "error"]
+    if errors:
+        raise CheckError("; ".join(f"{f.message} (fix: {f.fix})" for f in errors))
 
 
 _COLUMNS = """SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod)

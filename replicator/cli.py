@@ -13,17 +13,20 @@ from collections.abc import Callable, Sequence
 
 from sink.apply import BatchLimits
 
+from . import config
 from .errors import EXIT_USAGE, PgferryError, UsageError
 
 
+# Options that are also settings (replicator/config.py) default to None here: None means "not
+# given", so the environment and the config file can fill them in (flags > env > file > defaults).
 def _add_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", default=os.environ.get("PGFERRY_SOURCE", ""),
-                   help="source DSN (libpq string or URI); default $PGFERRY_SOURCE")
+    p.add_argument("--source", help="source DSN (libpq string or URI); default $PGFERRY_SOURCE")
+    p.add_argument("--config", metavar="FILE", default=os.environ.get("PGFERRY_CONFIG"),
+                   help="TOML settings file (see `pgferry config example`); default $PGFERRY_CONFIG")
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=os.environ.get("PGFERRY_TARGET", ""),
-                   help="target DSN (libpq string or URI); default $PGFERRY_TARGET")
+    p.add_argument("--target", help="target DSN (libpq string or URI); default $PGFERRY_TARGET")
 
 
 def _positive(kind: type) -> object:
@@ -47,8 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tail = sub.add_parser("tail", help="print the source's decoded changes as JSON lines")
     _add_source(tail)
-    tail.add_argument("--publication", default="pgferry",
-                      help="publication to stream (default: pgferry); it must exist")
+    tail.add_argument("--publication", help="publication to stream (default: pgferry); it must exist")
     tail.add_argument("--slot", default=None,
                       help="use (or create) this permanent slot; default: a temporary slot that is gone on exit")
     tail.add_argument("--format", choices=["json"], default="json", help="output format (json lines)")
@@ -56,39 +58,40 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="stream the source's changes into the target (resumes where it stopped)")
     _add_source(start)
     _add_target(start)
-    start.add_argument("--publication", default="pgferry", help="publication to stream (default: pgferry)")
-    start.add_argument("--slot", default="pgferry",
-                       help="replication slot (default: pgferry); created on first start if missing")
-    start.add_argument("--state-schema", default="pgferry", help="schema for pgferry's state on the target")
-    start.add_argument("--no-copy", action="store_true",
+    start.add_argument("--publication", help="publication to stream (default: pgferry)")
+    start.add_argument("--slot", help="replication slot (default: pgferry); created on first start if missing")
+    start.add_argument("--state-schema", help="schema for pgferry's state on the target (default: pgferry)")
+    start.add_argument("--no-copy", action="store_true", default=None,
                        help="the target already holds the data as of the slot's creation: only stream")
-    start.add_argument("--no-schema", action="store_true",
+    start.add_argument("--no-schema", action="store_true", default=None,
                        help="the target's tables exist already (made by hand): copy data only")
     start.add_argument("--tables", default=None,
                        help="comma-separated tables to publish when pgferry creates the publication (default: all)")
     start.add_argument("--jobs", type=_positive(int), default=None,
                        help="tables copied at once (default: the number of CPUs, at most 4)")
-    start.add_argument("--batch-rows", type=_positive(int), default=BatchLimits.rows,
+    start.add_argument("--batch-rows", type=_positive(int),
                        help=f"commit a target batch after this many row changes (default {BatchLimits.rows})")
-    start.add_argument("--batch-bytes", type=_positive(int), default=BatchLimits.bytes,
+    start.add_argument("--batch-bytes", type=_positive(int),
                        help=f"... or this many bytes of changes (default {BatchLimits.bytes >> 20} MiB)")
-    start.add_argument("--batch-ms", type=_positive(float), default=500,
+    start.add_argument("--batch-ms", type=_positive(float),
                        help="... or when the batch is this old, in milliseconds (default 500)")
-    start.add_argument("--spool-dir", default=os.environ.get("PGFERRY_SPOOL_DIR") or None,
-                       help="where large in-progress transactions are spooled (default: the temp dir)")
-    start.add_argument("--network-timeout", type=_positive(float), default=30.0,
+    start.add_argument("--spool-dir", help="where large in-progress transactions are spooled (default: the temp dir)")
+    start.add_argument("--network-timeout", type=_positive(float),
                        help="seconds of silence from the source (pings included) after which the connection is "
                             "presumed dead and re-opened (default 30)")
-    start.add_argument("--message-hook", default=None, metavar="MODULE:FUNCTION",
+    start.add_argument("--message-hook", metavar="MODULE:FUNCTION",
                        help="call this function with each logical decoding message (pg_logical_emit_message); "
                             "transactional ones in commit order; after a crash one may come again. Default: ignored")
-    start.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    start.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    start.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
+    start.add_argument("--log-format", choices=["auto", "text", "json"],
+                       help="auto (default): text on a terminal, JSON lines otherwise")
 
     def common(p: argparse.ArgumentParser) -> None:
         _add_source(p)
         _add_target(p)
-        p.add_argument("--slot", default="pgferry", help="replication slot (default: pgferry)")
-        p.add_argument("--state-schema", default="pgferry", help="pgferry's state schema on the target")
+        p.add_argument("--slot", help="replication slot (default: pgferry)")
+        p.add_argument("--state-schema", help="pgferry's state schema on the target (default: pgferry)")
 
     status = sub.add_parser("status", help="phase, applied and source LSN, lag, tables (daemon running or not)")
     common(status)
@@ -96,14 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="compare source and target per table; exit 1 on any difference")
     common(verify)
-    verify.add_argument("--publication", default="pgferry", help="the published tables are compared")
+    verify.add_argument("--publication", help="the published tables are compared (default: pgferry)")
     verify.add_argument("--tables", default=None, help="comma-separated subset of the published tables")
     verify.add_argument("--mode", choices=["count", "checksum"], default="checksum")
     verify.add_argument("--json", action="store_true", help="one JSON object")
 
     cutover = sub.add_parser("cutover", help="fence the source, hand off at one LSN, copy sequences, verify")
     common(cutover)
-    cutover.add_argument("--publication", default="pgferry")
+    cutover.add_argument("--publication", help="default: pgferry")
     cutover.add_argument("--fence", choices=["read-only", "none"], default="read-only",
                          help="read-only (default): the source database refuses writes for every role and open "
                               "sessions are ended; none: you stopped the writers yourself")
@@ -115,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     common(cleanup)
     cleanup.add_argument("--drop-state", action="store_true", help="also drop the state schema on the target")
 
+    preflight = sub.add_parser("preflight", help="check source and target before a migration; each finding "
+                                                 "with its fix; exit 1 on any error")
+    common(preflight)
+    preflight.add_argument("--publication", help="default: pgferry")
+    preflight.add_argument("--tables", default=None, help="comma-separated tables to publish (default: all)")
+    preflight.add_argument("--json", action="store_true", help="one JSON object")
+    preflight.add_argument("--print-setup-sql", action="store_true",
+                           help="print the SQL for a least-privilege replication role instead")
+
+    config = sub.add_parser("config", help="`config example`: a commented config file; `config show`: the "
+                                           "effective settings (passwords masked)")
+    config.add_argument("action", choices=["example", "show"])
+    _add_source(config)
+    _add_target(config)
+
     demo = sub.add_parser("demo", help="migrate sample data between two embedded servers under live writes")
     demo.add_argument("--write-seconds", type=_positive(float), default=10.0,
                       help="how long the application keeps writing once streaming runs (default 10)")
@@ -124,16 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "tail":
-            from .tail import run_tail
-            return run_tail(args.source, args.publication, args.slot)
-        if args.command == "start":
-            return _start(args)
-        if args.command in ("status", "verify", "cutover", "cleanup"):
-            return _admin(args)
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(args.write_seconds)
+        settings = config.load(args.config, _flags(args))
+        if args.command == "config":
+            return _config(args, settings)
+        if args.command == "tail":
+            from .tail import run_tail
+            return run_tail(settings.source, settings.publication, args.slot)
+        if args.command == "start":
+            return _start(settings)
+        if args.command in ("status", "verify", "cutover", "cleanup", "preflight"):
+            return _admin(args, settings)
     except PgferryError as exc:
         print(f"pgferry: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -146,27 +167,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
-def _admin(args: argparse.Namespace) -> int:
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    """The settings the command line gave (None: not given)."""
+    flags = dict(vars(args))
+    if flags.pop("no_copy", None):
+        flags["copy"] = False
+    if flags.pop("no_schema", None):
+        flags["schema"] = False
+    if isinstance(flags.get("tables"), str):
+        flags["tables"] = [t.strip() for t in flags["tables"].split(",") if t.strip()]
+    if args.command == "verify":
+        flags.pop("tables", None)  # verify's --tables picks among the published tables: not a setting
+    return flags
+
+
+def _config(args: argparse.Namespace, settings: config.Settings) -> int:
+    if args.action == "example":
+        sys.stdout.write(config.EXAMPLE)
+        return 0
+    import msgspec
+
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(config.as_dict(settings))).decode() + "\n")
+    return 0
+
+
+def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
     import logging
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command == "preflight":
+        from .preflight import print_setup_sql, run_preflight
+        if args.print_setup_sql:
+            return print_setup_sql(settings)
+        return run_preflight(settings, args.json)
     for role in ("source", "target"):
-        if not getattr(args, role):
+        if not getattr(settings, role):
             raise UsageError(f"no {role} given: pass --{role} DSN or set PGFERRY_{role.upper()}")
+    src, dst, slot, schema = settings.source, settings.target, settings.slot, settings.state_schema
     if args.command == "status":
         from .status import run_status
-        return run_status(args.source, args.target, args.slot, args.state_schema, args.json)
+        return run_status(src, dst, slot, schema, args.json)
     if args.command == "verify":
         from .verify import print_results, verify
         tables = [t.strip() for t in args.tables.split(",")] if args.tables else None
-        results = verify(args.source, args.target, args.publication, tables, args.mode)
+        results = verify(src, dst, settings.publication, tables, args.mode)
         return print_results(results, args.json)
     if args.command == "cutover":
         from .cutover import run_cutover
-        return run_cutover(args.source, args.target, args.publication, args.slot, args.state_schema, args.fence,
-                           args.timeout, args.receipt)
+        return run_cutover(src, dst, settings.publication, slot, schema, args.fence, args.timeout, args.receipt)
     from .cleanup import run_cleanup
-    return run_cleanup(args.source, args.target, args.slot, args.state_schema, args.drop_state)
+    return run_cleanup(src, dst, slot, schema, args.drop_state)
 
 
 def load_hook(spec: str) -> Callable[..., object]:
@@ -186,34 +236,38 @@ def load_hook(spec: str) -> Callable[..., object]:
     return fn  # type: ignore[no-any-return]
 
 
-def _start(args: argparse.Namespace) -> int:
-    import logging
-
+def _start(st: config.Settings) -> int:
+    from . import logs, metrics
     from .stream import StreamConfig, run_stream
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    if not args.target:
+    logs.setup(st.log_level, st.log_format)
+    if not st.target:
         raise UsageError("no target given: pass --target DSN or set PGFERRY_TARGET")
-    if not args.source:
+    if not st.source:
         raise UsageError("no source given: pass --source DSN or set PGFERRY_SOURCE")
-    if not args.no_copy:
+    hook = load_hook(st.message_hook) if st.message_hook else None
+    if st.metrics_port:
+        metrics.serve(st.metrics_port, st)
+    from .preflight import preflight_for_start
+
+    preflight_for_start(st)
+    if st.copy:
         from .sync import InitialSync, SyncConfig
 
-        sync_cfg = SyncConfig(source=args.source, target=args.target, publication=args.publication, slot=args.slot,
-                              schema=args.state_schema, schema_copy=not args.no_schema,
-                              tables=[t.strip() for t in args.tables.split(",")] if args.tables else None)
-        if args.jobs:
-            sync_cfg.jobs = args.jobs
+        sync_cfg = SyncConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
+                              schema=st.state_schema, schema_copy=st.schema, tables=st.tables)
+        if st.jobs:
+            sync_cfg.jobs = st.jobs
+        metrics.STATE.phase = "copy"
         InitialSync(sync_cfg).run()
         from sink import failpoints
 
         failpoints.hit("before_stream")  # the copy is done and recorded; streaming has not started
-    cfg = StreamConfig(source=args.source, target=args.target, publication=args.publication, slot=args.slot,
-                       schema=args.state_schema, spool_dir=args.spool_dir,
-                       message_hook=load_hook(args.message_hook) if args.message_hook else None,
-                       network_timeout=args.network_timeout,
-                       limits=BatchLimits(rows=args.batch_rows, bytes=args.batch_bytes, seconds=args.batch_ms / 1000))
+    cfg = StreamConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
+                       schema=st.state_schema, spool_dir=st.spool_dir, message_hook=hook,
+                       network_timeout=st.network_timeout,
+                       limits=BatchLimits(rows=st.batch_rows, bytes=st.batch_bytes, seconds=st.batch_ms / 1000))
+    metrics.STATE.phase = "streaming"
     return run_stream(cfg)
 
 

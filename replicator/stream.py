@@ -58,6 +58,7 @@ from sink.apply import RETRYABLE, BatchLimits, Sink
 from sink.errors import ApplyError, SinkError
 from sink.state import HANDOFF_PREFIX
 
+from . import metrics
 from .errors import PgferryError, UsageError, first_line
 from .source import check_logical_source, connect, describe_dsn, max_protocol_version
 from .spool import Spool
@@ -417,6 +418,8 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
     spool = Spool(cfg.spool_dir)
     backoff = 0.2
     isolate_until = Lsn(0)
+    op_counts: dict = {}
+    missing_rows = 0
     ever_connected = False
     last_reason = None
     try:
@@ -426,6 +429,10 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
                 session.open()
                 assert session.sink is not None
                 session.sink.isolate_until = isolate_until
+                session.sink.on_batch = metrics.observe_batch
+                session.sink.op_counts = op_counts  # metrics count across reconnects
+                session.sink.missing_rows = missing_rows
+                metrics.STATE.session = session
                 ever_connected = True
                 if last_reason is not None:
                     log.info("reconnected after: %s", last_reason)
@@ -457,6 +464,7 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
             finally:
                 if session.sink is not None:
                     session.sink.rollback()
+                    missing_rows = session.sink.missing_rows
                 session.close()
                 spool.reset()
             if session.received_data:

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,11 @@ class Sink:
         self._writer_error: BaseException | None = None
         self.rows_applied = 0
         self.missing_rows = 0
+        # for metrics: source changes received per (table, message type), and each committed
+        # batch's (row changes, seconds to write and commit) reported to `on_batch`
+        self.op_counts: dict[tuple[str, type], int] = {}
+        self.on_batch: Callable[[int, float], None] | None = None
+        self.applied_commit_time: float | None = None  # unix time of the last applied source commit
         # the open batch
         self._batch_rows = 0
         self._batch_bytes = 0
@@ -178,6 +184,8 @@ class Sink:
         table = self._table(msg.relation_oid)  # type: ignore[union-attr]
         if self._commit_lsn is not None and self._commit_lsn < table.snapshot_lsn:
             return  # committed before this table's copy was taken: the copy has it
+        counted = (table.name, t)
+        self.op_counts[counted] = self.op_counts.get(counted, 0) + 1
         if not self._exact:
             if self.net.add(table, msg):  # type: ignore[arg-type]
                 self._net_lsn, self._net_xid = self._commit_lsn, self._xid
@@ -368,6 +376,7 @@ class Sink:
 
     def _write_batch(self, net: NetBatch, net_lsn: Lsn | None, net_xid: int | None, end: Lsn,
                      commit_time: int | None, rows: int) -> None:
+        started = time.monotonic()
         self._write_net(net, net_lsn, net_xid)
         when = pg_epoch_to_datetime(commit_time) if commit_time is not None else None
         self.cur.execute(self._progress_sql, (str(end), when, rows, self.slot))
@@ -378,7 +387,11 @@ class Sink:
         self.conn.commit()
         failpoints.hit("after_commit_before_feedback")
         self.stored = end
+        if when is not None:
+            self.applied_commit_time = when.timestamp()
         self._track_durability(end)
+        if self.on_batch is not None:
+            self.on_batch(rows, time.monotonic() - started)
 
     def _write_in_background(self, *args: Any) -> None:
         try:

@@ -59,6 +59,7 @@ class TargetTable:
     _sql: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.name = f"{self.rel.namespace}.{self.rel.name}"  # as `display`, computed once (metrics labels)
         self.all_writable = all(self.writable)
         # what a set-based UPDATE may set: settable columns outside the key
         self.update_cols = tuple(i for i, ok in enumerate(self.settable) if ok and i not in self.key)

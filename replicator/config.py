@@ -1,0 +1,181 @@
+"""Settings: flags > environment (PGFERRY_<KEY>) > config file (`--config pgferry.toml`) > defaults.
+
+Every layer is validated against the same msgspec Struct; a bad key or value is a usage error
+(exit 2) that names the key, where it came from and the expected form. Passwords belong in the
+DSN, `PGPASSWORD` or `~/.pgpass`; pgferry never prints a DSN's password (see `masked`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal, get_args, get_type_hints
+
+import msgspec
+
+from .errors import UsageError
+
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # connections
+    source: str = ""
+    target: str = ""
+    # what to replicate and where pgferry keeps its state
+    publication: str = "pgferry"
+    slot: str = "pgferry"
+    state_schema: str = "pgferry"
+    tables: list[str] | None = None
+    # initial sync
+    copy: bool = True
+    schema: bool = True
+    jobs: Positive | None = None
+    # apply
+    batch_rows: Positive = 50_000
+    batch_bytes: Positive = 16 << 20
+    batch_ms: PositiveFloat = 500.0
+    spool_dir: str | None = None
+    network_timeout: PositiveFloat = 30.0
+    message_hook: str | None = None
+    # operation
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "text", "json"] = "auto"
+    metrics_port: Port | None = None
+
+
+FIELDS = Settings.__struct_fields__
+
+EXAMPLE = """\
+# pgferry configuration. Precedence: command-line flags > environment variables
+# (PGFERRY_<KEY>, e.g. PGFERRY_BATCH_ROWS=20000) > this file > the defaults shown here.
+# Unknown keys are an error. Passwords: put them in PGPASSWORD or ~/.pgpass rather than
+# here; pgferry never prints them.
+
+# Source and target: libpq connection strings or URIs.
+source = "host=old-db.example.com dbname=app user=pgferry"
+target = "postgresql://pgferry@new-db.example.com/app"
+
+# The publication and slot pgferry creates (or reuses) on the source, and the schema on the
+# target where it keeps its progress and state.
+publication = "pgferry"
+slot = "pgferry"
+state_schema = "pgferry"
+
+# Publish only these tables (schema.table or table) when pgferry creates the publication.
+# Default: all tables.
+# tables = ["public.accounts", "public.orders"]
+
+# Initial sync: copy the data (false: the target already holds it as of the slot's creation)
+# and the schema (false: the tables were made by hand; they are checked).
+copy = true
+schema = true
+# Tables (or block ranges of big tables) copied at once. Default: CPUs, at most 4.
+# jobs = 4
+
+# Apply: a target transaction commits after this many row changes, bytes of changes, or
+# milliseconds, whichever comes first.
+batch_rows = 50000
+batch_bytes = 16777216
+batch_ms = 500.0
+# Where large in-progress transactions are spooled. Default: the temp directory.
+# spool_dir = "/var/lib/pgferry/spool"
+# Seconds of silence from the source after which the connection is re-opened.
+network_timeout = 30.0
+# Called with each pg_logical_emit_message() message, as MODULE:FUNCTION.
+# message_hook = "myhooks:on_message"
+
+# Logs: debug, info, warning or error; format auto (text on a terminal, JSON lines
+# otherwise), text or json.
+log_level = "info"
+log_format = "auto"
+# Serve Prometheus metrics on this port (all interfaces). Default: off.
+# metrics_port = 9187
+"""
+
+
+def load(path: str | None, flags: dict[str, Any], environ: dict[str, str] | None = None) -> Settings:
+    """The effective settings. `flags`: what the command line gave (None = not given)."""
+    layers: dict[str, Any] = {}
+    if path:
+        layers.update(_from_file(path))
+    layers.update(_from_env(os.environ if environ is None else environ))
+    layers.update({k: v for k, v in flags.items() if v is not None and k in FIELDS})
+    try:
+        return msgspec.convert(layers, Settings)
+    except msgspec.ValidationError as exc:  # a flag's value (files and env were checked already)
+        raise UsageError(f"invalid setting: {_explain(exc)}") from None
+
+
+def _from_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise UsageError(f"config file {path}: {exc.strerror}") from None
+    try:
+        raw = msgspec.toml.decode(data)
+    except msgspec.DecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"config file {path}: expected key = value pairs")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise UsageError(f"config file {path}: unknown key(s) {', '.join(unknown)}; known keys: "
+                         f"{', '.join(FIELDS)} (see `pgferry config example`)")
+    try:
+        msgspec.convert(raw, Settings)
+    except msgspec.ValidationError as exc:
+        raise UsageError(f"config file {path}: {_explain(exc)}") from None
+    return raw  # type: ignore[no-any-return]
+
+
+def _from_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in FIELDS:
+        name = f"PGFERRY_{key.upper()}"
+        text = environ.get(name)
+        if text is None or text == "":
+            continue
+        value: Any = [t.strip() for t in text.split(",")] if key == "tables" else text
+        try:
+            # strict=False: the environment only holds strings ("20000" -> 20000, "false" -> False)
+            msgspec.convert({key: value}, Settings, strict=False)
+        except msgspec.ValidationError as exc:
+            raise UsageError(f"environment variable {name}={_shown(key, text)!r}: {_explain(exc)}") from None
+        out[key] = msgspec.convert({key: value}, Settings, strict=False).__getattribute__(key)
+    return out
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    """msgspec's 'Expected `int` >= 1, got `0` - at `$.batch_rows`' -> 'batch_rows: expected int >= 1, got 0'."""
+    text = str(exc)
+    m = re.match(r"(.*) - at `\$\.([a-z_]+)(.*)`$", text)
+    if not m:
+        return text
+    what, key, rest = m.groups()
+    what = what.replace("`", "")
+    if what.startswith("Invalid enum value"):
+        choices = get_args(get_type_hints(Settings)[key])
+        what = f"expected one of {', '.join(repr(c) for c in choices)}, got {what.split(' ', 3)[3]}"
+    return f"{key}{rest}: {what[0].lower()}{what[1:]}"
+
+
+def _shown(key: str, value: str) -> str:
+    return masked(value) if key in ("source", "target") else value
+
+
+def masked(dsn: str) -> str:
+    """A DSN with its password replaced by ***."""
+    dsn = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+    return re.sub(r"^(\w+://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+
+
+def as_dict(settings: Settings) -> dict[str, Any]:
+    """For `pgferry config show`: the settings, passwords masked."""
+    out = msgspec.to_builtins(settings)
+    for key in ("source", "target"):
+        out[key] = masked(out[key])
+    return out  # type: ignore[no-any-return]

@@ -1,0 +1,149 @@
+"""Prometheus metrics (`--metrics-port`): read from the running daemon at scrape time.
+
+Nothing is counted twice on the hot path: gauges and counters are read from the stream session
+and its sink when Prometheus scrapes; only the batch histograms are observed as batches commit.
+The slot's retained WAL comes from a short query on the source, at most every 10 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import REGISTRY, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from decoder import Delete, Insert, Truncate, Update
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .stream import Session
+
+log = logging.getLogger("pgferry.metrics")
+
+PHASES = ("preflight", "schema", "copy", "streaming", "stopped", "done")
+OPS = {Insert: "insert", Update: "update", Delete: "delete", Truncate: "truncate"}
+
+BATCH_ROWS = Histogram("pgferry_batch_rows", "Source row changes per committed target batch",
+                       buckets=(1, 10, 100, 1_000, 5_000, 10_000, 50_000, 100_000, 500_000))
+BATCH_SECONDS = Histogram("pgferry_batch_seconds", "Time to write and commit one target batch",
+                          buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+
+@dataclass
+class State:
+    phase: str = "preflight"
+    session: Session | None = None
+    settings: Settings | None = None
+
+
+STATE = State()
+
+
+def observe_batch(rows: int, seconds: float) -> None:
+    BATCH_ROWS.observe(rows)
+    BATCH_SECONDS.observe(seconds)
+
+
+class _Slot:
+    """The slot's retained WAL and safe_wal_size, queried at most every `every` seconds."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.at = 0.0
+        self.values: tuple[int, int | None] | None = None
+        self.lock = threading.Lock()
+
+    def get(self, settings: Settings) -> tuple[int, int | None] | None:
+        with self.lock:
+            if time.monotonic() - self.at >= self.every:
+                self.at = time.monotonic()
+                self.values = self._query(settings)
+            return self.values
+
+    @staticmethod
+    def _query(settings: Settings) -> tuple[int, int | None] | None:
+        import psycopg2
+
+        try:
+            conn = psycopg2.connect(settings.source, application_name="pgferry-metrics", connect_timeout=5)
+        except psycopg2.Error:
+            return None
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, safe_wal_size "
+                            "FROM pg_replication_slots WHERE slot_name = %s", (settings.slot,))
+                row = cur.fetchone()
+            return (int(row[0] or 0), None if row[1] is None else int(row[1])) if row else None
+        except psycopg2.Error:
+            return None
+        finally:
+            conn.close()
+
+
+class DaemonCollector(Collector):
+    def __init__(self) -> None:
+        self.slot = _Slot()
+
+    def collect(self) -> Iterator[Any]:
+        phase = GaugeMetricFamily("pgferry_phase", "1 for the daemon's current phase", labels=["phase"])
+        for p in PHASES:
+            phase.add_metric([p], 1.0 if p == STATE.phase else 0.0)
+        yield phase
+        session = STATE.session
+        sink = session.sink if session is not None else None
+        if sink is not None:
+            applied = int(sink.stored)
+            source = max(int(session.cur.wal_end or 0), applied) if session.cur is not None else applied
+            yield GaugeMetricFamily("pgferry_applied_lsn", "Source LSN up to which everything is committed on "
+                                    "the target (bytes)", value=applied)
+            yield GaugeMetricFamily("pgferry_source_lsn", "The source's WAL end as last reported by the "
+                                    "walsender (bytes)", value=source)
+            yield GaugeMetricFamily("pgferry_lag_bytes", "Source WAL not yet applied", value=source - applied)
+            lag = 0.0
+            if source > applied and sink.applied_commit_time is not None:
+                lag = max(0.0, time.time() - sink.applied_commit_time)
+            yield GaugeMetricFamily("pgferry_lag_seconds", "Age of the last applied source commit while behind "
+                                    "(0 when caught up)", value=lag)
+            rows = CounterMetricFamily("pgferry_rows_applied", "Source row changes applied, per table and "
+                                       "operation", labels=["table", "op"])
+            for (table, kind), n in list(sink.op_counts.items()):
+                rows.add_metric([table, OPS.get(kind, "other")], n)
+            yield rows
+            conflicts = CounterMetricFamily("pgferry_conflicts", "Changes that did not apply as sent, per kind",
+                                            labels=["kind"])
+            conflicts.add_metric(["row_missing"], sink.missing_rows)
+            yield conflicts
+        if STATE.settings is not None and STATE.settings.source:
+            slot = self.slot.get(STATE.settings)
+            if slot is not None:
+                yield GaugeMetricFamily("pgferry_slot_retained_wal_bytes", "WAL the source keeps for the slot",
+                                        value=slot[0])
+                if slot[1] is not None:
+                    yield GaugeMetricFamily("pgferry_slot_safe_wal_size_bytes", "WAL the source can still write "
+                                            "before the slot is in danger (max_slot_wal_keep_size)", value=slot[1])
+
+
+_started = False
+
+
+def serve(port: int, settings: Settings) -> None:
+    """Start the HTTP endpoint (a daemon thread) on all interfaces."""
+    global _started
+    STATE.settings = settings
+    if _started:
+        return
+    from .errors import UsageError
+
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        raise UsageError(f"--metrics-port {port}: {exc.strerror}") from None
+    REGISTRY.register(DaemonCollector())
+    _started = True
+    log.info("metrics on http://0.0.0.0:%d/metrics", port)

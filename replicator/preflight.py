@@ -1,0 +1,270 @@
+"""`pgferry preflight` (also run by `start`): everything that would stop or endanger a migration,
+checked before anything is created, each finding with its severity and exact fix (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import msgspec
+import psycopg2
+import psycopg2.errors
+import psycopg2.extras
+
+from .checks import Finding, replicability_findings
+from .config import Settings
+from .errors import SourceNotReady, UsageError, first_line
+from .source import connect, describe_dsn
+
+log = logging.getLogger("pgferry.preflight")
+
+LONG_TRANSACTION = "5 minutes"
+
+
+class Report(msgspec.Struct):
+    ok: bool
+    source: str
+    target: str
+    findings: list[Finding]
+
+
+def check(st: Settings, for_start: bool = False) -> list[Finding]:
+    """All findings for this source, target and settings. Connection failures are findings too
+    (for_start: raised as UsageError, exit 2, as before anything else)."""
+    findings: list[Finding] = []
+    src = _open(st.source, "source", findings, for_start)
+    tgt = _open(st.target, "target", findings, for_start)
+    try:
+        if src is not None:
+            findings += _source(src, st)
+        if tgt is not None:
+            findings += _target(tgt, st, src)
+    finally:
+        for c in (src, tgt):
+            if c is not None:
+                c.close()
+    return findings
+
+
+def _open(dsn: str, role: str, findings: list[Finding], for_start: bool) -> Any:
+    try:
+        return connect(dsn, role)
+    except UsageError as exc:
+        if for_start:
+            raise
+        findings.append(Finding(severity="error", side=role, check="connect", message=str(exc),  # type: ignore[arg-type]
+                                fix=f"pass --{role} (or set PGFERRY_{role.upper()}) with a DSN that connects"))
+        return None
+
+
+def _one(conn: Any, sql: str, args: tuple = ()) -> Any:
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        row = cur.fetchone()
+    conn.rollback()
+    return row
+
+
+def _source(src: Any, st: Settings) -> list[Finding]:
+    out: list[Finding] = []
+    where = describe_dsn(st.source)
+
+    def add(severity: str, name: str, message: str, fix: str = "") -> None:
+        out.append(Finding(severity=severity, side="source", check=name, message=message, fix=fix))  # type: ignore[arg-type]
+
+    version, user, db, wal_level, superuser, replication, client = _one(src, """
+        SELECT current_setting('server_version'), current_user, current_database(), current_setting('wal_level'),
+               r.rolsuper, r.rolreplication, coalesce(host(inet_client_addr()), 'local')
+        FROM pg_roles r WHERE r.rolname = current_user""")
+    add("info", "version", f"source {where}: PostgreSQL {version}, connected as {user}")
+    if wal_level != "logical":
+        add("error", "wal_level", f"source {where} has wal_level = {wal_level}; logical decoding needs "
+                                  "wal_level = logical",
+            "postgresql.conf: wal_level = logical (or ALTER SYSTEM SET wal_level = logical), then restart the server")
+    slot_exists = bool(_one(src, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (st.slot,))[0])
+    slots_free, senders_free = _one(src, """
+        SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots),
+               current_setting('max_wal_senders')::int - (SELECT count(*) FROM pg_stat_replication)""")
+    # one slot for the stream, one temporary slot while a resumed copy takes a new snapshot
+    needed = 0 if slot_exists else 1
+    if slots_free < needed:
+        add("error", "replication slots", f"no free replication slot on source {where} (max_replication_slots is "
+                                          "used up)",
+            "postgresql.conf: raise max_replication_slots (restart), or drop an unused slot: SELECT "
+            "pg_drop_replication_slot('<name>')")
+    elif slots_free < needed + 1:
+        add("warning", "replication slots", "only one free replication slot: resuming an interrupted copy needs a "
+                                            "second (temporary) one", "postgresql.conf: raise max_replication_slots")
+    if senders_free < 1:
+        add("warning", "wal senders", "every WAL sender is in use on the source (max_wal_senders)",
+            "postgresql.conf: raise max_wal_senders (restart)")
+    if not (superuser or replication):
+        add("error", "privileges", f"role {user} on source {where} lacks the REPLICATION privilege",
+            f"ALTER ROLE {user} WITH REPLICATION;  -- as a superuser")
+    pub = _one(src, "SELECT puballtables FROM pg_publication WHERE pubname = %s", (st.publication,))
+    if pub is None:
+        if not st.copy:
+            add("error", "publication", f"publication {st.publication!r} does not exist on source {where}",
+                f"CREATE PUBLICATION {st.publication} FOR ALL TABLES;  (or FOR TABLE ...), or pass --publication")
+        elif not superuser and not st.tables:
+            add("error", "publication", f"pgferry would create publication {st.publication} FOR ALL TABLES, which "
+                                        "needs a superuser",
+                f"as a superuser: CREATE PUBLICATION {st.publication} FOR ALL TABLES;  or pass --tables (tables "
+                f"{user} owns)")
+    tables = st.tables
+    if pub is not None:
+        with src.cursor() as cur:
+            cur.execute("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s",
+                        (st.publication,))
+            tables = [r[0] for r in cur.fetchall()]
+        src.rollback()
+    unreadable = _unreadable(src, tables)
+    if unreadable:
+        add("error", "privileges", f"role {user} cannot read {', '.join(unreadable[:10])}"
+                                   f"{' ...' if len(unreadable) > 10 else ''} (the copy needs SELECT)",
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO {user};")
+    out += replicability_findings(src, tables)
+    if superuser or replication:
+        problem = _replication_connection(st.source)
+        if problem:
+            add("error", "pg_hba", f"a logical replication connection to source {where} fails: {problem}",
+                f"pg_hba.conf: host {db} {user} {client if client != 'local' else '127.0.0.1'}/32 scram-sha-256  "
+                "(a logical replication connection matches the database name, not the 'replication' keyword); "
+                "then SELECT pg_reload_conf()")
+    old = _one(src, f"""SELECT count(*), max(now() - xact_start)::text FROM pg_stat_activity
+        WHERE xact_start < now() - interval '{LONG_TRANSACTION}' AND pid <> pg_backend_pid()""")
+    if old[0]:
+        add("warning", "long transactions", f"{old[0]} transaction(s) open for over {LONG_TRANSACTION} (longest "
+                                            f"{old[1]}): creating the slot waits until they end",
+            "end them (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE ...) or wait")
+    (size,) = _one(src, "SELECT pg_database_size(current_database())")
+    add("info", "size", f"database {db} is {size / 2**30:.1f} GiB; plan about {1.5 * size / 2**30:.1f} GiB free on "
+                        "the target (tables, indexes, WAL during the copy)")
+    return out
+
+
+def _unreadable(src: Any, tables: list[str] | None) -> list[str]:
+    with src.cursor() as cur:
+        cur.execute("""SELECT n.nspname || '.' || c.relname
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+              AND n.nspname NOT LIKE 'pg_toast%%' AND NOT has_table_privilege(c.oid, 'SELECT')
+              AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[]) OR c.relname = ANY(%s::text[]))
+            ORDER BY 1""", (tables, tables, tables))
+        rows = [r[0] for r in cur.fetchall()]
+    src.rollback()
+    return rows
+
+
+def _replication_connection(dsn: str) -> str | None:
+    try:
+        conn = psycopg2.connect(dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection,
+                                application_name="pgferry-preflight", connect_timeout=10)
+    except psycopg2.Error as exc:
+        return first_line(exc)
+    conn.close()
+    return None
+
+
+def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
+    out: list[Finding] = []
+    where = describe_dsn(st.target)
+
+    def add(severity: str, name: str, message: str, fix: str = "") -> None:
+        out.append(Finding(severity=severity, side="target", check=name, message=message, fix=fix))  # type: ignore[arg-type]
+
+    version, num, user, db, can_create = _one(tgt, """SELECT current_setting('server_version'),
+        current_setting('server_version_num')::int, current_user, current_database(),
+        has_database_privilege(current_database(), 'CREATE')""")
+    add("info", "version", f"target {where}: PostgreSQL {version}, connected as {user}")
+    if src is not None:
+        (src_num,) = _one(src, "SELECT current_setting('server_version_num')::int")
+        if num // 10000 < src_num // 10000:
+            add("warning", "version", f"the target's major version ({num // 10000}) is older than the source's "
+                                      f"({src_num // 10000}): the schema may use what the target lacks",
+                "migrate to the same or a newer major version")
+    schema_exists = _one(tgt, "SELECT has_schema_privilege(n.oid, 'CREATE') FROM pg_namespace n WHERE nspname = %s",
+                         (st.state_schema,))
+    if not can_create and not (schema_exists and schema_exists[0]):
+        add("error", "privileges", f"role {user} on target {where}: pgferry needs CREATE on the target database for "
+                                   f"its {st.state_schema!r} state schema and the tables",
+            f"GRANT CREATE ON DATABASE {db} TO {user};")
+    try:
+        with tgt.cursor() as cur:
+            cur.execute("SET LOCAL session_replication_role = replica")
+    except psycopg2.errors.InsufficientPrivilege:
+        add("warning", "replica role", f"role {user} may not set session_replication_role = replica on the target: "
+                                       "foreign keys are checked and user triggers fire during apply, and changes "
+                                       "are applied one by one (slower)",
+            f"GRANT SET ON PARAMETER session_replication_role TO {user};  (PostgreSQL 15+, as a superuser)")
+    tgt.rollback()
+    if src is not None and st.schema:
+        with src.cursor() as cur:
+            cur.execute("SELECT extname FROM pg_extension WHERE extname <> 'plpgsql'")
+            used = {r[0] for r in cur.fetchall()}
+        src.rollback()
+        with tgt.cursor() as cur:
+            cur.execute("SELECT name FROM pg_available_extensions")
+            available = {r[0] for r in cur.fetchall()}
+        tgt.rollback()
+        missing = sorted(used - available)
+        if missing:
+            add("error", "extensions", f"the source uses extension(s) {', '.join(missing)} that the target cannot "
+                                       "install", "install their packages on the target server first")
+    return out
+
+
+# -- commands --------------------------------------------------------------------------------
+def run_preflight(st: Settings, as_json: bool) -> int:
+    findings = check(st)
+    errors = [f for f in findings if f.severity == "error"]
+    report = Report(ok=not errors, source=describe_dsn(st.source) if st.source else "",
+                    target=describe_dsn(st.target) if st.target else "", findings=findings)
+    if as_json:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(report)).decode() + "\n")
+    else:
+        for f in sorted(findings, key=lambda f: ("error", "warning", "info").index(f.severity)):
+            print(f"{f.severity.upper():8} {f.side:7} {f.check:18} {f.message}")
+            if f.fix:
+                print(f"{'':35}fix: {f.fix}")
+        warnings = sum(f.severity == "warning" for f in findings)
+        print(f"preflight: {len(errors)} error(s), {warnings} warning(s)" + ("" if errors else ": ready to start"))
+    return 1 if errors else 0
+
+
+def preflight_for_start(st: Settings) -> None:
+    """Run by `start`: warnings are logged, errors stop it (exit 1) before anything is created."""
+    findings = check(st, for_start=True)
+    for f in findings:
+        if f.severity == "warning":
+            log.warning("preflight: %s (fix: %s)", f.message, f.fix)
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        raise SourceNotReady("preflight: " + "; ".join(f"{f.message} (fix: {f.fix})" for f in errors))
+
+
+def print_setup_sql(st: Settings) -> int:
+    """SQL for a least-privilege role that pgferry can run as (printed, not run)."""
+    print("""-- On the SOURCE, as a superuser. Replace the password; keep the DSN's password out of shell history
+-- (PGPASSWORD or ~/.pgpass).
+CREATE ROLE pgferry WITH LOGIN REPLICATION PASSWORD 'change-me';
+GRANT USAGE ON SCHEMA public TO pgferry;                 -- repeat for every schema that is migrated
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO pgferry;  -- the initial copy reads every table
+GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO pgferry;  -- sequences are copied at the end and at cutover
+-- FOR ALL TABLES needs a superuser: create the publication now, so pgferry does not have to.""")
+    print(f"CREATE PUBLICATION {st.publication} FOR ALL TABLES;")
+    print("""-- pg_hba.conf on the source: a logical replication connection matches the DATABASE name:
+--   host  <dbname>  pgferry  <pgferry's address>/32  scram-sha-256
+-- postgresql.conf on the source: wal_level = logical (restart), max_replication_slots and
+-- max_wal_senders with at least 2 free.
+
+-- On the TARGET, as the database owner or a superuser:
+CREATE ROLE pgferry WITH LOGIN PASSWORD 'change-me';
+GRANT CREATE ON DATABASE <dbname> TO pgferry;            -- the state schema and the copied tables
+GRANT SET ON PARAMETER session_replication_role TO pgferry;  -- PostgreSQL 15+: apply like native replication
+-- `pgferry cutover` fences the source with ALTER DATABASE ... SET default_transaction_read_only:
+-- run it as the source database's owner or a superuser, or use --fence none.""")
+    return 0
+

@@ -1,0 +1,72 @@
+"""Settings: precedence flags > env > file > defaults, validation messages, the example file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.pgplugin import ROOT
+
+
+def pgferry(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PGFERRY_")}
+    return subprocess.run([sys.executable, "-m", "replicator.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**clean, **(env or {})}, timeout=60)
+
+
+def test_flags_beat_env_beat_file_beat_defaults(tmp_path):
+    cfg = tmp_path / "pgferry.toml"
+    cfg.write_text('source = "host=from-file"\ntarget = "host=t-file"\nbatch_rows = 100\nslot = "file_slot"\n'
+                   'tables = ["public.a", "b"]\n')
+    r = pgferry("config", "show", "--config", str(cfg), "--source", "host=from-flag",
+                env={"PGFERRY_SOURCE": "host=from-env", "PGFERRY_TARGET": "host=t-env", "PGFERRY_BATCH_ROWS": "200"})
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["source"] == "host=from-flag"  # flag over env and file
+    assert shown["target"] == "host=t-env"  # env over file
+    assert shown["batch_rows"] == 200  # env over file, converted from text
+    assert shown["slot"] == "file_slot"  # file over default
+    assert shown["tables"] == ["public.a", "b"]
+    assert shown["publication"] == "pgferry" and shown["batch_ms"] == 500.0  # defaults
+    # the config file can also come from the environment
+    r = pgferry("config", "show", env={"PGFERRY_CONFIG": str(cfg)})
+    assert json.loads(r.stdout)["slot"] == "file_slot"
+
+
+def test_invalid_keys_and_values_name_the_key_and_the_expected_form(tmp_path):
+    bad = tmp_path / "bad.toml"
+    cases = [
+        ("bach_rows = 3\n", "unknown key(s) bach_rows; known keys: source, target"),
+        ('batch_rows = "many"\n', "batch_rows: expected int, got str"),
+        ("batch_rows = 0\n", "batch_rows: expected int >= 1"),
+        ('log_format = "xml"\n', "log_format: expected one of 'auto', 'text', 'json', got 'xml'"),
+        ("metrics_port = 70000\n", "metrics_port: expected int <= 65535"),
+        ("batch_rows = [\n", "is not valid TOML"),
+    ]
+    for text, expected in cases:
+        bad.write_text(text)
+        r = pgferry("config", "show", "--config", str(bad))
+        assert r.returncode == 2, (text, r.stderr)
+        assert expected in r.stderr and str(bad) in r.stderr and "Traceback" not in r.stderr, (text, r.stderr)
+    r = pgferry("config", "show", env={"PGFERRY_BATCH_MS": "soon"})
+    assert r.returncode == 2 and "PGFERRY_BATCH_MS='soon': batch_ms: expected float" in r.stderr, r.stderr
+    r = pgferry("config", "show", "--config", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "No such file or directory" in r.stderr, r.stderr
+    r = pgferry("start", "--batch-rows", "0", "--source", "host=x", "--target", "host=y")
+    assert r.returncode == 2 and "expected a positive number" in r.stderr, r.stderr
+
+
+def test_the_example_config_is_valid_and_passwords_are_never_shown(tmp_path):
+    example = pgferry("config", "example")
+    assert example.returncode == 0 and "batch_rows = 50000" in example.stdout
+    cfg = tmp_path / "example.toml"
+    cfg.write_text(example.stdout)
+    r = pgferry("config", "show", "--config", str(cfg), "--source", "host=db password='s3 cret' user=me",
+                env={"PGFERRY_TARGET": "postgresql://me:hunter2@new-db/app"})
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["source"] == "host=db password=*** user=me"
+    assert shown["target"] == "postgresql://me:***@new-db/app"
+    assert "s3 cret" not in r.stdout + r.stderr and "hunter2" not in r.stdout + r.stderr
