@@ -61,7 +61,7 @@ class _Slot:
 
     def get(self, settings: Settings) -> tuple[int, int | None] | None:
         with self.lock:
-            if time.monotonic() - self.at >= self.every:
+            if time.monotonic() - self.at >= self.every or self.values is None:
                 self.at = time.monotonic()
                 self.values = self._query(settings)
             return self.values
@@ -89,6 +89,9 @@ class _Slot:
 class DaemonCollector(Collector):
     def __init__(self) -> None:
         self.slot = _Slot()
+
+    def describe(self) -> list[Any]:
+        return []  # so that registering does not run collect() (and query the source) before anything runs
 
     def collect(self) -> Iterator[Any]:
         phase = GaugeMetricFamily("pgferry_phase", "1 for the daemon's current phase", labels=["phase"])

@@ -1,0 +1,103 @@
+"""`pgferry preflight` on a badly and a well configured source, and the metrics endpoint."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from replicator.servers import LocalServer
+from tests.pgplugin import ROOT, Daemon, new_db, wait_for
+
+pytestmark = pytest.mark.pg
+
+
+def pgferry(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "replicator.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_preflight_names_each_problem_with_its_fix(pair):
+    src, dst = pair
+    with LocalServer(src.version, settings={"wal_level": "replica"}, name="preflight-") as server:
+        bad = new_db(server, "bad")
+        bad.execute("CREATE ROLE plain LOGIN PASSWORD 'pw'")
+        bad.execute("CREATE TABLE keyless (a int, b text); INSERT INTO keyless VALUES (1, 'x'); "
+                    "UPDATE keyless SET b = 'y'; GRANT SELECT ON keyless TO plain")
+        bad.execute("SELECT pg_stat_force_next_flush()" if src.version >= 15 else "SELECT 1")
+        dsn = f"host=127.0.0.1 port={server.port} dbname={bad.name} user=plain password=pw"
+        wait_for(lambda: bad.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'keyless'")[0][0] > 0,
+                 10, "table statistics")
+        r = pgferry("preflight", "--json", "--source", dsn, "--target", dst.dsn)
+        assert r.returncode == 1, r.stderr
+        report = json.loads(r.stdout)
+        assert not report["ok"] and "pw" not in r.stdout
+        errors = {f["check"]: f for f in report["findings"] if f["severity"] == "error"}
+        assert "wal_level = replica" in errors["wal_level"]["message"]
+        assert "wal_level = logical" in errors["wal_level"]["fix"] and "restart" in errors["wal_level"]["fix"]
+        assert "lacks the REPLICATION privilege" in errors["privileges"]["message"]
+        assert errors["privileges"]["fix"] == "ALTER ROLE plain WITH REPLICATION;  -- as a superuser"
+        assert "public.keyless" in errors["replica identity"]["message"]
+        assert "REPLICA IDENTITY FULL" in errors["replica identity"]["fix"]
+        assert "needs a superuser" in errors["publication"]["message"]
+        # the human report says the same, one finding per line with its fix
+        r = pgferry("preflight", "--source", dsn, "--target", dst.dsn)
+        assert r.returncode == 1 and "ERROR    source  wal_level" in r.stdout and "fix: ALTER ROLE plain" in r.stdout
+        assert "preflight: 4 error(s)" in r.stdout, r.stdout
+        # start runs the same checks and creates nothing
+        r = pgferry("start", "--source", dsn, "--target", dst.dsn)
+        assert r.returncode == 1 and "wal_level = logical" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert dst.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'") == [(0,)]
+    # a well configured pair is ready
+    src.execute("CREATE TABLE ok (id int PRIMARY KEY)")
+    r = pgferry("preflight", "--json", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] and not [f for f in report["findings"] if f["severity"] == "error"], report
+    assert {f["check"] for f in report["findings"]} >= {"version", "size"}
+    r = pgferry("preflight", "--print-setup-sql")
+    assert r.returncode == 0 and "CREATE ROLE pgferry WITH LOGIN REPLICATION" in r.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_endpoint_reports_progress_rows_and_batches(pair, daemons):
+    src, dst = pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    port = _free_port()
+    d = Daemon(src, dst, "--metrics-port", str(port))
+    daemons.append(d)
+    src.execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 300) g")
+    src.execute("UPDATE t SET v = 'y' WHERE id <= 100")
+    src.execute("DELETE FROM t WHERE id > 250")
+    d.wait_caught_up()
+    m = _metrics(port)
+    assert m['pgferry_rows_applied_total{op="insert",table="public.t"}'] == 300
+    assert m['pgferry_rows_applied_total{op="update",table="public.t"}'] == 100
+    assert m['pgferry_rows_applied_total{op="delete",table="public.t"}'] == 50
+    assert m['pgferry_phase{phase="streaming"}'] == 1 and m['pgferry_phase{phase="copy"}'] == 0
+    assert m["pgferry_applied_lsn"] == d.progress()
+    assert m["pgferry_source_lsn"] >= m["pgferry_applied_lsn"] and m["pgferry_lag_bytes"] >= 0
+    assert m["pgferry_batch_rows_count"] >= 1 and m["pgferry_batch_rows_sum"] >= 450
+    assert m['pgferry_conflicts_total{kind="row_missing"}'] == 0
+    assert m["pgferry_slot_retained_wal_bytes"] > 0
+    assert d.stop() == 0
