@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="phase, applied and source LSN, lag, tables (daemon running or not)")
     common(status)
     status.add_argument("--json", action="store_true", help="one JSON object")
+    status.add_argument("--watch", type=_positive(float), nargs="?", const=2.0, metavar="SECONDS",
+                        help="a live view, redrawn every SECONDS (default 2) until Ctrl-C")
+    status.add_argument("--iterations", type=_positive(int), help="with --watch: stop after this many refreshes")
 
     verify = sub.add_parser("verify", help="compare source and target per table; exit 1 on any difference")
     common(verify)
@@ -205,7 +208,9 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
             raise UsageError(f"no {role} given: pass --{role} DSN or set PGFERRY_{role.upper()}")
     src, dst, slot, schema = settings.source, settings.target, settings.slot, settings.state_schema
     if args.command == "status":
-        from .status import run_status
+        from .status import run_status, watch_status
+        if args.watch:
+            return watch_status(src, dst, slot, schema, args.watch, args.iterations)
         return run_status(src, dst, slot, schema, args.json)
     if args.command == "verify":
         from .verify import print_results, verify

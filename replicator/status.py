@@ -139,3 +139,66 @@ def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, 
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def watch_status(source: str, target: str, slot: str, schema: str, interval: float,
+                 iterations: int | None = None) -> int:
+    """`status --watch`: a live terminal view, redrawn every `interval` seconds until Ctrl-C (or
+    `iterations` refreshes): phase, LSNs, lag, apply and copy rates, per-table progress."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(stderr=False)
+    prev: tuple[float, Status] | None = None
+    n = 0
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+        while True:
+            now = time.monotonic()
+            st = collect(source, target, slot, schema)
+            live.update(_view(st, prev, now), refresh=True)
+            prev = (now, st)
+            n += 1
+            if (iterations is not None and n >= iterations) or st.phase == "done":
+                return 0
+            try:
+                time.sleep(interval)
+            except KeyboardInterrupt:
+                return 0
+
+
+def _view(st: Status, prev: tuple[float, Status] | None, now: float) -> object:
+    from rich.console import Group
+    from rich.table import Table
+
+    rate = copy_rate = None
+    if prev is not None and now > prev[0]:
+        took = now - prev[0]
+        rate = (st.rows_applied - prev[1].rows_applied) / took
+        before = {t.name: t.rows or 0 for t in prev[1].tables}
+        copy_rate = sum(max(0, (t.rows or 0) - before.get(t.name, 0)) for t in st.tables if t.state == "copying") / took
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("phase", f"{st.phase} (daemon {'running' if st.daemon_running else 'not running'})")
+    head.add_row("applied / source", f"{st.applied_lsn or '-'} / {st.source_lsn}")
+    head.add_row("lag", f"{_mb(st.lag_bytes)}, {st.lag_seconds if st.lag_seconds is not None else '-'} s")
+    head.add_row("rows applied", f"{st.rows_applied:,}" + (f"  ({rate:,.0f}/s)" if rate is not None else ""))
+    head.add_row("slot", f"{st.slot}: {st.slot_wal_status or 'missing'}, retains {_mb(st.slot_retained_wal_bytes)}"
+                 + (f", safe_wal_size {_mb(st.slot_safe_wal_size)}" if st.slot_safe_wal_size is not None else ""))
+    if st.cutover:
+        head.add_row("cutover", st.cutover)
+    parts: list[object] = [head]
+    if st.tables:
+        tables = Table(title="tables" + (f" (copying {copy_rate:,.0f} rows/s)" if copy_rate else ""),
+                       title_justify="left")
+        tables.add_column("table")
+        tables.add_column("state")
+        tables.add_column("rows", justify="right")
+        for t in st.tables:
+            style = {"copied": "green", "copying": "yellow"}.get(t.state, "")
+            tables.add_row(t.name, f"[{style}]{t.state}[/]" if style else t.state,
+                           f"{t.rows:,}" if t.rows is not None else "")
+        parts.append(tables)
+    return Group(*parts)

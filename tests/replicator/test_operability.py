@@ -101,3 +101,17 @@ def test_metrics_endpoint_reports_progress_rows_and_batches(pair, daemons):
     assert m['pgferry_conflicts_total{kind="row_missing"}'] == 0
     assert m["pgferry_slot_retained_wal_bytes"] > 0
     assert d.stop() == 0
+
+
+def test_status_watch_redraws_a_live_view(pair, daemons):
+    src, dst = pair
+    src.execute("CREATE TABLE w (id int PRIMARY KEY); CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute("CREATE TABLE w (id int PRIMARY KEY)")
+    d = Daemon(src, dst)
+    daemons.append(d)
+    src.execute("INSERT INTO w SELECT generate_series(1, 1000)")
+    d.wait_caught_up()
+    r = pgferry("status", "--source", src.dsn, "--target", dst.dsn, "--watch", "0.2", "--iterations", "3")
+    assert r.returncode == 0, r.stderr
+    assert "streaming (daemon running)" in r.stdout and "rows applied" in r.stdout and "1,000" in r.stdout, r.stdout
+    assert "/s)" in r.stdout, r.stdout  # the rate, from the second refresh on
