@@ -4,7 +4,8 @@
 2. load sample data: related tables with identity columns and a sequence, a TOASTed column, a
    partitioned table;
 3. keep an application-like write load running on the source;
-4. run `pgferry start`: initial sync (schema, parallel copy, exact handoff) then streaming;
+4. run `pgferry preflight`, then `pgferry start`: initial sync (schema, parallel copy, exact handoff)
+   then streaming;
 5. `pgferry cutover` while the application still writes: the source is fenced (its writes now
    fail), the daemon applies up to the handoff LSN and stops, sequences are copied, every table is
    verified; print the receipt and a summary (rows, time, the write-downtime window), stop the
@@ -139,12 +140,19 @@ def run_demo(write_seconds: float = 10.0, out: IO[str] = sys.stdout) -> int:
         stop, counter, refused = threading.Event(), [0], []
         writer = threading.Thread(target=_writer, args=(src, stop, counter, refused), daemon=True)
         writer.start()
-        say("application writes running on the source; starting `pgferry start` (copy, then stream)")
-        started = time.monotonic()
         root = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": str(root)}
-        daemon = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", "--source", src, "--target", dst],
-                                  cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+        say("application writes running on the source; `pgferry preflight`:")
+        pre = subprocess.run([sys.executable, "-m", "replicator.cli", "preflight", "--source", src, "--target", dst],
+                             cwd=root, env=env, capture_output=True, text=True)
+        for line in pre.stdout.splitlines():
+            print("  | " + line, file=out, flush=True)
+        if pre.returncode != 0:
+            raise PgferryError(f"preflight found problems: {pre.stdout.strip().splitlines()[-1:]} {pre.stderr}")
+        say("starting `pgferry start` (copy, then stream)")
+        started = time.monotonic()
+        daemon = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", "--source", src, "--target", dst,
+                                   "--log-format", "text"], cwd=root, env=env, stderr=subprocess.PIPE, text=True)
 
         def relay() -> None:
             assert daemon.stderr is not None
