@@ -140,9 +140,13 @@ def _source(src: Any, st: Settings) -> list[Finding]:
                                             f"{old[1]}): creating the slot waits until they end",
             "end them (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE ...) or wait")
     (size,) = _one(src, "SELECT pg_database_size(current_database())")
-    add("info", "size", f"database {db} is {size / 2**30:.1f} GiB; plan about {1.5 * size / 2**30:.1f} GiB free on "
-                        "the target (tables, indexes, WAL during the copy)")
+    add("info", "size", f"database {db} is {_size(size)}; plan about {_size(1.5 * size)} free on the target "
+                        "(tables, indexes, WAL during the copy)")
     return out
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _unreadable(src: Any, tables: list[str] | None) -> list[str]:
