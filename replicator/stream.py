@@ -421,10 +421,12 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
     op_counts: dict = {}
     missing_rows = 0
     ever_connected = False
-    last_reason = None
+    last_reason = None  # the failure being retried (logged once, until the stream moves again)
+    announced = False  # "reconnected after" was logged for it
     try:
         while not stop.set:
             session = Session(cfg, stop, spool)
+            start: Lsn | None = None
             try:
                 session.open()
                 assert session.sink is not None
@@ -434,9 +436,10 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
                 session.sink.missing_rows = missing_rows
                 metrics.STATE.session = session
                 ever_connected = True
-                if last_reason is not None:
+                start = session.sink.stored
+                if last_reason is not None and not announced:
                     log.info("reconnected after: %s", last_reason)
-                    last_reason = None
+                    announced = True
                 session.run()
                 return 0
             except ApplyError as exc:
@@ -461,16 +464,23 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
                                          "or invalidated, the target must be re-synced") from None
                     raise FatalError(first_line(exc)) from None
                 reason = first_line(exc)
+                if getattr(exc, "pgcode", None) and str(exc.pgcode)[:2] in ("53", "54"):  # type: ignore[union-attr]
+                    # disk full, out of memory, too many connections: the target says "not now"
+                    reason = f"the target cannot apply now: {reason}"
             finally:
                 if session.sink is not None:
                     session.sink.rollback()
                     missing_rows = session.sink.missing_rows
                 session.close()
                 spool.reset()
-            if session.received_data:
-                backoff = 0.2
+            if session.sink is not None and start is not None and session.sink.stored > start:
+                backoff = 0.2  # the stream moved: a new incident, not the same one again
+                last_reason = None
             if reason != last_reason:
-                log.warning("connection lost (%s); retrying in %.1fs", reason, backoff)
+                lost = "" if reason.startswith("the target cannot apply now") else "connection lost: "
+                log.warning("%s%s; retrying in %.1fs (and again with backoff up to %.0fs, logged once)", lost, reason,
+                            backoff, cfg.max_backoff)
+                announced = False
             last_reason = reason
             _sleep(stop, backoff)
             backoff = min(backoff * 2, cfg.max_backoff)

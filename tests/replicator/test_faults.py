@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -51,6 +52,41 @@ def test_a_locked_target_table_makes_pgferry_wait_not_fail(pair, daemons):
     assert_same_tables(src, dst, wl.TABLES)
     out = d.output()
     assert "retrying" not in out and "error" not in out.lower(), out
+
+
+def test_a_full_target_disk_makes_pgferry_wait_then_finish(pair, daemons):
+    src, dst = pair
+    _main_pair_only(src, dst)
+    owner = dst.server.os_user
+    if os.geteuid() != 0 or owner is None:
+        pytest.skip("needs root to mount a small tmpfs for the target's tablespace")
+    space = tempfile.mkdtemp(prefix="pgferry-small-")  # not under pytest's tmp: the server's user must reach it
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(space)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        subprocess.run(["chown", owner, str(space)], check=True)
+        ddl = "CREATE TABLE big (id int PRIMARY KEY, pad text)"
+        src.execute(ddl + "; CREATE PUBLICATION pgferry FOR ALL TABLES")
+        dst.execute(f"CREATE TABLESPACE small LOCATION '{space}'")
+        dst.execute(ddl + " TABLESPACE small")
+        d = Daemon(src, dst, "--batch-rows", "2000")
+        daemons.append(d)
+        # ~12 MB of incompressible rows into a 6 MB tablespace
+        src.execute("INSERT INTO big SELECT g, (SELECT string_agg(md5(random()::text || i || g), '') "
+                    "FROM generate_series(1, 20) x(i)) FROM generate_series(1, 20000) g")
+        wait_for(lambda: "No space left on device" in d.output(), 60, "the target to run out of space")
+        time.sleep(3)  # pgferry waits with backoff: still running, a handful of attempts
+        assert d.running(), d.output()
+        assert d.output().count("No space left on device") <= 3, d.output()
+        subprocess.run(["mount", "-o", "remount,size=64M", str(space)], check=True)
+        d.wait_caught_up(timeout=120)
+        assert_same_tables(src, dst, {"big": ["id", "pad"]})
+        assert d.stop() == 0
+        dst.execute("DROP TABLE big")
+        dst.execute("DROP TABLESPACE small")
+    finally:
+        subprocess.run(["umount", "-l", str(space)], check=False)
+        os.rmdir(space)
 
 
 def test_a_streamed_transaction_cut_off_at_the_source_is_discarded(pair, daemons, tmp_path):
