@@ -63,6 +63,7 @@ from .errors import PgferryError, UsageError, first_line
 from .source import check_logical_source, connect, describe_dsn, max_protocol_version
 from .spool import Spool
 from .stopflag import StopFlag
+from .watchdog import TargetWatchdog, WatchedConnection
 
 log = logging.getLogger("pgferry.stream")
 
@@ -155,11 +156,13 @@ class Session:
         self.handoff: str | None = None  # cutover id of the marker in the current source transaction
         self.handed_off: Lsn | None = None
         self.received_data = False
+        self.watchdog: TargetWatchdog | None = None
 
     # -- set-up ------------------------------------------------------------------------------
     def open(self) -> None:
         cfg = self.cfg
-        self.target = connect(cfg.target, "target", **NET_OPTIONS)
+        self.target = connect(cfg.target, "target", connection_factory=WatchedConnection, **NET_OPTIONS)
+        self.watchdog = TargetWatchdog(self.target, cfg.target, cfg.network_timeout).start()
         self.sink = Sink(self.target, cfg.slot, cfg.schema, cfg.limits)
         try:
             stored = self.sink.open()
@@ -200,6 +203,8 @@ class Session:
                  describe_dsn(cfg.target))
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         for c in (self.repl, self.target):
             if c is not None:
                 try:
@@ -464,6 +469,8 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
                                          "or invalidated, the target must be re-synced") from None
                     raise FatalError(first_line(exc)) from None
                 reason = first_line(exc)
+                if session.watchdog is not None and session.watchdog.presumed_dead:
+                    reason = session.watchdog.presumed_dead
                 if getattr(exc, "pgcode", None) and str(exc.pgcode)[:2] in ("53", "54"):  # type: ignore[union-attr]
                     # disk full, out of memory, too many connections: the target says "not now"
                     reason = f"the target cannot apply now: {reason}"

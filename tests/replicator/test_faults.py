@@ -31,7 +31,7 @@ def test_a_locked_target_table_makes_pgferry_wait_not_fail(pair, daemons):
     src, dst = pair
     _main_pair_only(src, dst)
     wl.setup(src, dst)
-    d = Daemon(src, dst)
+    d = Daemon(src, dst, "--network-timeout", "2")  # the lock outlasts it: the watchdog must not give up
     daemons.append(d)
     locker = psycopg2.connect(dst.dsn)
     try:
@@ -45,13 +45,14 @@ def test_a_locked_target_table_makes_pgferry_wait_not_fail(pair, daemons):
         # pgferry is blocked on the lock: its session waits (wait_event_type Lock), nothing fails
         wait_for(lambda: dst.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgferry' "
                                      "AND wait_event_type = 'Lock'")[0][0] == 1, 30, "pgferry to wait on the lock")
+        wait_for(lambda: "keeps waiting" in d.output(), 30, "the watchdog to find the target alive")
     finally:
         locker.rollback()
         locker.close()
     d.wait_caught_up()
     assert_same_tables(src, dst, wl.TABLES)
     out = d.output()
-    assert "retrying" not in out and "error" not in out.lower(), out
+    assert "retrying" not in out and "error" not in out.lower() and "presumed dead" not in out, out
 
 
 def test_a_full_target_disk_makes_pgferry_wait_then_finish(pair, daemons):

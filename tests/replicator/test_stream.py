@@ -213,6 +213,35 @@ def test_black_holed_source_connection_is_noticed_and_reopened(pair, daemons, tc
     assert "reconnected after" in d.output()
 
 
+def test_black_holed_target_connection_is_noticed_and_reopened(pair, daemons, tcp_proxy):
+    """Same on the target side: a statement sent into the silence would wait forever. pgferry's
+    watchdog sees it waiting for --network-timeout, finds that a new connection fails too, and
+    reconnects; once the path is back everything is applied."""
+    src, dst = pair
+    if (src.version, dst.version) != (15, 18):
+        pytest.skip("fault scenarios run on 15 -> 18, the main case")
+    wl.setup(src, dst)
+    proxy = tcp_proxy(dst)
+    d = Daemon(src, dst, "--network-timeout", "3", target_dsn=proxy.dsn_for(dst.dsn))
+    daemons.append(d)
+    w = wl.Workload(src, seed=9)
+    try:
+        w.run(50)
+        d.wait_caught_up()
+        proxy.blackhole(True)
+        w.run(50)  # pgferry's next statements go into the black hole
+        wait_for(lambda: "presumed dead" in d.output(), 30, "pgferry to notice the dead target")
+        proxy.blackhole(False)
+        w.run(50)
+    finally:
+        w.close()
+    d.wait_caught_up(timeout=120)
+    assert_same_tables(src, dst, wl.TABLES)
+    assert d.stop() == 0
+    out = d.output()
+    assert "no answer from the target for" in out and "reconnected after" in out and "Traceback" not in out, out
+
+
 @pytest.mark.parametrize("failpoint", ["after_apply_before_commit", "after_commit_before_feedback", "during_spool"])
 def test_failpoints_exit_abruptly_and_restart_loses_nothing(pair, daemons, failpoint):
     src, dst = pair
