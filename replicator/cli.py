@@ -224,20 +224,20 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
     return run_cleanup(src, dst, slot, schema, args.drop_state)
 
 
-def load_hook(spec: str) -> Callable[..., object]:
+def load_hook(spec: str, what: str = "--message-hook") -> Callable[..., object]:
     """`package.module:function` -> the function, or a UsageError naming what is wrong."""
     import importlib
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise UsageError(f"--message-hook {spec!r}: expected MODULE:FUNCTION, e.g. myhooks:on_message")
+        raise UsageError(f"{what} {spec!r}: expected MODULE:FUNCTION, e.g. myhooks:on_message")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UsageError(f"--message-hook {spec!r}: cannot import {module_name}: {exc}") from None
+        raise UsageError(f"{what} {spec!r}: cannot import {module_name}: {exc}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise UsageError(f"--message-hook {spec!r}: {module_name} has no function {attr}")
+        raise UsageError(f"{what} {spec!r}: {module_name} has no function {attr}")
     return fn  # type: ignore[no-any-return]
 
 
@@ -251,6 +251,7 @@ def _start(st: config.Settings) -> int:
     if not st.source:
         raise UsageError("no source given: pass --source DSN or set PGFERRY_SOURCE")
     hook = load_hook(st.message_hook) if st.message_hook else None
+    conflict_policies = config.policies(st, load_hook)
     if st.metrics_port:
         metrics.serve(st.metrics_port, st)
     from .preflight import preflight_for_start
@@ -270,7 +271,7 @@ def _start(st: config.Settings) -> int:
         failpoints.hit("before_stream")  # the copy is done and recorded; streaming has not started
     cfg = StreamConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
                        schema=st.state_schema, spool_dir=st.spool_dir, message_hook=hook,
-                       network_timeout=st.network_timeout,
+                       network_timeout=st.network_timeout, policies=conflict_policies,
                        limits=BatchLimits(rows=st.batch_rows, bytes=st.batch_bytes, seconds=st.batch_ms / 1000))
     metrics.STATE.phase = "streaming"
     return run_stream(cfg)

@@ -20,6 +20,29 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
+PolicyName = Literal["error", "skip", "overwrite", "keep-newer"]
+MissingPolicy = Literal["error", "skip", "overwrite", "keep-newer"]  # overwrite on update_missing: insert the row
+SkipOrError = Literal["error", "skip"]
+
+
+class TableConflicts(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    insert_exists: PolicyName | None = None
+    update_missing: MissingPolicy | None = None
+    delete_missing: SkipOrError | None = None
+    apply_error: SkipOrError | None = None
+    newer_column: str | None = None
+
+
+class ConflictSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    insert_exists: PolicyName = "error"
+    update_missing: MissingPolicy = "skip"
+    delete_missing: SkipOrError = "skip"
+    apply_error: SkipOrError = "error"
+    newer_column: str | None = None  # for keep-newer
+    hook: str | None = None  # module:function deciding every conflict instead of the policies
+    tables: dict[str, TableConflicts] = {}
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # connections
     source: str = ""
@@ -44,9 +67,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "json"] = "auto"
     metrics_port: Port | None = None
+    # [conflicts] and [conflicts.tables."schema.table"] (file only)
+    conflicts: ConflictSettings = msgspec.field(default_factory=ConflictSettings)
 
 
 FIELDS = Settings.__struct_fields__
+NESTED = ("conflicts",)  # sections: from the config file only
 
 EXAMPLE = """\
 # pgferry configuration. Precedence: command-line flags > environment variables
@@ -93,6 +119,25 @@ log_level = "info"
 log_format = "auto"
 # Serve Prometheus metrics on this port (all interfaces). Default: off.
 # metrics_port = 9187
+
+# Conflicts: what to do when the target disagrees with a change. Policies: "error" (stop and
+# name the change), "skip" (keep the target as it is), "overwrite" (the source row wins;
+# for update_missing: insert it), "keep-newer" (the row with the greater newer_column wins).
+# Every conflict not applied as sent is recorded in <state_schema>.conflicts.
+[conflicts]
+insert_exists = "error"
+update_missing = "skip"
+delete_missing = "skip"      # error or skip
+apply_error = "error"        # error or skip: the target rejects one change (value too long, ...)
+# newer_column = "updated_at"
+# A Python function deciding every conflict instead (gets sink.conflicts.Conflict, returns
+# sink.conflicts.Resolution):
+# hook = "myhooks:resolve"
+
+# Per table:
+# [conflicts.tables."public.accounts"]
+# insert_exists = "keep-newer"
+# newer_column = "updated_at"
 """
 
 
@@ -135,6 +180,8 @@ def _from_file(path: str) -> dict[str, Any]:
 def _from_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in FIELDS:
+        if key in NESTED:
+            continue
         name = f"PGFERRY_{key.upper()}"
         text = environ.get(name)
         if text is None or text == "":
@@ -153,6 +200,8 @@ def _explain(exc: msgspec.ValidationError) -> str:
     """msgspec's 'Expected `int` >= 1, got `0` - at `$.batch_rows`' -> 'batch_rows: expected int >= 1, got 0'."""
     text = str(exc)
     m = re.match(r"(.*) - at `\$\.([a-z_]+)(.*)`$", text)
+    if m and m.group(2) in NESTED:
+        return f"{m.group(2)}{m.group(3)}: {m.group(1).replace('`', '')}"
     if not m:
         return text
     what, key, rest = m.groups()
@@ -179,3 +228,25 @@ def as_dict(settings: Settings) -> dict[str, Any]:
     for key in ("source", "target"):
         out[key] = masked(out[key])
     return out  # type: ignore[no-any-return]
+
+
+def policies(st: Settings, load_hook: Any = None) -> Any:
+    """The conflict settings as sink policies; keep-newer without a column is a usage error."""
+    from sink.conflicts import Policies, TablePolicy
+
+    c = st.conflicts
+    default = TablePolicy(insert_exists=c.insert_exists, update_missing=c.update_missing,
+                          delete_missing=c.delete_missing, apply_error=c.apply_error, newer_column=c.newer_column)
+    tables = {}
+    for name, t in c.tables.items():
+        tables[name] = TablePolicy(
+            insert_exists=t.insert_exists or default.insert_exists,
+            update_missing=t.update_missing or default.update_missing,
+            delete_missing=t.delete_missing or default.delete_missing,
+            apply_error=t.apply_error or default.apply_error,
+            newer_column=t.newer_column or default.newer_column)
+    for name, p in [("conflicts", default), *((f"conflicts.tables.{n!r}", p) for n, p in tables.items())]:
+        if "keep-newer" in (p.insert_exists, p.update_missing) and not p.newer_column:
+            raise UsageError(f"{name}: keep-newer needs newer_column (the column whose greater value wins)")
+    hook = load_hook(c.hook, "conflicts.hook") if c.hook and load_hook is not None else None
+    return Policies(default=default, tables=tables, hook=hook)

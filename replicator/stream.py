@@ -55,6 +55,7 @@ from decoder import (
     decode_message,
 )
 from sink.apply import RETRYABLE, BatchLimits, Sink
+from sink.conflicts import Policies
 from sink.errors import ApplyError, SinkError
 from sink.state import HANDOFF_PREFIX
 
@@ -90,6 +91,7 @@ class StreamConfig:
     max_backoff: float = 10.0
     network_timeout: float = 30.0  # silence from the source after which the connection is presumed dead
     message_hook: Callable[[LogicalMessage], None] | None = None
+    policies: Policies | None = None  # conflict policies (sink/conflicts.py)
 
 
 class FatalError(PgferryError):
@@ -163,7 +165,7 @@ class Session:
         cfg = self.cfg
         self.target = connect(cfg.target, "target", connection_factory=WatchedConnection, **NET_OPTIONS)
         self.watchdog = TargetWatchdog(self.target, cfg.target, cfg.network_timeout).start()
-        self.sink = Sink(self.target, cfg.slot, cfg.schema, cfg.limits)
+        self.sink = Sink(self.target, cfg.slot, cfg.schema, cfg.limits, policies=cfg.policies, target_dsn=cfg.target)
         try:
             stored = self.sink.open()
         except psycopg2.errors.InsufficientPrivilege as exc:
@@ -424,6 +426,7 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
     backoff = 0.2
     isolate_until = Lsn(0)
     op_counts: dict = {}
+    conflict_counts: dict = {}
     missing_rows = 0
     ever_connected = False
     last_reason = None  # the failure being retried (logged once, until the stream moves again)
@@ -438,6 +441,7 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
                 session.sink.isolate_until = isolate_until
                 session.sink.on_batch = metrics.observe_batch
                 session.sink.op_counts = op_counts  # metrics count across reconnects
+                session.sink.conflict_counts = conflict_counts
                 session.sink.missing_rows = missing_rows
                 metrics.STATE.session = session
                 ever_connected = True

@@ -31,9 +31,11 @@ from decoder import Delete, Insert, Lsn, Relation, Truncate, Update
 from decoder.values import pg_epoch_to_datetime
 
 from . import failpoints, state
+from .conflicts import Policies
 from .errors import ApplyError
-from .netbatch import NetBatch
+from .netbatch import INS, NetBatch, _existing
 from .relations import TargetTable, map_relation
+from .resolve import Resolving
 
 log = logging.getLogger("pgferry.sink")
 
@@ -54,11 +56,22 @@ class BatchLimits:
     seconds: float = 0.5
 
 
-class Sink:
+def first_line_of(exc: psycopg2.Error) -> str:
+    text = (exc.pgerror or str(exc)).strip()
+    return text.splitlines()[0] if text else repr(exc)
+
+
+class Sink(Resolving):
     def __init__(self, conn: psycopg2.extensions.connection, slot: str, schema: str = state.DEFAULT_SCHEMA,
-                 limits: BatchLimits | None = None) -> None:
+                 limits: BatchLimits | None = None, policies: Policies | None = None,
+                 target_dsn: str | None = None) -> None:
         self.conn = conn
         self.cur = conn.cursor()
+        self.policies = policies or Policies()
+        self.target_dsn = target_dsn  # for dead-letter rows that must outlive a rolled-back batch
+        self.conflict_counts: dict[tuple[str, str], int] = {}
+        self._precise = False
+        self.skip_lsns: set[Lsn] = set()  # source transactions the operator skips (pgferry skip)
         self.slot = slot
         self.schema = schema
         self.limits = limits or BatchLimits()
@@ -78,6 +91,7 @@ class Sink:
         self._ins_template = ""
         self._ins_table = ""
         self._ins_rows: list[list[Any]] = []
+        self._ins_meta: list[tuple[TargetTable, tuple, Lsn | None, int | None]] = []  # per row: for conflicts
         self._ins_xid: int | None = None
         self._ins_lsn: Lsn | None = None
         self.replica_role = False
@@ -124,6 +138,9 @@ class Sink:
             state.init_progress(cur, self.schema, self.slot, initial, created_slot)
         stored = state.read_progress(cur, self.schema, self.slot)
         self.snapshots = state.snapshot_lsns(cur, self.schema, self.slot)
+        cur.execute(f"SELECT lsn::text FROM {state.quote_ident(self.schema)}.skip WHERE slot_name = %s "
+                    "AND done_at IS NULL", (self.slot,))
+        self.skip_lsns = {Lsn.parse(r[0]) for r in cur.fetchall()}
         self.conn.commit()
         if stored is not None:
             self.stored = self.durable_lsn = stored
@@ -168,6 +185,15 @@ class Sink:
         """Start a source transaction committed at `commit_lsn`. False: already applied, skip it."""
         if commit_lsn < self.stored:
             return False
+        if commit_lsn in self.skip_lsns:
+            self._join()
+            log.warning("skipping source transaction xid %s committed at %s (pgferry skip)", xid, commit_lsn)
+            self.cur.execute(f"UPDATE {state.quote_ident(self.schema)}.skip SET done_at = now() WHERE slot_name = %s "
+                             "AND lsn = %s::pg_lsn", (self.slot, str(commit_lsn)))
+            if self._batch_started is None:
+                self._batch_started = time.monotonic()  # the mark commits with the next batch
+            self.skip_lsns.discard(commit_lsn)
+            return False
         self._xid, self._commit_lsn = xid, commit_lsn
         self._exact = commit_lsn <= self.isolate_until or not self.replica_role
         if self._batch_started is None:
@@ -187,7 +213,7 @@ class Sink:
         counted = (table.name, t)
         self.op_counts[counted] = self.op_counts.get(counted, 0) + 1
         if not self._exact:
-            if self.net.add(table, msg):  # type: ignore[arg-type]
+            if self.net.add(table, msg, self._commit_lsn, self._xid):  # type: ignore[arg-type]
                 self._net_lsn, self._net_xid = self._commit_lsn, self._xid
                 self.rows_applied += 1
                 self._batch_rows += 1
@@ -209,6 +235,7 @@ class Sink:
                 self._flush_inserts()
                 self._ins_head, self._ins_template, self._ins_table = head, template, table.display
             self._ins_rows.append(params)
+            self._ins_meta.append((table, msg.new, self._commit_lsn, self._xid))  # type: ignore[union-attr]
             self._ins_xid, self._ins_lsn = self._xid, self._commit_lsn  # of the newest row: named on failure
             self.rows_applied += 1
             self._batch_rows += 1
@@ -217,33 +244,90 @@ class Sink:
         self._flush_inserts()
         if t is Update:
             sql, params = table.update(msg.old, msg.new)  # type: ignore[union-attr]
+            row = msg.new  # type: ignore[union-attr]
+            ident = msg.old if msg.old is not None else msg.new  # type: ignore[union-attr]
         else:
             sql, params = table.delete(msg.old)  # type: ignore[union-attr]
+            row = ident = msg.old  # type: ignore[union-attr]
         self._current = table.display
-        self._execute(sql, params)
-        if self.cur.rowcount == 0:
-            # Native apply's default for a missing row: skip it and log.
-            self.missing_rows += 1
-            log.warning("%s: row to %s not found on the target (commit LSN %s, xid %s); skipped",
-                        table.display, "update" if t is Update else "delete", self._commit_lsn, self._xid)
+        if self._execute_change(table, sql, params, row) and self.cur.rowcount == 0:
+            self._precise = True
+            self.missing(table, "update_missing" if t is Update else "delete_missing",
+                         [(tuple(ident[i] for i in table.key), [t, row, self._commit_lsn, self._xid])])
         self.rows_applied += 1
         self._batch_rows += 1
         self._batch_bytes += sum(len(p) for p in params if type(p) is str)
 
     def _flush_inserts(self) -> None:
-        """Send the buffered run of inserts (same table and columns) as one multi-row INSERT."""
+        """Send the buffered run of inserts (same table and columns) as one multi-row INSERT.
+        Change by change (exact mode), a failure is retried row by row to find and resolve the
+        conflicting rows."""
         if not self._ins_rows:
             return
         self._join()
         rows, self._ins_rows = self._ins_rows, []
+        meta, self._ins_meta = self._ins_meta, []
         self._current = self._ins_table
         try:
+            if self._exact:
+                self.cur.execute("SAVEPOINT pgferry_ins")
             psycopg2.extras.execute_values(self.cur, self._ins_head, rows, template=self._ins_template,
                                            page_size=INSERT_ROWS)
+            if self._exact:
+                self.cur.execute("RELEASE SAVEPOINT pgferry_ins")
         except RETRYABLE:
             raise
         except psycopg2.Error as exc:
-            raise self._apply_error(exc, self._ins_lsn, self._ins_xid) from None
+            if not self._exact:
+                raise self._apply_error(exc, self._ins_lsn, self._ins_xid) from None
+            self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_ins")
+            for params, (table, row, lsn, xid) in zip(rows, meta, strict=True):
+                self._insert_one(table, params, row, lsn, xid)
+
+    def _insert_one(self, table: TargetTable, params: list[Any], row: tuple, lsn: Lsn, xid: int) -> None:
+        head, template, _ = table.insert(row)
+        self.cur.execute("SAVEPOINT pgferry_row")
+        try:
+            psycopg2.extras.execute_values(self.cur, head, [params], template=template)
+        except RETRYABLE:
+            raise
+        except psycopg2.Error as exc:
+            self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_row")
+            self._precise = True
+            keyed = bool(table.key) and not table.full_identity
+            if keyed and isinstance(exc, psycopg2.errors.UniqueViolation):
+                key = tuple(row[i] for i in table.key)
+                found = _existing(self.cur, table, [key])
+                if found:
+                    self.insert_exists(table, [(key, [INS, row, lsn, xid], found[0])])
+                    return
+            if not self.apply_error(table, row, lsn, xid, first_line_of(exc)):
+                raise self._apply_error(exc, lsn, xid) from None
+            return
+        self.cur.execute("RELEASE SAVEPOINT pgferry_row")
+
+    def _execute_change(self, table: TargetTable, sql: str, params: list[Any], row: Any) -> bool:
+        """One UPDATE or DELETE (change-by-change path). False when the target rejected it and
+        the apply_error policy skipped it."""
+        self._join()
+        guard = self._exact and (self.policies.hook is not None or
+                                 self.policies.for_table(table.name).apply_error != "error")
+        try:
+            if guard:
+                self.cur.execute("SAVEPOINT pgferry_row")
+            self.cur.execute(sql, params)
+            if guard:
+                self.cur.execute("RELEASE SAVEPOINT pgferry_row")
+            return True
+        except RETRYABLE:
+            raise
+        except psycopg2.Error as exc:
+            if guard:
+                self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_row")
+                self._precise = True
+                if self.apply_error(table, row, self._commit_lsn, self._xid, first_line_of(exc)):
+                    return False
+            raise self._apply_error(exc) from None
 
     def _flush_net(self) -> None:
         """Write the pending net changes (after any buffered direct inserts, which came first)."""
@@ -257,12 +341,11 @@ class Sink:
         if not net:
             return
         try:
-            for table, op, missing in net.write(self.cur):
-                # Native apply's default for a missing row: skip it and log.
-                self.missing_rows += missing
-                log.warning("%s: %d row(s) to %s not found on the target (batch up to commit LSN %s); skipped",
-                            table.display, missing, op, lsn)
+            self._precise = False
+            net.write(self.cur, self)
         except RETRYABLE:
+            raise
+        except ApplyError:
             raise
         except psycopg2.Error as exc:
             self._current = net.current
@@ -299,9 +382,7 @@ class Sink:
             raise self._apply_error(exc) from None
 
     def _apply_error(self, exc: psycopg2.Error, lsn: Lsn | None = None, xid: int | None = None) -> ApplyError:
-        text = (exc.pgerror or str(exc)).strip()
-        first = text.splitlines()[0] if text else repr(exc)
-        err = ApplyError(f"the target rejected a change: {first}", lsn=lsn or self._commit_lsn,
+        err = ApplyError(f"the target rejected a change: {first_line_of(exc)}", lsn=lsn or self._commit_lsn,
                          xid=xid if lsn else self._xid, table=self._current)
         # With earlier transactions in the batch (or buffered inserts from them), the failure is
         # re-run one transaction per batch to pin it on exactly one transaction.
@@ -416,6 +497,7 @@ class Sink:
         except Exception:  # the batch is dropped either way: the caller already failed or stops
             pass
         self._ins_rows = []
+        self._ins_meta = []
         self.net = NetBatch()
         self._net_rows = self._net_bytes = 0
         try:

@@ -22,8 +22,9 @@ applies that change on its own, so source order is kept.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
+
+import psycopg2.errors
 
 from decoder import UNCHANGED, Delete, Insert, Update
 
@@ -45,14 +46,15 @@ class NetBatch:
     def __bool__(self) -> bool:
         return bool(self.tables)
 
-    def add(self, table: TargetTable, msg: Insert | Update | Delete) -> bool:
-        """Fold one change in; False when it cannot be folded (apply it on its own, in order)."""
+    def add(self, table: TargetTable, msg: Insert | Update | Delete, lsn: Any = None, xid: int | None = None) -> bool:
+        """Fold one change in; False when it cannot be folded (apply it on its own, in order).
+        `lsn`, `xid`: its transaction's (kept per row, for conflicts: the newest change's)."""
         t = type(msg)
         if table.full_identity or not table.key:
             appended = self._rows(table)
             if t is not Insert or appended is None:
                 return False  # found by comparing whole rows: applied on its own, after what is pending
-            appended[(len(self._appended),)] = [APPEND, msg.new]  # type: ignore[union-attr]
+            appended[(len(self._appended),)] = [APPEND, msg.new, lsn, xid]  # type: ignore[union-attr]
             self._appended.append(None)
             return True
         if t is Delete:
@@ -72,14 +74,14 @@ class NetBatch:
         cur = rows.get(key)
         if t is Insert:
             if cur is None:
-                rows[key] = [INS, row]  # a tuple until an update merges into it
+                rows[key] = [INS, row, lsn, xid]  # row: a tuple until an update merges into it
             elif cur[0] == DEL:
-                rows[key] = [DEL_INS, row]
+                rows[key] = [DEL_INS, row, lsn, xid]
             else:
                 return False
         elif t is Update:
             if cur is None:
-                rows[key] = [UPD, row]
+                rows[key] = [UPD, row, lsn, xid]
             elif cur[0] == DEL:
                 return False
             else:
@@ -89,15 +91,16 @@ class NetBatch:
                 for i, v in enumerate(row):
                     if v is not UNCHANGED:
                         merged[i] = v
+                cur[2], cur[3] = lsn, xid
         else:
             if cur is None:
-                rows[key] = [DEL, None]
+                rows[key] = [DEL, row, lsn, xid]
             elif cur[0] == INS:
                 del rows[key]
             elif cur[0] == DEL:
                 return False
             else:
-                rows[key] = [DEL, None]
+                rows[key] = [DEL, row, lsn, xid]
         return True
 
     def _rows(self, table: TargetTable) -> dict[tuple, list[Any]] | None:
@@ -110,45 +113,90 @@ class NetBatch:
             return None
         return entry[1]
 
-    def write(self, cur: Any) -> Iterator[tuple[TargetTable, str, int]]:
-        """Send everything pending (and forget it). Yields (table, 'update'|'delete', rows that were
-        not found on the target) where some were missing."""
+    def write(self, cur: Any, resolver: Resolver) -> None:
+        """Send everything pending (and forget it). Rows an update or delete did not find, and
+        inserts whose key exists, go to `resolver` (conflicts)."""
         tables, self.tables = self.tables, {}
         self._appended = []
         for table, rows in tables.values():
             self.current = table.display
-            deletes = [k for k, (op, _) in rows.items() if op in (DEL, DEL_INS)]
+            deletes = [(k, e) for k, e in rows.items() if e[0] == DEL or e[0] == DEL_INS]
             if deletes:
-                found = _run(cur, table.delete_using(), deletes)
-                if found < len(deletes):
-                    yield table, "delete", len(deletes) - found
-            updates: dict[tuple[int, ...], list[tuple]] = {}
+                missing = _run(cur, table.delete_using(), [k for k, _ in deletes], deletes)
+                if missing:
+                    resolver.missing(table, "delete_missing", missing)
+            updates: dict[tuple[int, ...], tuple[list[tuple], list[tuple]]] = {}
             every = table.update_cols  # the usual case: every column sent (no unchanged TOAST)
             every_get = table.getter(every)
-            for key, (op, row) in rows.items():
+            for item in rows.items():
+                key, (op, row, _, _) = item
                 if op == UPD:
                     if UNCHANGED not in row:
-                        if every:
-                            updates.setdefault(every, []).append(key + every_get(row))
-                        continue
-                    sets = tuple(i for i in every if row[i] is not UNCHANGED)
-                    if sets:
-                        updates.setdefault(sets, []).append(key + table.getter(sets)(row))
-            for sets, params in updates.items():
-                found = _run(cur, table.update_from(sets), params)
-                if found < len(params):
-                    yield table, "update", len(params) - found
-            inserts: dict[str, list[Any]] = {}
+                        sets = every
+                        values = key + every_get(row)
+                    else:
+                        sets = tuple(i for i in every if row[i] is not UNCHANGED)
+                        values = key + table.getter(sets)(row)
+                    group = updates.get(sets)
+                    if group is None:
+                        group = updates[sets] = ([], [])
+                    group[0].append(values)
+                    group[1].append(item)
+            for sets, (params, items) in updates.items():
+                if not sets:  # only key or generated columns: set the first key column to itself
+                    sets = (table.key[0],)
+                    params = [(*k, k[0]) for k, _ in items]
+                missing = _run(cur, table.update_from(sets), params, items)
+                if missing:
+                    resolver.missing(table, "update_missing", missing)
+            inserts: dict[str, tuple[list[Any], list[tuple]]] = {}
             copy_in = table.copy_in
-            for op, row in rows.values():
+            for item in rows.items():
+                op, row = item[1][0], item[1][1]
                 if op == INS or op == DEL_INS or op == APPEND:
                     sql, params = copy_in(row)
                     group = inserts.get(sql)
                     if group is None:
-                        group = inserts[sql] = []
-                    group.append(params)
-            for sql, params in inserts.items():
-                cur.copy_expert(sql, io.StringIO(copy_text(params)), size=COPY_CHUNK)
+                        group = inserts[sql] = ([], [])
+                    group[0].append(params)
+                    group[1].append(item)
+            keyed = bool(table.key) and not table.full_identity
+            for sql, (params, items) in inserts.items():
+                if not keyed:
+                    cur.copy_expert(sql, io.StringIO(copy_text(params)), size=COPY_CHUNK)
+                    continue
+                cur.execute("SAVEPOINT pgferry_copy")
+                try:
+                    cur.copy_expert(sql, io.StringIO(copy_text(params)), size=COPY_CHUNK)
+                except psycopg2.errors.UniqueViolation:
+                    # Some keys exist on the target: insert the others, hand those to the resolver.
+                    cur.execute("ROLLBACK TO SAVEPOINT pgferry_copy")
+                    found = _existing(cur, table, [k for k, _ in items])
+                    fresh = [p for n, p in enumerate(params) if n not in found]
+                    if fresh:
+                        cur.copy_expert(sql, io.StringIO(copy_text(fresh)), size=COPY_CHUNK)
+                    resolver.insert_exists(table, [(*items[n], target) for n, target in sorted(found.items())])
+                cur.execute("RELEASE SAVEPOINT pgferry_copy")
+
+
+def _existing(cur: Any, table: TargetTable, keys: list[tuple]) -> dict[int, Any]:
+    """Position (0-based, in `keys`) -> the target's row as JSON, for the keys that exist."""
+    out: dict[int, Any] = {}
+    for i in range(0, len(keys), PAGE):
+        page = keys[i:i + PAGE]
+        cur.execute(table.existing(), [array_text(col) for col in zip(*page, strict=True)])
+        for n, row in cur.fetchall():
+            out[i + n - 1] = row
+    return out
+
+
+class Resolver(Protocol):
+    """Decides what happens to conflicting rows (sink/apply.py). `items`: (key, [op, row, lsn,
+    xid]) pairs, for insert_exists with the target's row (JSON) appended."""
+
+    def missing(self, table: TargetTable, kind: str, items: list[tuple]) -> None: ...
+
+    def insert_exists(self, table: TargetTable, items: list[tuple]) -> None: ...
 
 
 _ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -170,15 +218,17 @@ def copy_text(rows: list[Any]) -> str:
     return "\n".join(out)
 
 
-def _run(cur: Any, sql: str, rows: list[list[Any]]) -> int:
-    """Execute `sql` over the rows, a page at a time, one array literal per column (see
-    TargetTable.update_from); total rows affected."""
-    n = 0
+def _run(cur: Any, sql: str, rows: list[Any], items: list[tuple]) -> list[tuple]:
+    """Execute `sql` (RETURNING the positions it touched) over the rows, a page at a time, one
+    array literal per column; the `items` whose rows it did not touch."""
+    missing: list[tuple] = []
     for i in range(0, len(rows), PAGE):
         page = rows[i:i + PAGE]
         cur.execute(sql, [array_text(col) for col in zip(*page, strict=True)])
-        n += cur.rowcount
-    return n
+        if cur.rowcount < len(page):
+            touched = {r[0] for r in cur.fetchall()}
+            missing += [items[i + n] for n in range(len(page)) if n + 1 not in touched]
+    return missing
 
 
 def array_text(values: tuple[Any, ...]) -> str:

@@ -133,24 +133,49 @@ class TargetTable:
         """Rows given as one text array literal per column, named k0.. (key) then c<i> (columns
         `cols`); each value is cast to its column's type where it is used (see _val)."""
         names = [f"k{n}" for n in range(len(self.key))] + [f"c{i}" for i in cols]
-        return f"unnest({', '.join(['%s::text[]'] * len(names))}) AS v({', '.join(names)})"
+        # n: the row's 1-based position in the arrays, returned to say which rows were touched
+        return f"unnest({', '.join(['%s::text[]'] * len(names))}) WITH ORDINALITY AS v({', '.join(names)}, n)"
+
+    def _match(self) -> str:
+        return " AND ".join(f"t.{self.names[i]} = v.k{n}::{self.types[i]}" for n, i in enumerate(self.key))
 
     def delete_using(self) -> str:
         sql = self._sql.get(("D",))
         if sql is None:
-            match = " AND ".join(f"t.{self.names[i]} = v.k{n}::{self.types[i]}" for n, i in enumerate(self.key))
-            sql = self._sql["D",] = f"DELETE FROM {self.qualified} AS t USING {self._from(())} WHERE {match}"
+            sql = self._sql["D",] = (f"DELETE FROM {self.qualified} AS t USING {self._from(())} WHERE "
+                                     f"{self._match()} RETURNING v.n")
         return sql  # type: ignore[no-any-return]
 
-    def update_from(self, sets: tuple[int, ...]) -> str:
-        """UPDATE of the columns `sets` from rows (key columns..., set columns...)."""
-        sql = self._sql.get(("U", sets))
+    def update_from(self, sets: tuple[int, ...], newer: int | None = None) -> str:
+        """UPDATE of the columns `sets` from rows (key columns..., set columns...), returning the
+        positions of the rows found. `newer`: only where that column's new value is greater."""
+        sql = self._sql.get(("U", sets, newer))
         if sql is None:
             assignments = ", ".join(f"{self.names[i]} = v.c{i}::{self.types[i]}" for i in sets)
-            match = " AND ".join(f"t.{self.names[i]} = v.k{n}::{self.types[i]}" for n, i in enumerate(self.key))
-            sql = self._sql["U", sets] = (f"UPDATE {self.qualified} AS t SET {assignments} FROM {self._from(sets)} "
-                                          f"WHERE {match}")
+            cond = ""
+            if newer is not None:
+                col, typ = self.names[newer], self.types[newer]
+                cond = f" AND (t.{col} IS NULL OR t.{col} < v.c{newer}::{typ})"
+            sql = self._sql["U", sets, newer] = (f"UPDATE {self.qualified} AS t SET {assignments} FROM "
+                                                 f"{self._from(sets)} WHERE {self._match()}{cond} RETURNING v.n")
         return sql  # type: ignore[no-any-return]
+
+    def existing(self) -> str:
+        """The target rows (as JSON) for keys given as arrays, with the keys' positions."""
+        sql = self._sql.get(("E",))
+        if sql is None:
+            sql = self._sql["E",] = (f"SELECT v.n, to_jsonb(t) FROM {self.qualified} AS t JOIN {self._from(())} "
+                                     f"ON {self._match()}")
+        return sql  # type: ignore[no-any-return]
+
+    def as_dict(self, row: tuple | list | None) -> dict[str, Any] | None:
+        """A row as column -> text value (columns the server did not send are left out)."""
+        if row is None:
+            return None
+        return {c.name: v for c, v in zip(self.rel.columns, row, strict=False) if v is not UNCHANGED}
+
+    def key_dict(self, key: tuple) -> dict[str, Any]:
+        return {self.rel.columns[i].name: v for i, v in zip(self.key, key, strict=True)}
 
     def _where(self, row: tuple) -> tuple[str, list[Any]]:
         """The row's identity as a WHERE clause. Identity columns the server did not send

@@ -55,6 +55,27 @@ def ensure_schema(cur: Any, schema: str) -> None:
         started_at timestamptz NOT NULL DEFAULT now(),
         copied_at timestamptz)""")
     cur.execute(f"ALTER TABLE {s}.sync ADD COLUMN IF NOT EXISTS publication text")
+    # the dead-letter table: every conflict not applied as sent (sink/conflicts.py)
+    cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.conflicts (
+        id bigserial PRIMARY KEY,
+        slot_name text NOT NULL,
+        at timestamptz NOT NULL DEFAULT now(),
+        lsn pg_lsn,
+        xid bigint,
+        table_name text NOT NULL,
+        kind text NOT NULL,
+        key jsonb,
+        old_row jsonb,
+        new_row jsonb,
+        target_row jsonb,
+        resolution text NOT NULL,
+        detail text)""")
+    cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.skip (
+        slot_name text NOT NULL,
+        lsn pg_lsn NOT NULL,
+        requested_at timestamptz NOT NULL DEFAULT now(),
+        done_at timestamptz,
+        PRIMARY KEY (slot_name, lsn))""")
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.tables (
         slot_name text NOT NULL,
         schema_name text NOT NULL,

@@ -29,8 +29,8 @@ def dele(key):
 
 
 def _net(b: NetBatch) -> dict:
-    return {k: (op, None if row is None else list(row))
-            for _, rows in b.tables.values() for k, (op, row) in rows.items()}
+    return {k: (op, None if op == DEL else list(e[1]))
+            for _, rows in b.tables.values() for k, e in rows.items() for op in [e[0]]}
 
 
 def test_changes_to_one_key_fold_to_their_net_effect():
