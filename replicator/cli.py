@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(cleanup)
     cleanup.add_argument("--drop-state", action="store_true", help="also drop the state schema on the target")
 
+    skip = sub.add_parser("skip", help="after a conflict stop: skip one source transaction (by its commit LSN) on "
+                                       "the next start")
+    common(skip)
+    skip.add_argument("--lsn", required=True, help="the commit LSN the stop named, e.g. 0/16B3748")
+
     preflight = sub.add_parser("preflight", help="check source and target before a migration; each finding "
                                                  "with its fix; exit 1 on any error")
     common(preflight)
@@ -156,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tail(settings.source, settings.publication, args.slot)
         if args.command == "start":
             return _start(settings)
-        if args.command in ("status", "verify", "cutover", "cleanup", "preflight"):
+        if args.command in ("status", "verify", "cutover", "cleanup", "preflight", "skip"):
             return _admin(args, settings)
     except PgferryError as exc:
         print(f"pgferry: error: {exc}", file=sys.stderr)
@@ -203,10 +208,13 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
         if args.print_setup_sql:
             return print_setup_sql(settings)
         return run_preflight(settings, args.json)
-    for role in ("source", "target"):
+    for role in ("target",) if args.command == "skip" else ("source", "target"):
         if not getattr(settings, role):
             raise UsageError(f"no {role} given: pass --{role} DSN or set PGFERRY_{role.upper()}")
     src, dst, slot, schema = settings.source, settings.target, settings.slot, settings.state_schema
+    if args.command == "skip":
+        from .status import request_skip
+        return request_skip(dst, slot, schema, args.lsn)
     if args.command == "status":
         from .status import run_status, watch_status
         if args.watch:

@@ -118,9 +118,10 @@ class DaemonCollector(Collector):
             for (table, kind), n in list(sink.op_counts.items()):
                 rows.add_metric([table, OPS.get(kind, "other")], n)
             yield rows
-            conflicts = CounterMetricFamily("pgferry_conflicts", "Changes that did not apply as sent, per kind",
-                                            labels=["kind"])
-            conflicts.add_metric(["row_missing"], sink.missing_rows)
+            conflicts = CounterMetricFamily("pgferry_conflicts", "Conflicts (changes the target disagreed with), "
+                                            "per table and kind", labels=["table", "kind"])
+            for (table, kind), n in list(sink.conflict_counts.items()):
+                conflicts.add_metric([table, kind], n)
             yield conflicts
         if STATE.settings is not None and STATE.settings.source:
             slot = self.slot.get(STATE.settings)

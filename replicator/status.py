@@ -21,6 +21,12 @@ from sink.state import quote_ident
 from .source import connect
 
 
+class ConflictCount(msgspec.Struct):
+    table: str
+    kind: str
+    count: int
+
+
 class TableStatus(msgspec.Struct):
     name: str
     state: str
@@ -43,6 +49,7 @@ class Status(msgspec.Struct):
     last_source_commit: str | None
     cutover: str | None
     tables: list[TableStatus]
+    conflicts_by_table: list[ConflictCount] = []
 
 
 def collect(source: str, target: str, slot: str, schema: str) -> Status:
@@ -82,9 +89,16 @@ def collect(source: str, target: str, slot: str, schema: str) -> Status:
                 tables = [TableStatus(n, st, None if r is None else int(r)) for n, st, r in cur.fetchall()]
                 cur.execute(f"SELECT state, handoff_lsn::text FROM {s}.control WHERE slot_name = %s", (slot,))
                 control = cur.fetchone()
+                cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{s}.conflicts",))
+                conflicts = []
+                if cur.fetchone()[0]:
+                    cur.execute(f"SELECT table_name, kind, count(*) FROM {s}.conflicts WHERE slot_name = %s "
+                                "GROUP BY 1, 2 ORDER BY 1, 2", (slot,))
+                    conflicts = [ConflictCount(t, k, int(n)) for t, k, n in cur.fetchall()]
             except psycopg2.errors.UndefinedTable:
                 progress = sync = control = None
                 tables = []
+                conflicts = []
     finally:
         dst.close()
     running = bool(slot_row and slot_row[0]) or bool(copying_walsender and sync is not None and sync[0] != "streaming")
@@ -105,13 +119,14 @@ def collect(source: str, target: str, slot: str, schema: str) -> Status:
             lag_seconds = round(max(0.0, (datetime.now(UTC) - progress[2]).total_seconds()), 3)
     return Status(
         phase=phase, applied_lsn=applied, source_lsn=source_lsn, lag_bytes=lag_bytes, lag_seconds=lag_seconds,
-        rows_applied=int(progress[1]) if progress else 0, conflicts=0, daemon_running=running, slot=slot,
+        rows_applied=int(progress[1]) if progress else 0, conflicts=sum(c.count for c in conflicts),
+        daemon_running=running, slot=slot,
         slot_wal_status=slot_row[1] if slot_row else None,
         slot_retained_wal_bytes=int(slot_row[2]) if slot_row and slot_row[2] is not None else None,
         slot_safe_wal_size=int(slot_row[3]) if slot_row and slot_row[3] is not None else None,
         last_source_commit=progress[3].isoformat() if progress and progress[3] else None,
         cutover=f"{control[0]} at {control[1]}" if control and control[1] else (control[0] if control else None),
-        tables=tables)
+        tables=tables, conflicts_by_table=conflicts)
 
 
 def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, out: IO[str] = sys.stdout) -> int:
@@ -131,6 +146,8 @@ def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, 
     ]
     if st.cutover:
         lines.append(f"cutover       {st.cutover}")
+    for c in st.conflicts_by_table:
+        lines.append(f"  conflicts {c.table:<30} {c.kind:<16} {c.count}")
     for t in st.tables:
         lines.append(f"  {t.name:<40} {t.state:<8} {t.rows if t.rows is not None else ''}")
     out.write("\n".join(lines) + "\n")
@@ -202,3 +219,28 @@ def _view(st: Status, prev: tuple[float, Status] | None, now: float) -> object:
                            f"{t.rows:,}" if t.rows is not None else "")
         parts.append(tables)
     return Group(*parts)
+
+
+def request_skip(target: str, slot: str, schema: str, lsn_text: str) -> int:
+    """`pgferry skip --lsn X/Y`: the next start skips the source transaction committed at that LSN
+    (its conflicting change stays in the dead-letter table)."""
+    from sink import state
+
+    from .errors import UsageError
+
+    try:
+        lsn = Lsn.parse(lsn_text)
+    except ValueError:
+        raise UsageError(f"--lsn {lsn_text!r}: expected an LSN like 0/16B3748 (the commit LSN the stop "
+                         "named)") from None
+    dst = connect(target, "target")
+    try:
+        cur = dst.cursor()
+        state.ensure_schema(cur, schema)
+        cur.execute(f"INSERT INTO {quote_ident(schema)}.skip (slot_name, lsn) VALUES (%s, %s::pg_lsn) "
+                    "ON CONFLICT DO NOTHING", (slot, str(lsn)))
+        dst.commit()
+    finally:
+        dst.close()
+    print(f"the next `pgferry start` skips the source transaction committed at {lsn} (slot {slot})")
+    return 0

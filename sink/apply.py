@@ -250,7 +250,7 @@ class Sink(Resolving):
             sql, params = table.delete(msg.old)  # type: ignore[union-attr]
             row = ident = msg.old  # type: ignore[union-attr]
         self._current = table.display
-        if self._execute_change(table, sql, params, row) and self.cur.rowcount == 0:
+        if self._execute_change(table, sql, params, row) == 0:
             self._precise = True
             self.missing(table, "update_missing" if t is Update else "delete_missing",
                          [(tuple(ident[i] for i in table.key), [t, row, self._commit_lsn, self._xid])])
@@ -306,9 +306,9 @@ class Sink(Resolving):
             return
         self.cur.execute("RELEASE SAVEPOINT pgferry_row")
 
-    def _execute_change(self, table: TargetTable, sql: str, params: list[Any], row: Any) -> bool:
-        """One UPDATE or DELETE (change-by-change path). False when the target rejected it and
-        the apply_error policy skipped it."""
+    def _execute_change(self, table: TargetTable, sql: str, params: list[Any], row: Any) -> int | None:
+        """One UPDATE or DELETE (change-by-change path): the rows it touched, or None when the
+        target rejected it and the apply_error policy skipped it."""
         self._join()
         guard = self._exact and (self.policies.hook is not None or
                                  self.policies.for_table(table.name).apply_error != "error")
@@ -316,9 +316,10 @@ class Sink(Resolving):
             if guard:
                 self.cur.execute("SAVEPOINT pgferry_row")
             self.cur.execute(sql, params)
+            touched = self.cur.rowcount
             if guard:
                 self.cur.execute("RELEASE SAVEPOINT pgferry_row")
-            return True
+            return touched
         except RETRYABLE:
             raise
         except psycopg2.Error as exc:
@@ -326,7 +327,7 @@ class Sink(Resolving):
                 self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_row")
                 self._precise = True
                 if self.apply_error(table, row, self._commit_lsn, self._xid, first_line_of(exc)):
-                    return False
+                    return None
             raise self._apply_error(exc) from None
 
     def _flush_net(self) -> None:

@@ -21,6 +21,8 @@ import msgspec
 import psycopg2
 import psycopg2.extras
 
+from decoder import Lsn
+
 from .conflicts import Conflict, Policies, Resolution, policy_resolution
 from .errors import ApplyError
 from .relations import TargetTable
@@ -141,17 +143,17 @@ class Resolving:
         try:
             res = hook(conflict)
         except Exception as exc:  # the hook's own failure stops the daemon with its message
-            raise ConflictError(f"the conflict hook raised {type(exc).__name__}: {exc}", lsn=conflict.lsn,
+            raise ConflictError(f"the conflict hook raised {type(exc).__name__}: {exc}", lsn=_lsn(conflict),
                                 xid=conflict.xid, table=conflict.table) from None
         if not isinstance(res, Resolution):
-            raise ConflictError(f"the conflict hook returned {res!r}, not a Resolution", lsn=conflict.lsn,
+            raise ConflictError(f"the conflict hook returned {res!r}, not a Resolution", lsn=_lsn(conflict),
                                 xid=conflict.xid, table=conflict.table)
         return res
 
     def _stop(self, conflict: Conflict, res: Resolution) -> None:
         why = res.message or f"policy error for {conflict.kind}"
         if not self._precise:
-            err = ConflictError(f"conflict {conflict.kind} in a batch ({why})", lsn=conflict.lsn, xid=conflict.xid,
+            err = ConflictError(f"conflict {conflict.kind} in a batch ({why})", lsn=_lsn(conflict), xid=conflict.xid,
                                 table=conflict.table)
             err.batch_has_earlier = True  # re-run change by change: the conflict comes back, precisely
             raise err
@@ -159,7 +161,7 @@ class Resolving:
         raise ConflictError(f"conflict {conflict.kind} on key {msgspec.json.encode(conflict.key).decode()}: {why}; "
                             f"the target row: {msgspec.json.encode(conflict.existing).decode()}. Fix the target, or "
                             f"skip this source transaction: pgferry skip --lsn {conflict.lsn}",
-                            lsn=conflict.lsn, xid=conflict.xid, table=conflict.table)
+                            lsn=_lsn(conflict), xid=conflict.xid, table=conflict.table)
 
     def _newer_index(self, table: TargetTable, column: str | None) -> int:
         for i, c in enumerate(table.rel.columns):
@@ -205,6 +207,10 @@ class Resolving:
             side.commit()
         finally:
             side.close()
+
+
+def _lsn(conflict: Conflict) -> Lsn | None:
+    return Lsn.parse(conflict.lsn) if conflict.lsn else None
 
 
 def _json(value: dict[str, Any] | None) -> str | None:

@@ -98,7 +98,7 @@ def test_metrics_endpoint_reports_progress_rows_and_batches(pair, daemons):
     assert m["pgferry_applied_lsn"] == d.progress()
     assert m["pgferry_source_lsn"] >= m["pgferry_applied_lsn"] and m["pgferry_lag_bytes"] >= 0
     assert m["pgferry_batch_rows_count"] >= 1 and m["pgferry_batch_rows_sum"] >= 450
-    assert m['pgferry_conflicts_total{kind="row_missing"}'] == 0
+    assert not [k for k in m if k.startswith("pgferry_conflicts_total{")]  # none yet
     assert m["pgferry_slot_retained_wal_bytes"] > 0
     assert d.stop() == 0
 
