@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="call this function with each logical decoding message (pg_logical_emit_message); "
                             "transactional ones in commit order; after a crash one may come again. Default: ignored")
     start.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    start.add_argument("--max-rows-per-second", type=_positive(float),
+                       help="apply at most this many row changes per second (default: no limit; SIGHUP reloads)")
+    start.add_argument("--max-bytes-per-second", type=_positive(float),
+                       help="apply at most this many bytes of changes per second (default: no limit)")
     start.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
     start.add_argument("--log-format", choices=["auto", "text", "json"],
                        help="auto (default): text on a terminal, JSON lines otherwise")
@@ -160,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .tail import run_tail
             return run_tail(settings.source, settings.publication, args.slot)
         if args.command == "start":
-            return _start(settings)
+            return _start(settings, args)
         if args.command in ("status", "verify", "cutover", "cleanup", "preflight", "skip"):
             return _admin(args, settings)
     except PgferryError as exc:
@@ -173,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return EXIT_USAGE
+
+
+def _limits(st: config.Settings) -> BatchLimits:
+    return BatchLimits(rows=st.batch_rows, bytes=st.batch_bytes, seconds=st.batch_ms / 1000)
 
 
 def _flags(args: argparse.Namespace) -> dict[str, object]:
@@ -249,7 +257,7 @@ def load_hook(spec: str, what: str = "--message-hook") -> Callable[..., object]:
     return fn  # type: ignore[no-any-return]
 
 
-def _start(st: config.Settings) -> int:
+def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
     from . import logs, metrics
     from .stream import StreamConfig, run_stream
 
@@ -277,10 +285,17 @@ def _start(st: config.Settings) -> int:
         from sink import failpoints
 
         failpoints.hit("before_stream")  # the copy is done and recorded; streaming has not started
+    def reload() -> tuple[object, BatchLimits]:
+        """SIGHUP: the settings again (file, env, the same flags): budgets and batch limits."""
+        fresh = config.load(args.config, _flags(args)) if args is not None else st
+        return config.budgets(fresh), _limits(fresh)
+
+    from .throttle import Throttle
+
     cfg = StreamConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
                        schema=st.state_schema, spool_dir=st.spool_dir, message_hook=hook,
-                       network_timeout=st.network_timeout, policies=conflict_policies,
-                       limits=BatchLimits(rows=st.batch_rows, bytes=st.batch_bytes, seconds=st.batch_ms / 1000))
+                       network_timeout=st.network_timeout, policies=conflict_policies, limits=_limits(st),
+                       throttle=Throttle(config.budgets(st)), reload=reload)
     metrics.STATE.phase = "streaming"
     return run_stream(cfg)
 

@@ -67,6 +67,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "json"] = "auto"
     metrics_port: Port | None = None
+    # throttling (changeable while running: edit the file, then SIGHUP)
+    max_rows_per_second: PositiveFloat | None = None
+    max_bytes_per_second: PositiveFloat | None = None
+    max_retained_wal: Positive | None = None  # bytes: the WAL guard warns when the slot retains more
+    min_safe_wal: Positive | None = None  # bytes: ... or when safe_wal_size falls under this
+    lift_throttle_on_wal_danger: bool = True
     # [conflicts] and [conflicts.tables."schema.table"] (file only)
     conflicts: ConflictSettings = msgspec.field(default_factory=ConflictSettings)
 
@@ -119,6 +125,16 @@ log_level = "info"
 log_format = "auto"
 # Serve Prometheus metrics on this port (all interfaces). Default: off.
 # metrics_port = 9187
+
+# Throttling: budgets for applied row changes and bytes per second (default: none), and the
+# WAL guard: warn when the slot retains more than max_retained_wal bytes or safe_wal_size falls
+# under min_safe_wal bytes, and then (lift_throttle_on_wal_danger) stop throttling until it
+# recovers. Edit and send SIGHUP to the daemon to change them (and the batch limits) while it runs.
+# max_rows_per_second = 20000
+# max_bytes_per_second = 50000000
+# max_retained_wal = 10737418240
+# min_safe_wal = 1073741824
+lift_throttle_on_wal_danger = true
 
 # Conflicts: what to do when the target disagrees with a change. Policies: "error" (stop and
 # name the change), "skip" (keep the target as it is), "overwrite" (the source row wins;
@@ -250,3 +266,11 @@ def policies(st: Settings, load_hook: Any = None) -> Any:
             raise UsageError(f"{name}: keep-newer needs newer_column (the column whose greater value wins)")
     hook = load_hook(c.hook, "conflicts.hook") if c.hook and load_hook is not None else None
     return Policies(default=default, tables=tables, hook=hook)
+
+
+def budgets(st: Settings) -> Any:
+    from .throttle import Budgets
+
+    return Budgets(rows_per_second=st.max_rows_per_second, bytes_per_second=st.max_bytes_per_second,
+                   max_retained_wal=st.max_retained_wal, min_safe_wal=st.min_safe_wal,
+                   lift_throttle_on_wal_danger=st.lift_throttle_on_wal_danger)

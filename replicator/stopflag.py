@@ -11,6 +11,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.set = False
+        self.reload = False  # SIGHUP: re-read the configuration (the loop clears it)
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._w.setblocking(False)
@@ -25,6 +26,22 @@ class StopFlag:
         except OSError:
             pass
 
+    def drain(self) -> None:
+        """Consume the wake-up bytes (after a reload: the loop keeps running)."""
+        try:
+            while self._r.recv(64):
+                pass
+        except OSError:
+            pass
+
+    def request_reload(self, *_: object) -> None:
+        self.reload = True
+        try:
+            self._w.send(b"x")
+        except OSError:
+            pass
+
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self.request)
         signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGHUP, self.request_reload)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import select
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ from .errors import PgferryError, UsageError, first_line
 from .source import check_logical_source, connect, describe_dsn, max_protocol_version
 from .spool import Spool
 from .stopflag import StopFlag
+from .throttle import Throttle, wal_guard
 from .watchdog import TargetWatchdog, WatchedConnection
 
 log = logging.getLogger("pgferry.stream")
@@ -75,6 +77,7 @@ NET_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
 
 BURST = 2000  # messages read before the loop looks at its deadlines again
 READ_PAUSE = 0.0005  # seconds; see Session.run
+PACE_ROWS = 200  # with a throttle: rows applied between two waits
 IDLE_PROGRESS_EVERY = 1.0  # seconds between idle progress writes
 
 
@@ -92,6 +95,8 @@ class StreamConfig:
     network_timeout: float = 30.0  # silence from the source after which the connection is presumed dead
     message_hook: Callable[[LogicalMessage], None] | None = None
     policies: Policies | None = None  # conflict policies (sink/conflicts.py)
+    throttle: Throttle | None = None
+    reload: Callable[[], tuple[Any, BatchLimits]] | None = None  # SIGHUP: fresh budgets and batch limits
 
 
 class FatalError(PgferryError):
@@ -159,6 +164,8 @@ class Session:
         self.handed_off: Lsn | None = None
         self.received_data = False
         self.watchdog: TargetWatchdog | None = None
+        self.bytes_read = 0  # payload bytes handled (the throttle's byte budget)
+        self._paced_rows = self._paced_bytes = 0
 
     # -- set-up ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -225,6 +232,8 @@ class Session:
             if self.stop.set:
                 self.shutdown()
                 return
+            if self.stop.reload:
+                self.reload()
             self.feedback()
             deadline = sink.deadline()
             now = time.monotonic()
@@ -232,6 +241,7 @@ class Session:
                 sink.flush(wait=False)
                 continue
             n = 0
+            throttled = self.cfg.throttle is not None and self.cfg.throttle.active
             while n < BURST:
                 msg = read()
                 if msg is None:
@@ -247,8 +257,12 @@ class Session:
                     log.info("cutover: handed off at %s; every transaction committed on the source up to there "
                              "is on the target. Stopping.", self.handed_off)
                     return
+                if throttled and not sink.in_transaction() and sink.rows_applied - self._paced_rows >= PACE_ROWS:
+                    break  # pace between transactions, so the batch can commit while we wait
             if n:
                 self.last_heard = time.monotonic()  # not `now`: handling the burst may have taken long
+                if self.cfg.throttle is not None and self.cfg.throttle.active:
+                    self.pace()
                 continue
             if sink.batch_open() and not sink.in_transaction():
                 sink.flush(wait=False)  # nothing more to read right now: no reason to wait for the deadline
@@ -266,6 +280,41 @@ class Session:
             if sink.writing():
                 timeout = min(timeout, 0.002)  # confirm the batch as soon as it is durable
             select.select(fds, [], [], timeout)
+
+    def pace(self) -> None:
+        """Wait as long as the throttle says for what was applied since the last call, answering
+        the walsender and committing due batches meanwhile."""
+        assert self.sink is not None and self.cfg.throttle is not None
+        rows, nbytes = self.sink.rows_applied - self._paced_rows, self.bytes_read - self._paced_bytes
+        self._paced_rows, self._paced_bytes = self.sink.rows_applied, self.bytes_read
+        until = time.monotonic() + self.cfg.throttle.pace(rows, nbytes)
+        while not self.stop.set and not self.stop.reload:
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            deadline = self.sink.deadline()
+            if deadline is not None and time.monotonic() >= deadline and not self.sink.in_transaction():
+                self.sink.flush(wait=False)
+            self.feedback()
+            self.keep_alive()
+            select.select([self.stop], [], [], min(left, 0.1))
+
+    def reload(self) -> None:
+        """SIGHUP: new budgets and batch limits, without losing the stream."""
+        self.stop.reload = False
+        self.stop.drain()
+        if self.cfg.reload is None or self.sink is None:
+            return
+        try:
+            budgets, limits = self.cfg.reload()
+        except PgferryError as exc:
+            log.error("configuration reload failed, keeping the current settings: %s", exc)
+            return
+        if self.cfg.throttle is not None:
+            self.cfg.throttle.update(budgets)
+        self.sink.limits = self.cfg.limits = limits
+        log.info("configuration reloaded: batches of %d rows / %d bytes / %.0f ms", limits.rows, limits.bytes,
+                 limits.seconds * 1000)
 
     def check_alive(self, now: float) -> None:
         """Notice a dead or black-holed source connection (no RST, just silence) within
@@ -325,6 +374,7 @@ class Session:
     # -- messages ----------------------------------------------------------------------------
     def handle(self, raw: Any) -> None:
         payload = raw.payload
+        self.bytes_read += len(payload)
         m: Message = self.decoder.decode(payload)
         t = type(m)
         if self.stream_xid is not None:
@@ -423,6 +473,10 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
         stop = StopFlag()
         stop.install()
     spool = Spool(cfg.spool_dir)
+    guard_done = threading.Event()
+    if cfg.throttle is not None:
+        threading.Thread(target=wal_guard, args=(cfg.source, cfg.slot, cfg.throttle, guard_done),
+                         name="wal-guard", daemon=True).start()
     backoff = 0.2
     isolate_until = Lsn(0)
     op_counts: dict = {}
@@ -497,6 +551,7 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
             backoff = min(backoff * 2, cfg.max_backoff)
         return 0
     finally:
+        guard_done.set()
         spool.close()
 
 
