@@ -292,10 +292,11 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
 
     from .throttle import Throttle
 
+    throttle = metrics.STATE.throttle = Throttle(config.budgets(st))
     cfg = StreamConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
                        schema=st.state_schema, spool_dir=st.spool_dir, message_hook=hook,
                        network_timeout=st.network_timeout, policies=conflict_policies, limits=_limits(st),
-                       throttle=Throttle(config.budgets(st)), reload=reload)
+                       throttle=throttle, reload=reload)
     metrics.STATE.phase = "streaming"
     return run_stream(cfg)
 

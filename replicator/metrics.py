@@ -40,6 +40,7 @@ class State:
     phase: str = "preflight"
     session: Session | None = None
     settings: Settings | None = None
+    throttle: Any = None  # replicator.throttle.Throttle
 
 
 STATE = State()
@@ -123,6 +124,10 @@ class DaemonCollector(Collector):
             for (table, kind), n in list(sink.conflict_counts.items()):
                 conflicts.add_metric([table, kind], n)
             yield conflicts
+        if STATE.throttle is not None:
+            raised = 1.0 if STATE.throttle.wal_danger else 0.0
+            yield GaugeMetricFamily("pgferry_wal_guard", "1 while the slot retains more WAL than allowed "
+                                    "(max_retained_wal / min_safe_wal)", value=raised)
         if STATE.settings is not None and STATE.settings.source:
             slot = self.slot.get(STATE.settings)
             if slot is not None:

@@ -66,7 +66,7 @@ class Resolving:
                 self._stop(conflict, res)
             elif kind == "update_missing" and res.action in ("apply", "row"):
                 values = res.row if res.action == "row" else source
-                if values is not None and len(values) == len(table.rel.columns):
+                if values is not None and all(c.name in values for c in table.rel.columns):
                     self._insert_dict(table, values)
                     resolution = "inserted the source row"
                 else:
