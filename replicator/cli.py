@@ -227,7 +227,8 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
         from .status import run_status, watch_status
         if args.watch:
             return watch_status(src, dst, slot, schema, args.watch, args.iterations)
-        return run_status(src, dst, slot, schema, args.json)
+        return run_status(src, dst, slot, schema, args.json,
+                          guard=(settings.max_retained_wal, settings.min_safe_wal))
     if args.command == "verify":
         from .verify import print_results, verify
         tables = [t.strip() for t in args.tables.split(",")] if args.tables else None

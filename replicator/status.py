@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
-from typing import IO
+from typing import IO, Any
 
 import msgspec
 import psycopg2
@@ -50,9 +50,12 @@ class Status(msgspec.Struct):
     cutover: str | None
     tables: list[TableStatus]
     conflicts_by_table: list[ConflictCount] = []
+    wal_guard: str | None = None  # why the slot is in danger (max_retained_wal / min_safe_wal), or None
 
 
-def collect(source: str, target: str, slot: str, schema: str) -> Status:
+def collect(source: str, target: str, slot: str, schema: str,
+            guard: tuple[int | None, int | None] = (None, None)) -> Status:
+    """`guard`: (max_retained_wal, min_safe_wal) from the settings, for `wal_guard`."""
     src = connect(source, "source")
     try:
         with src.cursor() as cur:
@@ -126,11 +129,23 @@ def collect(source: str, target: str, slot: str, schema: str) -> Status:
         slot_safe_wal_size=int(slot_row[3]) if slot_row and slot_row[3] is not None else None,
         last_source_commit=progress[3].isoformat() if progress and progress[3] else None,
         cutover=f"{control[0]} at {control[1]}" if control and control[1] else (control[0] if control else None),
-        tables=tables, conflicts_by_table=conflicts)
+        tables=tables, conflicts_by_table=conflicts, wal_guard=_guard(slot_row, guard))
 
 
-def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, out: IO[str] = sys.stdout) -> int:
-    st = collect(source, target, slot, schema)
+def _guard(slot_row: Any, guard: tuple[int | None, int | None]) -> str | None:
+    if not slot_row:
+        return None
+    retained, safe = slot_row[2], slot_row[3]
+    if guard[0] and retained is not None and int(retained) > guard[0]:
+        return f"the slot retains {int(retained) >> 20} MiB of WAL (max_retained_wal {guard[0] >> 20} MiB)"
+    if guard[1] and safe is not None and int(safe) < guard[1]:
+        return f"safe_wal_size is {int(safe) >> 20} MiB (min_safe_wal {guard[1] >> 20} MiB)"
+    return None
+
+
+def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, out: IO[str] = sys.stdout,
+               guard: tuple[int | None, int | None] = (None, None)) -> int:
+    st = collect(source, target, slot, schema, guard)
     if as_json:
         out.write(msgspec.json.encode(st).decode() + "\n")
         return 0
@@ -146,6 +161,8 @@ def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, 
     ]
     if st.cutover:
         lines.append(f"cutover       {st.cutover}")
+    if st.wal_guard:
+        lines.append(f"WAL GUARD     {st.wal_guard}")
     for c in st.conflicts_by_table:
         lines.append(f"  conflicts {c.table:<30} {c.kind:<16} {c.count}")
     for t in st.tables:

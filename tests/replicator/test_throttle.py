@@ -3,12 +3,15 @@ without a restart, and the WAL guard warns and lifts the throttle."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.pgplugin import Daemon, wait_for
+from tests.pgplugin import ROOT, Daemon, wait_for
 
 pytestmark = pytest.mark.pg
 
@@ -73,3 +76,6 @@ def test_wal_guard_warns_and_lifts_the_throttle(pair, daemons, tmp_path):
     wait_for(lambda: "WAL guard: the slot retains" in d.output(), 30, "the WAL guard")
     d.wait_caught_up(timeout=20)  # 5000 rows at 100 rows/s would take 50 s: the throttle is lifted
     assert "throttling lifted" in d.output()
+    r = subprocess.run([sys.executable, "-m", "replicator.cli", "status", "--json", "--config", str(cfg), "--source",
+                        src.dsn, "--target", dst.dsn], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "the slot retains" in json.loads(r.stdout)["wal_guard"], r.stdout + r.stderr
