@@ -33,7 +33,7 @@ from decoder.values import pg_epoch_to_datetime
 from . import failpoints, state
 from .conflicts import Policies
 from .errors import ApplyError
-from .netbatch import INS, NetBatch, _existing
+from .netbatch import INS, NetBatch, existing_rows
 from .relations import TargetTable, map_relation
 from .resolve import Resolving
 
@@ -297,7 +297,7 @@ class Sink(Resolving):
             keyed = bool(table.key) and not table.full_identity
             if keyed and isinstance(exc, psycopg2.errors.UniqueViolation):
                 key = tuple(row[i] for i in table.key)
-                found = _existing(self.cur, table, [key])
+                found = existing_rows(self.cur, table, [key])
                 if found:
                     self.insert_exists(table, [(key, [INS, row, lsn, xid], found[0])])
                     return

@@ -171,7 +171,7 @@ class NetBatch:
                 except psycopg2.errors.UniqueViolation:
                     # Some keys exist on the target: insert the others, hand those to the resolver.
                     cur.execute("ROLLBACK TO SAVEPOINT pgferry_copy")
-                    found = _existing(cur, table, [k for k, _ in items])
+                    found = existing_rows(cur, table, [k for k, _ in items])
                     fresh = [p for n, p in enumerate(params) if n not in found]
                     if fresh:
                         cur.copy_expert(sql, io.StringIO(copy_text(fresh)), size=COPY_CHUNK)
@@ -179,7 +179,7 @@ class NetBatch:
                 cur.execute("RELEASE SAVEPOINT pgferry_copy")
 
 
-def _existing(cur: Any, table: TargetTable, keys: list[tuple]) -> dict[int, Any]:
+def existing_rows(cur: Any, table: TargetTable, keys: list[tuple]) -> dict[int, Any]:
     """Position (0-based, in `keys`) -> the target's row as JSON, for the keys that exist."""
     out: dict[int, Any] = {}
     for i in range(0, len(keys), PAGE):

@@ -18,3 +18,9 @@ def resolve(c: Conflict) -> Resolution:
 
 def refuse(c: Conflict) -> Resolution:
     raise ValueError(f"nope: {c.kind} on {c.key}")
+
+
+def refuse_updates(c: Conflict) -> Resolution:
+    if c.kind == "update_missing":
+        return Resolution("error", message="updates must find their row")
+    return Resolution("skip")

@@ -205,3 +205,21 @@ def test_batching_does_not_change_outcomes(pair, daemons, tmp_path):
         for d in daemons:
             d.close()
         other.drop()  # the source's slots go with the source database
+
+
+@pytest.mark.parametrize("how", ["policy", "hook"])
+def test_update_missing_error_from_a_policy_or_a_hook(pair, daemons, tmp_path, how):
+    src, dst = pair
+    conflicts = ('[conflicts]\ninsert_exists = "skip"\nupdate_missing = "error"\n' if how == "policy" else
+                 '[conflicts]\nhook = "tests.sink.conflict_hooks:refuse_updates"\n')
+    d = _setup(src, dst, tmp_path, conflicts, *BIG)
+    daemons.append(d)
+    _write_backlog(src)
+    d.start()
+    assert d.wait_exit() == 1
+    out = d.output()
+    why = "policy error for update_missing" if how == "policy" else "updates must find their row"
+    assert f'conflict update_missing on key {{"id":"2"}}: {why}' in out and "pgferry skip --lsn" in out, out
+    # everything before the update's transaction is in (insert_exists skipped), nothing from it on
+    assert _rows(dst) == [(1, "target", 5), (4, "target", 9), (10, "ten", 1), (20, "a", 1)]
+    assert ("update_missing", "2", f"stopped: {why}") in _dead(dst)
