@@ -32,19 +32,13 @@ from decoder.values import pg_epoch_to_datetime
 
 from . import failpoints, state
 from .conflicts import Policies
+from .direct import INSERT_ROWS, RETRYABLE, ChangeByChange, first_line_of
 from .errors import ApplyError
-from .netbatch import INS, NetBatch, existing_rows
+from .netbatch import NetBatch
 from .relations import TargetTable, map_relation
 from .resolve import Resolving
 
 log = logging.getLogger("pgferry.sink")
-
-# Connection-level failures: the stream loop reconnects and resumes from the stored progress.
-RETRYABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.errors.SerializationFailure,
-             psycopg2.errors.DeadlockDetected)
-
-
-INSERT_ROWS = 1000  # rows per multi-row INSERT
 
 
 @dataclass(frozen=True)
@@ -56,12 +50,7 @@ class BatchLimits:
     seconds: float = 0.5
 
 
-def first_line_of(exc: psycopg2.Error) -> str:
-    text = (exc.pgerror or str(exc)).strip()
-    return text.splitlines()[0] if text else repr(exc)
-
-
-class Sink(Resolving):
+class Sink(ChangeByChange, Resolving):
     def __init__(self, conn: psycopg2.extensions.connection, slot: str, schema: str = state.DEFAULT_SCHEMA,
                  limits: BatchLimits | None = None, policies: Policies | None = None,
                  target_dsn: str | None = None) -> None:
@@ -258,78 +247,6 @@ class Sink(Resolving):
         self._batch_rows += 1
         self._batch_bytes += sum(len(p) for p in params if type(p) is str)
 
-    def _flush_inserts(self) -> None:
-        """Send the buffered run of inserts (same table and columns) as one multi-row INSERT.
-        Change by change (exact mode), a failure is retried row by row to find and resolve the
-        conflicting rows."""
-        if not self._ins_rows:
-            return
-        self._join()
-        rows, self._ins_rows = self._ins_rows, []
-        meta, self._ins_meta = self._ins_meta, []
-        self._current = self._ins_table
-        try:
-            if self._exact:
-                self.cur.execute("SAVEPOINT pgferry_ins")
-            psycopg2.extras.execute_values(self.cur, self._ins_head, rows, template=self._ins_template,
-                                           page_size=INSERT_ROWS)
-            if self._exact:
-                self.cur.execute("RELEASE SAVEPOINT pgferry_ins")
-        except RETRYABLE:
-            raise
-        except psycopg2.Error as exc:
-            if not self._exact:
-                raise self._apply_error(exc, self._ins_lsn, self._ins_xid) from None
-            self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_ins")
-            for params, (table, row, lsn, xid) in zip(rows, meta, strict=True):
-                self._insert_one(table, params, row, lsn, xid)
-
-    def _insert_one(self, table: TargetTable, params: list[Any], row: tuple, lsn: Lsn, xid: int) -> None:
-        head, template, _ = table.insert(row)
-        self.cur.execute("SAVEPOINT pgferry_row")
-        try:
-            psycopg2.extras.execute_values(self.cur, head, [params], template=template)
-        except RETRYABLE:
-            raise
-        except psycopg2.Error as exc:
-            self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_row")
-            self._precise = True
-            keyed = bool(table.key) and not table.full_identity
-            if keyed and isinstance(exc, psycopg2.errors.UniqueViolation):
-                key = tuple(row[i] for i in table.key)
-                found = existing_rows(self.cur, table, [key])
-                if found:
-                    self.insert_exists(table, [(key, [INS, row, lsn, xid], found[0])])
-                    return
-            if not self.apply_error(table, row, lsn, xid, first_line_of(exc)):
-                raise self._apply_error(exc, lsn, xid) from None
-            return
-        self.cur.execute("RELEASE SAVEPOINT pgferry_row")
-
-    def _execute_change(self, table: TargetTable, sql: str, params: list[Any], row: Any) -> int | None:
-        """One UPDATE or DELETE (change-by-change path): the rows it touched, or None when the
-        target rejected it and the apply_error policy skipped it."""
-        self._join()
-        guard = self._exact and (self.policies.hook is not None or
-                                 self.policies.for_table(table.name).apply_error != "error")
-        try:
-            if guard:
-                self.cur.execute("SAVEPOINT pgferry_row")
-            self.cur.execute(sql, params)
-            touched = self.cur.rowcount
-            if guard:
-                self.cur.execute("RELEASE SAVEPOINT pgferry_row")
-            return touched
-        except RETRYABLE:
-            raise
-        except psycopg2.Error as exc:
-            if guard:
-                self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_row")
-                self._precise = True
-                if self.apply_error(table, row, self._commit_lsn, self._xid, first_line_of(exc)):
-                    return None
-            raise self._apply_error(exc) from None
-
     def _flush_net(self) -> None:
         """Write the pending net changes (after any buffered direct inserts, which came first)."""
         self._join()
@@ -372,15 +289,6 @@ class Sink(Resolving):
         self._current = ", ".join(names)
         self._execute(sql, [])
         self._batch_rows += 1
-
-    def _execute(self, sql: str, params: list[Any]) -> None:
-        self._join()
-        try:
-            self.cur.execute(sql, params)
-        except RETRYABLE:
-            raise
-        except psycopg2.Error as exc:
-            raise self._apply_error(exc) from None
 
     def _apply_error(self, exc: psycopg2.Error, lsn: Lsn | None = None, xid: int | None = None) -> ApplyError:
         err = ApplyError(f"the target rejected a change: {first_line_of(exc)}", lsn=lsn or self._commit_lsn,
