@@ -15,6 +15,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg2
 import pytest
@@ -147,6 +148,18 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: fl
 
 # -- the daemon under test -------------------------------------------------------------------------
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def pgferry(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> Any:
+    """Run this checkout's `pgferry` CLI once and capture its output (a CompletedProcess). The
+    caller's PGFERRY_* variables are left out: only `env` sets them."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PGFERRY_")}
+    return subprocess.run([sys.executable, "-m", "replicator.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**clean, **(env or {})}, timeout=timeout, check=False)
 
 
 class Daemon:

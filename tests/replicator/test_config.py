@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from tests.pgplugin import ROOT
-
-
-def pgferry(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PGFERRY_")}
-    return subprocess.run([sys.executable, "-m", "replicator.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**clean, **(env or {})}, timeout=60)
+from tests.pgplugin import pgferry
 
 
 def test_flags_beat_env_beat_file_beat_defaults(tmp_path):

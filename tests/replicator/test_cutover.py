@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import psycopg2
 import pytest
 
-from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, wait_for
+from tests.pgplugin import Daemon, Db, assert_same_tables, pgferry, wait_for
 from tests.replicator.test_sync import PGBENCH, TABLES, TYPED
 
 pytestmark = pytest.mark.pg
 
 
-def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "replicator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, check=False)
-
-
 def _status(src: Db, dst: Db) -> dict:
-    r = cli("status", "--json", "--source", src.dsn, "--target", dst.dsn)
+    r = pgferry("status", "--json", "--source", src.dsn, "--target", dst.dsn)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -44,7 +38,7 @@ def test_cutover_under_pgbench_hands_off_exactly_and_cleans_up(pair, daemons, tm
         st = _status(src, dst)
         assert st["daemon_running"] and {t["state"] for t in st["tables"]} == {"copied"}, st
         receipt_file = tmp_path / "receipt.json"
-        r = cli("cutover", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60", "--receipt",
+        r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60", "--receipt",
                 str(receipt_file))
         assert r.returncode == 0, r.stdout + r.stderr + d.output()
         receipt = json.loads(receipt_file.read_text())
@@ -71,9 +65,9 @@ def test_cutover_under_pgbench_hands_off_exactly_and_cleans_up(pair, daemons, tm
     for name, used in source_seq.items():
         (nxt,) = dst.execute("SELECT nextval(%s)", (name,))[0]
         assert nxt > used, (name, nxt, used)
-    assert cli("verify", "--source", src.dsn, "--target", dst.dsn).returncode == 0
+    assert pgferry("verify", "--source", src.dsn, "--target", dst.dsn).returncode == 0
     assert _status(src, dst)["phase"] == "done"
-    r = cli("cleanup", "--source", src.dsn, "--target", dst.dsn, "--drop-state")
+    r = pgferry("cleanup", "--source", src.dsn, "--target", dst.dsn, "--drop-state")
     assert r.returncode == 0, r.stderr
     assert not src.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'pgferry%'")
     assert not src.execute("SELECT 1 FROM pg_publication")
@@ -87,7 +81,7 @@ def test_cutover_timeout_lifts_the_fence_and_the_daemon_streams_on(pair, daemons
     daemons.append(d)
     wait_for(lambda: _status(src, dst)["phase"] == "streaming" or not d.running(), 60, "streaming")
     assert d.stop() == 0
-    r = cli("cutover", "--source", src.dsn, "--target", dst.dsn, "--timeout", "3")
+    r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--timeout", "3")
     assert r.returncode == 1 and "cutover timed out" in r.stderr and "fence is lifted" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     src.execute("INSERT INTO t VALUES (1, 'writable again')")  # the fence is gone
@@ -108,14 +102,14 @@ def test_verify_names_the_table_and_key_range_that_differ(pair, daemons, monkeyp
     daemons.append(d)
     wait_for(lambda: _status(src, dst)["phase"] == "streaming" or not d.running(), 60, "streaming")
     assert d.stop() == 0
-    assert cli("verify", "--source", src.dsn, "--target", dst.dsn).returncode == 0
+    assert pgferry("verify", "--source", src.dsn, "--target", dst.dsn).returncode == 0
     dst.execute("UPDATE t SET v = 'changed' WHERE a = 250 AND b = 3")
     dst.execute("DELETE FROM k WHERE ctid = (SELECT min(ctid) FROM k)")
-    r = cli("verify", "--source", src.dsn, "--target", dst.dsn, "--json")
+    r = pgferry("verify", "--source", src.dsn, "--target", dst.dsn, "--json")
     assert r.returncode == 1
     result = {t["name"]: t for t in json.loads(r.stdout)["tables"]}
     assert result["public.k"]["differences"] == ["row count 2 on the source, 1 on the target",
                                                   "content differs (table without primary key: hashed whole)"]
     assert not result["public.t"]["match"] and result["public.k"]["match"] is False
-    r = cli("verify", "--source", src.dsn, "--target", dst.dsn, "--mode", "count", "--tables", "t")
+    r = pgferry("verify", "--source", src.dsn, "--target", dst.dsn, "--mode", "count", "--tables", "t")
     assert r.returncode == 0, r.stdout

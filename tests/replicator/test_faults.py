@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 
 from replicator.servers import LocalServer
-from tests.pgplugin import ROOT, Daemon, assert_same_tables, new_db, wait_for
+from tests.pgplugin import ROOT, Daemon, assert_same_tables, new_db, pgferry, wait_for
 from tests.replicator import workload as wl
 from tests.replicator.test_sync import PGBENCH, TABLES, TYPED
 
@@ -208,11 +208,6 @@ def test_soak_pgbench_with_random_kills_and_network_cuts(pair, daemons, tcp_prox
     print(f"soak: {seconds} s of pgbench, {kills} kills, {cuts} network cuts, no differences")
 
 
-def _start(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "replicator.cli", "start", *args], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT, check=False)
-
-
 def test_wrong_password_is_one_clear_line_and_exit_2(pair):
     _, dst = pair
     with LocalServer(pair[0].version, name="auth-") as server:
@@ -223,7 +218,8 @@ def test_wrong_password_is_one_clear_line_and_exit_2(pair):
         src.execute("SELECT pg_reload_conf()")
         wait_for(lambda: src.execute("SELECT count(*) FROM pg_hba_file_rules WHERE user_name = '{pw}'")[0][0] == 1,
                  10, "pg_hba to reload")
-        r = _start("--source", server.dsn(src.name, user="pw") + " password=wrong-secret", "--target", dst.dsn)
+        r = pgferry("start", "--source", server.dsn(src.name, user="pw") + " password=wrong-secret",
+                    "--target", dst.dsn)
     assert r.returncode == 2, r.stderr
     assert "password authentication failed" in r.stderr and "PGPASSWORD" in r.stderr, r.stderr
     assert "wrong-secret" not in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -237,11 +233,11 @@ def test_missing_privileges_on_source_and_target_are_named_and_nothing_is_create
     src.execute(f"CREATE ROLE {role} LOGIN")
     dst.execute(f"CREATE ROLE {role}_t LOGIN")
     try:
-        r = _start("--source", src.server.dsn(src.name, user=role), "--target", dst.dsn)
+        r = pgferry("start", "--source", src.server.dsn(src.name, user=role), "--target", dst.dsn)
         assert r.returncode == 1 and "lacks the REPLICATION privilege" in r.stderr, r.stderr
         assert f"ALTER ROLE {role} WITH REPLICATION" in r.stderr and "Traceback" not in r.stderr
         dst.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC; REVOKE CREATE ON DATABASE {dst.name} FROM PUBLIC")
-        r = _start("--source", src.dsn, "--target", dst.server.dsn(dst.name, user=f"{role}_t"))
+        r = pgferry("start", "--source", src.dsn, "--target", dst.server.dsn(dst.name, user=f"{role}_t"))
         assert r.returncode == 1 and "needs CREATE on the target database" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         # nothing half-done on the source

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import urllib.request
 
 import pytest
 
 from replicator.servers import LocalServer
-from tests.pgplugin import ROOT, Daemon, new_db, wait_for
+from tests.pgplugin import Daemon, new_db, pgferry, wait_for
 
 pytestmark = pytest.mark.pg
-
-
-def pgferry(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "replicator.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
 
 
 def test_preflight_names_each_problem_with_its_fix(pair):

@@ -6,12 +6,10 @@ large set-based batches (unless it says otherwise)."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 
-from tests.pgplugin import ROOT, Daemon, Db, new_db
+from tests.pgplugin import Daemon, Db, new_db, pgferry
 
 pytestmark = pytest.mark.pg
 
@@ -61,11 +59,6 @@ def _lsn_of(out: str) -> str:
     m = re.search(r"pgferry skip --lsn (\S+?)[;.]? ", out)
     assert m, out
     return m.group(1)
-
-
-def pgferry(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "replicator.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=60)
 
 
 def test_skip_policies_keep_the_target_and_record_every_conflict(pair, daemons, tmp_path):
