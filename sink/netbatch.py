@@ -31,6 +31,7 @@ from decoder import UNCHANGED, Delete, Insert, Update
 from .relations import TargetTable
 
 INS, UPD, DEL, DEL_INS, APPEND = range(5)  # APPEND: an insert into a table without a key
+_INSERTED = frozenset((INS, DEL_INS, APPEND))
 PAGE = 5000  # rows per UPDATE / DELETE statement
 COPY_CHUNK = 1 << 20  # bytes per read when psycopg2 sends a COPY
 
@@ -150,16 +151,20 @@ class NetBatch:
                 if missing:
                     resolver.missing(table, "update_missing", missing)
             inserts: dict[str, tuple[list[Any], list[tuple]]] = {}
-            copy_in = table.copy_in
-            for item in rows.items():
-                op, row = item[1][0], item[1][1]
-                if op == INS or op == DEL_INS or op == APPEND:
-                    sql, params = copy_in(row)
-                    group = inserts.get(sql)
-                    if group is None:
-                        group = inserts[sql] = ([], [])
-                    group[0].append(params)
-                    group[1].append(item)
+            if table.all_writable:  # the usual case: every column as sent (inserts carry them all)
+                items = [item for item in rows.items() if item[1][0] in _INSERTED]
+                if items:
+                    inserts[table.copy_in(items[0][1][1])[0]] = ([e[1] for _, e in items], items)
+            else:
+                for item in rows.items():
+                    op, row = item[1][0], item[1][1]
+                    if op in _INSERTED:
+                        sql, params = table.copy_in(row)
+                        group = inserts.get(sql)
+                        if group is None:
+                            group = inserts[sql] = ([], [])
+                        group[0].append(params)
+                        group[1].append(item)
             keyed = bool(table.key) and not table.full_identity
             for sql, (params, items) in inserts.items():
                 if not keyed:
@@ -204,6 +209,17 @@ _ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 def copy_text(rows: list[Any]) -> str:
     """Rows of text values (or None) in COPY's text format."""
+    if rows:
+        # Fast path, all in C: no NULL (join raises on None), and no value holding a tab (the
+        # count), newline (the count), backslash or CR.
+        try:
+            text = "\n".join(map("\t".join, rows))
+        except TypeError:
+            text = None
+        width = len(rows[0])
+        if (text is not None and all(len(r) == width for r in rows) and text.count("\t") == len(rows) * (width - 1)
+                and text.count("\n") == len(rows) - 1 and "\\" not in text and "\r" not in text):
+            return text + "\n"
     j = "\t".join
     out = []
     for r in rows:
