@@ -76,6 +76,8 @@ def test_wal_guard_warns_and_lifts_the_throttle(pair, daemons, tmp_path):
     wait_for(lambda: "WAL guard: the slot retains" in d.output(), 30, "the WAL guard")
     d.wait_caught_up(timeout=20)  # 5000 rows at 100 rows/s would take 50 s: the throttle is lifted
     assert "throttling lifted" in d.output()
+    assert d.stop() == 0
+    src.execute("INSERT INTO t SELECT g, 'y' FROM generate_series(5001, 6000) g")  # WAL the stopped slot keeps
     r = subprocess.run([sys.executable, "-m", "replicator.cli", "status", "--json", "--config", str(cfg), "--source",
                         src.dsn, "--target", dst.dsn], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert "the slot retains" in json.loads(r.stdout)["wal_guard"], r.stdout + r.stderr
