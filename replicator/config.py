@@ -21,13 +21,12 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 PolicyName = Literal["error", "skip", "overwrite", "keep-newer"]
-MissingPolicy = Literal["error", "skip", "overwrite", "keep-newer"]  # overwrite on update_missing: insert the row
 SkipOrError = Literal["error", "skip"]
 
 
 class TableConflicts(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     insert_exists: PolicyName | None = None
-    update_missing: MissingPolicy | None = None
+    update_missing: PolicyName | None = None  # overwrite / keep-newer on a missing row: insert it
     delete_missing: SkipOrError | None = None
     apply_error: SkipOrError | None = None
     newer_column: str | None = None
@@ -35,7 +34,7 @@ class TableConflicts(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ConflictSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     insert_exists: PolicyName = "error"
-    update_missing: MissingPolicy = "skip"
+    update_missing: PolicyName = "skip"
     delete_missing: SkipOrError = "skip"
     apply_error: SkipOrError = "error"
     newer_column: str | None = None  # for keep-newer
@@ -205,10 +204,10 @@ def _from_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
         value: Any = [t.strip() for t in text.split(",")] if key == "tables" else text
         try:
             # strict=False: the environment only holds strings ("20000" -> 20000, "false" -> False)
-            msgspec.convert({key: value}, Settings, strict=False)
+            converted = msgspec.convert({key: value}, Settings, strict=False)
         except msgspec.ValidationError as exc:
             raise UsageError(f"environment variable {name}={_shown(key, text)!r}: {_explain(exc)}") from None
-        out[key] = msgspec.convert({key: value}, Settings, strict=False).__getattribute__(key)
+        out[key] = getattr(converted, key)
     return out
 
 

@@ -69,22 +69,10 @@ class _Slot:
 
     @staticmethod
     def _query(settings: Settings) -> tuple[int, int | None] | None:
-        import psycopg2
+        from .source import slot_wal
 
-        try:
-            conn = psycopg2.connect(settings.source, application_name="pgferry-metrics", connect_timeout=5)
-        except psycopg2.Error:
-            return None
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, safe_wal_size "
-                            "FROM pg_replication_slots WHERE slot_name = %s", (settings.slot,))
-                row = cur.fetchone()
-            return (int(row[0] or 0), None if row[1] is None else int(row[1])) if row else None
-        except psycopg2.Error:
-            return None
-        finally:
-            conn.close()
+        found = slot_wal(settings.source, settings.slot, "pgferry-metrics")
+        return None if found is None else (found[0] or 0, found[1])
 
 
 class DaemonCollector(Collector):

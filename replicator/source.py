@@ -90,3 +90,24 @@ def replication_connection(dsn: str) -> psycopg2.extras.LogicalReplicationConnec
         raise PgferryError(
             f"{exc}; a logical replication connection matches the database name in pg_hba.conf "
             "(not the 'replication' keyword)") from None
+
+
+def slot_wal(dsn: str, slot: str, application_name: str) -> tuple[int | None, int | None] | None:
+    """(WAL the slot retains, its safe_wal_size) in bytes, on a short connection of its own; None
+    when the slot is missing or the source does not answer (callers poll: the next poll retries)."""
+    try:
+        conn = psycopg2.connect(dsn, application_name=application_name, connect_timeout=5)
+    except psycopg2.Error:
+        return None
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, safe_wal_size "
+                        "FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+            row = cur.fetchone()
+    except psycopg2.Error:
+        return None
+    finally:
+        conn.close()
+    if row is None:
+        return None
+    return (None if row[0] is None else int(row[0]), None if row[1] is None else int(row[1]))

@@ -21,10 +21,7 @@ class StopFlag:
 
     def request(self, *_: object) -> None:
         self.set = True
-        try:
-            self._w.send(b"x")
-        except OSError:
-            pass
+        self._wake()
 
     def drain(self) -> None:
         """Consume the wake-up bytes (after a reload: the loop keeps running)."""
@@ -36,6 +33,9 @@ class StopFlag:
 
     def request_reload(self, *_: object) -> None:
         self.reload = True
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             self._w.send(b"x")
         except OSError:

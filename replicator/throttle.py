@@ -98,7 +98,7 @@ class Throttle:
 
 def wal_guard(dsn: str, slot: str, throttle: Throttle, done: threading.Event, every: float = 10.0) -> None:
     """Poll the slot's retained WAL and safe_wal_size (when a guard limit is set) until `done`."""
-    import psycopg2
+    from .source import slot_wal
 
     wait = 0.0  # look at once, then every `every` seconds
     while not done.wait(wait):
@@ -106,18 +106,6 @@ def wal_guard(dsn: str, slot: str, throttle: Throttle, done: threading.Event, ev
         b = throttle.budgets
         if not (b.max_retained_wal or b.min_safe_wal):
             continue
-        try:
-            conn = psycopg2.connect(dsn, application_name="pgferry-guard", connect_timeout=5)
-        except psycopg2.Error:
-            continue
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, safe_wal_size "
-                            "FROM pg_replication_slots WHERE slot_name = %s", (slot,))
-                row = cur.fetchone()
-            if row is not None:
-                throttle.check_wal(None if row[0] is None else int(row[0]), None if row[1] is None else int(row[1]))
-        except psycopg2.Error:
-            pass
-        finally:
-            conn.close()
+        found = slot_wal(dsn, slot, "pgferry-guard")
+        if found is not None:
+            throttle.check_wal(*found)

@@ -28,7 +28,6 @@ import msgspec
 
 Kind = Literal["insert_exists", "update_missing", "delete_missing", "apply_error"]
 Policy = Literal["error", "skip", "overwrite", "keep-newer"]
-KINDS: tuple[Kind, ...] = ("insert_exists", "update_missing", "delete_missing", "apply_error")
 
 
 @dataclass(frozen=True)
@@ -51,9 +50,6 @@ class Policies:
 
     def for_table(self, name: str) -> TablePolicy:
         return self.tables.get(name, self.default)
-
-    def all_default_errors(self) -> bool:
-        return self.hook is None and not self.tables and self.default == TablePolicy()
 
 
 class Conflict(msgspec.Struct, frozen=True):
@@ -84,16 +80,12 @@ KEEP = Resolution("keep")
 SKIP = Resolution("skip")
 
 
-def policy_resolution(policy: Policy, kind: Kind, source_newer: bool | None) -> Resolution:
-    """What a policy decides. `source_newer`: for keep-newer on an existing row, whether the
-    source row's column is greater (None: no existing row to compare with)."""
+def policy_resolution(policy: Policy, kind: Kind) -> Resolution:
+    """What a policy decides for one conflict. keep-newer against an existing row is decided by
+    the target in one statement (sink/resolve.py); here it only meets a missing row, which the
+    source row replaces, as with overwrite."""
     if policy == "error":
         return Resolution("error")
     if policy == "skip" or kind == "delete_missing" or kind == "apply_error":
         return SKIP if kind != "insert_exists" else KEEP
-    if policy == "overwrite":
-        return APPLY
-    # keep-newer
-    if source_newer is None or source_newer:
-        return APPLY
-    return KEEP
+    return APPLY

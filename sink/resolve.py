@@ -60,7 +60,7 @@ class Resolving:
                                 old=source if kind == "delete_missing" else None,
                                 new=source if kind == "update_missing" else None,
                                 existing=None, lsn=str(lsn) if lsn is not None else None, xid=xid)
-            res = self._decide(conflict, policy, None)
+            res = self._decide(conflict, policy)
             resolution = "skipped"
             if res.action == "error":
                 self._stop(conflict, res)
@@ -90,10 +90,9 @@ class Resolving:
                                 xid=xid)
             if self.policies.hook is None and newer is not None:
                 to_write.append(((*key, *(row[i] for i in sets)), conflict))  # decided by the server below
-                self.conflict_counts[table.name, "insert_exists"] = self.conflict_counts.get(
-                    (table.name, "insert_exists"), 0) + 1
+                self._count(conflict)
                 continue
-            res = self._decide(conflict, policy.insert_exists, None)
+            res = self._decide(conflict, policy.insert_exists)
             if res.action == "error":
                 self._stop(conflict, res)
             elif res.action == "apply":
@@ -125,7 +124,7 @@ class Resolving:
         policy = self.policies.for_table(table.name).apply_error
         conflict = Conflict(table=table.name, kind="apply_error", key={}, old=None, new=table.as_dict(row),
                             existing=None, lsn=str(lsn) if lsn is not None else None, xid=xid, detail=detail)
-        res = self._decide(conflict, policy, None)
+        res = self._decide(conflict, policy)
         if res.action == "error":
             return False
         self._dead_letter([(conflict, "skipped")])
@@ -134,12 +133,15 @@ class Resolving:
         return True
 
     # -- helpers -----------------------------------------------------------------------------
-    def _decide(self, conflict: Conflict, policy: str, source_newer: bool | None) -> Resolution:
-        self.conflict_counts[conflict.table, conflict.kind] = self.conflict_counts.get(
-            (conflict.table, conflict.kind), 0) + 1
+    def _count(self, conflict: Conflict) -> None:
+        counted = (conflict.table, conflict.kind)
+        self.conflict_counts[counted] = self.conflict_counts.get(counted, 0) + 1
+
+    def _decide(self, conflict: Conflict, policy: str) -> Resolution:
+        self._count(conflict)
         hook = self.policies.hook
         if hook is None:
-            return policy_resolution(policy, conflict.kind, source_newer)  # type: ignore[arg-type]
+            return policy_resolution(policy, conflict.kind)  # type: ignore[arg-type]
         try:
             res = hook(conflict)
         except Exception as exc:  # the hook's own failure stops the daemon with its message
