@@ -150,6 +150,18 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: fl
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
+def main_pair_only(src: Db, dst: Db, why: str = "fault scenarios run on 15 -> 18, the main case") -> None:
+    """Skip unless the pair is PostgreSQL 15 -> 18 (scenarios too slow to run on every pair)."""
+    if (src.version, dst.version) != (15, 18):
+        pytest.skip(why)
+
+
+def publish_same_table(src: Db, dst: Db, ddl: str) -> None:
+    """The same table on both sides, and a publication of all tables on the source."""
+    src.execute(ddl + "; CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute(ddl)
+
+
 def pgferry(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> Any:
     """Run this checkout's `pgferry` CLI once and capture its output (a CompletedProcess). The
     caller's PGFERRY_* variables are left out: only `env` sets them."""

@@ -15,21 +15,16 @@ import psycopg2
 import pytest
 
 from replicator.servers import LocalServer
-from tests.pgplugin import ROOT, Daemon, assert_same_tables, new_db, pgferry, wait_for
+from tests.pgplugin import ROOT, Daemon, assert_same_tables, main_pair_only, new_db, pgferry, wait_for
 from tests.replicator import workload as wl
 from tests.replicator.test_sync import PGBENCH, TABLES, TYPED
 
 pytestmark = pytest.mark.pg
 
 
-def _main_pair_only(src, dst) -> None:
-    if (src.version, dst.version) != (15, 18):
-        pytest.skip("fault scenarios run on 15 -> 18, the main case")
-
-
 def test_a_locked_target_table_makes_pgferry_wait_not_fail(pair, daemons):
     src, dst = pair
-    _main_pair_only(src, dst)
+    main_pair_only(src, dst)
     wl.setup(src, dst)
     d = Daemon(src, dst, "--network-timeout", "2")  # the lock outlasts it: the watchdog must not give up
     daemons.append(d)
@@ -57,7 +52,7 @@ def test_a_locked_target_table_makes_pgferry_wait_not_fail(pair, daemons):
 
 def test_a_full_target_disk_makes_pgferry_wait_then_finish(pair, daemons):
     src, dst = pair
-    _main_pair_only(src, dst)
+    main_pair_only(src, dst)
     owner = dst.server.os_user
     if os.geteuid() != 0 or owner is None:
         pytest.skip("needs root to mount a small tmpfs for the target's tablespace")
@@ -94,7 +89,7 @@ def test_a_streamed_transaction_cut_off_at_the_source_is_discarded(pair, daemons
     """A large transaction streamed while in progress, whose backend is terminated mid-way: the
     source aborts it, pgferry drops what it spooled, and nothing of it reaches the target."""
     src, dst = pair
-    _main_pair_only(src, dst)
+    main_pair_only(src, dst)
     wl.setup(src, dst)
     d = Daemon(src, dst, "--spool-dir", str(tmp_path),
                source_dsn=src.dsn + " options='-c logical_decoding_work_mem=64kB'")
@@ -127,16 +122,23 @@ def test_a_streamed_transaction_cut_off_at_the_source_is_discarded(pair, daemons
     assert dst.execute("SELECT count(*) FROM nokey WHERE b = 'doomed'") == [(0,)]
 
 
-def test_restart_between_copy_and_stream(pair, daemons, tmp_path):
-    src, dst = pair
-    _main_pair_only(src, dst)
+def _start_under_pgbench_until(src, dst, daemons, failpoint: str, seconds: int) -> tuple[Daemon, subprocess.Popen]:
+    """pgbench data and the typed table on the source, pgbench writing for `seconds`, and a copying
+    `pgferry start` that exits abruptly at `failpoint`."""
+    main_pair_only(src, dst)
     subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-d", src.dsn], check=True, capture_output=True)
     src.psql(TYPED)
-    bench = subprocess.Popen([PGBENCH, "-c", "2", "-T", "15", "-n", "-d", src.dsn], stdout=subprocess.DEVNULL,
+    bench = subprocess.Popen([PGBENCH, "-c", "2", "-T", str(seconds), "-n", "-d", src.dsn], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-    d = Daemon(src, dst, copy=True, ready=False, env={"PGFERRY_FAILPOINT": "before_stream"})
+    d = Daemon(src, dst, copy=True, ready=False, env={"PGFERRY_FAILPOINT": failpoint})
     daemons.append(d)
     assert d.wait_exit(timeout=120) == 99, d.output()
+    return d, bench
+
+
+def test_restart_between_copy_and_stream(pair, daemons, tmp_path):
+    src, dst = pair
+    d, bench = _start_under_pgbench_until(src, dst, daemons, "before_stream", 15)
     d.env.pop("PGFERRY_FAILPOINT")
     d.start()
     bench.wait(timeout=60)
@@ -146,14 +148,7 @@ def test_restart_between_copy_and_stream(pair, daemons, tmp_path):
 
 def test_killed_between_creating_the_slot_and_recording_it_starts_over(pair, daemons, tmp_path):
     src, dst = pair
-    _main_pair_only(src, dst)
-    subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-d", src.dsn], check=True, capture_output=True)
-    src.psql(TYPED)
-    bench = subprocess.Popen([PGBENCH, "-c", "2", "-T", "10", "-n", "-d", src.dsn], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    d = Daemon(src, dst, copy=True, ready=False, env={"PGFERRY_FAILPOINT": "after_slot_created"})
-    daemons.append(d)
-    assert d.wait_exit(timeout=120) == 99, d.output()
+    d, bench = _start_under_pgbench_until(src, dst, daemons, "after_slot_created", 10)
     # the slot exists, but its consistent point never reached the target
     assert src.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgferry'") == [(1,)]
     assert dst.execute("SELECT consistent_lsn::text FROM pgferry.sync") == [("0/0",)]
@@ -183,7 +178,7 @@ def test_soak_pgbench_with_random_kills_and_network_cuts(pair, daemons, tcp_prox
     """PGFERRY_SOAK_SECONDS (default 20 in CI) of pgbench while pgferry is killed every few seconds
     and its source connection cut now and then; afterwards, zero differences."""
     src, dst = pair
-    _main_pair_only(src, dst)
+    main_pair_only(src, dst)
     seconds = int(os.environ.get("PGFERRY_SOAK_SECONDS", "20"))
     subprocess.run([PGBENCH, "-i", "-s", "2", "-q", "-d", src.dsn], check=True, capture_output=True)
     src.psql(TYPED)
@@ -227,7 +222,7 @@ def test_wrong_password_is_one_clear_line_and_exit_2(pair):
 
 def test_missing_privileges_on_source_and_target_are_named_and_nothing_is_created(pair):
     src, dst = pair
-    _main_pair_only(src, dst)
+    main_pair_only(src, dst)
     src.execute("CREATE TABLE t (id int PRIMARY KEY)")
     role = f"weak_{src.name}"
     src.execute(f"CREATE ROLE {role} LOGIN")

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from replicator.servers import LocalServer
-from tests.pgplugin import Daemon, new_db, pgferry, wait_for
+from tests.pgplugin import Daemon, new_db, pgferry, publish_same_table, wait_for
 
 pytestmark = pytest.mark.pg
 
@@ -74,8 +74,7 @@ def _metrics(port: int) -> dict[str, float]:
 
 def test_metrics_endpoint_reports_progress_rows_and_batches(pair, daemons):
     src, dst = pair
-    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY, v text)")
     port = _free_port()
     d = Daemon(src, dst, "--metrics-port", str(port))
     daemons.append(d)
@@ -98,8 +97,7 @@ def test_metrics_endpoint_reports_progress_rows_and_batches(pair, daemons):
 
 def test_status_watch_redraws_a_live_view(pair, daemons):
     src, dst = pair
-    src.execute("CREATE TABLE w (id int PRIMARY KEY); CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.execute("CREATE TABLE w (id int PRIMARY KEY)")
+    publish_same_table(src, dst, "CREATE TABLE w (id int PRIMARY KEY)")
     d = Daemon(src, dst)
     daemons.append(d)
     src.execute("INSERT INTO w SELECT generate_series(1, 1000)")

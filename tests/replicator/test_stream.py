@@ -9,7 +9,7 @@ import time
 import pytest
 
 from replicator.servers import LocalServer
-from tests.pgplugin import Daemon, assert_same_tables, new_db, wait_for
+from tests.pgplugin import Daemon, assert_same_tables, main_pair_only, new_db, wait_for
 from tests.replicator import workload as wl
 
 pytestmark = pytest.mark.pg
@@ -188,6 +188,23 @@ def test_keepalives_answered_while_a_long_streamed_transaction_is_applied(pair, 
     assert "applying streamed transaction" in out and "retrying" not in out, out
 
 
+def _write_through_a_black_hole(src, d, proxy, n: int, seed: int, notice: str) -> None:
+    """n workload transactions, the path black-holed, n more (pgferry must log `notice`), the path
+    back, n more; then wait until pgferry has applied everything."""
+    w = wl.Workload(src, seed=seed)
+    try:
+        w.run(n)
+        d.wait_caught_up()
+        proxy.blackhole(True)
+        w.run(n)  # written while the path is dead: pgferry's next reads or statements go nowhere
+        wait_for(lambda: notice in d.output(), 30, f"pgferry to log {notice!r}")
+        proxy.blackhole(False)
+        w.run(n)
+    finally:
+        w.close()
+    d.wait_caught_up(timeout=120)
+
+
 def test_black_holed_source_connection_is_noticed_and_reopened(pair, daemons, tcp_proxy):
     """The proxy stops forwarding without closing anything: no RST, no error, just silence.
     pgferry must notice within --network-timeout, not hang, and resume once the path is back."""
@@ -196,18 +213,7 @@ def test_black_holed_source_connection_is_noticed_and_reopened(pair, daemons, tc
     proxy = tcp_proxy(src)
     d = Daemon(src, dst, "--network-timeout", "4", source_dsn=proxy.dsn_for(src.dsn))
     daemons.append(d)
-    w = wl.Workload(src, seed=8)
-    try:
-        w.run(100)
-        d.wait_caught_up()
-        proxy.blackhole(True)
-        w.run(100)  # written while the path is dead
-        wait_for(lambda: "no message from the source" in d.output(), 30, "pgferry to notice the silence")
-        proxy.blackhole(False)
-        w.run(100)
-    finally:
-        w.close()
-    d.wait_caught_up(timeout=120)
+    _write_through_a_black_hole(src, d, proxy, 100, seed=8, notice="no message from the source")
     assert_same_tables(src, dst, wl.TABLES)
     assert d.stop() == 0
     assert "reconnected after" in d.output()
@@ -218,24 +224,12 @@ def test_black_holed_target_connection_is_noticed_and_reopened(pair, daemons, tc
     watchdog sees it waiting for --network-timeout, finds that a new connection fails too, and
     reconnects; once the path is back everything is applied."""
     src, dst = pair
-    if (src.version, dst.version) != (15, 18):
-        pytest.skip("fault scenarios run on 15 -> 18, the main case")
+    main_pair_only(src, dst)
     wl.setup(src, dst)
     proxy = tcp_proxy(dst)
     d = Daemon(src, dst, "--network-timeout", "3", target_dsn=proxy.dsn_for(dst.dsn))
     daemons.append(d)
-    w = wl.Workload(src, seed=9)
-    try:
-        w.run(50)
-        d.wait_caught_up()
-        proxy.blackhole(True)
-        w.run(50)  # pgferry's next statements go into the black hole
-        wait_for(lambda: "presumed dead" in d.output(), 30, "pgferry to notice the dead target")
-        proxy.blackhole(False)
-        w.run(50)
-    finally:
-        w.close()
-    d.wait_caught_up(timeout=120)
+    _write_through_a_black_hole(src, d, proxy, 50, seed=9, notice="presumed dead")
     assert_same_tables(src, dst, wl.TABLES)
     assert d.stop() == 0
     out = d.output()
@@ -245,8 +239,8 @@ def test_black_holed_target_connection_is_noticed_and_reopened(pair, daemons, tc
 @pytest.mark.parametrize("failpoint", ["after_apply_before_commit", "after_commit_before_feedback", "during_spool"])
 def test_failpoints_exit_abruptly_and_restart_loses_nothing(pair, daemons, failpoint):
     src, dst = pair
-    if (src.version, dst.version) != (15, 18):
-        pytest.skip("the failpoint scenarios run on 15 -> 18 (the main case); the SIGKILL test covers all pairs")
+    main_pair_only(src, dst, "the failpoint scenarios run on 15 -> 18 (the main case); the SIGKILL test covers "
+                             "all pairs")
     wl.setup(src, dst)
     d = Daemon(src, dst, "--batch-rows", "50", source_dsn=src.dsn + SMALL_WORK_MEM,
                env={"PGFERRY_FAILPOINT": failpoint})

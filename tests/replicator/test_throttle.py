@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.pgplugin import ROOT, Daemon, wait_for
+from tests.pgplugin import ROOT, Daemon, main_pair_only, publish_same_table, wait_for
 
 pytestmark = pytest.mark.pg
 
@@ -31,10 +31,8 @@ def _rate_over(dst, seconds: float) -> tuple[float, int]:
 
 def test_rows_budget_holds_and_a_new_budget_applies_on_sighup(pair, daemons, tmp_path):
     src, dst = pair
-    if (src.version, dst.version) != (15, 18):
-        pytest.skip("runs on 15 -> 18, the main case")
-    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    main_pair_only(src, dst, "runs on 15 -> 18, the main case")
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY, v text)")
     cfg = tmp_path / "pgferry.toml"
     cfg.write_text("max_rows_per_second = 2000\n")
     d = Daemon(src, dst, "--config", str(cfg), "--batch-ms", "200")
@@ -64,10 +62,8 @@ def test_rows_budget_holds_and_a_new_budget_applies_on_sighup(pair, daemons, tmp
 
 def test_wal_guard_warns_and_lifts_the_throttle(pair, daemons, tmp_path):
     src, dst = pair
-    if (src.version, dst.version) != (15, 18):
-        pytest.skip("runs on 15 -> 18, the main case")
-    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    main_pair_only(src, dst, "runs on 15 -> 18, the main case")
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY, v text)")
     cfg = tmp_path / "pgferry.toml"
     cfg.write_text("max_rows_per_second = 100\nmax_retained_wal = 1024\n")  # a tiny limit: in danger at once
     d = Daemon(src, dst, "--config", str(cfg))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pgplugin import Daemon, assert_same_tables
+from tests.pgplugin import Daemon, assert_same_tables, publish_same_table
 from tests.replicator import workload as wl
 
 pytestmark = pytest.mark.pg
@@ -37,8 +37,7 @@ def test_a_folded_backlog_equals_the_source(pair, daemons):
 def test_a_unique_swap_that_fails_set_based_is_reapplied_in_source_order(pair, daemons):
     src, dst = pair
     ddl = "CREATE TABLE u (id int PRIMARY KEY, email text UNIQUE, n int)"
-    src.execute(ddl + "; CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.execute(ddl)
+    publish_same_table(src, dst, ddl)
     src.execute("INSERT INTO u VALUES (1, 'a', 0), (2, 'b', 0)")
     dst.execute("INSERT INTO u VALUES (1, 'a', 0), (2, 'b', 0)")
     d = Daemon(src, dst, *BIG_BATCHES)
@@ -87,8 +86,7 @@ def _peak_rss_mb(pid: int) -> float:
 def test_memory_stays_bounded_for_a_transaction_far_larger_than_a_batch(pair, daemons):
     src, dst = pair
     ddl = "CREATE TABLE wide (id int PRIMARY KEY, pad text)"
-    src.execute(ddl + "; CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.execute(ddl)
+    publish_same_table(src, dst, ddl)
     d = Daemon(src, dst)
     daemons.append(d)
     # 200,000 rows of 1 kB in ONE transaction (~220 MB): streamed, spooled, then applied
