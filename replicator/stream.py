@@ -22,6 +22,7 @@ START_REPLICATION starts from it, and transactions that end at or before it are 
 
 from __future__ import annotations
 
+import gc
 import logging
 import select
 import threading
@@ -467,11 +468,28 @@ def _retryable(exc: BaseException) -> bool:
                                                                      psycopg2.errors.ObjectNotInPrerequisiteState)
 
 
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Make Python's cycle collector run far less often while streaming.
+
+    A batch holds ~50,000 folded rows (a list and a tuple each): with the default thresholds
+    (700, 10, 10) the collector ran every 700 new rows and walked those live rows again and again,
+    without ever finding garbage (the apply path makes no reference cycles). Measured in process on
+    a 1M-insert backlog: 3.9 CPU s with the defaults, 2.3 with these (and 2.2 with the collector off);
+    500k one-row updates: 2.3 -> 1.7. Objects alive at start-up (modules, config) are frozen out
+    of the collector's walks altogether."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
     """Stream until stopped (exit 0) or a fatal problem (PgferryError). Retries what can be retried."""
     if stop is None:
         stop = StopFlag()
         stop.install()
+    tune_gc()
     spool = Spool(cfg.spool_dir)
     guard_done = threading.Event()
     if cfg.throttle is not None:

@@ -212,10 +212,13 @@ class Sink(ChangeByChange, Resolving):
                 self._batch_bytes += size
                 self._net_rows += 1
                 self._net_bytes += size
-                if self._net_rows >= self.limits.rows or self._net_bytes >= self.limits.bytes:
-                    # a transaction larger than a batch: write what it has so far (no commit: it
-                    # is not complete), so memory stays bounded whatever its size
-                    self._flush_net()
+                if self._net_rows >= 2 * self.limits.rows or self._net_bytes >= 2 * self.limits.bytes:
+                    # A transaction larger than a batch: write what it has so far, in the background
+                    # (no commit: it is not complete), so memory stays bounded whatever its size.
+                    # Twice the limits: a batch of smaller transactions reaches the limits at a
+                    # commit and is then written while the next one is read (a write here would
+                    # make the commit wait for it).
+                    self._flush_net(wait=False)
                 return
             self._flush_net()  # what is pending comes first: source order
         if t is Insert:
@@ -247,13 +250,17 @@ class Sink(ChangeByChange, Resolving):
         self._batch_rows += 1
         self._batch_bytes += sum(len(p) for p in params if type(p) is str)
 
-    def _flush_net(self) -> None:
-        """Write the pending net changes (after any buffered direct inserts, which came first)."""
+    def _flush_net(self, wait: bool = True) -> None:
+        """Write the pending net changes (after any buffered direct inserts, which came first);
+        `wait=False`: in the background (the next use of the connection waits for it)."""
         self._join()
         self._flush_inserts()
         net, self.net = self.net, NetBatch()
         self._net_rows = self._net_bytes = 0
-        self._write_net(net, self._net_lsn, self._net_xid)
+        if wait:
+            self._write_net(net, self._net_lsn, self._net_xid)
+        else:
+            self._background(self._write_net, net, self._net_lsn, self._net_xid)
 
     def _write_net(self, net: NetBatch, lsn: Lsn | None, xid: int | None) -> None:
         if not net:
@@ -359,8 +366,12 @@ class Sink(ChangeByChange, Resolving):
         self._batch_started = self._batch_end = self._batch_time = None
         if wait:
             self._write_batch(*args)
-            return
-        self._writer = threading.Thread(target=self._write_in_background, args=args, name="batch-writer",
+        else:
+            self._background(self._write_batch, *args)
+
+    def _background(self, write: Callable[..., None], *args: Any) -> None:
+        """Run `write(*args)` on the batch-writer thread (the connection is its own until `_join`)."""
+        self._writer = threading.Thread(target=self._write_in_background, args=(write, *args), name="batch-writer",
                                         daemon=True)
         self._writer.start()
 
@@ -383,9 +394,9 @@ class Sink(ChangeByChange, Resolving):
         if self.on_batch is not None:
             self.on_batch(rows, time.monotonic() - started)
 
-    def _write_in_background(self, *args: Any) -> None:
+    def _write_in_background(self, write: Callable[..., None], *args: Any) -> None:
         try:
-            self._write_batch(*args)
+            write(*args)
         except BaseException as exc:  # raised in the stream loop's thread by _join()
             self._writer_error = exc
 
