@@ -125,16 +125,16 @@ def run_native(src: Db, dst: Db, end: int, timeout: float) -> float:
 
 
 def run_pgferry(src: Db, dst: Db, end: int, timeout: float, extra: list[str],
-                profile: Path | None = None) -> tuple[float, int, float]:
+                profile: Path | None = None, slot: str = "bench_pgferry") -> tuple[float, int, float]:
     cmd = [sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target", dst.dsn, "--no-copy",
-           "--slot", "bench_pgferry", "--publication", PUB, *extra]
+           "--slot", slot, "--publication", PUB, *extra]
     if profile is not None:
         cmd = ["py-spy", "record", "--rate", "250", "--format", "raw", "--output", str(profile), "--", *cmd]
     with tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            done = _wait_confirmed(src, "bench_pgferry", end, timeout, lambda: proc.poll() is None)
+            done = _wait_confirmed(src, slot, end, timeout, lambda: proc.poll() is None)
             daemon = _daemon_pid(proc.pid) if profile is not None else proc.pid
             rss = _peak_rss_kb(daemon)
             cpu = _cpu_seconds(daemon)

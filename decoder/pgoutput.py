@@ -426,6 +426,9 @@ def _load_accelerator() -> Callable[[bytes, bool], Message | None] | None:
 _accelerated = _load_accelerator()
 ACCELERATED: bool = _accelerated is not None
 """True when the C parser is in use (see `_load_accelerator`)."""
+decode_hot = _accelerated
+"""The C parser itself, for a caller's hot loop: `decode_hot(buf: bytes, in_stream)` returns a
+Begin/Commit/Insert/Update/Delete, or None (then use `PgOutputDecoder.decode`). None when not built."""
 
 
 class PgOutputDecoder:

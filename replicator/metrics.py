@@ -104,8 +104,9 @@ class DaemonCollector(Collector):
                                     "(0 when caught up)", value=lag)
             rows = CounterMetricFamily("pgferry_rows_applied", "Source row changes applied, per table and "
                                        "operation", labels=["table", "op"])
-            for (table, kind), n in list(sink.op_counts.items()):
-                rows.add_metric([table, OPS.get(kind, "other")], n)
+            for table, counts in list(sink.op_counts.items()):
+                for kind, n in list(counts.items()):
+                    rows.add_metric([table, OPS.get(kind, "other")], n)
             yield rows
             conflicts = CounterMetricFamily("pgferry_conflicts", "Conflicts (changes the target disagreed with), "
                                             "per table and kind", labels=["table", "kind"])

@@ -56,6 +56,7 @@ from decoder import (
     Update,
     decode_message,
 )
+from decoder.pgoutput import decode_hot
 from sink.apply import RETRYABLE, BatchLimits, Sink
 from sink.conflicts import Policies
 from sink.errors import ApplyError, SinkError
@@ -376,7 +377,9 @@ class Session:
     def handle(self, raw: Any) -> None:
         payload = raw.payload
         self.bytes_read += len(payload)
-        m: Message = self.decoder.decode(payload)
+        m: Message | None = decode_hot(payload, self.decoder.in_stream) if decode_hot is not None else None
+        if m is None:
+            m = self.decoder.decode(payload)
         t = type(m)
         if self.stream_xid is not None:
             if t is StreamStop:

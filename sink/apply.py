@@ -63,7 +63,7 @@ class Sink(ChangeByChange, Resolving):
         self.skip_lsns: set[Lsn] = set()  # source transactions the operator skips (pgferry skip)
         self.slot = slot
         self.schema = schema
-        self.limits = limits or BatchLimits()
+        self.limits = limits or BatchLimits()  # (a property: the per-row checks read copies)
         self.relations: dict[int, Relation] = {}
         self.snapshots: dict[tuple[str, str], Lsn] = {}  # table -> LSN its initial copy was taken at
         self.tables: dict[int, TargetTable] = {}  # mapped on first use
@@ -98,7 +98,7 @@ class Sink(ChangeByChange, Resolving):
         self.missing_rows = 0
         # for metrics: source changes received per (table, message type), and each committed
         # batch's (row changes, seconds to write and commit) reported to `on_batch`
-        self.op_counts: dict[tuple[str, type], int] = {}
+        self.op_counts: dict[str, dict[type, int]] = {}  # table name -> message type -> count
         self.on_batch: Callable[[int, float], None] | None = None
         self.applied_commit_time: float | None = None  # unix time of the last applied source commit
         # the open batch
@@ -111,6 +111,16 @@ class Sink(ChangeByChange, Resolving):
         self._xid: int | None = None
         self._commit_lsn: Lsn | None = None
         self._current: str | None = None
+
+    @property
+    def limits(self) -> BatchLimits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: BatchLimits) -> None:
+        self._limits = limits
+        self._max_rows, self._max_bytes = limits.rows, limits.bytes
+        self._net_max_rows, self._net_max_bytes = 2 * limits.rows, 2 * limits.bytes
 
     # -- session -----------------------------------------------------------------------------
     def open(self, initial: Lsn | None = None, created_slot: bool = False) -> Lsn | None:
@@ -167,6 +177,7 @@ class Sink(ChangeByChange, Resolving):
             self._join()
             table = self.tables[oid] = map_relation(self.cur, rel)
             table.snapshot_lsn = self.snapshots.get((rel.namespace, rel.name), Lsn(0))
+            table.counts = self.op_counts.setdefault(table.name, {})
         return table
 
     # -- source transactions -----------------------------------------------------------------
@@ -174,7 +185,7 @@ class Sink(ChangeByChange, Resolving):
         """Start a source transaction committed at `commit_lsn`. False: already applied, skip it."""
         if commit_lsn < self.stored:
             return False
-        if commit_lsn in self.skip_lsns:
+        if self.skip_lsns and commit_lsn in self.skip_lsns:
             self._join()
             log.warning("skipping source transaction xid %s committed at %s (pgferry skip)", xid, commit_lsn)
             self.cur.execute(f"UPDATE {state.quote_ident(self.schema)}.skip SET done_at = now() WHERE slot_name = %s "
@@ -196,14 +207,18 @@ class Sink(ChangeByChange, Resolving):
         if t is Truncate:
             self._truncate(msg)  # type: ignore[arg-type]
             return
-        table = self._table(msg.relation_oid)  # type: ignore[union-attr]
-        if self._commit_lsn is not None and self._commit_lsn < table.snapshot_lsn:
+        table = self.tables.get(msg.relation_oid)  # type: ignore[union-attr]
+        if table is None:
+            table = self._table(msg.relation_oid)  # type: ignore[union-attr]
+        lsn = self._commit_lsn
+        if lsn is not None and lsn < table.snapshot_lsn:
             return  # committed before this table's copy was taken: the copy has it
-        counted = (table.name, t)
-        self.op_counts[counted] = self.op_counts.get(counted, 0) + 1
+        counts = table.counts
+        counts[t] = counts.get(t, 0) + 1
         if not self._exact:
-            if self.net.add(table, msg, self._commit_lsn, self._xid):  # type: ignore[arg-type]
-                self._net_lsn, self._net_xid = self._commit_lsn, self._xid
+            if self.net.add(table, msg, lsn, self._xid):  # type: ignore[arg-type]
+                self._net_lsn = lsn
+                self._net_xid = self._xid
                 self.rows_applied += 1
                 self._batch_rows += 1
                 if not size:
@@ -212,7 +227,7 @@ class Sink(ChangeByChange, Resolving):
                 self._batch_bytes += size
                 self._net_rows += 1
                 self._net_bytes += size
-                if self._net_rows >= 2 * self.limits.rows or self._net_bytes >= 2 * self.limits.bytes:
+                if self._net_rows >= self._net_max_rows or self._net_bytes >= self._net_max_bytes:
                     # A transaction larger than a batch: write what it has so far, in the background
                     # (no commit: it is not complete), so memory stays bounded whatever its size.
                     # Twice the limits: a batch of smaller transactions reaches the limits at a
@@ -316,7 +331,7 @@ class Sink(ChangeByChange, Resolving):
             return
         if single:
             self.flush()
-        elif self._batch_rows >= self.limits.rows or self._batch_bytes >= self.limits.bytes:
+        elif self._batch_rows >= self._max_rows or self._batch_bytes >= self._max_bytes:
             self.flush(wait=False)
 
     def handoff(self, cutover_id: str) -> bool:

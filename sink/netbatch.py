@@ -50,28 +50,47 @@ class NetBatch:
     def add(self, table: TargetTable, msg: Insert | Update | Delete, lsn: Any = None, xid: int | None = None) -> bool:
         """Fold one change in; False when it cannot be folded (apply it on its own, in order).
         `lsn`, `xid`: its transaction's (kept per row, for conflicts: the newest change's)."""
+        # The stream's hot path: one call per row change, so written for speed (locals, no calls).
         t = type(msg)
-        if table.full_identity or not table.key:
-            appended = self._rows(table)
-            if t is not Insert or appended is None:
-                return False  # found by comparing whole rows: applied on its own, after what is pending
-            appended[(len(self._appended),)] = [APPEND, msg.new, lsn, xid]  # type: ignore[union-attr]
-            self._appended.append(None)
-            return True
-        if t is Delete:
-            row = msg.old  # type: ignore[union-attr]
-        elif t is Update and msg.old is not None:  # type: ignore[union-attr]
-            return False  # the key changed
+        entry = self.tables.get(table.oid)
+        if entry is None:
+            entry = self.tables[table.oid] = (table, {})
+        elif entry[0] is not table:
+            return False  # redescribed since its rows were added: the caller writes those out first
+        rows = entry[1]
+        k0 = table.key0
+        if k0 < 0:
+            if k0 == -2:  # no key, or FULL identity
+                if t is not Insert:
+                    return False  # found by comparing whole rows: applied on its own, after what is pending
+                rows[(len(self._appended),)] = [APPEND, msg.new, lsn, xid]  # type: ignore[union-attr]
+                self._appended.append(None)
+                return True
+            # a key of several columns
+            if t is Delete:
+                row = msg.old  # type: ignore[union-attr]
+            elif t is Update and msg.old is not None:  # type: ignore[union-attr]
+                return False  # the key changed
+            else:
+                row = msg.new  # type: ignore[union-attr]
+            if row is None:
+                return False
+            key = tuple([row[i] for i in table.key])
+            if UNCHANGED in key or None in key:
+                return False
         else:
-            row = msg.new  # type: ignore[union-attr]
-        if row is None:
-            return False
-        key = (row[table.key[0]],) if len(table.key) == 1 else tuple([row[i] for i in table.key])
-        if UNCHANGED in key or None in key:
-            return False
-        rows = self._rows(table)
-        if rows is None:
-            return False
+            if t is Delete:
+                row = msg.old  # type: ignore[union-attr]
+            elif t is Update and msg.old is not None:  # type: ignore[union-attr]
+                return False  # the key changed
+            else:
+                row = msg.new  # type: ignore[union-attr]
+            if row is None:
+                return False
+            v = row[k0]
+            if v is None or v is UNCHANGED:
+                return False
+            key = (v,)
         cur = rows.get(key)
         if t is Insert:
             if cur is None:
@@ -92,7 +111,8 @@ class NetBatch:
                 for i, v in enumerate(row):
                     if v is not UNCHANGED:
                         merged[i] = v
-                cur[2], cur[3] = lsn, xid
+                cur[2] = lsn
+                cur[3] = xid
         else:
             if cur is None:
                 rows[key] = [DEL, row, lsn, xid]
@@ -103,16 +123,6 @@ class NetBatch:
             else:
                 rows[key] = [DEL, row, lsn, xid]
         return True
-
-    def _rows(self, table: TargetTable) -> dict[tuple, list[Any]] | None:
-        """The table's pending rows; None if its relation was redescribed since they were added
-        (the caller writes them out with their own mapping first)."""
-        entry = self.tables.get(table.rel.oid)
-        if entry is None:
-            entry = self.tables[table.rel.oid] = (table, {})
-        elif entry[0] is not table:
-            return None
-        return entry[1]
 
     def write(self, cur: Any, resolver: Resolver) -> None:
         """Send everything pending (and forget it). Rows an update or delete did not find, and

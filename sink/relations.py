@@ -64,6 +64,14 @@ class TargetTable:
         # what a set-based UPDATE may set: settable columns outside the key
         self.update_cols = tuple(i for i, ok in enumerate(self.settable) if ok and i not in self.key)
         self._getters: dict[tuple[int, ...], Any] = {}
+        self.oid = self.rel.oid
+        # NetBatch.add: the one key column's index; -1 for a key of several columns; -2 when rows
+        # are found by comparing whole rows (no key, or FULL identity)
+        if self.full_identity or not self.key:
+            self.key0 = -2
+        else:
+            self.key0 = self.key[0] if len(self.key) == 1 else -1
+        self.counts: dict[type, int] = {}  # source changes received per message type (metrics)
 
     def getter(self, cols: tuple[int, ...]) -> Any:
         """A function row -> tuple of the values at `cols` (operator.itemgetter, cached)."""
