@@ -1,6 +1,6 @@
 """Catch-up: pgferry against native `CREATE SUBSCRIPTION` on the same backlog, side by side.
 
-    python -m bench.catchup [--pairs 15-18,18-18] [--scenarios bulk,oltp,hot] [--scale 1.0]
+    python -m bench.catchup [--pairs 15-18,18-18] [--scenarios bulk,oltp,hot] [--scale 1.0] [--repeats 3]
 
 For each source -> target pair and scenario:
 
@@ -26,6 +26,7 @@ import argparse
 import os
 import select
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,10 +117,10 @@ def _wait_confirmed(src: Db, slot: str, end: int, timeout: float, alive: Callabl
     return time.perf_counter()
 
 
-def run_native(src: Db, dst: Db, end: int, timeout: float) -> float:
+def run_native(src: Db, dst: Db, end: int, timeout: float, slot: str = "bench_native") -> float:
     t = time.perf_counter()
     dst.execute("ALTER SUBSCRIPTION bench_sub ENABLE")
-    done = _wait_confirmed(src, "bench_native", end, timeout)
+    done = _wait_confirmed(src, slot, end, timeout)
     dst.execute("ALTER SUBSCRIPTION bench_sub DISABLE")
     return done - t
 
@@ -179,14 +180,14 @@ def _peak_rss_kb(pid: int) -> int:
     return 0
 
 
-def run_ceiling(src: Db, end: int, timeout: float) -> float:
+def run_ceiling(src: Db, end: int, timeout: float, slot: str = "bench_ceiling") -> float:
     """Read the backlog from the slot and discard it: what the source can send at most. Same
     options and read strategy as pgferry's loop (bursts, a short pause when the socket drains)."""
     t = time.perf_counter()
     conn = psycopg2.connect(src.dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
     cur = conn.cursor()
     proto = min(max_protocol_version(conn.server_version), 4)
-    cur.start_replication(slot_name="bench_ceiling", decode=False,
+    cur.start_replication(slot_name=slot, decode=False,
                           options={"proto_version": str(proto), "publication_names": PUB, "messages": "true",
                                    "streaming": "on"})
     read = cur.read_message
@@ -210,35 +211,53 @@ def run_ceiling(src: Db, end: int, timeout: float) -> float:
 
 
 def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, extra: list[str],
-                 profile: Path | None = None) -> dict:
-    src, native, ours = new_db(s, "src"), new_db(tgt, "native"), new_db(tgt, "ours")
-    for db in (src, native, ours):
-        _prepare(db, sc)
+                 profile: Path | None = None, repeats: int = 1) -> dict:
+    """Time native, pgferry and the ceiling on one backlog, `repeats` times each, alternating
+    (each run has its own slot, all created before the backlog, and its own target database)."""
+    src = new_db(s, "src")
+    _prepare(src, sc)
     src.execute(f"CREATE PUBLICATION {PUB} FOR ALL TABLES")
-    for slot in ("bench_native", "bench_pgferry", "bench_ceiling"):
-        src.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-    native.execute(f"CREATE SUBSCRIPTION bench_sub CONNECTION '{src.dsn}' PUBLICATION {PUB} WITH (enabled = false, "
-                   "create_slot = false, slot_name = 'bench_native', copy_data = false)")
+    natives, ours = [], []
+    for i in range(repeats):
+        for kind in ("native", "pgferry", "ceiling"):
+            src.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"bench_{kind}{i}",))
+        native, mine = new_db(tgt, "native"), new_db(tgt, "ours")
+        for db in (native, mine):
+            _prepare(db, sc)
+        native.execute(f"CREATE SUBSCRIPTION bench_sub CONNECTION '{src.dsn}' PUBLICATION {PUB} WITH (enabled = false, "
+                       f"create_slot = false, slot_name = 'bench_native{i}', copy_data = false)")
+        natives.append(native)
+        ours.append(mine)
     t = time.perf_counter()
     changes = sc.backlog(src, scale)
     (end,) = src.execute("SELECT (pg_current_wal_lsn() - '0/0')::bigint")[0]
     gen = time.perf_counter() - t
     (wal,) = src.execute("SELECT pg_size_pretty(pg_current_wal_lsn() - confirmed_flush_lsn) FROM pg_replication_slots "
-                         "WHERE slot_name = 'bench_native'")[0]
+                         "WHERE slot_name = 'bench_native0'")[0]
     timeout = 600
-    for db in (src, native, ours):
-        db.execute("CHECKPOINT")
-    t_native = run_native(src, native, end, timeout)
-    t_ours, rss, cpu = run_pgferry(src, ours, end, timeout, extra, profile)
-    t_ceiling = run_ceiling(src, end, timeout)
-    same = all(table_digest(src, name, cols) == table_digest(native, name, cols) == table_digest(ours, name, cols)
-               for name, cols in sc.tables.items())
-    native.execute("DROP SUBSCRIPTION bench_sub")
-    for slot in ("bench_pgferry", "bench_ceiling"):
-        src.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-    return {"scenario": sc.name, "changes": changes, "wal": wal, "generate_s": gen, "native_s": t_native,
-            "pgferry_s": t_ours, "ceiling_s": t_ceiling, "rss_mb": rss / 1024, "cpu_s": cpu,
-            "same": same}
+    times: dict[str, list[float]] = {"native": [], "pgferry": [], "ceiling": []}
+    rss, cpu = [], []
+    for i in range(repeats):
+        for db in (src, natives[i], ours[i]):
+            db.execute("CHECKPOINT")
+        times["native"].append(run_native(src, natives[i], end, timeout, f"bench_native{i}"))
+        took, kb, secs = run_pgferry(src, ours[i], end, timeout, extra, profile if i == 0 else None,
+                                     f"bench_pgferry{i}")
+        times["pgferry"].append(took)
+        rss.append(kb)
+        cpu.append(secs)
+        times["ceiling"].append(run_ceiling(src, end, timeout, f"bench_ceiling{i}"))
+    same = all(table_digest(src, name, cols) == table_digest(db, name, cols)
+               for name, cols in sc.tables.items() for db in (*natives, *ours))
+    for i in range(repeats):
+        natives[i].execute("DROP SUBSCRIPTION bench_sub")
+        for kind in ("pgferry", "ceiling"):
+            src.execute("SELECT pg_drop_replication_slot(%s)", (f"bench_{kind}{i}",))
+    res = {"scenario": sc.name, "changes": changes, "wal": wal, "generate_s": gen, "repeats": repeats,
+           "rss_mb": max(rss) / 1024, "cpu_s": statistics.median(cpu), "same": same, "times": times}
+    for kind, values in times.items():
+        res[f"{kind}_s"] = statistics.median(values)
+    return res
 
 
 def run_steady(s: LocalServer, tgt: LocalServer, rate: int, seconds: int, extra: list[str]) -> dict:
@@ -297,6 +316,8 @@ def main() -> None:
     ap.add_argument("--pairs", default="15-18,18-18")
     ap.add_argument("--scenarios", default="bulk,oltp,hot")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every backlog's size")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time each consumer this many times on the same backlog, alternating; report medians")
     ap.add_argument("--pgferry-args", default="", help="extra flags for pgferry start, e.g. '--batch-rows 20000'")
     ap.add_argument("--steady", type=int, metavar="TPS",
                     help="instead of the backlogs: pgbench at TPS for --seconds with native and pgferry both "
@@ -318,7 +339,8 @@ def main() -> None:
                     if args.profile is not None:
                         args.profile.mkdir(parents=True, exist_ok=True)
                         profile = args.profile / f"{sv}-{tv}-{name}.txt"
-                    r = run_scenario(s, tgt, SCENARIOS[name], args.scale, args.pgferry_args.split(), profile)
+                    r = run_scenario(s, tgt, SCENARIOS[name], args.scale, args.pgferry_args.split(), profile,
+                                     args.repeats)
                     r["pair"] = f"{sv}->{tv}"
                     results.append(r)
                     _print_row(r, header=len(results) == 1)
@@ -357,6 +379,9 @@ def _print_row(r: dict, header: bool) -> None:
           f"{r['ceiling_s'] / r['pgferry_s']:>14.2f} {r['changes'] / r['pgferry_s']:>9,.0f} {r['rss_mb']:>7.0f} "
           f"{r['cpu_s']:>6.2f}",
           flush=True)
+    if r.get("repeats", 1) > 1:
+        spread = "  ".join(f"{k} " + "/".join(f"{v:.2f}" for v in vals) for k, vals in r["times"].items())
+        print(f"{'':17}runs: {spread}", flush=True)
 
 
 if __name__ == "__main__":
