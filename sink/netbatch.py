@@ -31,7 +31,6 @@ from decoder import UNCHANGED, Delete, Insert, Update
 from .relations import TargetTable
 
 INS, UPD, DEL, DEL_INS, APPEND = range(5)  # APPEND: an insert into a table without a key
-_INSERTED = frozenset((INS, DEL_INS, APPEND))
 PAGE = 5000  # rows per UPDATE / DELETE statement
 COPY_CHUNK = 1 << 20  # bytes per read when psycopg2 sends a COPY
 
@@ -131,7 +130,19 @@ class NetBatch:
         self._appended = []
         for table, rows in tables.values():
             self.current = table.display
-            deletes = [(k, e) for k, e in rows.items() if e[0] == DEL or e[0] == DEL_INS]
+            deletes: list[tuple] = []
+            upd_items: list[tuple] = []
+            ins_items: list[tuple] = []
+            for item in rows.items():  # one pass, each list in first-touched order
+                op = item[1][0]
+                if op == INS or op == APPEND:
+                    ins_items.append(item)
+                elif op == UPD:
+                    upd_items.append(item)
+                else:
+                    deletes.append(item)
+                    if op == DEL_INS:
+                        ins_items.append(item)
             if deletes:
                 missing = _run(cur, table.delete_using(), [k for k, _ in deletes], deletes)
                 if missing:
@@ -139,20 +150,19 @@ class NetBatch:
             updates: dict[tuple[int, ...], tuple[list[tuple], list[tuple]]] = {}
             every = table.update_cols  # the usual case: every column sent (no unchanged TOAST)
             every_get = table.getter(every)
-            for item in rows.items():
-                key, (op, row, _, _) = item
-                if op == UPD:
-                    if UNCHANGED not in row:
-                        sets = every
-                        values = key + every_get(row)
-                    else:
-                        sets = tuple(i for i in every if row[i] is not UNCHANGED)
-                        values = key + table.getter(sets)(row)
-                    group = updates.get(sets)
-                    if group is None:
-                        group = updates[sets] = ([], [])
-                    group[0].append(values)
-                    group[1].append(item)
+            for item in upd_items:
+                key, (_, row, _, _) = item
+                if UNCHANGED not in row:
+                    sets = every
+                    values = key + every_get(row)
+                else:
+                    sets = tuple(i for i in every if row[i] is not UNCHANGED)
+                    values = key + table.getter(sets)(row)
+                group = updates.get(sets)
+                if group is None:
+                    group = updates[sets] = ([], [])
+                group[0].append(values)
+                group[1].append(item)
             for sets, (params, items) in updates.items():
                 if not sets:  # only key or generated columns: set the first key column to itself
                     sets = (table.key[0],)
@@ -162,19 +172,16 @@ class NetBatch:
                     resolver.missing(table, "update_missing", missing)
             inserts: dict[str, tuple[list[Any], list[tuple]]] = {}
             if table.all_writable:  # the usual case: every column as sent (inserts carry them all)
-                items = [item for item in rows.items() if item[1][0] in _INSERTED]
-                if items:
-                    inserts[table.copy_in(items[0][1][1])[0]] = ([e[1] for _, e in items], items)
+                if ins_items:
+                    inserts[table.copy_in(ins_items[0][1][1])[0]] = ([e[1] for _, e in ins_items], ins_items)
             else:
-                for item in rows.items():
-                    op, row = item[1][0], item[1][1]
-                    if op in _INSERTED:
-                        sql, params = table.copy_in(row)
-                        group = inserts.get(sql)
-                        if group is None:
-                            group = inserts[sql] = ([], [])
-                        group[0].append(params)
-                        group[1].append(item)
+                for item in ins_items:
+                    sql, params = table.copy_in(item[1][1])
+                    group = inserts.get(sql)
+                    if group is None:
+                        group = inserts[sql] = ([], [])
+                    group[0].append(params)
+                    group[1].append(item)
             keyed = bool(table.key) and not table.full_identity
             for sql, (params, items) in inserts.items():
                 if not keyed:
