@@ -58,38 +58,29 @@ class NetBatch:
             return False  # redescribed since its rows were added: the caller writes those out first
         rows = entry[1]
         k0 = table.key0
-        if k0 < 0:
-            if k0 == -2:  # no key, or FULL identity
-                if t is not Insert:
-                    return False  # found by comparing whole rows: applied on its own, after what is pending
-                rows[(len(self._appended),)] = [APPEND, msg.new, lsn, xid]  # type: ignore[union-attr]
-                self._appended.append(None)
-                return True
-            # a key of several columns
-            if t is Delete:
-                row = msg.old  # type: ignore[union-attr]
-            elif t is Update and msg.old is not None:  # type: ignore[union-attr]
-                return False  # the key changed
-            else:
-                row = msg.new  # type: ignore[union-attr]
-            if row is None:
-                return False
-            key = tuple([row[i] for i in table.key])
-            if UNCHANGED in key or None in key:
-                return False
+        if k0 == -2:  # no key, or FULL identity
+            if t is not Insert:
+                return False  # found by comparing whole rows: applied on its own, after what is pending
+            rows[(len(self._appended),)] = [APPEND, msg.new, lsn, xid]  # type: ignore[union-attr]
+            self._appended.append(None)
+            return True
+        if t is Delete:
+            row = msg.old  # type: ignore[union-attr]
+        elif t is Update and msg.old is not None:  # type: ignore[union-attr]
+            return False  # the key changed
         else:
-            if t is Delete:
-                row = msg.old  # type: ignore[union-attr]
-            elif t is Update and msg.old is not None:  # type: ignore[union-attr]
-                return False  # the key changed
-            else:
-                row = msg.new  # type: ignore[union-attr]
-            if row is None:
-                return False
+            row = msg.new  # type: ignore[union-attr]
+        if row is None:
+            return False
+        if k0 >= 0:  # a one-column key
             v = row[k0]
             if v is None or v is UNCHANGED:
                 return False
-            key = (v,)
+            key: tuple = (v,)
+        else:
+            key = tuple([row[i] for i in table.key])
+            if UNCHANGED in key or None in key:
+                return False
         cur = rows.get(key)
         if t is Insert:
             if cur is None:

@@ -7,13 +7,13 @@ from sink.netbatch import DEL, DEL_INS, INS, UPD, NetBatch
 from sink.relations import TargetTable
 
 
-def _table(identity: str = "d") -> TargetTable:
-    cols = (Column(flags=1, name="id", type_oid=23, type_modifier=-1),
-            Column(flags=0, name="v", type_oid=25, type_modifier=-1),
+def _table(identity: str = "d", key: tuple[int, ...] = (0,)) -> TargetTable:
+    cols = (Column(flags=int(0 in key), name="id", type_oid=23, type_modifier=-1),
+            Column(flags=int(1 in key), name="v", type_oid=25, type_modifier=-1),
             Column(flags=0, name="big", type_oid=25, type_modifier=-1))
     rel = Relation(xid=None, oid=1, namespace="public", name="t", replica_identity=identity, columns=cols)
     return TargetTable(rel=rel, qualified="public.t", names=["id", "v", "big"], writable=[True] * 3,
-                       settable=[True] * 3, key=[0], text_compare=[False] * 3, types=["integer", "text", "text"])
+                       settable=[True] * 3, key=list(key), text_compare=[False] * 3, types=["integer", "text", "text"])
 
 
 def ins(*row):
@@ -48,6 +48,18 @@ def test_changes_to_one_key_fold_to_their_net_effect():
     assert b.add(t, dele("5"))
     assert _net(b) == {("1",): (INS, ["1", "b", "x" * 10]), ("2",): (UPD, ["2", "c", "y"]),
                        ("3",): (DEL_INS, ["3", "again", None]), ("5",): (DEL, None)}
+
+
+def test_a_key_of_two_columns_folds_on_both():
+    t = _table(key=(0, 1))
+    b = NetBatch()
+    assert b.add(t, ins("1", "a", "first"))
+    assert b.add(t, ins("1", "b", "other key"))  # same id, other v: another row
+    assert b.add(t, upd("1", "a", "second"))
+    assert b.add(t, Delete(xid=None, relation_oid=1, old=("1", "b", None), old_kind="K"))
+    assert not b.add(t, upd("1", UNCHANGED, "v not sent"))
+    assert not b.add(t, ins("2", None, "NULL in the key"))
+    assert _net(b) == {("1", "a"): (INS, ["1", "a", "second"])}
 
 
 def test_what_cannot_fold_is_refused_so_the_caller_keeps_source_order():
