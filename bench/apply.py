@@ -1,6 +1,6 @@
 """The apply hot loop in process: decode + fold + batched writes, without the walsender.
 
-    python -m bench.apply [--scenarios bulk,oltp,hot] [--scale 1.0] [--repeats 3]
+    python -m bench.apply [--scenarios bulk,oltp,hot] [--scale 1.0] [--repeats 3] [--batch-rows 50000]
 
 For each scenario of bench/catchup.py the backlog is written once on a PostgreSQL 18 server and
 its pgoutput stream captured into memory. Then, `repeats` times, each into a fresh target database
@@ -29,7 +29,7 @@ from decoder import Begin, Commit, Delete, Insert, Lsn, PgOutputDecoder, Relatio
 from replicator.servers import LocalServer
 from replicator.source import max_protocol_version
 from replicator.stream import GC_THRESHOLDS
-from sink.apply import Sink
+from sink.apply import BatchLimits, Sink
 from tests.pgplugin import Db, new_db, table_digest
 
 
@@ -60,10 +60,10 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100
 
 
-def apply_all(payloads: list[bytes], dsn: str) -> dict[str, float]:
+def apply_all(payloads: list[bytes], dsn: str, limits: BatchLimits | None = None) -> dict[str, float]:
     """Run the stream loop's dispatch over `payloads` into a fresh Sink on `dsn`."""
     conn = psycopg2.connect(dsn)
-    sink = Sink(conn, "bench")
+    sink = Sink(conn, "bench", limits=limits)
     sink.open(initial=Lsn(1))
     cur = conn.cursor()
     cur.execute("SELECT pg_backend_pid()")
@@ -93,7 +93,9 @@ def main() -> None:
     ap.add_argument("--scenarios", default="bulk,oltp,hot")
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-rows", type=int, default=BatchLimits.rows, help="changes per batch (as pgferry's flag)")
     args = ap.parse_args()
+    limits = BatchLimits(rows=args.batch_rows)
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)  # as the daemon runs
     print(f"{'scenario':8} {'messages':>9} {'changes':>9} {'wall s':>7} {'CPU s':>6} {'target CPU s':>12} "
@@ -113,7 +115,7 @@ def main() -> None:
                 dst = new_db(server, "dst")
                 _prepare(dst, sc)
                 dst.execute("CHECKPOINT")
-                runs.append(apply_all(payloads, dst.dsn))
+                runs.append(apply_all(payloads, dst.dsn, limits))
                 for table, cols in sc.tables.items():
                     if table_digest(src, table, cols) != table_digest(dst, table, cols):
                         raise SystemExit(f"MISMATCH: {table} differs after the apply")
