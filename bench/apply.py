@@ -5,8 +5,8 @@
 For each scenario of bench/catchup.py the backlog is written once on a PostgreSQL 18 server and
 its pgoutput stream captured into memory. Then, `repeats` times, each into a fresh target database
 on the same server, pgferry's stream-loop path runs over the captured messages in this process: the
-C parser, `Sink.begin/apply/commit` (folding, batch limits, the background batch writer), and a
-final flush. Printed per run: wall time, this process's CPU (all threads) and the target
+C fold (`Sink.apply_raw`), the C parser, `Sink.begin/apply/commit` (folding, batch limits, the
+background batch writer), and a final flush. Printed per run: wall time, this process's CPU (all threads) and the target
 backend's CPU. The catch-up bench mixes in the walsender and the scheduler of a shared machine;
 this one measures pgferry's own cost per change, which is what a change to the hot loop moves.
 The target tables are compared with the source after every run.
@@ -28,6 +28,7 @@ from bench.catchup import PUB, SCENARIOS, _prepare
 from decoder import Begin, Commit, Delete, Insert, Lsn, PgOutputDecoder, Relation, Update
 from replicator.servers import LocalServer
 from replicator.source import max_protocol_version
+from replicator.stream import _CHANGE_TAGS as CHANGE_TAGS
 from replicator.stream import GC_THRESHOLDS
 from sink.apply import BatchLimits, Sink
 from tests.pgplugin import Db, new_db, table_digest
@@ -71,7 +72,10 @@ def apply_all(payloads: list[bytes], dsn: str, limits: BatchLimits | None = None
     conn.rollback()
     decode = PgOutputDecoder().decode
     b0, c0, t0 = _cpu(backend), time.process_time(), time.perf_counter()
+    raw = sink.apply_raw
     for p in payloads:
+        if p[:1] in CHANGE_TAGS and raw(p):  # as Session.handle: the C fold first
+            continue
         m = decode(p)
         t = type(m)
         if t is Insert or t is Update or t is Delete:

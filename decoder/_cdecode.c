@@ -9,21 +9,10 @@
  * DecodeError. So this file never has to produce error messages, and cannot change what is
  * accepted: the golden and property tests run against both paths.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
+#include "_tupledata.h"
 
 static PyObject *T_Insert, *T_Update, *T_Delete, *T_Begin, *T_Commit, *T_Lsn, *O_UNCHANGED;
 static PyObject *S_K, *S_O;
-
-static inline uint16_t rd16(const unsigned char *p) { return (uint16_t)((p[0] << 8) | p[1]); }
-static inline uint32_t rd32(const unsigned char *p) {
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
-}
-static inline uint64_t rd64(const unsigned char *p) { return ((uint64_t)rd32(p) << 32) | rd32(p + 4); }
-
-/* A NULL return with no exception set means "malformed: let Python report it". */
-#define MALFORMED NULL
 
 static PyObject *make_lsn(uint64_t v) {
     PyObject *i = PyLong_FromUnsignedLongLong(v);
@@ -34,57 +23,6 @@ static PyObject *make_lsn(uint64_t v) {
     PyObject *r = PyLong_Type.tp_new((PyTypeObject *)T_Lsn, args, NULL);
     Py_DECREF(args);
     return r;
-}
-
-/* TupleData at *pos. On success returns a new tuple and advances *pos. On malformed input returns
- * NULL with no exception; on a real failure (memory) NULL with an exception. */
-static PyObject *tuple_data(const unsigned char *buf, Py_ssize_t blen, Py_ssize_t *pos) {
-    Py_ssize_t p = *pos;
-    if (p + 2 > blen) return MALFORMED;
-    Py_ssize_t n = rd16(buf + p);
-    p += 2;
-    PyObject *t = PyTuple_New(n);
-    if (t == NULL) return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (p + 1 > blen) goto malformed;
-        unsigned char kind = buf[p];
-        PyObject *v;
-        if (kind == 't' || kind == 'b') {
-            if (p + 5 > blen) goto malformed;
-            Py_ssize_t ln = (Py_ssize_t)rd32(buf + p + 1);
-            p += 5;
-            if (ln > blen - p) goto malformed;
-            if (kind == 't') {
-                v = PyUnicode_DecodeUTF8((const char *)buf + p, ln, NULL);
-                if (v == NULL) {
-                    if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
-                        PyErr_Clear();
-                        goto malformed;
-                    }
-                    Py_DECREF(t);
-                    return NULL;
-                }
-            } else {
-                v = PyBytes_FromStringAndSize((const char *)buf + p, ln);
-                if (v == NULL) { Py_DECREF(t); return NULL; }
-            }
-            p += ln;
-        } else if (kind == 'n') {
-            v = Py_NewRef(Py_None);
-            p += 1;
-        } else if (kind == 'u') {
-            v = Py_NewRef(O_UNCHANGED);
-            p += 1;
-        } else {
-            goto malformed;
-        }
-        PyTuple_SET_ITEM(t, i, v);
-    }
-    *pos = p;
-    return t;
-malformed:
-    Py_DECREF(t);
-    return MALFORMED;
 }
 
 static PyObject *build(PyObject *type, PyObject **args, size_t n) {
@@ -133,21 +71,21 @@ static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if ((h = change_head(buf, blen, in_stream, &o[0], &o[1], &pos)) <= 0) return fail(o, 2);
         if (buf[pos] != 'N') return fail(o, 2);
         pos++;
-        if ((o[2] = tuple_data(buf, blen, &pos)) == NULL || pos != blen) return fail(o, 3);
+        if ((o[2] = tuple_data(buf, blen, &pos, O_UNCHANGED)) == NULL || pos != blen) return fail(o, 3);
         return build(T_Insert, o, 3);
     case 'U': {
         if ((h = change_head(buf, blen, in_stream, &o[0], &o[1], &pos)) <= 0) return fail(o, 2);
         unsigned char marker = buf[pos++];
         if (marker == 'K' || marker == 'O') {
             o[2] = Py_NewRef(marker == 'K' ? S_K : S_O);
-            if ((o[3] = tuple_data(buf, blen, &pos)) == NULL || pos >= blen) return fail(o, 4);
+            if ((o[3] = tuple_data(buf, blen, &pos, O_UNCHANGED)) == NULL || pos >= blen) return fail(o, 4);
             marker = buf[pos++];
         } else {
             o[2] = Py_NewRef(Py_None);
             o[3] = Py_NewRef(Py_None);
         }
         if (marker != 'N') return fail(o, 4);
-        if ((o[4] = tuple_data(buf, blen, &pos)) == NULL || pos != blen) return fail(o, 5);
+        if ((o[4] = tuple_data(buf, blen, &pos, O_UNCHANGED)) == NULL || pos != blen) return fail(o, 5);
         return build(T_Update, o, 5);
     }
     case 'D': {
@@ -155,7 +93,7 @@ static PyObject *decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         unsigned char marker = buf[pos++];
         if (marker != 'K' && marker != 'O') return fail(o, 2);
         o[2] = Py_NewRef(marker == 'K' ? S_K : S_O);
-        if ((o[3] = tuple_data(buf, blen, &pos)) == NULL || pos != blen) return fail(o, 4);
+        if ((o[3] = tuple_data(buf, blen, &pos, O_UNCHANGED)) == NULL || pos != blen) return fail(o, 4);
         return build(T_Delete, o, 4);
     }
     case 'B':

@@ -16,6 +16,7 @@ The sink interface (what the stream loop relies on):
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -27,7 +28,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from decoder import Delete, Insert, Lsn, Relation, Truncate, Update
+from decoder import UNCHANGED, Delete, Insert, Lsn, Relation, Truncate, Update
 from decoder.values import pg_epoch_to_datetime
 
 from . import failpoints, state
@@ -39,6 +40,22 @@ from .relations import TargetTable, map_relation
 from .resolve import Resolving
 
 log = logging.getLogger("pgferry.sink")
+
+
+def _load_fold() -> Callable[..., int] | None:
+    """The optional C fold (sink/_cfold.c) unless PGFERRY_PURE_PYTHON=1 or it was not built."""
+    if os.environ.get("PGFERRY_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _cfold  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    _cfold.init(Insert, Update, Delete, UNCHANGED)
+    return _cfold.fold  # type: ignore[no-any-return]
+
+
+FOLD = _load_fold()
+"""sink/_cfold.c's fold(buf, tables, net, lsn, xid), or None: see `Sink.apply_raw`."""
 
 
 @dataclass(frozen=True)
@@ -217,23 +234,10 @@ class Sink(ChangeByChange, Resolving):
         counts[t] = counts.get(t, 0) + 1
         if not self._exact:
             if self.net.add(table, msg, lsn, self._xid):  # type: ignore[arg-type]
-                self._net_lsn = lsn
-                self._net_xid = self._xid
-                self.rows_applied += 1
-                self._batch_rows += 1
                 if not size:
                     row = msg.old if t is Delete else msg.new  # type: ignore[union-attr]
                     size = sum(len(v) for v in row if type(v) is str)
-                self._batch_bytes += size
-                self._net_rows += 1
-                self._net_bytes += size
-                if self._net_rows >= self._net_max_rows or self._net_bytes >= self._net_max_bytes:
-                    # A transaction larger than a batch: write what it has so far, in the background
-                    # (no commit: it is not complete), so memory stays bounded whatever its size.
-                    # Twice the limits: a batch of smaller transactions reaches the limits at a
-                    # commit and is then written while the next one is read (a write here would
-                    # make the commit wait for it).
-                    self._flush_net(wait=False)
+                self._folded(size)
                 return
             self._flush_net()  # what is pending comes first: source order
         if t is Insert:
@@ -264,6 +268,33 @@ class Sink(ChangeByChange, Resolving):
         self.rows_applied += 1
         self._batch_rows += 1
         self._batch_bytes += sum(len(p) for p in params if type(p) is str)
+
+    def apply_raw(self, payload: bytes) -> bool:
+        """The hot path for an Insert/Update/Delete message of the open transaction (outside a
+        streamed block): parsed and folded into the batch in C. False: not handled, nothing
+        changed; decode the message and call `apply`."""
+        if self._exact or FOLD is None:
+            return False
+        done = FOLD(payload, self.tables, self.net.tables, self._commit_lsn, self._xid)
+        if done == 1:
+            self._folded(len(payload))
+        return done != 0
+
+    def _folded(self, size: int) -> None:
+        """Count a change folded into the batch (`size`: its message's bytes)."""
+        self._net_lsn = self._commit_lsn
+        self._net_xid = self._xid
+        self.rows_applied += 1
+        self._batch_rows += 1
+        self._batch_bytes += size
+        self._net_rows += 1
+        self._net_bytes += size
+        if self._net_rows >= self._net_max_rows or self._net_bytes >= self._net_max_bytes:
+            # A transaction larger than a batch: write what it has so far, in the background (no
+            # commit: it is not complete), so memory stays bounded whatever its size. Twice the
+            # limits: a batch of smaller transactions reaches the limits at a commit and is then
+            # written while the next one is read (a write here would make the commit wait for it).
+            self._flush_net(wait=False)
 
     def _flush_net(self, wait: bool = True) -> None:
         """Write the pending net changes (after any buffered direct inserts, which came first);
