@@ -15,7 +15,6 @@ The target tables are compared with the source after every run.
 from __future__ import annotations
 
 import argparse
-import gc
 import select
 import statistics
 import time
@@ -29,7 +28,7 @@ from decoder import Begin, Commit, Delete, Insert, Lsn, PgOutputDecoder, Relatio
 from replicator.servers import LocalServer
 from replicator.source import max_protocol_version
 from replicator.stream import _CHANGE_TAGS as CHANGE_TAGS
-from replicator.stream import GC_THRESHOLDS
+from replicator.stream import tune_gc
 from sink.apply import BatchLimits, Sink
 from tests.pgplugin import Db, new_db, table_digest
 
@@ -100,8 +99,7 @@ def main() -> None:
     ap.add_argument("--batch-rows", type=int, default=BatchLimits.rows, help="changes per batch (as pgferry's flag)")
     args = ap.parse_args()
     limits = BatchLimits(rows=args.batch_rows)
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)  # as the daemon runs
+    tune_gc()  # as the daemon runs (its periodic collection: every 10 s, longer than a run here)
     print(f"{'scenario':8} {'messages':>9} {'changes':>9} {'wall s':>7} {'CPU s':>6} {'target CPU s':>12} "
           f"{'CPU us/change':>13}   runs (CPU s)")
     with LocalServer(18, name="bench-apply-") as server:
