@@ -2,15 +2,17 @@
  * Optional C accelerator for the apply hot path: one call per Insert/Update/Delete message that
  * parses it and folds it into the batch (sink/netbatch.py: NetBatch.add), for tables with a key.
  *
- * fold(buf, tables, net, lsn, xid) -> int
+ * fold(buf, tables, net, appended, lsn, xid) -> int
  *   buf:    a pgoutput I/U/D message outside a streamed block (no xid prefix)
  *   tables: Sink.tables (relation oid -> TargetTable); net: NetBatch.tables (oid -> (table, rows))
+ *   appended: NetBatch._appended (its length numbers the inserts into tables without a key)
  *   lsn, xid: the open source transaction's commit LSN and xid
  * Returns
  *   0  not handled: nothing was changed (except, as NetBatch.add does, an empty entry for the
  *      table in `net`); the caller runs the Python path (decode, Sink.apply) for this message.
- *      Used for everything but the common case: unknown or keyless/FULL-identity table, a key
- *      change, a key column NULL or unchanged, a fold NetBatch.add refuses, malformed bytes.
+ *      Used for everything but the common cases: unknown table, an update or delete of a table
+ *      without a key or with FULL identity, a key change, a key column NULL or unchanged, a fold
+ *      NetBatch.add refuses, malformed bytes.
  *   1  folded; the table's per-type counter was incremented
  *   2  skipped: committed before the table's initial copy (lsn < table.snapshot_lsn)
  *
@@ -18,7 +20,7 @@
  */
 #include "_tupledata.h"
 
-enum { INS = 0, UPD = 1, DEL = 2, DEL_INS = 3 }; /* as sink/netbatch.py */
+enum { INS = 0, UPD = 1, DEL = 2, DEL_INS = 3, APPEND = 4 }; /* as sink/netbatch.py */
 
 static PyObject *T_Insert, *T_Update, *T_Delete, *O_UNCHANGED;
 static PyObject *S_key0, *S_key, *S_snapshot, *S_counts, *O_ONE;
@@ -95,13 +97,14 @@ static int fold_row(PyObject *rows, PyObject *key, char tag, PyObject *row, PyOb
 }
 
 static PyObject *fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5 || !PyBytes_CheckExact(args[0]) || !PyDict_CheckExact(args[1]) || !PyDict_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "fold(buf: bytes, tables: dict, net: dict, lsn, xid)");
+    if (nargs != 6 || !PyBytes_CheckExact(args[0]) || !PyDict_CheckExact(args[1]) || !PyDict_CheckExact(args[2])
+        || !PyList_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "fold(buf: bytes, tables: dict, net: dict, appended: list, lsn, xid)");
         return NULL;
     }
     const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     Py_ssize_t blen = PyBytes_GET_SIZE(args[0]);
-    PyObject *tables = args[1], *net = args[2], *lsn = args[3], *xid = args[4];
+    PyObject *tables = args[1], *net = args[2], *appended = args[3], *lsn = args[4], *xid = args[5];
     if (blen < 7) return PyLong_FromLong(0);
     char tag = (char)buf[0];
     if (tag != 'I' && tag != 'U' && tag != 'D') return PyLong_FromLong(0);
@@ -118,7 +121,8 @@ static PyObject *fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if ((key0o = PyObject_GetAttr(table, S_key0)) == NULL) goto done;
     long key0 = PyLong_AsLong(key0o);
     if (key0 == -1 && PyErr_Occurred()) goto done;
-    if (key0 < -1) { result = PyLong_FromLong(0); goto done; } /* no key, or FULL identity */
+    /* no key, or FULL identity: inserts are appended, the rest is found by whole rows (Python) */
+    if (key0 < -1 && tag != 'I') { result = PyLong_FromLong(0); goto done; }
     if ((keys = PyObject_GetAttr(table, S_key)) == NULL) goto done;
     if (!PyList_CheckExact(keys)) { result = PyLong_FromLong(0); goto done; }
     if (lsn != Py_None) {
@@ -131,7 +135,11 @@ static PyObject *fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     row = tuple_data(buf, blen, &pos, O_UNCHANGED);
     if (row == NULL) { if (!PyErr_Occurred()) result = PyLong_FromLong(0); goto done; }
     if (pos != blen) { result = PyLong_FromLong(0); goto done; }
-    key = key_of(row, key0, keys);
+    if (key0 < -1) { /* NetBatch.add's APPEND: keyed by its position among the batch's appends */
+        key = Py_BuildValue("(n)", PyList_GET_SIZE(appended));
+    } else {
+        key = key_of(row, key0, keys);
+    }
     if (key == NULL) { if (!PyErr_Occurred()) result = PyLong_FromLong(0); goto done; }
     /* NetBatch.add: the table's pending rows (a new mapping of it may not fold with older rows) */
     PyObject *ent = PyDict_GetItemWithError(net, oid); /* borrowed */
@@ -153,7 +161,15 @@ static PyObject *fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         }
         rows = PyTuple_GET_ITEM(ent, 1);
     }
-    int folded = fold_row(rows, key, tag, row, lsn, xid);
+    int folded;
+    if (key0 < -1) {
+        PyObject *e = entry(APPEND, row, lsn, xid);
+        if (e == NULL) goto done;
+        folded = PyDict_SetItem(rows, key, e) < 0 || PyList_Append(appended, Py_None) < 0 ? -1 : 1;
+        Py_DECREF(e);
+    } else {
+        folded = fold_row(rows, key, tag, row, lsn, xid);
+    }
     if (folded < 0) goto done;
     if (folded == 0) { result = PyLong_FromLong(0); goto done; }
     /* Sink.apply's count of source changes per table and message type */
@@ -197,7 +213,7 @@ static PyObject *init(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"fold", (PyCFunction)(void (*)(void))fold, METH_FASTCALL,
-     "fold(buf, tables, net, lsn, xid) -> 0 (not handled) | 1 (folded) | 2 (before the table's copy)"},
+     "fold(buf, tables, net, appended, lsn, xid) -> 0 (not handled) | 1 (folded) | 2 (before the table's copy)"},
     {"init", init, METH_VARARGS, "init(Insert, Update, Delete, UNCHANGED)"},
     {NULL, NULL, 0, NULL},
 };

@@ -55,7 +55,7 @@ def _load_fold() -> Callable[..., int] | None:
 
 
 FOLD = _load_fold()
-"""sink/_cfold.c's fold(buf, tables, net, lsn, xid), or None: see `Sink.apply_raw`."""
+"""sink/_cfold.c's fold(buf, tables, net, appended, lsn, xid), or None: see `Sink.apply_raw`."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,8 @@ class Sink(ChangeByChange, Resolving):
         changed; decode the message and call `apply`."""
         if self._exact or FOLD is None:
             return False
-        done = FOLD(payload, self.tables, self.net.tables, self._commit_lsn, self._xid)
+        net = self.net
+        done = FOLD(payload, self.tables, net.tables, net._appended, self._commit_lsn, self._xid)
         if done == 1:
             self._folded(len(payload))
         return done != 0

@@ -61,7 +61,7 @@ def _payload(kind: str, k: str, a, v, big, key_cols: tuple[int, ...]) -> bytes:
     return message("D", tuple(x if i in key_cols else None for i, x in enumerate(row)))
 
 
-@pytest.mark.parametrize("key_cols,identity", [((0,), "d"), ((0, 1), "d"), ((0,), "f")])
+@pytest.mark.parametrize("key_cols,identity", [((0,), "d"), ((0, 1), "d"), ((0,), "f"), ((), "d")])
 @settings(max_examples=300, deadline=None)
 @given(changes=st.lists(CHANGE, max_size=40))
 def test_the_c_fold_then_python_leaves_what_python_alone_leaves(key_cols, identity, changes):
@@ -73,7 +73,7 @@ def test_the_c_fold_then_python_leaves_what_python_alone_leaves(key_cols, identi
         msg = decode_message(payload)
         ok_a = a.add(ta, msg, lsn, xid)
         before = dict(tb.counts)
-        done = FOLD(payload, {1: tb}, b.tables, lsn, xid)
+        done = FOLD(payload, {1: tb}, b.tables, b._appended, lsn, xid)
         assert done in (0, 1)
         if done == 0:
             assert tb.counts == before
@@ -90,12 +90,13 @@ def test_changes_before_the_tables_copy_are_skipped_and_other_messages_declined(
     t.snapshot_lsn = 200
     net = NetBatch()
     ins = message("I", ("1", "a", None))
-    assert FOLD(ins, {1: t}, net.tables, 150, 7) == 2  # committed before the copy: the copy has it
+    assert FOLD(ins, {1: t}, net.tables, net._appended, 150, 7) == 2  # before the copy: the copy has it
     assert not net.tables and not t.counts
-    assert FOLD(ins, {1: t}, net.tables, 250, 7) == 1
-    assert FOLD(ins, {}, net.tables, 250, 7) == 0  # relation not mapped yet
-    assert FOLD(b"B" + bytes(20), {1: t}, net.tables, 250, 7) == 0
-    assert FOLD(ins[:-1], {1: t}, net.tables, 260, 7) == 0  # malformed: the Python parser reports it
-    assert FOLD(message("D", ("2", None, None), old_kind=b"O"), {1: t}, net.tables, 260, 7) == 0
+    assert FOLD(ins, {1: t}, net.tables, net._appended, 250, 7) == 1
+    assert FOLD(ins, {}, net.tables, net._appended, 250, 7) == 0  # relation not mapped yet
+    assert FOLD(b"B" + bytes(20), {1: t}, net.tables, net._appended, 250, 7) == 0
+    assert FOLD(ins[:-1], {1: t}, net.tables, net._appended, 260, 7) == 0  # malformed: Python reports it
+    full_delete = message("D", ("2", None, None), old_kind=b"O")
+    assert FOLD(full_delete, {1: t}, net.tables, net._appended, 260, 7) == 0
     assert isinstance(decode_message(ins), Insert) and isinstance(decode_message(message("U", ("1", "b", "c"))), Update)
     assert isinstance(decode_message(message("D", ("1", None, None))), Delete)
