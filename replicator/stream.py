@@ -84,7 +84,7 @@ BURST = 2000  # messages read before the loop looks at its deadlines again
 # the same on bulk inserts; 2 ms was worse everywhere. Once pgferry's own CPU competes with the
 # walsender's, a longer pause leaves a core idle more than it saves the walsender.
 READ_PAUSE = 0.0001
-_CHANGE_TAGS = frozenset((b"I", b"U", b"D"))
+CHANGE_TAGS = frozenset((b"I", b"U", b"D"))
 PACE_ROWS = 200  # with a throttle: rows applied between two waits
 IDLE_PROGRESS_EVERY = 1.0  # seconds between idle progress writes
 
@@ -387,7 +387,7 @@ class Session:
     def handle(self, raw: Any) -> None:
         payload = raw.payload
         self.bytes_read += len(payload)
-        if (payload[:1] in _CHANGE_TAGS and self.stream_xid is None and not self.skip
+        if (payload[:1] in CHANGE_TAGS and self.stream_xid is None and not self.skip
                 and self.sink.apply_raw(payload)):  # type: ignore[union-attr]
             return  # the common case, parsed and folded in C (sink/_cfold.c)
         m: Message | None = decode_hot(payload, self.decoder.in_stream) if decode_hot is not None else None

@@ -36,7 +36,8 @@ static PyObject *entry(int op, PyObject *row, PyObject *lsn, PyObject *xid) {
     return e;
 }
 
-/* the key tuple of `row`, or NULL with no exception when a key column is NULL or unchanged */
+/* the key tuple of `row` (column key0, or the columns in `keys` when key0 is -1), or NULL with no
+ * exception when a key column is NULL or unchanged */
 static PyObject *key_of(PyObject *row, long key0, PyObject *keys) {
     Py_ssize_t n = key0 >= 0 ? 1 : PyList_GET_SIZE(keys);
     PyObject *k = PyTuple_New(n);
@@ -123,8 +124,10 @@ static PyObject *fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (key0 == -1 && PyErr_Occurred()) goto done;
     /* no key, or FULL identity: inserts are appended, the rest is found by whole rows (Python) */
     if (key0 < -1 && tag != 'I') { result = PyLong_FromLong(0); goto done; }
-    if ((keys = PyObject_GetAttr(table, S_key)) == NULL) goto done;
-    if (!PyList_CheckExact(keys)) { result = PyLong_FromLong(0); goto done; }
+    if (key0 == -1) { /* a key of several columns: their indexes */
+        if ((keys = PyObject_GetAttr(table, S_key)) == NULL) goto done;
+        if (!PyList_CheckExact(keys)) { result = PyLong_FromLong(0); goto done; }
+    }
     if (lsn != Py_None) {
         if ((snap = PyObject_GetAttr(table, S_snapshot)) == NULL) goto done;
         int before = PyObject_RichCompareBool(lsn, snap, Py_LT);

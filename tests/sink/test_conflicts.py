@@ -55,6 +55,16 @@ def _write_backlog(src: Db) -> None:
         src.execute(sql)
 
 
+def _caught_up(src: Db, dst: Db, tmp_path, daemons: list, config: str) -> Daemon:
+    """A daemon with `config` that has applied the whole BACKLOG."""
+    d = _setup(src, dst, tmp_path, config, *BIG)
+    daemons.append(d)
+    _write_backlog(src)
+    d.start().wait_ready()
+    d.wait_caught_up()
+    return d
+
+
 def _lsn_of(out: str) -> str:
     m = re.search(r"pgferry skip --lsn (\S+?)[;.]? ", out)
     assert m, out
@@ -63,11 +73,7 @@ def _lsn_of(out: str) -> str:
 
 def test_skip_policies_keep_the_target_and_record_every_conflict(pair, daemons, tmp_path):
     src, dst = pair
-    d = _setup(src, dst, tmp_path, '[conflicts]\ninsert_exists = "skip"\n', *BIG)
-    daemons.append(d)
-    _write_backlog(src)
-    d.start().wait_ready()
-    d.wait_caught_up()
+    _caught_up(src, dst, tmp_path, daemons, '[conflicts]\ninsert_exists = "skip"\n')
     assert _rows(dst) == [(1, "target", 5), (4, "target", 9), (10, "ten-new", 1), (20, "a", 1), (21, "b", 1)]
     # one row per conflict (within a batch, deletes are written before updates and inserts)
     assert sorted(_dead(dst)) == [("delete_missing", "3", "skipped"), ("insert_exists", "1", "kept the target row"),
@@ -155,11 +161,7 @@ def test_delete_missing_error_and_apply_error_skip(pair, daemons, tmp_path):
 
 def test_hook_decides_every_conflict_and_a_raising_hook_stops(pair, daemons, tmp_path):
     src, dst = pair
-    d = _setup(src, dst, tmp_path, '[conflicts]\nhook = "tests.sink.conflict_hooks:resolve"\n', *BIG)
-    daemons.append(d)
-    _write_backlog(src)
-    d.start().wait_ready()
-    d.wait_caught_up()
+    d = _caught_up(src, dst, tmp_path, daemons, '[conflicts]\nhook = "tests.sink.conflict_hooks:resolve"\n')
     assert _rows(dst) == [(1, "source", 7), (2, "from-hook", 3), (4, "target", 9), (10, "ten-new", 1), (20, "a", 1),
                           (21, "b", 1)]
     assert sorted(_dead(dst)) == sorted([("insert_exists", "1", "overwrote the target row"),
