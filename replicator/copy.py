@@ -1,4 +1,5 @@
-"""Copying table data: source `COPY TO` piped into target `COPY FROM` by two psql processes.
+"""Copying table data: source `COPY TO` into target `COPY FROM`, by a C pump between the two
+libpq connections (`_cpump.c`), or by two psql processes joined by a pipe where it is missing.
 
 No byte of the data passes through Python: psycopg2's COPY calls back into Python once per row,
 which on a 2-core machine cost as much as the copy itself. Tables over SPLIT_BYTES are split into
@@ -13,6 +14,7 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import psycopg2
@@ -21,6 +23,7 @@ from decoder import Lsn
 from sink import failpoints
 from sink.state import quote_ident
 
+from . import libpq
 from .errors import PgferryError
 from .pgtools import find_client, libpq_env
 from .source import connect
@@ -164,48 +167,97 @@ def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, 
                where: str = "", whole: bool = True) -> None:
     """Copy one table (or one block range of it, `where`) in the exported snapshot.
 
-    Two psql processes joined by a pipe: `COPY (SELECT ...) TO STDOUT` on the source, in the
-    snapshot, into `COPY ... FROM STDIN` on the target (binary when every column has a built-in
-    type, text otherwise). No byte of the data passes through Python: psycopg2's COPY calls back
-    into Python once per row, which on a 2-core machine cost as much as the copy itself. A whole
-    table is emptied, copied and marked copied in ONE target transaction (`psql -1`); a part only
-    adds its rows (the caller empties the table first and marks it when all parts are in).
+    `COPY (SELECT ...) TO STDOUT` on the source, in the snapshot, into `COPY ... FROM STDIN` on the
+    target (binary when every column has a built-in type, text otherwise). No byte of the data
+    passes through Python: psycopg2's COPY calls back into Python once per row, which on a 2-core
+    machine cost as much as the copy itself. The C pump (`_cpump.c`) moves it between the two
+    connections without the GIL; without it, two psql processes joined by a pipe do. A whole table
+    is emptied, copied and marked copied in ONE target transaction; a part only adds its rows (the
+    caller empties the table first and marks it when all parts are in).
     """
     started = time.monotonic()
     if whole:
         mark_copying(cfg, t)
     src = connect(cfg.source, "source")
     try:
+        src.set_session(isolation_level="REPEATABLE READ", readonly=True)
         with src.cursor() as scur:
+            scur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
             scur.execute("""SELECT a.attname, a.atttypid < %s, c.relkind FROM pg_attribute a JOIN pg_class c
                 ON c.oid = a.attrelid WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
                 AND a.attgenerated = '' ORDER BY a.attnum""", (FIRST_USER_OID, t.qualified))
             cols = scur.fetchall()
+        names = ", ".join(quote_ident(c[0]) for c in cols)
+        binary = all(c[1] for c in cols)
+        plain = bool(cols) and cols[0][2] == "r"  # not a partitioned root
+        fmt = "(FORMAT binary)" if binary else ""
+        only = "ONLY " if plain else ""
+        # A whole plain table is truncated in the same transaction, so its rows can be written frozen:
+        # the target then needs no anti-wraparound vacuum or hint-bit writes over the fresh data.
+        into_fmt = f"({'FORMAT binary, ' if binary else ''}FREEZE)" if whole and plain else fmt
+        query = f"SELECT {names} FROM {only}{t.qualified}" + (f" WHERE {where}" if where else "")
+        # a whole plain table: the table form, which skips the executor's projection (~10% less source CPU)
+        copy_out = f"COPY {t.qualified} ({names}) TO STDOUT {fmt}" if plain and not where else \
+            f"COPY ({query}) TO STDOUT {fmt}"
+        copy_in = f"COPY {t.qualified} ({names}) FROM STDIN {into_fmt}"
+        mark = (f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', snapshot_lsn = "
+                f"'{snapshot_lsn}', copied_at = now() WHERE slot_name = {_literal(cfg.slot)} AND "
+                f"schema_name = {_literal(t.schema)} AND table_name = {_literal(t.name)}") if whole else None
+        pump = libpq.pump()
+        if pump is not None:
+            rows = _copy_in_process(pump, cfg, t, src, copy_out, copy_in, mark)
+        else:
+            src.close()
+            rows = _copy_with_psql(cfg, t, snapshot, copy_out, copy_in, mark)
+        how = ("binary" if binary else "text") + (", psql" if pump is None else "")
     finally:
         src.close()
-    names = ", ".join(quote_ident(c[0]) for c in cols)
-    binary = all(c[1] for c in cols)
-    plain = bool(cols) and cols[0][2] == "r"  # not a partitioned root
-    fmt = "(FORMAT binary)" if binary else ""
-    only = "ONLY " if plain else ""
-    # A whole plain table is truncated in the same transaction, so its rows can be written frozen:
-    # the target then needs no anti-wraparound vacuum or hint-bit writes over the fresh data.
-    into_fmt = f"({'FORMAT binary, ' if binary else ''}FREEZE)" if whole and plain else fmt
-    query = f"SELECT {names} FROM {only}{t.qualified}" + (f" WHERE {where}" if where else "")
+    with progress.lock:
+        t.rows += rows
+    progress.part_done(rows)
+    if whole:
+        _record_rows(cfg, t)
+        progress.table_done(t)
+        log.info("copied %s: %d rows in %.1f s (%s)", t.display, t.rows, time.monotonic() - started, how)
+
+
+def _copy_in_process(pump: Callable[[int, int, bytes, bytes], tuple[int, Any]], cfg: SyncConfig, t: TableCopy,
+                     src: Any, copy_out: str, copy_in: str, mark: str | None) -> int:
+    """The C pump between `src` (in the snapshot) and a new target connection; one target
+    transaction (TRUNCATE, COPY and the copied mark for a whole table)."""
+    dst = connect(cfg.target, "target")
+    try:
+        cur = dst.cursor()
+        cur.execute("SET application_name = 'pgferry-copy'")  # what the progress reporter looks for
+        if mark is not None:
+            cur.execute(f"TRUNCATE {t.qualified}")
+        rows, err = pump(src.pgconn_ptr, dst.pgconn_ptr, copy_out.encode(), copy_in.encode())
+        if err is not None:
+            side, msg = err
+            text = msg.decode(errors="replace").strip().splitlines()
+            raise CopyError(f"copying {t.display} failed on the {side}: {text[0] if text else 'no message'}")
+        if mark is not None:
+            cur.execute(mark)
+        dst.commit()
+    finally:
+        dst.close()
+    return int(rows)
+
+
+def _copy_with_psql(cfg: SyncConfig, t: TableCopy, snapshot: str, copy_out: str, copy_in: str,
+                    mark: str | None) -> int:
+    """The same through two psql processes joined by a pipe (no C pump)."""
     psql = find_client("psql")
     out_cmd = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1",
                "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
                "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
-               "-c", f"COPY ({query}) TO STDOUT {fmt}"]
+               "-c", copy_out]
     in_cmd = [psql, "-X", "-v", "ON_ERROR_STOP=1", "-1"]
-    if whole:
+    if mark is not None:
         in_cmd += ["-c", f"TRUNCATE {t.qualified}"]
-    in_cmd += ["-c", f"COPY {t.qualified} ({names}) FROM STDIN {into_fmt}"]
-    if whole:
-        in_cmd += ["-c", f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', "
-                         f"snapshot_lsn = '{snapshot_lsn}', "
-                         f"copied_at = now() WHERE slot_name = {_literal(cfg.slot)} AND "
-                         f"schema_name = {_literal(t.schema)} AND table_name = {_literal(t.name)}"]
+    in_cmd += ["-c", copy_in]
+    if mark is not None:
+        in_cmd += ["-c", mark]
     out = subprocess.Popen(out_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(cfg.source),
                            preexec_fn=_die_with_parent)
     into = subprocess.Popen(in_cmd, stdin=out.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -219,15 +271,7 @@ def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, 
         err = (out_err if out.returncode != 0 else in_err).decode(errors="replace").strip()
         raise CopyError(f"copying {t.display} failed: {err or 'psql exited with an error'}")
     m = re.search(rb"^COPY (\d+)", in_out, re.M)
-    rows = int(m.group(1)) if m else 0
-    with progress.lock:
-        t.rows += rows
-    progress.part_done(rows)
-    if whole:
-        _record_rows(cfg, t)
-        progress.table_done(t)
-        log.info("copied %s: %d rows in %.1f s (%s)", t.display, t.rows, time.monotonic() - started,
-                 "binary" if binary else "text")
+    return int(m.group(1)) if m else 0
 
 
 def _record_rows(cfg: SyncConfig, t: TableCopy) -> None:

@@ -127,18 +127,41 @@ def test_no_schema_reports_every_difference_before_anything_starts(pair, daemons
     assert not src.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgferry'")
 
 
-def test_no_schema_copies_into_tables_made_by_hand(pair, daemons):
+# The data path: the C pump between two libpq connections, or psql processes where it is missing.
+PATHS = [pytest.param({}, "(binary)", id="pump"),
+         pytest.param({"PGFERRY_PURE_PYTHON": "1"}, "(binary, psql)", id="psql")]
+
+
+@pytest.mark.parametrize(("env", "how"), PATHS)
+def test_no_schema_copies_into_tables_made_by_hand(pair, daemons, env, how):
     src, dst = pair
     src.execute("CREATE TABLE a (id int PRIMARY KEY, x text); INSERT INTO a SELECT g, 'v' || g FROM "
                 "generate_series(1, 1000) g")
     dst.execute("CREATE TABLE a (x text, id int PRIMARY KEY, extra int DEFAULT 7)")
-    d = Daemon(src, dst, "--no-schema", copy=True, ready=False)
+    d = Daemon(src, dst, "--no-schema", copy=True, ready=False, env=env)
     daemons.append(d)
     wait_for(lambda: d.progress() > 0 or not d.running(), 60, "the sync to start")
     src.execute("UPDATE a SET x = 'changed' WHERE id <= 10")
     d.wait_caught_up()
     assert_same_tables(src, dst, {"a": ["id", "x"]})
     assert dst.execute("SELECT count(*) FROM a WHERE extra = 7") == [(1000,)]
+    assert "copied public.a: 1000 rows in" in d.output() and how in d.output(), d.output()
+
+
+@pytest.mark.parametrize(("env", "how"), PATHS)
+def test_a_copy_the_target_rejects_stops_with_its_error_and_keeps_nothing(pair, daemons, env, how):
+    src, dst = pair
+    src.execute("CREATE TABLE a (id int PRIMARY KEY, x text); INSERT INTO a SELECT g, 'v' || g FROM "
+                "generate_series(1, 1000) g")
+    dst.execute("CREATE TABLE a (id int PRIMARY KEY, x text CHECK (x <> 'v500'))")
+    d = Daemon(src, dst, "--no-schema", copy=True, ready=False, env=env)
+    daemons.append(d)
+    assert d.wait_exit(timeout=60) == 1, d.output()
+    out = d.output()
+    assert "copying public.a failed" in out and 'violates check constraint "a_x_check"' in out, out
+    assert "Traceback" not in out, out
+    assert dst.execute("SELECT count(*) FROM a") == [(0,)]  # the table's copy is one transaction
+    assert dst.execute("SELECT state FROM pgferry.tables WHERE table_name = 'a'") == [("copying",)]
 
 
 def test_tables_without_identity_that_get_updates_stop_before_publishing(pair, daemons):
