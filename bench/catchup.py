@@ -121,10 +121,14 @@ def _wait_confirmed(src: Db, slot: str, end: int, timeout: float, alive: Callabl
     return time.perf_counter()
 
 
+WALSENDER: dict[str, float] = {}  # slot -> CPU s of its walsender when the run ended
+
+
 def run_native(src: Db, dst: Db, end: int, timeout: float, slot: str = "bench_native") -> float:
     t = time.perf_counter()
     dst.execute("ALTER SUBSCRIPTION bench_sub ENABLE")
     done = _wait_confirmed(src, slot, end, timeout)
+    WALSENDER[slot] = _walsender_cpu(src, slot)
     dst.execute("ALTER SUBSCRIPTION bench_sub DISABLE")
     return done - t
 
@@ -143,6 +147,7 @@ def run_pgferry(src: Db, dst: Db, end: int, timeout: float, extra: list[str],
             daemon = _daemon_pid(proc.pid) if profile is not None else proc.pid
             rss = _peak_rss_kb(daemon)
             cpu = _cpu_seconds(daemon)
+            WALSENDER[slot] = _walsender_cpu(src, slot)
         except RuntimeError:
             proc.kill()
             err.seek(0)
@@ -151,6 +156,17 @@ def run_pgferry(src: Db, dst: Db, end: int, timeout: float, extra: list[str],
         os.kill(daemon, signal.SIGTERM)  # under py-spy: it writes the profile when the daemon exits
         proc.wait(timeout=60)
     return done - t, rss, cpu
+
+
+def _walsender_cpu(src: Db, slot: str) -> float:
+    """CPU seconds of the walsender serving `slot` so far (its consumer is still connected)."""
+    rows = src.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+    if not rows or rows[0][0] is None:
+        return float("nan")
+    try:
+        return _cpu_seconds(int(rows[0][0]))
+    except OSError:
+        return float("nan")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -209,6 +225,7 @@ def run_ceiling(src: Db, end: int, timeout: float, slot: str = "bench_ceiling") 
         if msg.data_start >= end:
             break
     took = time.perf_counter() - t
+    WALSENDER[slot] = _walsender_cpu(src, slot)
     cur.send_feedback(flush_lsn=end, force=True)
     conn.close()
     return took
@@ -258,7 +275,9 @@ def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, e
         for kind in ("pgferry", "ceiling"):
             src.execute("SELECT pg_drop_replication_slot(%s)", (f"bench_{kind}{i}",))
     res = {"scenario": sc.name, "changes": changes, "wal": wal, "generate_s": gen, "repeats": repeats,
-           "rss_mb": max(rss) / 1024, "cpu_s": statistics.median(cpu), "same": same, "times": times}
+           "rss_mb": max(rss) / 1024, "cpu_s": statistics.median(cpu), "same": same, "times": times,
+           "walsender": {kind: statistics.median(WALSENDER.get(f"bench_{kind}{i}", float("nan"))
+                                                 for i in range(repeats)) for kind in times}}
     for kind, values in times.items():
         res[f"{kind}_s"] = statistics.median(values)
     return res
@@ -386,6 +405,8 @@ def _print_row(r: dict, header: bool) -> None:
     if r.get("repeats", 1) > 1:
         spread = "  ".join(f"{k} " + "/".join(f"{v:.2f}" for v in vals) for k, vals in r["times"].items())
         print(f"{'':17}runs: {spread}", flush=True)
+    ws = "  ".join(f"{k} {v:.2f}" for k, v in r.get("walsender", {}).items())
+    print(f"{'':17}walsender CPU s: {ws}", flush=True)
 
 
 if __name__ == "__main__":

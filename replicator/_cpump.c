@@ -1,9 +1,7 @@
 /* The initial copy's data path: source `COPY ... TO STDOUT` straight into target `COPY ... FROM STDIN`,
  * between two libpq connections that psycopg2 opened, in C and without the GIL.
  *
- * No libpq at build time: replicator/libpq.py finds the libpq psycopg2 itself is linked with and
- * hands its functions' addresses to bind(), so the PGconn pointers are always used by the library
- * that made them (a second libpq copy would not know their layout).
+ * No libpq at build time: see _libpq.h.
  *
  * pump(src, dst, copy_out_sql, copy_in_sql) -> (rows, error)
  *   rows: what the target's COPY reported; error: None, or ("source" | "target", message).
@@ -11,31 +9,9 @@
  * connection may be left mid-COPY; closing it aborts its transaction).
  */
 #define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
+#include "_libpq.h"
 #include <stdlib.h>
 #include <string.h>
-
-typedef void PGconn;
-typedef void PGresult;
-
-enum { PGRES_COMMAND_OK = 1, PGRES_COPY_OUT = 3, PGRES_COPY_IN = 4 };
-
-static struct {
-    PGresult *(*exec)(PGconn *, const char *);
-    int (*result_status)(const PGresult *);
-    char *(*result_error)(const PGresult *);
-    void (*clear)(PGresult *);
-    PGresult *(*get_result)(PGconn *);
-    int (*get_copy_data)(PGconn *, char **, int);
-    int (*put_copy_data)(PGconn *, const char *, int);
-    int (*put_copy_end)(PGconn *, const char *);
-    void (*freemem)(void *);
-    char *(*error_message)(const PGconn *);
-    char *(*cmd_tuples)(PGresult *);
-} pq;
-
-static int bound = 0;
 
 #define MSG 1024
 
@@ -75,10 +51,8 @@ static PyObject *pump(PyObject *self, PyObject *args)
     const char *out_sql, *in_sql;
     if (!PyArg_ParseTuple(args, "KKyy", &src_ptr, &dst_ptr, &out_sql, &in_sql))
         return NULL;
-    if (!bound) {
-        PyErr_SetString(PyExc_RuntimeError, "_cpump.bind() was not called");
+    if (!pq_check_bound())
         return NULL;
-    }
     PGconn *src = (PGconn *)(uintptr_t)src_ptr, *dst = (PGconn *)(uintptr_t)dst_ptr;
     char err[MSG] = "";
     const char *side = NULL;
@@ -137,36 +111,9 @@ static PyObject *pump(PyObject *self, PyObject *args)
     return Py_BuildValue("(L(sy))", rows, side, err);
 }
 
-static PyObject *bind(PyObject *self, PyObject *args)
-{
-    unsigned long long a[11];
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKKK", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8],
-                          &a[9], &a[10]))
-        return NULL;
-    for (int i = 0; i < 11; i++) {
-        if (a[i] == 0) {
-            PyErr_SetString(PyExc_ValueError, "a libpq function address is 0");
-            return NULL;
-        }
-    }
-    pq.exec = (void *)(uintptr_t)a[0];
-    pq.result_status = (void *)(uintptr_t)a[1];
-    pq.result_error = (void *)(uintptr_t)a[2];
-    pq.clear = (void *)(uintptr_t)a[3];
-    pq.get_result = (void *)(uintptr_t)a[4];
-    pq.get_copy_data = (void *)(uintptr_t)a[5];
-    pq.put_copy_data = (void *)(uintptr_t)a[6];
-    pq.put_copy_end = (void *)(uintptr_t)a[7];
-    pq.freemem = (void *)(uintptr_t)a[8];
-    pq.error_message = (void *)(uintptr_t)a[9];
-    pq.cmd_tuples = (void *)(uintptr_t)a[10];
-    bound = 1;
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
     {"pump", pump, METH_VARARGS, "pump(src_pgconn, dst_pgconn, copy_out_sql, copy_in_sql) -> (rows, error)"},
-    {"bind", bind, METH_VARARGS, "bind(*libpq_function_addresses): see replicator/libpq.py for the order"},
+    {"bind", pq_bind, METH_VARARGS, "bind(*libpq_function_addresses): see replicator/libpq.py for the order"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,4 +1,4 @@
-"""The libpq that psycopg2 is linked with, for the C copy pump (replicator/_cpump.c).
+"""The libpq that psycopg2 is linked with, for the initial copy's C pump (replicator/_cpump.c).
 
 psycopg2 hands out its connections' `PGconn *` (`conn.pgconn_ptr`). Only the library that made
 them may use them, so the pump gets that library's functions, found in this process's memory map
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -22,6 +23,7 @@ log = logging.getLogger("pgferry.sync")
 
 FUNCTIONS = ("PQexec", "PQresultStatus", "PQresultErrorMessage", "PQclear", "PQgetResult", "PQgetCopyData",
              "PQputCopyData", "PQputCopyEnd", "PQfreemem", "PQerrorMessage", "PQcmdTuples")  # bind()'s order
+# (replicator/_libpq.h)
 
 
 def psycopg2_libpq_path() -> str | None:
@@ -37,18 +39,32 @@ def psycopg2_libpq_path() -> str | None:
 
 
 @functools.cache
-def pump() -> Callable[[int, int, bytes, bytes], tuple[int, Any]] | None:
-    """`_cpump.pump` bound to psycopg2's libpq, or None."""
-    if os.environ.get("PGFERRY_PURE_PYTHON") == "1":
-        return None
-    try:
-        from . import _cpump  # type: ignore[attr-defined]
-    except ImportError:
+def _addresses() -> tuple[int, ...] | None:
+    if os.environ.get("PGFERRY_PURE_PYTHON", "") not in ("", "0"):
         return None
     path = psycopg2_libpq_path()
     if path is None:
-        log.debug("psycopg2's libpq not found in /proc/self/maps: copying through psql")
+        log.debug("psycopg2's libpq not found in /proc/self/maps: no C data path")
         return None
     lib = ctypes.CDLL(path)  # already loaded: the same handle and functions psycopg2 uses
-    _cpump.bind(*(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in FUNCTIONS))
-    return _cpump.pump  # type: ignore[no-any-return]
+    return tuple(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0 for name in FUNCTIONS)
+
+
+@functools.cache
+def bound(module: str) -> Any:
+    """replicator.<module> (a C extension) bound to psycopg2's libpq, or None."""
+    addresses = _addresses()
+    if addresses is None:
+        return None
+    try:
+        mod = importlib.import_module(f"replicator.{module}")
+    except ImportError:
+        return None
+    mod.bind(*addresses)
+    return mod
+
+
+def pump() -> Callable[[int, int, bytes, bytes], tuple[int, Any]] | None:
+    """`_cpump.pump` (the initial copy's data path), or None: copy through psql."""
+    mod = bound("_cpump")
+    return None if mod is None else mod.pump  # type: ignore[no-any-return]
