@@ -3,13 +3,18 @@
  *
  * No libpq at build time: see _libpq.h.
  *
- * pump(src, dst, copy_out_sql, copy_in_sql) -> (rows, error)
+ * pump(srcs, dst, copy_out_sqls, copy_in_sql, binary) -> (rows, error)
+ *   srcs: PGconn pointers, each running its copy_out_sqls[i] (e.g. one block range of a table
+ *         each): their rows are merged into the ONE target COPY as they arrive, so a big table is
+ *         read side by side but written by one transaction (which may use FREEZE)
+ *   binary: the COPYs are binary (one header and one trailer are kept in the merged stream)
  *   rows: what the target's COPY reported; error: None, or ("source" | "target", message).
- * Both connections must be in a transaction and idle. After an error the caller closes both (a
- * connection may be left mid-COPY; closing it aborts its transaction).
+ * Every connection must be in a transaction and idle. After an error the caller closes them all
+ * (a connection may be left mid-COPY; closing it aborts its transaction).
  */
 #define PY_SSIZE_T_CLEAN
 #include "_libpq.h"
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,63 +50,160 @@ static int start(PGconn *c, const char *sql, int want, char *err)
     return 1;
 }
 
+#define MAX_SOURCES 16
+
+static const char BINARY_SIGNATURE[11] = "PGCOPY\n\377\r\n";  /* and a NUL: 11 bytes */
+#define BINARY_HEADER 19 /* signature, flags (int32), header extension length (int32, 0) */
+
+typedef struct {
+    PGconn *c;
+    int active, first;
+} Source;
+
+/* Write one source message to the target. A binary COPY stream has one header and one trailer: the
+ * first source's header is kept, every other header and every trailer dropped (the caller writes
+ * the trailer once at the end). 1 ok, 0 error (err set, *side says whose). */
+static int forward(Source *s, const char *p, int len, PGconn *dst, int binary, int *header_written, char *err,
+                   const char **side)
+{
+    if (binary && s->first) {
+        s->first = 0;
+        if (len < BINARY_HEADER || memcmp(p, BINARY_SIGNATURE, 11) != 0 || p[15] || p[16] || p[17] || p[18]) {
+            snprintf(err, MSG, "unexpected binary COPY header from the source");
+            *side = "source";
+            return 0;
+        }
+        if (!*header_written && pq.put_copy_data(dst, p, BINARY_HEADER) != 1)
+            goto target;
+        *header_written = 1;
+        p += BINARY_HEADER;
+        len -= BINARY_HEADER;
+    }
+    if (binary && len == 2 && (unsigned char)p[0] == 0xff && (unsigned char)p[1] == 0xff)
+        return 1; /* this source's trailer */
+    if (len > 0 && pq.put_copy_data(dst, p, len) != 1)
+        goto target;
+    return 1;
+target:
+    snprintf(err, MSG, "%s", pq.error_message(dst));
+    *side = "target";
+    return 0;
+}
+
+/* Every source's rows into the target, in whatever order they arrive. 1 ok, 0 error. */
+static int merge(Source *src, int ns, PGconn *dst, int binary, char *err, const char **side)
+{
+    int active = ns, header_written = 0;
+    while (active > 0) {
+        int progressed = 0;
+        for (int i = 0; i < ns; i++) {
+            if (!src[i].active)
+                continue;
+            char *buf;
+            int n;
+            while ((n = pq.get_copy_data(src[i].c, &buf, ns > 1)) > 0) {
+                progressed = 1;
+                int ok = forward(&src[i], buf, n, dst, binary, &header_written, err, side);
+                pq.freemem(buf);
+                if (!ok)
+                    return 0;
+            }
+            if (n == -1) {
+                if (!finish(src[i].c, err)) {
+                    *side = "source";
+                    return 0;
+                }
+                src[i].active = 0;
+                active--;
+                progressed = 1;
+            } else if (n == -2) {
+                snprintf(err, MSG, "%s", pq.error_message(src[i].c));
+                *side = "source";
+                return 0;
+            }
+        }
+        if (!progressed && active > 0) { /* several sources, none with a whole row buffered: wait */
+            struct pollfd fds[MAX_SOURCES];
+            int k = 0;
+            for (int i = 0; i < ns; i++)
+                if (src[i].active)
+                    fds[k++] = (struct pollfd){.fd = pq.socket(src[i].c), .events = POLLIN};
+            poll(fds, k, 1000);
+            for (int i = 0; i < ns; i++) {
+                if (src[i].active && !pq.consume_input(src[i].c)) {
+                    snprintf(err, MSG, "%s", pq.error_message(src[i].c));
+                    *side = "source";
+                    return 0;
+                }
+            }
+        }
+    }
+    if (binary && header_written && pq.put_copy_data(dst, "\377\377", 2) != 1) {
+        snprintf(err, MSG, "%s", pq.error_message(dst));
+        *side = "target";
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *pump(PyObject *self, PyObject *args)
 {
-    unsigned long long src_ptr, dst_ptr;
-    const char *out_sql, *in_sql;
-    if (!PyArg_ParseTuple(args, "KKyy", &src_ptr, &dst_ptr, &out_sql, &in_sql))
+    PyObject *srcs, *outs;
+    unsigned long long dst_ptr;
+    const char *in_sql;
+    int binary;
+    if (!PyArg_ParseTuple(args, "O!KO!yp", &PyTuple_Type, &srcs, &dst_ptr, &PyTuple_Type, &outs, &in_sql, &binary))
         return NULL;
     if (!pq_check_bound())
         return NULL;
-    PGconn *src = (PGconn *)(uintptr_t)src_ptr, *dst = (PGconn *)(uintptr_t)dst_ptr;
+    Py_ssize_t ns = PyTuple_GET_SIZE(srcs);
+    if (ns < 1 || ns > MAX_SOURCES || PyTuple_GET_SIZE(outs) != ns) {
+        PyErr_Format(PyExc_ValueError, "pump: 1 to %d sources, each with its COPY ... TO STDOUT", MAX_SOURCES);
+        return NULL;
+    }
+    Source src[MAX_SOURCES];
+    const char *out_sql[MAX_SOURCES];
+    for (Py_ssize_t i = 0; i < ns; i++) {
+        void *c = PyLong_AsVoidPtr(PyTuple_GET_ITEM(srcs, i));
+        if (c == NULL || !PyBytes_Check(PyTuple_GET_ITEM(outs, i))) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "pump: sources are PGconn pointers, their statements bytes");
+            return NULL;
+        }
+        src[i] = (Source){.c = c, .active = 1, .first = 1};
+        out_sql[i] = PyBytes_AS_STRING(PyTuple_GET_ITEM(outs, i));
+    }
+    PGconn *dst = (PGconn *)(uintptr_t)dst_ptr;
     char err[MSG] = "";
     const char *side = NULL;
     long long rows = 0;
 
     Py_BEGIN_ALLOW_THREADS
-    if (!start(dst, in_sql, PGRES_COPY_IN, err)) {
+    if (!start(dst, in_sql, PGRES_COPY_IN, err))
         side = "target";
-    } else if (!start(src, out_sql, PGRES_COPY_OUT, err)) {
-        side = "source";
-        pq.put_copy_end(dst, "the source COPY failed");
-        char ignored[MSG];
-        finish(dst, ignored);
+    for (Py_ssize_t i = 0; i < ns && side == NULL; i++)
+        if (!start(src[i].c, out_sql[i], PGRES_COPY_OUT, err))
+            side = "source";
+    if (side == NULL)
+        merge(src, (int)ns, dst, binary, err, &side);
+    if (side != NULL) {
+        /* the target's COPY must not commit; the caller closes every connection */
+        if (side[0] == 's')
+            pq.put_copy_end(dst, "the source COPY failed");
     } else {
-        char *buf;
-        int n;
-        while ((n = pq.get_copy_data(src, &buf, 0)) > 0) {
-            int put = pq.put_copy_data(dst, buf, n);
-            pq.freemem(buf);
-            if (put != 1) {
-                side = "target";
-                snprintf(err, MSG, "%s", pq.error_message(dst));
-                break;
-            }
+        PGresult *r;
+        if (pq.put_copy_end(dst, NULL) != 1) {
+            side = "target";
+            snprintf(err, MSG, "%s", pq.error_message(dst));
         }
-        if (side == NULL && n == -2) {
-            side = "source";
-            snprintf(err, MSG, "%s", pq.error_message(src));
-        }
-        if (side == NULL && !finish(src, err))
-            side = "source";
-        if (side != NULL) {
-            if (side[0] == 's')
-                pq.put_copy_end(dst, "the source COPY failed"); /* the target's COPY must not commit */
-        } else {
-            PGresult *r;
-            if (pq.put_copy_end(dst, NULL) != 1) {
+        while ((r = pq.get_result(dst)) != NULL) {
+            if (pq.result_status(r) == PGRES_COMMAND_OK) {
+                rows = atoll(pq.cmd_tuples(r));
+            } else if (side == NULL) {
                 side = "target";
-                snprintf(err, MSG, "%s", pq.error_message(dst));
+                snprintf(err, MSG, "%s", pq.result_error(r));
             }
-            while ((r = pq.get_result(dst)) != NULL) {
-                if (pq.result_status(r) == PGRES_COMMAND_OK) {
-                    rows = atoll(pq.cmd_tuples(r));
-                } else if (side == NULL) {
-                    side = "target";
-                    snprintf(err, MSG, "%s", pq.result_error(r));
-                }
-                pq.clear(r);
-            }
+            pq.clear(r);
         }
     }
     Py_END_ALLOW_THREADS
@@ -112,7 +214,8 @@ static PyObject *pump(PyObject *self, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
-    {"pump", pump, METH_VARARGS, "pump(src_pgconn, dst_pgconn, copy_out_sql, copy_in_sql) -> (rows, error)"},
+    {"pump", pump, METH_VARARGS,
+     "pump(src_pgconns, dst_pgconn, copy_out_sqls, copy_in_sql, binary) -> (rows, error)"},
     {"bind", pq_bind, METH_VARARGS, "bind(*libpq_function_addresses): see replicator/libpq.py for the order"},
     {NULL, NULL, 0, NULL},
 };

@@ -25,9 +25,11 @@ static struct {
     void (*freemem)(void *);
     char *(*error_message)(const PGconn *);
     char *(*cmd_tuples)(PGresult *);
+    int (*consume_input)(PGconn *);
+    int (*socket)(const PGconn *);
 } pq;
 
-#define PQ_FUNCTIONS 11
+#define PQ_FUNCTIONS 13
 
 static int pq_bound = 0;
 
@@ -58,6 +60,8 @@ static PyObject *pq_bind(PyObject *self, PyObject *args)
     pq.freemem = a[8];
     pq.error_message = a[9];
     pq.cmd_tuples = a[10];
+    pq.consume_input = a[11];
+    pq.socket = a[12];
     pq_bound = 1;
     Py_RETURN_NONE;
 }

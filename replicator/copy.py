@@ -164,25 +164,32 @@ def mark_copied(cfg: SyncConfig, t: TableCopy, snapshot_lsn: Lsn) -> None:
 
 
 def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, progress: CopyProgress,
-               where: str = "", whole: bool = True) -> None:
-    """Copy one table (or one block range of it, `where`) in the exported snapshot.
+               wheres: list[str] | None = None, whole: bool = True) -> None:
+    """Copy one table (or some block ranges of it, `wheres`) in the exported snapshot.
 
     `COPY (SELECT ...) TO STDOUT` on the source, in the snapshot, into `COPY ... FROM STDIN` on the
     target (binary when every column has a built-in type, text otherwise). No byte of the data
     passes through Python: psycopg2's COPY calls back into Python once per row, which on a 2-core
-    machine cost as much as the copy itself. The C pump (`_cpump.c`) moves it between the two
-    connections without the GIL; without it, two psql processes joined by a pipe do. A whole table
-    is emptied, copied and marked copied in ONE target transaction; a part only adds its rows (the
-    caller empties the table first and marks it when all parts are in).
+    machine cost as much as the copy itself. The C pump (`_cpump.c`) moves it without the GIL and
+    reads several block ranges side by side (a source connection each) into ONE target COPY;
+    without it, two psql processes joined by a pipe copy one range. A whole table is emptied, copied
+    and marked copied in ONE target transaction (so its rows can be written frozen); a part only adds
+    its rows (the caller empties the table first and marks it when all parts are in).
     """
     started = time.monotonic()
+    wheres = wheres or [""]
     if whole:
         mark_copying(cfg, t)
-    src = connect(cfg.source, "source")
+    pump = libpq.pump()
+    if pump is None and len(wheres) > 1:
+        raise ValueError("several block ranges in one copy need the C pump")
+    sources = [connect(cfg.source, "source") for _ in wheres]
     try:
-        src.set_session(isolation_level="REPEATABLE READ", readonly=True)
-        with src.cursor() as scur:
-            scur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+        for src in sources:
+            src.set_session(isolation_level="REPEATABLE READ", readonly=True)
+            with src.cursor() as scur:
+                scur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+        with sources[0].cursor() as scur:
             scur.execute("""SELECT a.attname, a.atttypid < %s, c.relkind FROM pg_attribute a JOIN pg_class c
                 ON c.oid = a.attrelid WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
                 AND a.attgenerated = '' ORDER BY a.attnum""", (FIRST_USER_OID, t.qualified))
@@ -195,23 +202,27 @@ def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, 
         # A whole plain table is truncated in the same transaction, so its rows can be written frozen:
         # the target then needs no anti-wraparound vacuum or hint-bit writes over the fresh data.
         into_fmt = f"({'FORMAT binary, ' if binary else ''}FREEZE)" if whole and plain else fmt
-        query = f"SELECT {names} FROM {only}{t.qualified}" + (f" WHERE {where}" if where else "")
-        # a whole plain table: the table form, which skips the executor's projection (~10% less source CPU)
-        copy_out = f"COPY {t.qualified} ({names}) TO STDOUT {fmt}" if plain and not where else \
-            f"COPY ({query}) TO STDOUT {fmt}"
+        copy_outs = []
+        for where in wheres:
+            query = f"SELECT {names} FROM {only}{t.qualified}" + (f" WHERE {where}" if where else "")
+            # a whole plain table: the table form, which skips the executor's projection (~10% less source CPU)
+            copy_outs.append(f"COPY {t.qualified} ({names}) TO STDOUT {fmt}" if plain and not where else
+                             f"COPY ({query}) TO STDOUT {fmt}")
         copy_in = f"COPY {t.qualified} ({names}) FROM STDIN {into_fmt}"
         mark = (f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', snapshot_lsn = "
                 f"'{snapshot_lsn}', copied_at = now() WHERE slot_name = {_literal(cfg.slot)} AND "
                 f"schema_name = {_literal(t.schema)} AND table_name = {_literal(t.name)}") if whole else None
-        pump = libpq.pump()
         if pump is not None:
-            rows = _copy_in_process(pump, cfg, t, src, copy_out, copy_in, mark)
+            rows = _copy_in_process(pump, cfg, t, sources, copy_outs, copy_in, mark, binary)
         else:
-            src.close()
-            rows = _copy_with_psql(cfg, t, snapshot, copy_out, copy_in, mark)
+            sources[0].close()
+            rows = _copy_with_psql(cfg, t, snapshot, copy_outs[0], copy_in, mark)
         how = ("binary" if binary else "text") + (", psql" if pump is None else "")
+        if len(wheres) > 1:
+            how += f", {len(wheres)} block ranges"
     finally:
-        src.close()
+        for src in sources:
+            src.close()
     with progress.lock:
         t.rows += rows
     progress.part_done(rows)
@@ -221,9 +232,9 @@ def copy_table(cfg: SyncConfig, t: TableCopy, snapshot: str, snapshot_lsn: Lsn, 
         log.info("copied %s: %d rows in %.1f s (%s)", t.display, t.rows, time.monotonic() - started, how)
 
 
-def _copy_in_process(pump: Callable[[int, int, bytes, bytes], tuple[int, Any]], cfg: SyncConfig, t: TableCopy,
-                     src: Any, copy_out: str, copy_in: str, mark: str | None) -> int:
-    """The C pump between `src` (in the snapshot) and a new target connection; one target
+def _copy_in_process(pump: Callable[..., tuple[int, Any]], cfg: SyncConfig, t: TableCopy, sources: list[Any],
+                     copy_outs: list[str], copy_in: str, mark: str | None, binary: bool) -> int:
+    """The C pump from `sources` (in the snapshot) into a new target connection; one target
     transaction (TRUNCATE, COPY and the copied mark for a whole table)."""
     dst = connect(cfg.target, "target")
     try:
@@ -231,7 +242,8 @@ def _copy_in_process(pump: Callable[[int, int, bytes, bytes], tuple[int, Any]], 
         cur.execute("SET application_name = 'pgferry-copy'")  # what the progress reporter looks for
         if mark is not None:
             cur.execute(f"TRUNCATE {t.qualified}")
-        rows, err = pump(src.pgconn_ptr, dst.pgconn_ptr, copy_out.encode(), copy_in.encode())
+        rows, err = pump(tuple(s.pgconn_ptr for s in sources), dst.pgconn_ptr,
+                         tuple(q.encode() for q in copy_outs), copy_in.encode(), binary)
         if err is not None:
             side, msg = err
             text = msg.decode(errors="replace").strip().splitlines()

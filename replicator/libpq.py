@@ -22,8 +22,8 @@ import psycopg2  # noqa: F401  (loads psycopg2's libpq into this process)
 log = logging.getLogger("pgferry.sync")
 
 FUNCTIONS = ("PQexec", "PQresultStatus", "PQresultErrorMessage", "PQclear", "PQgetResult", "PQgetCopyData",
-             "PQputCopyData", "PQputCopyEnd", "PQfreemem", "PQerrorMessage", "PQcmdTuples")  # bind()'s order
-# (replicator/_libpq.h)
+             "PQputCopyData", "PQputCopyEnd", "PQfreemem", "PQerrorMessage", "PQcmdTuples", "PQconsumeInput",
+             "PQsocket")  # bind()'s order (replicator/_libpq.h)
 
 
 def psycopg2_libpq_path() -> str | None:
@@ -64,7 +64,7 @@ def bound(module: str) -> Any:
     return mod
 
 
-def pump() -> Callable[[int, int, bytes, bytes], tuple[int, Any]] | None:
+def pump() -> Callable[[tuple[int, ...], int, tuple[bytes, ...], bytes, bool], tuple[int, Any]] | None:
     """`_cpump.pump` (the initial copy's data path), or None: copy through psql."""
     mod = bound("_cpump")
     return None if mod is None else mod.pump  # type: ignore[no-any-return]

@@ -40,6 +40,7 @@ from decoder import Lsn
 from sink import failpoints, state
 from sink.state import quote_ident
 
+from . import libpq
 from .checks import check_extensions, check_replicability, check_target_schema
 from .copy import CopyProgress, block_ranges, copy_table, mark_copied, table_sizes, truncate_target
 from .errors import PgferryError, first_line
@@ -311,9 +312,10 @@ class InitialSync:
         return tables
 
     def _copy_all(self, tables: list[TableCopy], snapshot: str, snapshot_lsn: Lsn) -> None:
-        """Copy the tables, `jobs` parts at a time. A big table is split into block ranges
-        (`ctid` range scans) copied side by side, so one large table does not serialize the copy;
-        it is emptied first and marked copied when its last part has committed."""
+        """Copy the tables, `jobs` at a time. A big table is split into block ranges (`ctid` range
+        scans) read side by side, so one large table does not serialize the reading: with the C
+        pump into one target COPY (one transaction, rows frozen); with psql each range into its own
+        transaction (the table is emptied first and marked copied when its last part has committed)."""
         if not tables:
             return
         started = time.monotonic()
@@ -321,18 +323,22 @@ class InitialSync:
         progress = CopyProgress(self.cfg, sizes, len(tables))
         ticker = threading.Event()
         threading.Thread(target=progress.report_every, args=(ticker, 5.0), daemon=True).start()
-        parts: list[tuple[TableCopy, str]] = []
+        parts: list[tuple[TableCopy, list[str]]] = []
         split: dict[str, int] = {}
+        merged = libpq.pump() is not None  # the C pump reads all ranges of a table into one target COPY
         for t in sorted(tables, key=lambda t: -sizes[t.display]):  # biggest first: shortest total time
             ranges = block_ranges(sizes[t.display], self.cfg.jobs)
-            if len(ranges) > 1:
+            if merged:
+                parts.append((t, ranges))
+                continue
+            if len(ranges) > 1:  # psql: one range per process pair, each its own target transaction
                 truncate_target(self.cfg, t)
                 split[t.display] = len(ranges)
-            parts += [(t, where) for where in ranges]
+            parts += [(t, [where]) for where in ranges]
         try:
             with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="copy") as pool:
-                futures = {pool.submit(copy_table, self.cfg, t, snapshot, snapshot_lsn, progress, where,
-                                       t.display not in split): t for t, where in parts}
+                futures = {pool.submit(copy_table, self.cfg, t, snapshot, snapshot_lsn, progress, wheres,
+                                       t.display not in split): t for t, wheres in parts}
                 for f in as_completed(futures):
                     f.result()
                     t = futures[f]

@@ -1,0 +1,56 @@
+"""The initial copy's C pump (replicator/_cpump.c) on real servers: several source ranges merged
+into one target COPY, binary and text, an empty range, and a failing source."""
+
+from __future__ import annotations
+
+import psycopg2
+import pytest
+
+from replicator import libpq
+from tests.pgplugin import assert_same_tables
+
+pytestmark = pytest.mark.pg
+
+TABLE = "CREATE TABLE t (id int PRIMARY KEY, v text, b bytea, n numeric)"
+COLUMNS = {"t": ["id", "v", "b", "n"]}
+
+
+def _pump(src, dst, wheres: list[str], binary: bool) -> tuple[int, object]:
+    pump = libpq.pump()
+    if pump is None:
+        pytest.skip("the C pump is not built")
+    fmt = "(FORMAT binary)" if binary else ""
+    sources = [psycopg2.connect(src.dsn) for _ in wheres]
+    target = psycopg2.connect(dst.dsn)
+    try:
+        target.cursor().execute("TRUNCATE t")
+        rows, err = pump(tuple(c.pgconn_ptr for c in sources), target.pgconn_ptr,
+                         tuple(f"COPY (SELECT * FROM t WHERE {w}) TO STDOUT {fmt}".encode() for w in wheres),
+                         f"COPY t FROM STDIN {fmt}".encode(), binary)
+        if err is None:
+            target.commit()
+        return rows, err
+    finally:
+        for c in (*sources, target):
+            c.close()
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "text"])
+def test_ranges_read_side_by_side_arrive_in_one_copy(pair, binary):
+    src, dst = pair
+    src.execute(TABLE + "; INSERT INTO t SELECT g, 'v' || g || E'\\ttab', decode(md5(g::text), 'hex'), g / 7.0 "
+                "FROM generate_series(1, 30000) g")
+    dst.execute(TABLE)
+    # three ranges, one of them empty (its stream is only a header and a trailer in binary)
+    rows, err = _pump(src, dst, ["id <= 10000", "false", "id > 10000"], binary)
+    assert err is None and rows == 30000
+    assert_same_tables(src, dst, COLUMNS)
+
+
+def test_a_failing_source_leaves_the_target_copy_uncommitted(pair):
+    src, dst = pair
+    src.execute(TABLE + "; INSERT INTO t SELECT g, 'v', NULL, 1 FROM generate_series(1, 1000) g")
+    dst.execute(TABLE)
+    _, err = _pump(src, dst, ["id <= 500", "id / 0 = 1"], True)
+    assert err is not None and err[0] == "source" and b"division by zero" in err[1], err
+    assert dst.execute("SELECT count(*) FROM t") == [(0,)]
