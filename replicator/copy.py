@@ -247,7 +247,8 @@ def _copy_in_process(pump: Callable[..., tuple[int, Any]], cfg: SyncConfig, t: T
         if err is not None:
             side, msg = err
             text = msg.decode(errors="replace").strip().splitlines()
-            raise CopyError(f"copying {t.display} failed on the {side}: {text[0] if text else 'no message'}")
+            first = re.sub(r"^(ERROR|FATAL):\s+", "", text[0]) if text else "no message"
+            raise CopyError(f"copying {t.display} failed on the {side}: {first}")
         if mark is not None:
             cur.execute(mark)
         dst.commit()
