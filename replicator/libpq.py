@@ -64,6 +64,9 @@ def bound(module: str) -> Any:
     return mod
 
 
+PUMP_MAX_SOURCES = 16  # _cpump.c's MAX_SOURCES: block ranges merged into one target COPY at most
+
+
 def pump() -> Callable[[tuple[int, ...], int, tuple[bytes, ...], bytes, bool], tuple[int, Any]] | None:
     """`_cpump.pump` (the initial copy's data path), or None: copy through psql."""
     mod = bound("_cpump")
