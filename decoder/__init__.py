@@ -36,12 +36,12 @@ from .messages import (
     Value,
     XLogData,
 )
-from .pgoutput import PgOutputDecoder, decode_message
+from .pgoutput import PgOutputDecoder, decode_message, pure_python
 
 __all__ = [
     "INVALID_LSN", "UNCHANGED", "Begin", "BeginPrepare", "Column", "Commit", "CommitPrepared", "DecodeError",
     "Delete", "Insert", "Keepalive", "LogicalMessage", "Lsn", "Message", "Origin", "PgOutputDecoder", "Prepare",
     "Relation", "RollbackPrepared", "StreamAbort", "StreamCommit", "StreamPrepare", "StreamStart", "StreamStop",
     "Truncate", "Type", "Unchanged", "Update", "Value", "XLogData", "decode_copy_data", "decode_message",
-    "encode_standby_status",
+    "encode_standby_status", "pure_python",
 ]

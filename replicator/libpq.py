@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib
 import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import psycopg2  # noqa: F401  (loads psycopg2's libpq into this process)
+
+from decoder import pure_python
 
 log = logging.getLogger("pgferry.sync")
 
@@ -38,36 +39,23 @@ def psycopg2_libpq_path() -> str | None:
     return found[0] if len(found) == 1 else None  # two libpq copies: cannot tell which is psycopg2's
 
 
-@functools.cache
-def _addresses() -> tuple[int, ...] | None:
-    if os.environ.get("PGFERRY_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    path = psycopg2_libpq_path()
-    if path is None:
-        log.debug("psycopg2's libpq not found in /proc/self/maps: no C data path")
-        return None
-    lib = ctypes.CDLL(path)  # already loaded: the same handle and functions psycopg2 uses
-    return tuple(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0 for name in FUNCTIONS)
-
-
-@functools.cache
-def bound(module: str) -> Any:
-    """replicator.<module> (a C extension) bound to psycopg2's libpq, or None."""
-    addresses = _addresses()
-    if addresses is None:
-        return None
-    try:
-        mod = importlib.import_module(f"replicator.{module}")
-    except ImportError:
-        return None
-    mod.bind(*addresses)
-    return mod
-
-
 PUMP_MAX_SOURCES = 16  # _cpump.c's MAX_SOURCES: block ranges merged into one target COPY at most
 
 
+@functools.cache
 def pump() -> Callable[[tuple[int, ...], int, tuple[bytes, ...], bytes, bool], tuple[int, Any]] | None:
-    """`_cpump.pump` (the initial copy's data path), or None: copy through psql."""
-    mod = bound("_cpump")
-    return None if mod is None else mod.pump  # type: ignore[no-any-return]
+    """`_cpump.pump` (the initial copy's data path) bound to psycopg2's libpq, or None: copy
+    through psql."""
+    if pure_python():
+        return None
+    try:
+        from . import _cpump  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    path = psycopg2_libpq_path()
+    if path is None:
+        log.debug("psycopg2's libpq not found in /proc/self/maps: copying through psql")
+        return None
+    lib = ctypes.CDLL(path)  # already loaded: the same handle and functions psycopg2 uses
+    _cpump.bind(*(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0 for name in FUNCTIONS))
+    return _cpump.pump  # type: ignore[no-any-return]

@@ -16,7 +16,6 @@ The sink interface (what the stream loop relies on):
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -28,7 +27,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from decoder import UNCHANGED, Delete, Insert, Lsn, Relation, Truncate, Update
+from decoder import UNCHANGED, Delete, Insert, Lsn, Relation, Truncate, Update, pure_python
 from decoder.values import pg_epoch_to_datetime
 
 from . import failpoints, state
@@ -44,7 +43,7 @@ log = logging.getLogger("pgferry.sink")
 
 def _load_fold() -> Callable[..., int] | None:
     """The optional C fold (sink/_cfold.c) unless PGFERRY_PURE_PYTHON=1 or it was not built."""
-    if os.environ.get("PGFERRY_PURE_PYTHON", "") not in ("", "0"):
+    if pure_python():
         return None
     try:
         from . import _cfold  # type: ignore[attr-defined]

@@ -128,6 +128,8 @@ def test_no_schema_reports_every_difference_before_anything_starts(pair, daemons
 
 
 # The data path: the C pump between two libpq connections, or psql processes where it is missing.
+TABLE_A = ("CREATE TABLE a (id int PRIMARY KEY, x text); "
+           "INSERT INTO a SELECT g, 'v' || g FROM generate_series(1, 1000) g")
 PATHS = [pytest.param({}, "(binary)", id="pump"),
          pytest.param({"PGFERRY_PURE_PYTHON": "1"}, "(binary, psql)", id="psql")]
 
@@ -135,8 +137,7 @@ PATHS = [pytest.param({}, "(binary)", id="pump"),
 @pytest.mark.parametrize(("env", "how"), PATHS)
 def test_no_schema_copies_into_tables_made_by_hand(pair, daemons, env, how):
     src, dst = pair
-    src.execute("CREATE TABLE a (id int PRIMARY KEY, x text); INSERT INTO a SELECT g, 'v' || g FROM "
-                "generate_series(1, 1000) g")
+    src.execute(TABLE_A)
     dst.execute("CREATE TABLE a (x text, id int PRIMARY KEY, extra int DEFAULT 7)")
     d = Daemon(src, dst, "--no-schema", copy=True, ready=False, env=env)
     daemons.append(d)
@@ -151,8 +152,7 @@ def test_no_schema_copies_into_tables_made_by_hand(pair, daemons, env, how):
 @pytest.mark.parametrize(("env", "how"), PATHS)
 def test_a_copy_the_target_rejects_stops_with_its_error_and_keeps_nothing(pair, daemons, env, how):
     src, dst = pair
-    src.execute("CREATE TABLE a (id int PRIMARY KEY, x text); INSERT INTO a SELECT g, 'v' || g FROM "
-                "generate_series(1, 1000) g")
+    src.execute(TABLE_A)
     dst.execute("CREATE TABLE a (id int PRIMARY KEY, x text CHECK (x <> 'v500'))")
     d = Daemon(src, dst, "--no-schema", copy=True, ready=False, env=env)
     daemons.append(d)
