@@ -87,6 +87,7 @@ READ_PAUSE = 0.0001
 CHANGE_TAGS = frozenset((b"I", b"U", b"D"))
 PACE_ROWS = 200  # with a throttle: rows applied between two waits
 IDLE_PROGRESS_EVERY = 1.0  # seconds between idle progress writes
+DURABLE_WAIT = 30.0  # seconds to wait for the target's WAL flush before a confirmation that needs it
 
 
 @dataclass
@@ -366,12 +367,21 @@ class Session:
         if sink.in_transaction():
             return
         sink.flush()
-        deadline = time.monotonic() + 30
+        if not self.wait_durable():
+            raise _Retry(f"the target did not flush its WAL within {DURABLE_WAIT:.0f} s")
+        self.feedback(force=True)
+
+    def wait_durable(self) -> bool:
+        """Wait (up to DURABLE_WAIT) until every committed batch is durable on the target, so the
+        feedback that follows confirms all of it. False on time-out."""
+        sink = self.sink
+        assert sink is not None
+        deadline = time.monotonic() + DURABLE_WAIT
         while sink.poll_durable() < sink.stored:
             if time.monotonic() > deadline:
-                raise _Retry("the target did not flush its WAL within 30 s")
+                return False
             time.sleep(0.005)
-        self.feedback(force=True)
+        return True
 
     def shutdown(self) -> None:
         assert self.sink is not None
@@ -379,6 +389,11 @@ class Session:
             self.sink.rollback()  # the rest of that source transaction was not received
         else:
             self.sink.flush()
+        # the last batches were committed asynchronously: confirm them before leaving, or the source
+        # resends (and the target skips) them on the next start
+        if not self.wait_durable():
+            log.warning("the target did not flush its WAL within %.0f s: confirming only up to %s", DURABLE_WAIT,
+                        self.sink.durable_lsn)
         self.feedback(force=True)
         log.info("stopped at %s (everything committed on the source up to there is on the target)",
                  self.sink.durable_lsn)
