@@ -1,6 +1,7 @@
 """Initial copy: pgferry's copy against the usual recipe (`pg_dump | psql`), same data, one run.
 
-    python -m bench.copy [--scale 20] [--repeats 2]
+    python -m bench.copy [--scale 20] [--repeats 2] [--jobs 4]
+    python -m bench.copy --tables 1000 [--repeats 2]     # many small tables instead of pgbench
 
 Starts a PostgreSQL 15 source and an 18 target (the main real-world case), loads `pgbench -i -s
 SCALE` plus a table of many types, then alternates, each into a fresh target database:
@@ -68,14 +69,23 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=4)
+    ap.add_argument("--tables", type=int, default=0,
+                    help="instead of pgbench: this many small tables (100 rows each), a schema-heavy database")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
     with LocalServer(15, name="bench-src-") as s, LocalServer(18, name="bench-dst-") as t:
         src = new_db(s, "src")
-        subprocess.run([str(find_bindir(18) / "pgbench"), "-i", "-s", str(args.scale), "-q", "-d", src.dsn],
-                       check=True, capture_output=True)
-        src.psql(TYPED)
+        if args.tables:
+            src.psql("".join(f"CREATE TABLE t{i} (id int PRIMARY KEY, v text, ts timestamptz DEFAULT now()); "
+                             f"INSERT INTO t{i} (id, v) SELECT g, 'x' || g FROM generate_series(1, 100) g;"
+                             for i in range(args.tables)))
+            what = f"{args.tables} tables of 100 rows"
+        else:
+            subprocess.run([str(find_bindir(18) / "pgbench"), "-i", "-s", str(args.scale), "-q", "-d", src.dsn],
+                           check=True, capture_output=True)
+            src.psql(TYPED)
+            what = f"pgbench scale {args.scale} + typed table"
         (size,) = src.execute("SELECT pg_database_size(current_database())")[0]
         runs: dict[str, list[float]] = {"ours": [], "recipe": [], "full": []}
         for _ in range(args.repeats):
@@ -86,7 +96,7 @@ def main() -> None:
                 dst.execute("CHECKPOINT")
                 runs[name].append(run(src, dst, args.jobs))
         a, b, c = (statistics.median(runs[k]) for k in ("ours", "recipe", "full"))
-        print(f"source: pgbench scale {args.scale} + typed table, {size / 1e6:.0f} MB; PG15 -> PG18; "
+        print(f"source: {what}, {size / 1e6:.0f} MB; PG15 -> PG18; "
               f"medians of {args.repeats} alternating runs")
         for label, name, took in ((f"pgferry initial sync (--jobs {args.jobs})", "ours", a),
                                   ("pg_dump --schema-only | psql; pg_dump --data-only | psql", "recipe", b),

@@ -42,7 +42,7 @@ from sink.state import quote_ident
 
 from . import libpq
 from .checks import check_extensions, check_replicability, check_target_schema
-from .copy import CopyProgress, block_ranges, copy_table, mark_copied, table_sizes, truncate_target
+from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_copied, table_sizes, truncate_target
 from .errors import PgferryError, first_line
 from .pgtools import find_pg_dump, libpq_env
 from .source import check_logical_source, connect, describe_dsn
@@ -327,6 +327,7 @@ class InitialSync:
         split: dict[str, int] = {}
         merged = libpq.pump() is not None  # the C pump reads all ranges of a table into one target COPY
         for t in sorted(tables, key=lambda t: -sizes[t.display]):  # biggest first: shortest total time
+            t.bytes = sizes[t.display]
             ranges = block_ranges(sizes[t.display], min(self.cfg.jobs, libpq.PUMP_MAX_SOURCES) if merged else
                                   self.cfg.jobs)
             if merged:
@@ -336,11 +337,15 @@ class InitialSync:
                 truncate_target(self.cfg, t)
                 split[t.display] = len(ranges)
             parts += [(t, [where]) for where in ranges]
+        conns = CopyConnections(self.cfg, snapshot)
         try:
             with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="copy") as pool:
-                futures = {pool.submit(copy_table, self.cfg, t, snapshot, snapshot_lsn, progress, wheres,
+                futures = {pool.submit(copy_table, self.cfg, t, conns, snapshot_lsn, progress, wheres,
                                        t.display not in split): t for t, wheres in parts}
                 for f in as_completed(futures):
+                    if f.exception() is not None:
+                        for other in futures:  # fail fast: the tables not started yet are not copied
+                            other.cancel()
                     f.result()
                     t = futures[f]
                     if t.display in split:
@@ -350,6 +355,7 @@ class InitialSync:
                             progress.table_done(t)
         finally:
             ticker.set()
+            conns.close()
         took = time.monotonic() - started
         size = sum(sizes.values())
         log.info("copy: %d tables, %d rows, %.1f MB of source tables in %.1f s (%.1f MB/s)", len(tables),

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from replicator.servers import find_bindir
+from replicator.sync import InitialSync, SyncConfig
 from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, wait_for
 
 pytestmark = pytest.mark.pg
@@ -162,6 +163,33 @@ def test_a_copy_the_target_rejects_stops_with_its_error_and_keeps_nothing(pair, 
     assert "Traceback" not in out, out
     assert dst.execute("SELECT count(*) FROM a") == [(0,)]  # the table's copy is one transaction
     assert dst.execute("SELECT state FROM pgferry.tables WHERE table_name = 'a'") == [("copying",)]
+
+
+def _sessions(db: Db) -> int:
+    (n,) = db.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")[0]
+    return int(n)
+
+
+def test_many_small_tables_share_connections_and_stale_rows_are_replaced(pair):
+    """A schema of many small tables: the copy threads reuse their connections (a managed target
+    limits connections, and opening them cost more than copying), and a small table that already
+    has rows on the target is emptied in its copy's transaction."""
+    src, dst = pair
+    n = 40
+    ddl = "".join(f"CREATE TABLE t{i} (id int PRIMARY KEY, v text);" for i in range(n))
+    src.psql(ddl + "".join(f"INSERT INTO t{i} SELECT g, 'v{i}.' || g FROM generate_series(1, 20) g;"
+                           for i in range(n)))
+    dst.psql(ddl + "INSERT INTO t7 VALUES (1, 'stale'), (999, 'stale');")
+    before = _sessions(dst)
+    InitialSync(SyncConfig(source=src.dsn, target=dst.dsn, publication="pgferry", slot="pgferry",
+                           schema="pgferry", schema_copy=False, jobs=2)).run()
+    # every connection is closed: its backend has exited and counted its session
+    wait_for(lambda: not dst.execute("SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'pgferry%'"),
+             30, "pgferry's target connections to close")
+    opened = _sessions(dst) - before  # includes the two checks' own connections
+    assert opened < n // 2, f"{opened} target connections for {n} tables"  # it was 3 per table
+    assert_same_tables(src, dst, {f"t{i}": ["id", "v"] for i in range(n)})
+    assert dst.execute("SELECT count(*), sum(rows) FROM pgferry.tables WHERE state = 'copied'") == [(n, n * 20)]
 
 
 def test_tables_without_identity_that_get_updates_stop_before_publishing(pair, daemons):
