@@ -64,6 +64,7 @@ class CopyConnections:
         have: list[Any] = self.mine.__dict__.setdefault("sources", [])
         while len(have) < n:
             src = self._keep(connect(self.cfg.source, "source"))
+            _no_timeouts(src)
             src.set_session(isolation_level="REPEATABLE READ", readonly=True)
             with src.cursor() as cur:
                 cur.execute("SET TRANSACTION SNAPSHOT %s", (self.snapshot,))
@@ -75,6 +76,7 @@ class CopyConnections:
         dst = self.mine.__dict__.get("target")
         if dst is None:
             dst = self.mine.target = self._keep(connect(self.cfg.target, "target"))
+            _no_timeouts(dst)
             dst.cursor().execute("SET application_name = 'pgferry-copy'")
             dst.commit()
         return dst
@@ -93,6 +95,16 @@ class CopyConnections:
             for conn in self.opened:
                 conn.close()
             self.opened.clear()
+
+
+def _no_timeouts(conn: Any) -> None:
+    """A copy session runs one long COPY, and a spare source connection (kept for a later table's
+    block ranges) waits idle in its snapshot's transaction: the server's timeouts for application
+    sessions must not end them. pg_dump and a dump replayed by psql set the same."""
+    conn.autocommit = True
+    conn.cursor().execute("SET statement_timeout = 0; SET lock_timeout = 0; "
+                          "SET idle_in_transaction_session_timeout = 0")
+    conn.autocommit = False
 
 
 class CopyProgress:

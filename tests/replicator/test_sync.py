@@ -192,6 +192,20 @@ def test_many_small_tables_share_connections_and_stale_rows_are_replaced(pair):
     assert dst.execute("SELECT count(*), sum(rows) FROM pgferry.tables WHERE state = 'copied'") == [(n, n * 20)]
 
 
+def test_the_copy_outlasts_the_servers_statement_timeout(pair):
+    """A server's statement_timeout is meant for the application's queries: the copy's sessions
+    turn it off (as pg_dump does), so a slow COPY is not cancelled half-way through a migration."""
+    src, dst = pair
+    src.execute(TABLE_A)
+    dst.psql(f"""CREATE TABLE a (id int PRIMARY KEY, x text);
+        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$;
+        CREATE TRIGGER slow BEFORE INSERT ON a FOR EACH STATEMENT EXECUTE FUNCTION slow();
+        ALTER DATABASE {dst.name} SET statement_timeout = '200ms';""")
+    InitialSync(SyncConfig(source=src.dsn, target=dst.dsn, publication="pgferry", slot="pgferry",
+                           schema="pgferry", schema_copy=False, jobs=1)).run()
+    assert_same_tables(src, dst, {"a": ["id", "x"]})
+
+
 def test_tables_without_identity_that_get_updates_stop_before_publishing(pair, daemons):
     src, dst = pair
     src.psql("""CREATE TABLE keyless (a int, b text); INSERT INTO keyless VALUES (1, 'x');
