@@ -21,7 +21,7 @@ import psycopg2
 
 from decoder import Lsn
 from sink import failpoints
-from sink.state import quote_ident
+from sink.state import NO_TIMEOUTS, quote_ident
 
 from . import libpq
 from .errors import PgferryError
@@ -99,11 +99,9 @@ class CopyConnections:
 
 def _no_timeouts(conn: Any) -> None:
     """A copy session runs one long COPY, and a spare source connection (kept for a later table's
-    block ranges) waits idle in its snapshot's transaction: the server's timeouts for application
-    sessions must not end them. pg_dump and a dump replayed by psql set the same."""
+    block ranges) waits idle in its snapshot's transaction (`state.NO_TIMEOUTS`)."""
     conn.autocommit = True
-    conn.cursor().execute("SET statement_timeout = 0; SET lock_timeout = 0; "
-                          "SET idle_in_transaction_session_timeout = 0")
+    conn.cursor().execute(NO_TIMEOUTS)
     conn.autocommit = False
 
 

@@ -16,6 +16,12 @@ from decoder import Lsn
 DEFAULT_SCHEMA = "pgferry"
 
 
+# pgferry's sessions run long statements (a table's COPY, a batch) and hold transactions open while
+# they wait for a source; the timeouts a server sets for its applications must not cut them (a
+# cancelled batch would be retried, and cancelled again, forever). pg_dump's output sets the same.
+NO_TIMEOUTS = "SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0"
+
+
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 

@@ -188,6 +188,27 @@ def test_keepalives_answered_while_a_long_streamed_transaction_is_applied(pair, 
     assert "applying streamed transaction" in out and "retrying" not in out, out
 
 
+def test_the_targets_statement_timeout_does_not_cancel_the_apply(pair, daemons):
+    """A target whose statement_timeout (meant for its applications) is shorter than one apply
+    statement: pgferry's session turns it off, as native apply is not cancelled by it either; the
+    batch would otherwise be cancelled and retried forever. A trigger enabled ALWAYS (it fires under
+    session_replication_role = replica too) makes the insert slow."""
+    src, dst = pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.psql(f"""CREATE TABLE t (id int PRIMARY KEY, v text);
+        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$;
+        CREATE TRIGGER slow BEFORE INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION slow();
+        ALTER TABLE t ENABLE ALWAYS TRIGGER slow;
+        ALTER DATABASE {dst.name} SET statement_timeout = '200ms';""")
+    d = Daemon(src, dst)
+    daemons.append(d)
+    src.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g")
+    d.wait_caught_up(timeout=30)
+    assert_same_tables(src, dst, {"t": ["id", "v"]})
+    out = d.output()
+    assert "statement timeout" not in out and "retrying" not in out, out
+
+
 def _write_through_a_black_hole(src, d, proxy, n: int, seed: int, notice: str) -> None:
     """n workload transactions, the path black-holed, n more (pgferry must log `notice`), the path
     back, n more; then wait until pgferry has applied everything."""
