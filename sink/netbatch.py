@@ -215,20 +215,25 @@ class Resolver(Protocol):
 _ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
+NULL = "\\N"  # COPY text's NULL
+
+
 def copy_text(rows: list[Any]) -> str:
     """Rows of text values (or None) in COPY's text format."""
-    if rows:
-        # Fast path, all in C: no NULL (join raises on None), and no value holding a tab (the
-        # count), newline (the count), backslash or CR.
-        try:
-            text = "\n".join(map("\t".join, rows))
-        except TypeError:
-            text = None
-        width = len(rows[0])
-        if (text is not None and all(len(r) == width for r in rows) and text.count("\t") == len(rows) * (width - 1)
-                and text.count("\n") == len(rows) - 1 and "\\" not in text and "\r" not in text):
-            return text + "\n"
     j = "\t".join
+    if rows:
+        # Fast path, all in C but for rows with a NULL: join everything, then check by counting
+        # that no value held a tab, newline, backslash (each NULL put one in) or CR.
+        try:
+            text = "\n".join(map(j, rows))
+            nulls = 0
+        except TypeError:  # a None: substitute \N in the rows that have one (a nullable column is common)
+            text = "\n".join([j(r) if None not in r else j([NULL if v is None else v for v in r]) for r in rows])
+            nulls = sum([r.count(None) for r in rows])
+        width = len(rows[0])
+        if (all(len(r) == width for r in rows) and text.count("\t") == len(rows) * (width - 1)
+                and text.count("\n") == len(rows) - 1 and text.count("\\") == nulls and "\r" not in text):
+            return text + "\n"
     out = []
     for r in rows:
         if None not in r:
@@ -237,7 +242,7 @@ def copy_text(rows: list[Any]) -> str:
             if line.count("\t") == len(r) - 1 and "\\" not in line and "\n" not in line and "\r" not in line:
                 out.append(line)
                 continue
-        out.append(j(["\\N" if v is None else v.translate(_ESCAPE) for v in r]))
+        out.append(j([NULL if v is None else v.translate(_ESCAPE) for v in r]))
     out.append("")
     return "\n".join(out)
 

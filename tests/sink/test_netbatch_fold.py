@@ -90,3 +90,25 @@ def test_text_forms_for_copy_and_array_literals_escape_what_they_must():
     assert copy_text([["a\\b", None, "x\ty\nz\r"], ["1", "", "NULL"]]) == "a\\\\b\t\\N\tx\\ty\\nz\\r\n1\t\tNULL\n"
     assert array_text(("a", None, 'q"uote', "back\\slash", "", "NULL", '{"x",NULL}')) == (
         '{"a",NULL,"q\\"uote","back\\\\slash","","NULL","{\\"x\\",NULL}"}')
+
+
+def test_copy_text_matches_escaping_every_value_whatever_mix_of_nulls_and_special_characters():
+    import random
+
+    from sink.netbatch import copy_text
+
+    def reference(rows):
+        esc = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+        return "".join("\t".join("\\N" if v is None else "".join(esc.get(c, c) for c in v) for v in r) + "\n"
+                       for r in rows)
+
+    rng = random.Random(7)
+    pieces = ["a", "7", "", "NULL", "\\N", "\\", "\t", "\n", "\r", "ż", "x y"]
+    for case in range(400):
+        width = rng.randint(1, 5)
+        special = case % 4  # 0: plain text only, 1: with NULLs, 2: with escapes, 3: both
+        pool = pieces[:4] + (pieces[4:9] if special >= 2 else []) + ["ż", "x y"]
+        rows = [tuple(None if special % 2 and rng.random() < 0.3 else
+                      "".join(rng.choice(pool) for _ in range(rng.randint(0, 3))) for _ in range(width))
+                for _ in range(rng.randint(0, 6))]
+        assert copy_text(rows) == reference(rows), rows
