@@ -355,7 +355,7 @@ def _record_rows(cfg: SyncConfig, t: TableCopy, rows: int, dst: Any) -> None:
 def _copied_sql(cfg: SyncConfig, t: TableCopy, snapshot_lsn: Lsn, rows: int | None) -> str:
     """The statement that marks a whole table copied, in its copy's transaction (SQL text: the psql
     path runs it too). `rows`: the row count, when known before the commit."""
-    counts = f", rows = {int(rows)}, bytes = {int(t.bytes)}" if rows is not None else f", bytes = {int(t.bytes)}"
+    counts = f", bytes = {int(t.bytes)}" + (f", rows = {int(rows)}" if rows is not None else "")
     return (f"UPDATE {quote_ident(cfg.schema)}.tables SET state = 'copied', snapshot_lsn = '{snapshot_lsn}', "
             f"copied_at = now(){counts} WHERE slot_name = {_literal(cfg.slot)} AND schema_name = "
             f"{_literal(t.schema)} AND table_name = {_literal(t.name)}")

@@ -328,8 +328,7 @@ class InitialSync:
         merged = libpq.pump() is not None  # the C pump reads all ranges of a table into one target COPY
         for t in sorted(tables, key=lambda t: -sizes[t.display]):  # biggest first: shortest total time
             t.bytes = sizes[t.display]
-            ranges = block_ranges(sizes[t.display], min(self.cfg.jobs, libpq.PUMP_MAX_SOURCES) if merged else
-                                  self.cfg.jobs)
+            ranges = block_ranges(t.bytes, min(self.cfg.jobs, libpq.PUMP_MAX_SOURCES) if merged else self.cfg.jobs)
             if merged:
                 parts.append((t, ranges))
                 continue

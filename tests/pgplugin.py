@@ -162,6 +162,17 @@ def publish_same_table(src: Db, dst: Db, ddl: str) -> None:
     dst.execute(ddl)
 
 
+def slow_inserts_under_a_timeout(db: Db, table: str, always: bool = False) -> None:
+    """Every INSERT or COPY into `table` takes 0.5 s (a statement-level trigger), and the database
+    has a 200 ms statement_timeout: a limit meant for applications, met by pgferry's longer statements.
+    `always`: the trigger fires under session_replication_role = replica too."""
+    db.psql(f"""CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql
+            AS $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$;
+        CREATE TRIGGER slow BEFORE INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION slow();
+        {f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER slow;" if always else ""}
+        ALTER DATABASE {db.name} SET statement_timeout = '200ms';""")
+
+
 def pgferry(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> Any:
     """Run this checkout's `pgferry` CLI once and capture its output (a CompletedProcess). The
     caller's PGFERRY_* variables are left out: only `env` sets them."""

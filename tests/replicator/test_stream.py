@@ -9,7 +9,15 @@ import time
 import pytest
 
 from replicator.servers import LocalServer
-from tests.pgplugin import Daemon, assert_same_tables, main_pair_only, new_db, wait_for
+from tests.pgplugin import (
+    Daemon,
+    assert_same_tables,
+    main_pair_only,
+    new_db,
+    publish_same_table,
+    slow_inserts_under_a_timeout,
+    wait_for,
+)
 from tests.replicator import workload as wl
 
 pytestmark = pytest.mark.pg
@@ -194,12 +202,8 @@ def test_the_targets_statement_timeout_does_not_cancel_the_apply(pair, daemons):
     batch would otherwise be cancelled and retried forever. A trigger enabled ALWAYS (it fires under
     session_replication_role = replica too) makes the insert slow."""
     src, dst = pair
-    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.psql(f"""CREATE TABLE t (id int PRIMARY KEY, v text);
-        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$;
-        CREATE TRIGGER slow BEFORE INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION slow();
-        ALTER TABLE t ENABLE ALWAYS TRIGGER slow;
-        ALTER DATABASE {dst.name} SET statement_timeout = '200ms';""")
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    slow_inserts_under_a_timeout(dst, "t", always=True)
     d = Daemon(src, dst)
     daemons.append(d)
     src.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g")

@@ -11,7 +11,7 @@ import pytest
 
 from replicator.servers import find_bindir
 from replicator.sync import InitialSync, SyncConfig
-from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, wait_for
+from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, slow_inserts_under_a_timeout, wait_for
 
 pytestmark = pytest.mark.pg
 
@@ -207,10 +207,8 @@ def test_the_copy_outlasts_the_servers_statement_timeout(pair):
     turn it off (as pg_dump does), so a slow COPY is not cancelled half-way through a migration."""
     src, dst = pair
     src.execute(TABLE_A)
-    dst.psql(f"""CREATE TABLE a (id int PRIMARY KEY, x text);
-        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$;
-        CREATE TRIGGER slow BEFORE INSERT ON a FOR EACH STATEMENT EXECUTE FUNCTION slow();
-        ALTER DATABASE {dst.name} SET statement_timeout = '200ms';""")
+    dst.execute("CREATE TABLE a (id int PRIMARY KEY, x text)")
+    slow_inserts_under_a_timeout(dst, "a")
     InitialSync(SyncConfig(source=src.dsn, target=dst.dsn, publication="pgferry", slot="pgferry",
                            schema="pgferry", schema_copy=False, jobs=1)).run()
     assert_same_tables(src, dst, {"a": ["id", "x"]})
