@@ -141,7 +141,8 @@ def run_pgferry(src: Db, dst: Db, end: int, timeout: float, extra: list[str],
         cmd = ["py-spy", "record", "--rate", "250", "--format", "raw", "--output", str(profile), "--", *cmd]
     with tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        # in its own session, as a service runs: its nice value then counts against the servers'
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
             done = _wait_confirmed(src, slot, end, timeout, lambda: proc.poll() is None)
             daemon = _daemon_pid(proc.pid) if profile is not None else proc.pid
@@ -297,7 +298,7 @@ def run_steady(s: LocalServer, tgt: LocalServer, rate: int, seconds: int, extra:
                    "slot_name = 'bench_native', copy_data = false)")
     proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target", ours.dsn,
                              "--no-copy", "--slot", "bench_pgferry", "--publication", PUB, *extra],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     lag_sql = ("SELECT slot_name, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots "
                "WHERE slot_name IN ('bench_native', 'bench_pgferry')")
     try:

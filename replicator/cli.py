@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="call this function with each logical decoding message (pg_logical_emit_message); "
                             "transactional ones in commit order; after a crash one may come again. Default: ignored")
     start.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    start.add_argument("--nice", type=int, metavar="0-19",
+                       help="CPU priority below the database servers' on a shared host (default 10; 0: as started)")
     start.add_argument("--max-rows-per-second", type=_positive(float),
                        help="apply at most this many row changes per second (default: no limit; SIGHUP reloads)")
     start.add_argument("--max-bytes-per-second", type=_positive(float),
@@ -260,8 +262,10 @@ def load_hook(spec: str, what: str = "--message-hook") -> Callable[..., object]:
 
 def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
     from . import logs, metrics
+    from .priority import lower_priority
     from .stream import StreamConfig, run_stream
 
+    lower_priority(st.nice)  # first: the threads started from here on inherit it
     logs.setup(st.log_level, st.log_format)
     if not st.target:
         raise UsageError("no target given: pass --target DSN or set PGFERRY_TARGET")

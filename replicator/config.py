@@ -18,6 +18,7 @@ from .errors import UsageError
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Nice = Annotated[int, msgspec.Meta(ge=0, le=19)]
 
 
 PolicyName = Literal["error", "skip", "overwrite", "keep-newer"]
@@ -66,6 +67,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "json"] = "auto"
     metrics_port: Port | None = None
+    nice: Nice = 10  # CPU priority below the servers' (replicator/priority.py); 0: unchanged
     # throttling (changeable while running: edit the file, then SIGHUP)
     max_rows_per_second: PositiveFloat | None = None
     max_bytes_per_second: PositiveFloat | None = None
@@ -124,6 +126,11 @@ log_level = "info"
 log_format = "auto"
 # Serve Prometheus metrics on this port (all interfaces). Default: off.
 # metrics_port = 9187
+# CPU priority (nice value, 0-19) of the daemon: by default below the database servers', so that
+# on a shared host the walsender feeding pgferry and the source's clients get the CPU first. When
+# pgferry leads its own session (a service, setsid), its session's autogroup gets it too. 0: as
+# started.
+nice = 10
 
 # Throttling: budgets for applied row changes and bytes per second (default: none), and the
 # WAL guard: warn when the slot retains more than max_retained_wal bytes or safe_wal_size falls

@@ -189,7 +189,8 @@ class Daemon:
     """`pgferry start` as a subprocess; its log goes to a file the test can show on failure."""
 
     def __init__(self, src: Db, dst: Db, *args: str, source_dsn: str | None = None, target_dsn: str | None = None,
-                 env: dict[str, str] | None = None, copy: bool = False, ready: bool = True) -> None:
+                 env: dict[str, str] | None = None, copy: bool = False, ready: bool = True,
+                 session: bool = False) -> None:
         import os
         import subprocess
         import sys
@@ -200,6 +201,7 @@ class Daemon:
         self.cmd = [sys.executable, "-m", "replicator.cli", "start", *([] if copy else ["--no-copy"]),
                     "--source", source_dsn or src.dsn, "--target", target_dsn or dst.dsn, *args]
         self.env = {**os.environ, **(env or {})}
+        self.session = session  # its own session, as a service runs (else the test's)
         self.proc: subprocess.Popen | None = None
         self._popen = subprocess.Popen
         self.start()
@@ -207,7 +209,8 @@ class Daemon:
             self.wait_ready()
 
     def start(self) -> Daemon:
-        self.proc = self._popen(self.cmd, stdout=self.log, stderr=self.log, cwd=ROOT, env=self.env)
+        self.proc = self._popen(self.cmd, stdout=self.log, stderr=self.log, cwd=ROOT, env=self.env,
+                                start_new_session=self.session)
         return self
 
     def running(self) -> bool:

@@ -34,6 +34,7 @@ def test_invalid_keys_and_values_name_the_key_and_the_expected_form(tmp_path):
         ("batch_rows = 0\n", "batch_rows: expected int >= 1"),
         ('log_format = "xml"\n', "log_format: expected one of 'auto', 'text', 'json', got 'xml'"),
         ("metrics_port = 70000\n", "metrics_port: expected int <= 65535"),
+        ("nice = 20\n", "nice: expected int <= 19"),
         ("batch_rows = [\n", "is not valid TOML"),
     ]
     for text, expected in cases:
@@ -47,6 +48,8 @@ def test_invalid_keys_and_values_name_the_key_and_the_expected_form(tmp_path):
     assert r.returncode == 2 and "No such file or directory" in r.stderr, r.stderr
     r = pgferry("start", "--batch-rows", "0", "--source", "host=x", "--target", "host=y")
     assert r.returncode == 2 and "expected a positive number" in r.stderr, r.stderr
+    r = pgferry("start", "--nice", "-1", "--source", "host=x", "--target", "host=y")
+    assert r.returncode == 2 and "invalid setting: nice: expected int >= 0" in r.stderr, r.stderr
 
 
 def test_the_example_config_is_valid_and_passwords_are_never_shown(tmp_path):

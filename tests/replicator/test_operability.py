@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import urllib.request
 
 import pytest
 
+from replicator.priority import AUTOGROUP
 from replicator.servers import LocalServer
 from tests.pgplugin import Daemon, new_db, pgferry, publish_same_table, wait_for
 
@@ -93,6 +95,51 @@ def test_metrics_endpoint_reports_progress_rows_and_batches(pair, daemons):
     assert not [k for k in m if k.startswith("pgferry_conflicts_total{")]  # none yet
     assert m["pgferry_slot_retained_wal_bytes"] > 0
     assert d.stop() == 0
+
+
+def test_the_daemon_runs_below_the_servers_cpu_priority(pair, daemons):
+    """Every thread at nice 10 by default; the session's autogroup too when pgferry leads its session
+    (from a shell it shares the shell's, which it leaves alone); --nice 0 keeps what it started with."""
+    src, dst = pair
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY)")
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    autogroups = AUTOGROUP.exists()
+    # (flags, own session, every thread's nice, the session autogroup's nice: a new one starts at 0)
+    runs = [([], False, max(mine, 10), None), (["--nice", "7"], True, max(mine, 7), 7),
+            (["--nice", "0"], True, mine, 0)]
+    for i, (args, session, nice, group_nice) in enumerate(runs):
+        # the metrics server's thread starts after the priority is set, the batch writer's later still
+        d = Daemon(src, dst, "--metrics-port", str(_free_port()), *args, session=session)
+        daemons.append(d)
+        src.execute("INSERT INTO t VALUES (%s)", (i,))
+        d.wait_caught_up()
+        assert d.proc is not None
+        threads = _thread_nice_values(d.proc.pid)
+        assert len(threads) >= 3 and set(threads.values()) == {nice}, (args, threads)
+        if autogroups:
+            group = _autogroup(d.proc.pid)
+            if session:
+                assert group[0] != _autogroup(os.getpid())[0] and group[1] == group_nice, (args, group)
+            else:
+                assert group == _autogroup(os.getpid())
+        assert d.stop() == 0, d.output()
+    assert [r[0] for r in src.execute("SELECT id FROM t ORDER BY id")] == [0, 1, 2]
+
+
+def _thread_nice_values(pid: int) -> dict[int, int]:
+    """Thread id -> nice value, from /proc/PID/task/TID/stat (field 19)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+    return out
+
+
+def _autogroup(pid: int) -> tuple[str, int]:
+    """('/autogroup-123', nice) of the process's session."""
+    with open(f"/proc/{pid}/autogroup") as f:
+        name, _, nice = f.read().split()
+    return name, int(nice)
 
 
 def test_status_watch_redraws_a_live_view(pair, daemons):
