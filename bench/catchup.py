@@ -23,6 +23,7 @@ Scenarios (`--scale` multiplies the sizes):
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import select
 import signal
@@ -335,6 +336,14 @@ def run_steady(s: LocalServer, tgt: LocalServer, rate: int, seconds: int, extra:
     return res
 
 
+def compile_pgferry() -> None:
+    """Byte-compile pgferry's packages once, as `pip install` does: each timed run then starts like an
+    installed pgferry. This checkout is imported from source, and with PYTHONDONTWRITEBYTECODE set
+    (the dev machine sets it) every run compiled its modules again: 0.08 of its 0.23 s start-up."""
+    for package in ("decoder", "sink", "replicator"):
+        compileall.compile_dir(str(ROOT / package), quiet=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", default="15-18,18-18")
@@ -350,6 +359,7 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, help="run pgferry under py-spy; write profiles here and print top costs")
     args = ap.parse_args()
     pairs = [tuple(int(v) for v in p.split("-")) for p in args.pairs.split(",")]
+    compile_pgferry()
     results = []
     if args.steady:
         _main_steady(pairs, args)

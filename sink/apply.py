@@ -100,6 +100,7 @@ class Sink(ChangeByChange, Resolving):
         self._ins_xid: int | None = None
         self._ins_lsn: Lsn | None = None
         self.replica_role = False
+        self._session_ready = False  # the session settings are set and the state schema exists
         # net changes of the batch, applied set-based (replica role only: no foreign-key triggers)
         self.net = NetBatch()
         self._net_lsn: Lsn | None = None
@@ -143,13 +144,14 @@ class Sink(ChangeByChange, Resolving):
         """Prepare the session and state; return the stored progress (None: never streamed).
         With `initial`, a missing progress row is created at that position."""
         cur = self.cur
-        try:
-            cur.execute("SET session_replication_role = replica")
-            self.replica_role = True
-        except psycopg2.errors.InsufficientPrivilege:
-            self.conn.rollback()
-        cur.execute(state.NO_TIMEOUTS)  # committed with the state below
-        state.ensure_schema(cur, self.schema)
+        if not self._session_ready:  # once per connection (a first start calls open twice)
+            try:
+                cur.execute("SET session_replication_role = replica")
+                self.replica_role = True
+            except psycopg2.errors.InsufficientPrivilege:
+                self.conn.rollback()
+            cur.execute(state.NO_TIMEOUTS)  # committed with the state below
+            state.ensure_schema(cur, self.schema)
         if initial is not None:
             state.init_progress(cur, self.schema, self.slot, initial, created_slot)
         stored = state.read_progress(cur, self.schema, self.slot)
@@ -158,6 +160,7 @@ class Sink(ChangeByChange, Resolving):
                     "AND done_at IS NULL", (self.slot,))
         self.skip_lsns = {Lsn.parse(r[0]) for r in cur.fetchall()}
         self.conn.commit()
+        self._session_ready = True
         if stored is not None:
             self.stored = self.durable_lsn = stored
         return stored
