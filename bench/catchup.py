@@ -234,17 +234,24 @@ def run_ceiling(src: Db, end: int, timeout: float, slot: str = "bench_ceiling") 
 
 
 def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, extra: list[str],
-                 profile: Path | None = None, repeats: int = 1) -> dict:
+                 profile: Path | None = None, repeats: int = 1, also: list[list[str]] | None = None) -> dict:
     """Time native, pgferry and the ceiling on one backlog, `repeats` times each, alternating
-    (each run has its own slot, all created before the backlog, and its own target database)."""
+    (each run has its own slot, all created before the backlog, and its own target database).
+    `also`: more pgferry flag sets, timed the same way (consumers "also1", "also2"...)."""
+    also = also or []
+    variants = {f"also{n + 1}": flags for n, flags in enumerate(also)}
     src = new_db(s, "src")
     _prepare(src, sc)
     src.execute(f"CREATE PUBLICATION {PUB} FOR ALL TABLES")
     natives, ours = [], []
+    theirs: dict[tuple[str, int], Db] = {}
     for i in range(repeats):
-        for kind in ("native", "pgferry", "ceiling"):
+        for kind in ("native", "pgferry", "ceiling", *variants):
             src.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"bench_{kind}{i}",))
         native, mine = new_db(tgt, "native"), new_db(tgt, "ours")
+        for kind in variants:
+            theirs[kind, i] = new_db(tgt, kind)
+            _prepare(theirs[kind, i], sc)
         for db in (native, mine):
             _prepare(db, sc)
         native.execute(f"CREATE SUBSCRIPTION bench_sub CONNECTION '{src.dsn}' PUBLICATION {PUB} WITH (enabled = false, "
@@ -258,7 +265,7 @@ def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, e
     (wal,) = src.execute("SELECT pg_size_pretty(pg_current_wal_lsn() - confirmed_flush_lsn) FROM pg_replication_slots "
                          "WHERE slot_name = 'bench_native0'")[0]
     timeout = 600
-    times: dict[str, list[float]] = {"native": [], "pgferry": [], "ceiling": []}
+    times: dict[str, list[float]] = {"native": [], "pgferry": [], "ceiling": [], **{k: [] for k in variants}}
     rss, cpu = [], []
     for i in range(repeats):
         for db in (src, natives[i], ours[i]):
@@ -270,13 +277,17 @@ def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, e
         rss.append(kb)
         cpu.append(secs)
         times["ceiling"].append(run_ceiling(src, end, timeout, f"bench_ceiling{i}"))
+        for kind, flags in variants.items():
+            theirs[kind, i].execute("CHECKPOINT")
+            times[kind].append(run_pgferry(src, theirs[kind, i], end, timeout, flags, None, f"bench_{kind}{i}")[0])
     same = all(table_digest(src, name, cols) == table_digest(db, name, cols)
-               for name, cols in sc.tables.items() for db in (*natives, *ours))
+               for name, cols in sc.tables.items() for db in (*natives, *ours, *theirs.values()))
     for i in range(repeats):
         natives[i].execute("DROP SUBSCRIPTION bench_sub")
-        for kind in ("pgferry", "ceiling"):
+        for kind in ("pgferry", "ceiling", *variants):
             src.execute("SELECT pg_drop_replication_slot(%s)", (f"bench_{kind}{i}",))
     res = {"scenario": sc.name, "changes": changes, "wal": wal, "generate_s": gen, "repeats": repeats,
+           "also": {kind: " ".join(flags) for kind, flags in variants.items()},
            "rss_mb": max(rss) / 1024, "cpu_s": statistics.median(cpu), "same": same, "times": times,
            "walsender": {kind: statistics.median(WALSENDER.get(f"bench_{kind}{i}", float("nan"))
                                                  for i in range(repeats)) for kind in times}}
@@ -352,6 +363,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each consumer this many times on the same backlog, alternating; report medians")
     ap.add_argument("--pgferry-args", default="", help="extra flags for pgferry start, e.g. '--batch-rows 20000'")
+    ap.add_argument("--also", action="append", default=[], metavar="FLAGS",
+                    help="time pgferry with these flags too, on the same backlogs, alternating (repeatable), "
+                         "e.g. --also '--nice 0'")
     ap.add_argument("--steady", type=int, metavar="TPS",
                     help="instead of the backlogs: pgbench at TPS for --seconds with native and pgferry both "
                          "subscribed; prints each one's lag")
@@ -374,7 +388,7 @@ def main() -> None:
                         args.profile.mkdir(parents=True, exist_ok=True)
                         profile = args.profile / f"{sv}-{tv}-{name}.txt"
                     r = run_scenario(s, tgt, SCENARIOS[name], args.scale, args.pgferry_args.split(), profile,
-                                     args.repeats)
+                                     args.repeats, [a.split() for a in args.also])
                     r["pair"] = f"{sv}->{tv}"
                     results.append(r)
                     _print_row(r, header=len(results) == 1)
@@ -418,6 +432,10 @@ def _print_row(r: dict, header: bool) -> None:
         print(f"{'':17}runs: {spread}", flush=True)
     ws = "  ".join(f"{k} {v:.2f}" for k, v in r.get("walsender", {}).items())
     print(f"{'':17}walsender CPU s: {ws}", flush=True)
+    for kind, flags in r.get("also", {}).items():
+        took = r[f"{kind}_s"]
+        print(f"{'':17}{kind} = pgferry {flags}: {took:.2f} s, pgferry/native {r['native_s'] / took:.2f}x "
+              f"(pgferry as configured above: {r['native_s'] / r['pgferry_s']:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":
