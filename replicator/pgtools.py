@@ -74,3 +74,18 @@ def find_client(name: str) -> str:
     if found is None:
         raise UsageError(f"{name} not found next to {find_pg_dump()} or on PATH: install the PostgreSQL client")
     return found
+
+
+_SET_LINE = re.compile(r"^SET\s+([a-z_][a-z0-9_.]*)\s*=", re.I)
+
+
+def drop_unknown_settings(sql: str, known: set[str]) -> str:
+    """A newer pg_dump starts with SETs an older target does not have (pg_dump 18: transaction_timeout);
+    drop those lines (they only tune the restoring session)."""
+    out = []
+    for line in sql.splitlines():
+        m = _SET_LINE.match(line)
+        if m and m.group(1).lower() not in known:
+            continue
+        out.append(line)
+    return "\n".join(out)

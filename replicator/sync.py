@@ -16,14 +16,14 @@ either complete and marked, or untouched and re-copied.
 
 Schema: `pg_dump --schema-only` (the newest pg_dump available: it dumps older servers correctly),
 pre-data (tables, types, sequences...) before the copy and post-data (indexes, constraints,
-triggers) after it, so the copy runs without index maintenance.
+triggers) after it, so the copy runs without index maintenance; post-data runs `jobs` tables at a
+time and resumes per table (replicator/postdata.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 import threading
 import time
@@ -44,7 +44,8 @@ from . import libpq
 from .checks import check_extensions, check_replicability, check_target_schema
 from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_copied, table_sizes, truncate_target
 from .errors import PgferryError, first_line
-from .pgtools import find_pg_dump, libpq_env
+from .pgtools import drop_unknown_settings, find_pg_dump, libpq_env
+from .postdata import run_post_data
 from .source import check_logical_source, connect, describe_dsn
 
 log = logging.getLogger("pgferry.sync")
@@ -98,21 +99,6 @@ def dump_schema(dsn: str, section: str, snapshot: str | None) -> str:
                         f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
     # pg_dump 17.6+/18 brackets its output with \restrict / \unrestrict (psql-only commands).
     return "\n".join(line for line in res.stdout.splitlines() if not line.startswith("\\"))
-
-
-_SET_LINE = re.compile(r"^SET\s+([a-z_][a-z0-9_.]*)\s*=", re.I)
-
-
-def drop_unknown_settings(sql: str, known: set[str]) -> str:
-    """A newer pg_dump starts with SETs an older target does not have (pg_dump 18: transaction_timeout);
-    drop those lines (they only tune the restoring session)."""
-    out = []
-    for line in sql.splitlines():
-        m = _SET_LINE.match(line)
-        if m and m.group(1).lower() not in known:
-            continue
-        out.append(line)
-    return "\n".join(out)
 
 
 NO_LSN = Lsn(0)  # sync.consistent_lsn before the slot exists
@@ -197,6 +183,8 @@ class InitialSync:
                     "VALUES (%s, 'schema', %s::pg_lsn, %s, %s) ON CONFLICT (slot_name) DO UPDATE SET "
                     "publication_created = EXCLUDED.publication_created",
                     (cfg.slot, str(NO_LSN), created_pub, cfg.publication))
+        # post-data groups recorded by an earlier sync of this slot name are not this one's
+        cur.execute(f"DELETE FROM {s}.post_data WHERE slot_name = %s", (cfg.slot,))
         self.target.commit()
         consistent, snapshot = self._export_snapshot(cfg.slot, temporary=False)
         failpoints.hit("after_slot_created")
@@ -272,8 +260,6 @@ class InitialSync:
         conn = connect(self.cfg.target, "target")
         try:
             cur = conn.cursor()
-            # Index builds (post-data) sort whole tables: give them memory instead of temp files.
-            cur.execute("SET maintenance_work_mem = '1GB'")
             cur.execute("SELECT name FROM pg_settings")
             sql = drop_unknown_settings(sql, {r[0] for r in cur.fetchall()})
             try:
@@ -374,7 +360,7 @@ class InitialSync:
         copy_sequences(self.cfg.source, self.cfg.target)
         row = self._sync_row()
         if post is not None and row is not None and not row["post_data_done"]:
-            self._run_schema_sql(post.result(), "post_data_done = true", "indexes, constraints and triggers")
+            run_post_data(self.cfg.target, self.cfg.schema, self.cfg.slot, post.result(), self.cfg.jobs)
         self._mark("phase = 'streaming', copied_at = now()")
 
 

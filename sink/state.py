@@ -82,6 +82,13 @@ def ensure_schema(cur: Any, schema: str) -> None:
         requested_at timestamptz NOT NULL DEFAULT now(),
         done_at timestamptz,
         PRIMARY KEY (slot_name, lsn))""")
+    # Post-data groups created (replicator/postdata.py): a table's indexes and constraints, or the
+    # rest; each recorded in the transaction that created it.
+    cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.post_data (
+        slot_name text NOT NULL,
+        item text NOT NULL,
+        done_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (slot_name, item))""")
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.tables (
         slot_name text NOT NULL,
         schema_name text NOT NULL,
