@@ -2,12 +2,13 @@
 
     python -m bench.copy [--scale 20] [--repeats 2] [--jobs 4]
     python -m bench.copy --tables 1000 [--repeats 2]     # many small tables instead of pgbench
+    python -m bench.copy --indexed 4 [--repeats 3]       # tables with secondary indexes instead
 
 Starts a PostgreSQL 15 source and an 18 target (the main real-world case), loads `pgbench -i -s
 SCALE` plus a table of many types, then alternates, each into a fresh target database:
 
 * pgferry: `InitialSync` — schema pre-data, the parallel COPY source -> target (binary where the
-  types allow), sequences, post-data (indexes and constraints after the data);
+  types allow), sequences, post-data (indexes and constraints after the data, `jobs` tables at once);
 * the usual recipe, as the issue names it: `pg_dump --schema-only | psql` (the target gets the whole
   schema, indexes included, as a logical-replication set-up does), then `pg_dump --data-only | psql`;
 * a stronger baseline: one plain `pg_dump | psql` (schema, data via COPY text, then indexes and
@@ -71,6 +72,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--tables", type=int, default=0,
                     help="instead of pgbench: this many small tables (100 rows each), a schema-heavy database")
+    ap.add_argument("--indexed", type=int, default=0,
+                    help="instead of pgbench: this many tables of 600,000 rows, each with a primary key and two "
+                         "secondary indexes (an integer and an md5 text), as application tables have")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
@@ -81,6 +85,13 @@ def main() -> None:
                              f"INSERT INTO t{i} (id, v) SELECT g, 'x' || g FROM generate_series(1, 100) g;"
                              for i in range(args.tables)))
             what = f"{args.tables} tables of 100 rows"
+        elif args.indexed:
+            src.psql("".join(f"CREATE TABLE w{i} (id int PRIMARY KEY, a int, b text, c timestamptz DEFAULT now()); "
+                             f"INSERT INTO w{i} (id, a, b) SELECT g, (g::bigint * 7919) % 100003, md5(g::text) "
+                             f"FROM generate_series(1, 600000) g; "
+                             f"CREATE INDEX w{i}_a ON w{i} (a); CREATE INDEX w{i}_b ON w{i} (b);"
+                             for i in range(args.indexed)))
+            what = f"{args.indexed} tables of 600,000 rows with 3 indexes each"
         else:
             subprocess.run([str(find_bindir(18) / "pgbench"), "-i", "-s", str(args.scale), "-q", "-d", src.dsn],
                            check=True, capture_output=True)
