@@ -120,7 +120,10 @@ def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int
             if statements:
                 cur.execute("\n".join(statements))
         except psycopg2.Error as exc:
-            conn.rollback()
+            try:
+                conn.rollback()
+            except psycopg2.Error:  # the connection is gone: the error below says why
+                pass
             what = "the rest of the post-data" if name == REST else f"the indexes and constraints of {name}"
             raise PostDataError(f"creating {what} on target {describe_dsn(target)} failed: {first_line(exc)}. "
                                 "If the target already has them, pass --no-schema") from None
