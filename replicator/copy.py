@@ -26,7 +26,7 @@ from sink.state import NO_TIMEOUTS, quote_ident
 from . import libpq
 from .errors import PgferryError
 from .pgtools import find_client, libpq_env
-from .source import connect
+from .source import ThreadConnections, connect
 
 if TYPE_CHECKING:
     from .sync import SyncConfig, TableCopy
@@ -41,7 +41,7 @@ class CopyError(PgferryError):
 FIRST_USER_OID = 16384  # built-in types below: their binary format and OID are the same on every server
 
 
-class CopyConnections:
+class CopyConnections(ThreadConnections):
     """The copy threads' connections, reused from table to table: per thread, source connections
     inside the exported snapshot (one per block range, each holding one open REPEATABLE READ
     transaction) and one target connection. Opening them per table (three target connections and one
@@ -49,21 +49,14 @@ class CopyConnections:
     14-16 s, now 4.4-4.6 s, about what `pg_dump | psql` takes (`python -m bench.copy --tables 1000`)."""
 
     def __init__(self, cfg: SyncConfig, snapshot: str) -> None:
+        super().__init__()
         self.cfg, self.snapshot = cfg, snapshot
-        self.mine = threading.local()
-        self.opened: list[Any] = []
-        self.lock = threading.Lock()
-
-    def _keep(self, conn: Any) -> Any:
-        with self.lock:
-            self.opened.append(conn)
-        return conn
 
     def sources(self, n: int) -> list[Any]:
         """This thread's first `n` source connections (opened and put into the snapshot as needed)."""
         have: list[Any] = self.mine.__dict__.setdefault("sources", [])
         while len(have) < n:
-            src = self._keep(connect(self.cfg.source, "source"))
+            src = self.keep(connect(self.cfg.source, "source"))
             _no_timeouts(src)
             src.set_session(isolation_level="REPEATABLE READ", readonly=True)
             with src.cursor() as cur:
@@ -75,7 +68,7 @@ class CopyConnections:
         """This thread's target connection (named for the progress reporter)."""
         dst = self.mine.__dict__.get("target")
         if dst is None:
-            dst = self.mine.target = self._keep(connect(self.cfg.target, "target"))
+            dst = self.mine.target = self.keep(connect(self.cfg.target, "target"))
             _no_timeouts(dst)
             dst.cursor().execute("SET application_name = 'pgferry-copy'")
             dst.commit()
@@ -89,12 +82,6 @@ class CopyConnections:
                 if conn is not None:
                     conn.close()
                     self.opened.remove(conn)
-
-    def close(self) -> None:
-        with self.lock:
-            for conn in self.opened:
-                conn.close()
-            self.opened.clear()
 
 
 def _no_timeouts(conn: Any) -> None:

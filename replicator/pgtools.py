@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import psycopg2.extensions
 
@@ -79,9 +80,11 @@ def find_client(name: str) -> str:
 _SET_LINE = re.compile(r"^SET\s+([a-z_][a-z0-9_.]*)\s*=", re.I)
 
 
-def drop_unknown_settings(sql: str, known: set[str]) -> str:
+def drop_unknown_settings(cur: Any, sql: str) -> str:
     """A newer pg_dump starts with SETs an older target does not have (pg_dump 18: transaction_timeout);
-    drop those lines (they only tune the restoring session)."""
+    drop those lines (they only tune the restoring session). `cur`: on the target."""
+    cur.execute("SELECT name FROM pg_settings")
+    known = {r[0] for r in cur.fetchall()}
     out = []
     for line in sql.splitlines():
         m = _SET_LINE.match(line)

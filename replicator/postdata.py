@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from sink.state import quote_ident
 
 from .errors import PgferryError, first_line
 from .pgtools import drop_unknown_settings
-from .source import connect, describe_dsn
+from .source import ThreadConnections, connect, describe_dsn
 
 log = logging.getLogger("pgferry.sync")
 
@@ -92,26 +91,18 @@ def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int
     s = quote_ident(state_schema)
     # Index builds sort whole tables: memory instead of temp files, shared by the builds at once.
     memory = f"SET maintenance_work_mem = '{max(64, 1024 // max(jobs, 1))}MB'"
-    local = threading.local()
-    opened: list[Any] = []
-    lock = threading.Lock()
-    preamble: list[str] = []  # pg_dump's SETs that the target knows, once the first session has looked
+    conns = ThreadConnections()
+    preamble = ""  # pg_dump's SETs that the target knows (set once the first connection has asked)
 
-    def session() -> Any:
-        """This thread's target connection, set up as pg_dump's output expects."""
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = connect(target, "target")
-            with lock:
-                opened.append(conn)
+    def session(conn: Any = None) -> Any:
+        """This thread's target connection (`conn`, or a new one), set up as pg_dump's output expects."""
+        if conns.mine.__dict__.get("conn") is None:
+            conn = conns.mine.conn = conn or conns.keep(connect(target, "target"))
             cur = conn.cursor()
-            if not preamble:
-                cur.execute("SELECT name FROM pg_settings")
-                preamble.append(drop_unknown_settings(pd.preamble, {r[0] for r in cur.fetchall()}))
-            cur.execute(preamble[0])
+            cur.execute(preamble)
             cur.execute(memory)
             conn.commit()
-        return conn
+        return conns.mine.conn
 
     def create(name: str, statements: list[str], mark_sync: bool) -> None:
         conn = session()
@@ -134,8 +125,10 @@ def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int
 
     started = time.monotonic()
     try:
-        conn = session()
-        cur = conn.cursor()
+        first = conns.keep(connect(target, "target"))
+        cur = first.cursor()
+        preamble = drop_unknown_settings(cur, pd.preamble)
+        conn = session(first)
         cur.execute(f"SELECT item FROM {s}.post_data WHERE slot_name = %s", (slot,))
         done = {r[0] for r in cur.fetchall()}
         todo = [t for t in pd.groups if t not in done]
@@ -158,7 +151,6 @@ def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int
         if REST not in done:  # else post_data_done was set with it
             create(REST, pd.rest, True)
     finally:
-        for c in opened:
-            c.close()
+        conns.close()
     log.info("schema: created the indexes and constraints of %d tables (%d at a time) and %d other objects on the "
              "target in %.1f s", len(todo), max(1, jobs), len(pd.rest), time.monotonic() - started)

@@ -5,6 +5,9 @@ Every failure here becomes a PgferryError whose message names what failed and th
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
@@ -55,6 +58,28 @@ def max_protocol_version(server_version_num: int) -> int:
     if server_version_num >= 140000:
         return 2
     return 1
+
+
+class ThreadConnections:
+    """Connections that worker threads open once and reuse (`mine`: this thread's), all closed
+    together at the end (`close`)."""
+
+    def __init__(self) -> None:
+        self.mine = threading.local()
+        self.opened: list[Any] = []
+        self.lock = threading.Lock()
+
+    def keep(self, conn: Any) -> Any:
+        """Register a connection to be closed with the others; returns it."""
+        with self.lock:
+            self.opened.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self.lock:
+            for conn in self.opened:
+                conn.close()
+            self.opened.clear()
 
 
 def check_logical_source(conn: psycopg2.extensions.connection, dsn: str, publication: str | None) -> None:

@@ -260,8 +260,7 @@ class InitialSync:
         conn = connect(self.cfg.target, "target")
         try:
             cur = conn.cursor()
-            cur.execute("SELECT name FROM pg_settings")
-            sql = drop_unknown_settings(sql, {r[0] for r in cur.fetchall()})
+            sql = drop_unknown_settings(cur, sql)
             try:
                 cur.execute(sql)
             except psycopg2.Error as exc:
