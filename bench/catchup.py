@@ -46,8 +46,8 @@ from tests.pgplugin import Db, new_db, table_digest
 ROOT = Path(__file__).resolve().parent.parent
 PGBENCH = str(find_bindir(18) / "pgbench")
 PUB = "bench_pub"
-# The discarding reader's pause when the socket drains. pgferry pauses no more (READ_PAUSE, at its
-# default nice 10); a reader that does nothing gets the most from the walsender when it lets the
+# The discarding reader's pause when the socket drains. pgferry pauses no more (at its default
+# nice 10, replicator/stream.py); a reader that does nothing gets the most from the walsender when it lets the
 # socket fill up (hot backlog: 3.5 s with 0.5 ms, 4.1-5.1 s with 0.1 ms).
 CEILING_PAUSE = 0.0005
 

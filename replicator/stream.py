@@ -78,14 +78,6 @@ NET_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                "tcp_user_timeout": 30000, "connect_timeout": 10}
 
 BURST = 2000  # messages read before the loop looks at its deadlines again
-# Seconds to wait when the socket drains mid-catch-up (see Session.run). Measured with
-# bench/catchup.py on 2 cores shared by walsender, pgferry and target (same backlog, alternating
-# runs): at nice 0, 0.1 ms beat 0.5 ms on one-row transactions (4.8 s vs 5.3 s) and on pgbench (2.5
-# vs 2.6 s), and 2 ms was worse everywhere. At the default nice 10 (replicator/priority.py) the
-# scheduler already lets the walsender run first, and any pause costs more than it saves: 15->18,
-# 0 against 0.1 ms, hot 4.25 vs 4.61 s (5 runs), oltp 2.28 vs 2.36, bulk 3.54 vs 3.63; 18->18 hot
-# 4.09 vs 4.30; 0.5 and 2 ms worse still. 0: sleep(0) only hands the lock to the batch writer.
-READ_PAUSE = 0.0
 CHANGE_TAGS = frozenset((b"I", b"U", b"D"))
 PACE_ROWS = 200  # with a throttle: rows applied between two waits
 IDLE_PROGRESS_EVERY = 1.0  # seconds between idle progress writes
@@ -261,9 +253,13 @@ class Session:
                 msg = read()
                 if msg is None:
                     if n:
-                        # Catching up and the socket is drained: let the batch writer have the lock
-                        # (READ_PAUSE: a pause here no longer pays, see its comment).
-                        time.sleep(READ_PAUSE)
+                        # Catching up and the socket is drained: hand the lock to the batch writer,
+                        # without pausing. A pause let the walsender fill the socket and helped at
+                        # nice 0 (0.1 ms beat 0.5 ms; 2 ms was worse everywhere), but at the default
+                        # nice 10 (replicator/priority.py) the scheduler already runs the walsender
+                        # first. bench/catchup.py, 0 against 0.1 ms, 15->18: hot 4.25 vs 4.61 s
+                        # (5 runs), oltp 2.28 vs 2.36, bulk 3.54 vs 3.63; 18->18 hot 4.09 vs 4.30.
+                        time.sleep(0)
                     break
                 handle(msg)
                 n += 1
