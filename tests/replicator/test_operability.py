@@ -9,7 +9,6 @@ import urllib.request
 
 import pytest
 
-from replicator.priority import AUTOGROUP
 from replicator.servers import LocalServer
 from tests.pgplugin import Daemon, new_db, pgferry, publish_same_table, wait_for
 
@@ -103,7 +102,9 @@ def test_the_daemon_runs_below_the_servers_cpu_priority(pair, daemons):
     src, dst = pair
     publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY)")
     mine = os.getpriority(os.PRIO_PROCESS, 0)
-    autogroups = AUTOGROUP.exists()
+    # the test's own autogroup, or None where autogroups are not in effect: not Linux, configured
+    # out, or the tests run in a CPU cgroup (then /proc/PID/autogroup reads empty)
+    autogroups = _autogroup(os.getpid())
     # (flags, own session, every thread's nice, the session autogroup's nice: a new one starts at 0)
     runs = [([], False, max(mine, 10), None), (["--nice", "7"], True, max(mine, 7), 7),
             (["--nice", "0"], True, mine, 0)]
@@ -118,28 +119,38 @@ def test_the_daemon_runs_below_the_servers_cpu_priority(pair, daemons):
         assert len(threads) >= 3 and set(threads.values()) == {nice}, (args, threads)
         if autogroups:
             group = _autogroup(d.proc.pid)
+            assert group is not None, args
             if session:
-                assert group[0] != _autogroup(os.getpid())[0] and group[1] == group_nice, (args, group)
+                assert group[0] != autogroups[0] and group[1] == group_nice, (args, group)
             else:
-                assert group == _autogroup(os.getpid())
+                assert group == autogroups
         assert d.stop() == 0, d.output()
     assert [r[0] for r in src.execute("SELECT id FROM t ORDER BY id")] == [0, 1, 2]
 
 
 def _thread_nice_values(pid: int) -> dict[int, int]:
-    """Thread id -> nice value, from /proc/PID/task/TID/stat (field 19)."""
+    """Thread id -> nice value, from /proc/PID/task/TID/stat (field 19), of the threads alive
+    while it reads (a short-lived thread may end between the listing and the read)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+        except FileNotFoundError:
+            continue
     return out
 
 
-def _autogroup(pid: int) -> tuple[str, int]:
-    """('/autogroup-123', nice) of the process's session."""
-    with open(f"/proc/{pid}/autogroup") as f:
-        name, _, nice = f.read().split()
-    return name, int(nice)
+def _autogroup(pid: int) -> tuple[str, int] | None:
+    """('/autogroup-123', nice) of the process's session; None where it has no autogroup."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if len(fields) != 3:  # empty: the process is in a CPU cgroup, where autogroups do not apply
+        return None
+    return fields[0], int(fields[2])
 
 
 def test_status_watch_redraws_a_live_view(pair, daemons):
