@@ -9,12 +9,20 @@ Subtransactions: changes are tagged with the (sub)xid that made them. When a sub
 aborts, the file is cut back to where that subxid's first change was written: everything after it
 belongs to it or to subtransactions nested in it, which abort with it (the same rule as
 PostgreSQL's own apply worker).
+
+Each process spools into a directory of its own, `pgferry-spool-<host>-<pid>-<random>` in the
+spool dir (default: the temp dir), removed when it exits. A process that was killed cannot remove
+its own, so every start removes the directories of its host's pgferry processes that are gone
+(their transactions are sent again by the source: what they spooled is of no use). Directories of
+live processes, of other hosts sharing the spool dir, and of unknown names are left alone.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +32,9 @@ from typing import BinaryIO
 from sink import failpoints
 
 _LEN = struct.Struct(">I")
+log = logging.getLogger(__name__)
+PREFIX = "pgferry-spool-"
+_MINE: set[Path] = set()  # the spool directories this process made and still uses
 
 
 class _Txn:
@@ -38,7 +49,10 @@ class _Txn:
 
 class Spool:
     def __init__(self, directory: str | None = None) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="pgferry-spool-", dir=directory))
+        base = Path(directory or tempfile.gettempdir())
+        remove_orphans(base)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{_host_prefix()}{os.getpid()}-", dir=base))
+        _MINE.add(self.dir)
         self.txns: dict[int, _Txn] = {}
 
     def append(self, xid: int, subxid: int | None, payload: bytes) -> None:
@@ -112,6 +126,7 @@ class Spool:
     def close(self) -> None:
         self.reset()
         shutil.rmtree(self.dir, ignore_errors=True)
+        _MINE.discard(self.dir)
 
     def __len__(self) -> int:
         return len(self.txns)
@@ -119,3 +134,42 @@ class Spool:
 
 def default_spool_dir() -> str | None:
     return os.environ.get("PGFERRY_SPOOL_DIR") or None
+
+
+def _host_prefix() -> str:
+    return f"{PREFIX}{socket.gethostname().replace('/', '_')}-"
+
+
+def remove_orphans(base: Path) -> list[Path]:
+    """Remove the spool directories in `base` of this host's pgferry processes that are gone."""
+    prefix = _host_prefix()
+    removed = []
+    try:
+        candidates = [d for d in base.iterdir() if d.name.startswith(prefix) and d.is_dir()]
+    except OSError:
+        return removed  # a missing spool dir: mkdtemp reports it
+    for d in candidates:
+        pid = d.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or d in _MINE or _alive(int(pid)):
+            continue
+        size = sum(f.stat().st_size for f in d.glob("*.spool") if f.is_file())
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            removed.append(d)
+            log.info("removed %s, left by pgferry process %s which is gone (%d bytes of in-progress "
+                     "transactions the source sends again)", d, pid, size)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists, other than this one (a directory with this process's pid that
+    it did not make is an earlier process's: in a container pgferry is often pid 1 at every start)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from replicator.spool import Spool
 
 
@@ -54,3 +56,37 @@ def test_whole_abort_and_interleaved_transactions(tmp_path):
     sp.reset()
     assert len(sp) == 0 and not list(sp.dir.iterdir())
     sp.close()
+
+
+def test_a_start_removes_the_spools_of_gone_processes_only(tmp_path):
+    """A killed pgferry cannot remove its spool directory; the next start on the host does, and
+    leaves alone those of live processes (another daemon), of other hosts and of unknown names."""
+    import subprocess
+    import sys
+
+    from replicator.spool import _host_prefix
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = _host_prefix()
+        dead_dir = tmp_path / f"{host}{gone.pid}-abc"
+        earlier_me = tmp_path / f"{host}{os.getpid()}-old"  # a container's pid 1, restarted
+        keep = [tmp_path / f"{host}{live.pid}-abc", tmp_path / f"pgferry-spool-otherhost-{gone.pid}-abc",
+                tmp_path / "pgferry-spool-k2j4h5g_", tmp_path / "unrelated"]
+        for d in [dead_dir, earlier_me, *keep]:
+            d.mkdir()
+            (d / "42.spool").write_bytes(b"x" * 100)
+        running = Spool(str(tmp_path))  # this process's first spool, in use
+        running.append(5, 5, b"in progress")
+        assert not dead_dir.exists() and not earlier_me.exists()
+        assert all((d / "42.spool").exists() for d in keep)
+        second = Spool(str(tmp_path))  # a second stream in the same process leaves the first alone
+        assert list(running.replay(5)) == [b"in progress"] and running.dir.exists()
+        second.close()
+        running.close()
+        assert sorted(tmp_path.iterdir()) == sorted(keep)
+    finally:
+        live.kill()
+        live.wait()

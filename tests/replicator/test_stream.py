@@ -262,12 +262,12 @@ def test_black_holed_target_connection_is_noticed_and_reopened(pair, daemons, tc
 
 
 @pytest.mark.parametrize("failpoint", ["after_apply_before_commit", "after_commit_before_feedback", "during_spool"])
-def test_failpoints_exit_abruptly_and_restart_loses_nothing(pair, daemons, failpoint):
+def test_failpoints_exit_abruptly_and_restart_loses_nothing(pair, daemons, failpoint, tmp_path):
     src, dst = pair
     main_pair_only(src, dst, "the failpoint scenarios run on 15 -> 18 (the main case); the SIGKILL test covers "
                              "all pairs")
     wl.setup(src, dst)
-    d = Daemon(src, dst, "--batch-rows", "50", source_dsn=src.dsn + SMALL_WORK_MEM,
+    d = Daemon(src, dst, "--batch-rows", "50", "--spool-dir", str(tmp_path), source_dsn=src.dsn + SMALL_WORK_MEM,
                env={"PGFERRY_FAILPOINT": failpoint})
     daemons.append(d)
     w = wl.Workload(src, seed=9)
@@ -275,6 +275,10 @@ def test_failpoints_exit_abruptly_and_restart_loses_nothing(pair, daemons, failp
         w.run(200, big_every=100)
         assert d.wait_exit(timeout=60) == 99, d.output()
         assert f"failpoint {failpoint} reached" in d.output()
+        # the process that died could not remove its spool directory; the next start does
+        (left,) = tmp_path.glob("pgferry-spool-*")
+        if failpoint == "during_spool":
+            assert [f.stat().st_size > 0 for f in left.glob("*.spool")] == [True], list(left.iterdir())
         w.run(100, big_every=50)  # more while it is down
         d.env.pop("PGFERRY_FAILPOINT")
         d.start()
@@ -283,4 +287,6 @@ def test_failpoints_exit_abruptly_and_restart_loses_nothing(pair, daemons, failp
         w.close()
     d.wait_caught_up(timeout=120)
     assert_same_tables(src, dst, wl.TABLES)
+    assert not left.exists() and len(list(tmp_path.glob("pgferry-spool-*"))) == 1  # the running daemon's
     assert d.stop() == 0
+    assert not list(tmp_path.iterdir())
