@@ -263,13 +263,29 @@ class Daemon:
             self.stop(9)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Keeps each phase's outcome on the test item, for fixtures that clean up after a pass only."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
 @pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Collects daemons a test starts and kills any still running at the end."""
+def daemons(request: pytest.FixtureRequest) -> Iterator[list[Daemon]]:
+    """Collects daemons a test starts and kills any still running at the end. Their log files
+    are removed when the test passed and kept (the path is printed) when it failed."""
     started: list[Daemon] = []
     yield started
     for d in started:
         d.close()
+    rep = getattr(request.node, "rep_call", None)
+    for d in started:
+        d.log.close()
+        if rep is not None and rep.passed:
+            __import__("os").unlink(d.log.name)
+        else:
+            print(f"pgferry's log: {d.log.name}")
 
 
 def table_digest(db: Db, table: str, columns: list[str]) -> tuple[int, str]:
