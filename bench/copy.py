@@ -106,6 +106,10 @@ def main() -> None:
                 src.execute("CHECKPOINT")
                 dst.execute("CHECKPOINT")
                 runs[name].append(run(src, dst, args.jobs))
+                # Every run starts from the same target server: without the drop, the copies pile up
+                # (330 MB each at scale 20), and on this VM later runs of the same copy took up to
+                # twice as long (see bench/README.md, "Each run into the same empty server").
+                dst.drop()
         a, b, c = (statistics.median(runs[k]) for k in ("ours", "recipe", "full"))
         print(f"source: {what}, {size / 1e6:.0f} MB; PG15 -> PG18; "
               f"medians of {args.repeats} alternating runs")

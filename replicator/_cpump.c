@@ -3,11 +3,12 @@
  *
  * No libpq at build time: see _libpq.h.
  *
- * pump(srcs, dst, copy_out_sqls, copy_in_sql, binary) -> (rows, error)
+ * pump(srcs, dst, copy_out_sqls, copy_in_sql, binary, chunk=0) -> (rows, error)
  *   srcs: PGconn pointers, each running its copy_out_sqls[i] (e.g. one block range of a table
  *         each): their rows are merged into the ONE target COPY as they arrive, so a big table is
  *         read side by side but written by one transaction (which may use FREEZE)
  *   binary: the COPYs are binary (one header and one trailer are kept in the merged stream)
+ *   chunk: rows are gathered into target CopyData messages of up to this many bytes (0: one each)
  *   rows: what the target's COPY reported; error: None, or ("source" | "target", message).
  * Every connection must be in a transaction and idle. After an error the caller closes them all
  * (a connection may be left mid-COPY; closing it aborts its transaction).
@@ -60,10 +61,39 @@ typedef struct {
     int active, first;
 } Source;
 
+/* What goes to the target, gathered into CopyData messages of up to `cap` bytes instead of one per
+ * source row: COPY FROM reads its input as a byte stream, whatever the message boundaries, and each
+ * message costs the target backend (message header, a buffer copy, interrupt checks) and the pump (a
+ * libpq call) the same whatever its size. cap 0 forwards each row as it came. */
+typedef struct {
+    PGconn *dst;
+    char *buf;
+    int len, cap;
+} Out;
+
+static int out_flush(Out *o)
+{
+    if (o->len > 0 && pq.put_copy_data(o->dst, o->buf, o->len) != 1)
+        return 0;
+    o->len = 0;
+    return 1;
+}
+
+static int out_write(Out *o, const char *p, int len)
+{
+    if (o->cap == 0 || len >= o->cap)
+        return out_flush(o) && pq.put_copy_data(o->dst, p, len) == 1;
+    if (o->len + len > o->cap && !out_flush(o))
+        return 0;
+    memcpy(o->buf + o->len, p, len);
+    o->len += len;
+    return 1;
+}
+
 /* Write one source message to the target. A binary COPY stream has one header and one trailer: the
  * first source's header is kept, every other header and every trailer dropped (the caller writes
  * the trailer once at the end). 1 ok, 0 error (err set, *side says whose). */
-static int forward(Source *s, const char *p, int len, PGconn *dst, int binary, int *header_written, char *err,
+static int forward(Source *s, const char *p, int len, Out *out, int binary, int *header_written, char *err,
                    const char **side)
 {
     if (binary && s->first) {
@@ -73,7 +103,7 @@ static int forward(Source *s, const char *p, int len, PGconn *dst, int binary, i
             *side = "source";
             return 0;
         }
-        if (!*header_written && pq.put_copy_data(dst, p, BINARY_HEADER) != 1)
+        if (!*header_written && !out_write(out, p, BINARY_HEADER))
             goto target;
         *header_written = 1;
         p += BINARY_HEADER;
@@ -81,17 +111,17 @@ static int forward(Source *s, const char *p, int len, PGconn *dst, int binary, i
     }
     if (binary && len == 2 && (unsigned char)p[0] == 0xff && (unsigned char)p[1] == 0xff)
         return 1; /* this source's trailer */
-    if (len > 0 && pq.put_copy_data(dst, p, len) != 1)
+    if (len > 0 && !out_write(out, p, len))
         goto target;
     return 1;
 target:
-    snprintf(err, MSG, "%s", pq.error_message(dst));
+    snprintf(err, MSG, "%s", pq.error_message(out->dst));
     *side = "target";
     return 0;
 }
 
 /* Every source's rows into the target, in whatever order they arrive. 1 ok, 0 error. */
-static int merge(Source *src, int ns, PGconn *dst, int binary, char *err, const char **side)
+static int merge(Source *src, int ns, Out *out, int binary, char *err, const char **side)
 {
     int active = ns, header_written = 0;
     while (active > 0) {
@@ -103,7 +133,7 @@ static int merge(Source *src, int ns, PGconn *dst, int binary, char *err, const 
             int n;
             while ((n = pq.get_copy_data(src[i].c, &buf, ns > 1)) > 0) {
                 progressed = 1;
-                int ok = forward(&src[i], buf, n, dst, binary, &header_written, err, side);
+                int ok = forward(&src[i], buf, n, out, binary, &header_written, err, side);
                 pq.freemem(buf);
                 if (!ok)
                     return 0;
@@ -123,6 +153,11 @@ static int merge(Source *src, int ns, PGconn *dst, int binary, char *err, const 
             }
         }
         if (!progressed && active > 0) { /* several sources, none with a whole row buffered: wait */
+            if (!out_flush(out)) { /* what is gathered goes to the target while the sources are slow */
+                snprintf(err, MSG, "%s", pq.error_message(out->dst));
+                *side = "target";
+                return 0;
+            }
             struct pollfd fds[MAX_SOURCES];
             int k = 0;
             for (int i = 0; i < ns; i++)
@@ -138,8 +173,8 @@ static int merge(Source *src, int ns, PGconn *dst, int binary, char *err, const 
             }
         }
     }
-    if (binary && header_written && pq.put_copy_data(dst, "\377\377", 2) != 1) {
-        snprintf(err, MSG, "%s", pq.error_message(dst));
+    if ((binary && header_written && !out_write(out, "\377\377", 2)) || !out_flush(out)) {
+        snprintf(err, MSG, "%s", pq.error_message(out->dst));
         *side = "target";
         return 0;
     }
@@ -151,9 +186,14 @@ static PyObject *pump(PyObject *self, PyObject *args)
     PyObject *srcs, *outs;
     unsigned long long dst_ptr;
     const char *in_sql;
-    int binary;
-    if (!PyArg_ParseTuple(args, "O!KO!yp", &PyTuple_Type, &srcs, &dst_ptr, &PyTuple_Type, &outs, &in_sql, &binary))
+    int binary, chunk = 0;
+    if (!PyArg_ParseTuple(args, "O!KO!yp|i", &PyTuple_Type, &srcs, &dst_ptr, &PyTuple_Type, &outs, &in_sql, &binary,
+                          &chunk))
         return NULL;
+    if (chunk < 0 || chunk > (64 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "pump: chunk is 0 (a message per row) to 64 MB");
+        return NULL;
+    }
     if (!pq_check_bound())
         return NULL;
     Py_ssize_t ns = PyTuple_GET_SIZE(srcs);
@@ -174,6 +214,9 @@ static PyObject *pump(PyObject *self, PyObject *args)
         out_sql[i] = PyBytes_AS_STRING(PyTuple_GET_ITEM(outs, i));
     }
     PGconn *dst = (PGconn *)(uintptr_t)dst_ptr;
+    Out out = {.dst = dst, .cap = chunk, .buf = chunk ? malloc(chunk) : NULL};
+    if (chunk && out.buf == NULL)
+        return PyErr_NoMemory();
     char err[MSG] = "";
     const char *side = NULL;
     long long rows = 0;
@@ -185,7 +228,7 @@ static PyObject *pump(PyObject *self, PyObject *args)
         if (!start(src[i].c, out_sql[i], PGRES_COPY_OUT, err))
             side = "source";
     if (side == NULL)
-        merge(src, (int)ns, dst, binary, err, &side);
+        merge(src, (int)ns, &out, binary, err, &side);
     if (side != NULL) {
         /* the target's COPY must not commit; the caller closes every connection */
         if (side[0] == 's')
@@ -207,6 +250,7 @@ static PyObject *pump(PyObject *self, PyObject *args)
         }
     }
     Py_END_ALLOW_THREADS
+    free(out.buf);
 
     if (side == NULL)
         return Py_BuildValue("(LO)", rows, Py_None);
@@ -215,7 +259,7 @@ static PyObject *pump(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"pump", pump, METH_VARARGS,
-     "pump(src_pgconns, dst_pgconn, copy_out_sqls, copy_in_sql, binary) -> (rows, error)"},
+     "pump(src_pgconns, dst_pgconn, copy_out_sqls, copy_in_sql, binary, chunk=0) -> (rows, error)"},
     {"bind", pq_bind, METH_VARARGS, "bind(*libpq_function_addresses): see replicator/libpq.py for the order"},
     {NULL, NULL, 0, NULL},
 };

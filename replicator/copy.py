@@ -157,6 +157,10 @@ MID_COPY_ROWS = 100_000  # the mid_copy failpoint fires once the running COPYs h
 
 SPLIT_BYTES = 64 << 20  # tables above this are copied in block ranges, side by side
 FREEZE_MIN_BYTES = 8 << 20  # whole tables above this are truncated and written frozen (COPY FREEZE)
+# Rows go to the target in CopyData messages of up to this size, not one message per row: measured
+# on pgbench_accounts (2M rows, binary), the target backend's CPU 1.20 -> 1.12 s, the pump's 0.22
+# -> 0.18 s; 8 kB and 256 kB gave the same as 64 kB.
+PUMP_CHUNK = 1 << 16
 
 
 BLOCK = 8192
@@ -290,7 +294,7 @@ def _copy_in_process(pump: Callable[..., tuple[int, Any]], t: TableCopy, sources
         if truncate:
             cur.execute(f"TRUNCATE {t.qualified}")
     rows, err = pump(tuple(s.pgconn_ptr for s in sources), dst.pgconn_ptr,
-                     tuple(q.encode() for q in copy_outs), copy_in.encode(), binary)
+                     tuple(q.encode() for q in copy_outs), copy_in.encode(), binary, PUMP_CHUNK)
     if err is not None:
         side, msg = err
         text = msg.decode(errors="replace").strip().splitlines()

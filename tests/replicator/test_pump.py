@@ -15,7 +15,7 @@ TABLE = "CREATE TABLE t (id int PRIMARY KEY, v text, b bytea, n numeric)"
 COLUMNS = {"t": ["id", "v", "b", "n"]}
 
 
-def _pump(src, dst, wheres: list[str], binary: bool) -> tuple[int, object]:
+def _pump(src, dst, wheres: list[str], binary: bool, chunk: int = 1 << 16) -> tuple[int, object]:
     pump = libpq.pump()
     if pump is None:
         pytest.skip("the C pump is not built")
@@ -26,7 +26,7 @@ def _pump(src, dst, wheres: list[str], binary: bool) -> tuple[int, object]:
         target.cursor().execute("TRUNCATE t")
         rows, err = pump(tuple(c.pgconn_ptr for c in sources), target.pgconn_ptr,
                          tuple(f"COPY (SELECT * FROM t WHERE {w}) TO STDOUT {fmt}".encode() for w in wheres),
-                         f"COPY t FROM STDIN {fmt}".encode(), binary)
+                         f"COPY t FROM STDIN {fmt}".encode(), binary, chunk)
         if err is None:
             target.commit()
         return rows, err
@@ -35,16 +35,28 @@ def _pump(src, dst, wheres: list[str], binary: bool) -> tuple[int, object]:
             c.close()
 
 
+@pytest.mark.parametrize("chunk", [1 << 16, 100, 0], ids=["64kB", "100B", "per-row"])
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "text"])
-def test_ranges_read_side_by_side_arrive_in_one_copy(pair, binary):
+def test_ranges_read_side_by_side_arrive_in_one_copy(pair, binary, chunk):
+    """Rows gathered into target messages of up to `chunk` bytes (100: most rows fill one, the big
+    ones are larger than a message and go alone), or one message per row."""
     src, dst = pair
-    src.execute(TABLE + "; INSERT INTO t SELECT g, 'v' || g || E'\\ttab', decode(md5(g::text), 'hex'), g / 7.0 "
+    src.execute(TABLE + "; INSERT INTO t SELECT g, 'v' || g || E'\\ttab' || CASE WHEN g % 5000 = 0 THEN "
+                "repeat(md5(g::text), 5000) ELSE '' END, decode(md5(g::text), 'hex'), g / 7.0 "
                 "FROM generate_series(1, 30000) g")
     dst.execute(TABLE)
     # three ranges, one of them empty (its stream is only a header and a trailer in binary)
-    rows, err = _pump(src, dst, ["id <= 10000", "false", "id > 10000"], binary)
+    rows, err = _pump(src, dst, ["id <= 10000", "false", "id > 10000"], binary, chunk)
     assert err is None and rows == 30000
     assert_same_tables(src, dst, COLUMNS)
+
+
+def test_a_chunk_size_out_of_range_is_refused(pair):
+    src, dst = pair
+    src.execute(TABLE)
+    dst.execute(TABLE)
+    with pytest.raises(ValueError, match="chunk"):
+        _pump(src, dst, ["true"], True, -1)
 
 
 def test_a_failing_source_leaves_the_target_copy_uncommitted(pair):
