@@ -8,6 +8,10 @@ keys form that table's group: creating them locks only that table, so groups run
 marks post-data done: foreign keys (they need the other table's unique index), partition index
 attachments (they need both indexes), triggers, rules, statistics and any type not named here.
 
+Small tables' groups (under SMALL_TABLE_BYTES) share transactions, up to SMALL_GROUPS_PER_TXN
+groups each: one transaction per tiny table cost more than its index builds (1,000 tables of 100
+rows: post-data 0.8 s -> see bench/README.md, "Many small tables").
+
 A crash therefore leaves each group created and recorded, or untouched; the next start runs the
 groups not recorded. Before, post-data was one transaction on one connection: index builds of
 different tables ran one after the other, and a crash near its end started it all over.
@@ -44,6 +48,8 @@ ON_ONE_TABLE = {
     "INDEX": re.compile(rf"CREATE (?:UNIQUE )?INDEX {_IDENT} ON (?:ONLY )?{_TABLE} USING "),
 }
 REST = "(foreign keys, triggers and the rest)"  # the last group's name in <state>.post_data
+SMALL_TABLE_BYTES = 8 << 20  # tables below this: their groups are created together...
+SMALL_GROUPS_PER_TXN = 100  # ...this many per target transaction
 
 
 class PostDataError(PgferryError):
@@ -104,7 +110,8 @@ def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int
             conn.commit()
         return conns.mine.conn
 
-    def create(name: str, statements: list[str], mark_sync: bool) -> None:
+    def create(names: list[str], statements: list[str], mark_sync: bool) -> None:
+        """The groups `names` (or REST), created and recorded in one transaction."""
         conn = session()
         cur = conn.cursor()
         try:
@@ -115,10 +122,11 @@ def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int
                 conn.rollback()
             except psycopg2.Error:  # the connection is gone: the error below says why
                 pass
-            what = "the rest of the post-data" if name == REST else f"the indexes and constraints of {name}"
+            what = ("the rest of the post-data" if names == [REST] else "the indexes and constraints of "
+                    + (names[0] if len(names) == 1 else f"one of {len(names)} tables ({', '.join(names[:3])}...)"))
             raise PostDataError(f"creating {what} on target {describe_dsn(target)} failed: {first_line(exc)}. "
                                 "If the target already has them, pass --no-schema") from None
-        cur.execute(f"INSERT INTO {s}.post_data (slot_name, item) VALUES (%s, %s)", (slot, name))
+        cur.execute(f"INSERT INTO {s}.post_data (slot_name, item) SELECT %s, unnest(%s::text[])", (slot, names))
         if mark_sync:
             cur.execute(f"UPDATE {s}.sync SET post_data_done = true WHERE slot_name = %s", (slot,))
         conn.commit()
@@ -132,16 +140,20 @@ def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int
         cur.execute(f"SELECT item FROM {s}.post_data WHERE slot_name = %s", (slot,))
         done = {r[0] for r in cur.fetchall()}
         todo = [t for t in pd.groups if t not in done]
+        size: dict[str, int] = {}
         if todo:  # biggest first: the longest build starts at once
             cur.execute("SELECT t, coalesce(pg_table_size(to_regclass(t)), 0) FROM unnest(%s::text[]) t", (todo,))
             size = dict(cur.fetchall())
             todo.sort(key=lambda t: -size.get(t, 0))
         conn.commit()
+        units = [[t] for t in todo if size.get(t, 0) >= SMALL_TABLE_BYTES]
+        small = [t for t in todo if size.get(t, 0) < SMALL_TABLE_BYTES]
+        units += [small[i:i + SMALL_GROUPS_PER_TXN] for i in range(0, len(small), SMALL_GROUPS_PER_TXN)]
         if done:
             log.info("post-data: %d of %d tables' indexes and constraints were created before", len(done - {REST}),
                      len(pd.groups))
         with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="post-data") as pool:
-            futures = [pool.submit(create, t, pd.groups[t], False) for t in todo]
+            futures = [pool.submit(create, unit, [q for t in unit for q in pd.groups[t]], False) for unit in units]
             for f in as_completed(futures):
                 if f.exception() is not None:
                     for other in futures:
@@ -149,7 +161,7 @@ def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int
                 f.result()
                 failpoints.hit("mid_post_data")
         if REST not in done:  # else post_data_done was set with it
-            create(REST, pd.rest, True)
+            create([REST], pd.rest, True)
     finally:
         conns.close()
     log.info("schema: created the indexes and constraints of %d tables (%d at a time) and %d other objects on the "
