@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from replicator.postdata import split_post_data
+from replicator.postdata import SMALL_STATEMENTS_PER_TXN, SMALL_TABLE_BYTES, pack_small_groups, split_post_data
 from tests.pgplugin import Daemon, Db
 
 # The statements that make every kind of post-data object pg_dump writes for these tables.
@@ -124,6 +124,18 @@ def test_post_data_splits_into_per_table_groups_and_the_rest_in_dump_order():
     assert [s.split()[:2] for s in pd.rest] == [["ALTER", "INDEX"], ["CREATE", "TRIGGER"], ["ALTER", "TABLE"]]
     assert "FOREIGN KEY" in pd.rest[-1] and "dump complete" not in pd.rest[-1]
     assert split_post_data("SET x = 1;\n").groups == {}
+
+
+def test_small_tables_share_transactions_up_to_a_statement_bound():
+    big, small, limit = SMALL_TABLE_BYTES, 1000, SMALL_STATEMENTS_PER_TXN
+    groups = {"big": ["x"] * 3, "wide": ["x"] * limit, **{f"t{i}": ["x", "x"] for i in range(limit)}}
+    size = {"big": big, "wide": small, **{f"t{i}": small for i in range(limit)}}
+    units = pack_small_groups(list(groups), size, groups)
+    assert units[:2] == [["big"], ["wide"]]  # a big table alone; so is a small one with as many statements
+    rest = units[2:]
+    assert [t for u in rest for t in u] == [f"t{i}" for i in range(limit)]  # every table once, in order
+    assert all(sum(len(groups[t]) for t in u) <= limit for u in rest) and len(rest) == 2
+    assert pack_small_groups([], {}, {}) == []
 
 
 def _definitions(db: Db) -> list[str]:
