@@ -48,9 +48,31 @@ class CopyConnections(ThreadConnections):
     source connection each) cost more than copying a small table: 1,000 tables of 100 rows took
     14-16 s, now 4.4-4.6 s, about what `pg_dump | psql` takes (`python -m bench.copy --tables 1000`)."""
 
-    def __init__(self, cfg: SyncConfig, snapshot: str) -> None:
+    def __init__(self, cfg: SyncConfig, snapshot: str, tables: list[str] | None = None, empty: bool = False) -> None:
         super().__init__()
         self.cfg, self.snapshot = cfg, snapshot
+        self.tables = tables or []  # every table to copy (qualified): their columns are read at once
+        self.empty = empty  # the target's tables are known to be empty (pre-data has just created them)
+        self._columns: dict[str, list[tuple[str, bool, str]]] | None = None
+
+    def columns(self, t: TableCopy, src: Any) -> list[tuple[str, bool, str]]:
+        """(name, built-in type, relkind) of `t`'s copied columns, as the snapshot sees them. Read
+        for every table in one query by the first thread that asks (one query per table was a
+        round trip per table: 1,000 small tables)."""
+        with self.lock:
+            if self._columns is None or t.qualified not in self._columns:
+                names = self.tables if t.qualified in self.tables else [t.qualified]
+                with src.cursor() as cur:
+                    cur.execute("""SELECT n.name, a.attname, a.atttypid < %s, c.relkind
+                        FROM unnest(%s::text[]) WITH ORDINALITY n(name, i)
+                        JOIN pg_attribute a ON a.attrelid = n.name::regclass JOIN pg_class c ON c.oid = a.attrelid
+                        WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                        ORDER BY n.i, a.attnum""", (FIRST_USER_OID, names))
+                    found: dict[str, list[tuple[str, bool, str]]] = {name: [] for name in names}
+                    for name, *col in cur.fetchall():
+                        found[name].append(tuple(col))  # type: ignore[arg-type]
+                self._columns = {**(self._columns or {}), **found}
+            return self._columns[t.qualified]
 
     def sources(self, n: int) -> list[Any]:
         """This thread's first `n` source connections (opened and put into the snapshot as needed)."""
@@ -233,14 +255,10 @@ def copy_table(cfg: SyncConfig, t: TableCopy, conns: CopyConnections, snapshot_l
         raise ValueError("several block ranges in one copy need the C pump")
     try:
         dst = conns.target()
-        if whole:
+        if whole and (pump is None or t.bytes >= FREEZE_MIN_BYTES):  # a small one is copied in milliseconds
             mark_copying(cfg, t, dst)
         sources = conns.sources(len(wheres))
-        with sources[0].cursor() as scur:
-            scur.execute("""SELECT a.attname, a.atttypid < %s, c.relkind FROM pg_attribute a JOIN pg_class c
-                ON c.oid = a.attrelid WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
-                AND a.attgenerated = '' ORDER BY a.attnum""", (FIRST_USER_OID, t.qualified))
-            cols = scur.fetchall()
+        cols = conns.columns(t, sources[0])
         names = ", ".join(quote_ident(c[0]) for c in cols)
         binary = all(c[1] for c in cols)
         plain = bool(cols) and cols[0][2] == "r"  # not a partitioned root
@@ -260,7 +278,7 @@ def copy_table(cfg: SyncConfig, t: TableCopy, conns: CopyConnections, snapshot_l
         copy_in = f"COPY {t.qualified} ({names}) FROM STDIN {into_fmt}"
         mark = (lambda rows: _copied_sql(cfg, t, snapshot_lsn, rows)) if whole else None
         if pump is not None:
-            rows = _copy_in_process(pump, t, sources, dst, copy_outs, copy_in, mark, freeze, binary)
+            rows = _copy_in_process(pump, t, sources, dst, copy_outs, copy_in, mark, freeze, binary, conns.empty)
         else:
             rows = _copy_with_psql(cfg, t, conns.snapshot, copy_outs[0], copy_in, mark(None) if mark else None)
             if mark is not None:  # psql committed the mark; the row count is known only now
@@ -281,14 +299,14 @@ def copy_table(cfg: SyncConfig, t: TableCopy, conns: CopyConnections, snapshot_l
 
 def _copy_in_process(pump: Callable[..., tuple[int, Any]], t: TableCopy, sources: list[Any], dst: Any,
                      copy_outs: list[str], copy_in: str, mark: Callable[[int], str] | None, freeze: bool,
-                     binary: bool) -> int:
+                     binary: bool, empty: bool) -> int:
     """The C pump from `sources` (in the snapshot) into `dst`; for a whole table ONE target
-    transaction empties it (TRUNCATE when `freeze` or when it has rows), copies, and marks it
-    copied with its row count."""
+    transaction empties it (TRUNCATE when `freeze` or when it has rows, unless it is known to be
+    `empty`), copies, and marks it copied with its row count."""
     cur = dst.cursor()
     if mark is not None:
         truncate = freeze
-        if not freeze:  # usually a table pre-data has just made: empty
+        if not freeze and not empty:  # a table made by hand (--no-schema), or on resume
             cur.execute(f"SELECT EXISTS (SELECT FROM {t.qualified})")
             truncate = cur.fetchone()[0]
         if truncate:

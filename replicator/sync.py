@@ -110,6 +110,7 @@ class InitialSync:
         self.cfg = cfg
         self.target: Any = None
         self.snapshot_conn: Any = None  # a replication connection that keeps an exported snapshot alive
+        self.tables_created = False  # pre-data created the tables in this run (so they are empty)
 
     def run(self) -> None:
         """Bring the target to a copied state. Returns when streaming may start (from the slot's
@@ -255,6 +256,7 @@ class InitialSync:
             return
         sql = dump_schema(self.cfg.source, "pre-data", snapshot)
         self._run_schema_sql(sql, "pre_data_done = true, phase = 'copy'", "tables, types and sequences")
+        self.tables_created = True  # by pg_dump's CREATE TABLEs just now: empty
 
     def _run_schema_sql(self, sql: str, mark: str, what: str) -> None:
         conn = connect(self.cfg.target, "target")
@@ -321,7 +323,7 @@ class InitialSync:
                 truncate_target(self.cfg, t)
                 split[t.display] = len(ranges)
             parts += [(t, [where]) for where in ranges]
-        conns = CopyConnections(self.cfg, snapshot)
+        conns = CopyConnections(self.cfg, snapshot, [t.qualified for t in tables], self.tables_created)
         try:
             with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="copy") as pool:
                 futures = {pool.submit(copy_table, self.cfg, t, conns, snapshot_lsn, progress, wheres,

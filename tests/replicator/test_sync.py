@@ -163,7 +163,9 @@ def test_a_copy_the_target_rejects_stops_with_its_error_and_keeps_nothing(pair, 
     assert "copying public.a failed" in out and 'violates check constraint "a_x_check"' in out, out
     assert "Traceback" not in out, out
     assert dst.execute("SELECT count(*) FROM a") == [(0,)]  # the table's copy is one transaction
-    assert dst.execute("SELECT state FROM pgferry.tables WHERE table_name = 'a'") == [("copying",)]
+    # not copied; 'copying' only where the mark is worth a commit (psql, or tables of 8 MB and more)
+    state = "pending" if how == "(binary)" else "copying"
+    assert dst.execute("SELECT state FROM pgferry.tables WHERE table_name = 'a'") == [(state,)]
 
 
 def test_many_small_tables_share_connections_and_stale_rows_are_replaced(pair):
