@@ -120,44 +120,76 @@ target:
     return 0;
 }
 
-/* Every source's rows into the target, in whatever order they arrive. 1 ok, 0 error. */
+/* Forward the rows source i has buffered. 1 some forwarded, 0 none buffered, -1 its COPY is over (the
+ * source is finished), -2 error (err set). */
+static int drain(Source *src, int i, int async, Out *out, int binary, int *header_written, char *err,
+                 const char **side)
+{
+    char *buf;
+    int n, took = 0;
+    while ((n = pq.get_copy_data(src[i].c, &buf, async)) > 0) {
+        int ok = forward(&src[i], buf, n, out, binary, header_written, err, side);
+        pq.freemem(buf);
+        if (!ok)
+            return -2;
+        took = 1;
+    }
+    if (n == -1) {
+        if (!finish(src[i].c, err)) {
+            *side = "source";
+            return -2;
+        }
+        src[i].active = 0;
+        return -1;
+    }
+    if (n == -2) {
+        snprintf(err, MSG, "%s", pq.error_message(src[i].c));
+        *side = "source";
+        return -2;
+    }
+    return took;
+}
+
+static int target_error(Out *out, char *err, const char **side)
+{
+    snprintf(err, MSG, "%s", pq.error_message(out->dst));
+    *side = "target";
+    return 0;
+}
+
+/* Every source's rows into the target. The first source still running is served whenever it has
+ * rows (buffered, or waiting in its socket); a later one only while the earlier ones have none. So
+ * when the target is the slower side, as it usually is (COPY FROM costs the target about twice
+ * what COPY TO costs the source), the ranges arrive one after the other, in the table's order
+ * (which keeps the target's heap in the source's order: an index build on it sorts presorted
+ * input), and the later sources wait with a full socket; when a source is slower, the others fill
+ * its gaps and the ranges are read side by side. 1 ok, 0 error. */
 static int merge(Source *src, int ns, Out *out, int binary, char *err, const char **side)
 {
     int active = ns, header_written = 0;
     while (active > 0) {
         int progressed = 0;
-        for (int i = 0; i < ns; i++) {
+        for (int i = 0; i < ns && !progressed; i++) {
             if (!src[i].active)
                 continue;
-            char *buf;
-            int n;
-            while ((n = pq.get_copy_data(src[i].c, &buf, ns > 1)) > 0) {
-                progressed = 1;
-                int ok = forward(&src[i], buf, n, out, binary, &header_written, err, side);
-                pq.freemem(buf);
-                if (!ok)
-                    return 0;
-            }
-            if (n == -1) {
-                if (!finish(src[i].c, err)) {
+            int r = drain(src, i, ns > 1, out, binary, &header_written, err, side);
+            if (r == 0 && ns > 1) { /* nothing buffered: whatever its socket holds now, without waiting */
+                if (!pq.consume_input(src[i].c)) {
+                    snprintf(err, MSG, "%s", pq.error_message(src[i].c));
                     *side = "source";
                     return 0;
                 }
-                src[i].active = 0;
+                r = drain(src, i, 1, out, binary, &header_written, err, side);
+            }
+            if (r == -2)
+                return 0;
+            if (r == -1)
                 active--;
-                progressed = 1;
-            } else if (n == -2) {
-                snprintf(err, MSG, "%s", pq.error_message(src[i].c));
-                *side = "source";
-                return 0;
-            }
+            progressed = r != 0;
         }
-        if (!progressed && active > 0) { /* several sources, none with a whole row buffered: wait */
-            if (!out_flush(out)) { /* what is gathered goes to the target while the sources are slow */
-                snprintf(err, MSG, "%s", pq.error_message(out->dst));
-                *side = "target";
-                return 0;
-            }
+        if (!progressed && active > 0) { /* no source has a whole row: wait for any */
+            if (!out_flush(out)) /* what is gathered goes to the target while the sources are slow */
+                return target_error(out, err, side);
             struct pollfd fds[MAX_SOURCES];
             int k = 0;
             for (int i = 0; i < ns; i++)
@@ -173,11 +205,8 @@ static int merge(Source *src, int ns, Out *out, int binary, char *err, const cha
             }
         }
     }
-    if ((binary && header_written && !out_write(out, "\377\377", 2)) || !out_flush(out)) {
-        snprintf(err, MSG, "%s", pq.error_message(out->dst));
-        *side = "target";
-        return 0;
-    }
+    if ((binary && header_written && !out_write(out, "\377\377", 2)) || !out_flush(out))
+        return target_error(out, err, side);
     return 1;
 }
 
