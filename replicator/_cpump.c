@@ -5,8 +5,9 @@
  *
  * pump(srcs, dst, copy_out_sqls, copy_in_sql, binary, chunk=0) -> (rows, error)
  *   srcs: PGconn pointers, each running its copy_out_sqls[i] (e.g. one block range of a table
- *         each): their rows are merged into the ONE target COPY as they arrive, so a big table is
- *         read side by side but written by one transaction (which may use FREEZE)
+ *         each): their rows are merged into the ONE target COPY (see merge: in order while the
+ *         target is the slower side, side by side where a source is), so a big table is written
+ *         by one transaction (which may use FREEZE)
  *   binary: the COPYs are binary (one header and one trailer are kept in the merged stream)
  *   chunk: rows are gathered into target CopyData messages of up to this many bytes (0: one each)
  *   rows: what the target's COPY reported; error: None, or ("source" | "target", message).

@@ -10,7 +10,7 @@ attachments (they need both indexes), triggers, rules, statistics and any type n
 
 Small tables' groups (under SMALL_TABLE_BYTES) share transactions, up to SMALL_STATEMENTS_PER_TXN
 statements each: one transaction per tiny table cost more than its index builds (1,000 tables of
-100 rows, one primary key each: the whole sync 3.99 -> 3.79 s). The bound keeps the locks one
+100 rows, one primary key each: the whole sync 4.11 -> 3.61 s). The bound keeps the locks one
 transaction holds (about two per index or constraint) far below a small server's lock table
 (`max_locks_per_transaction` x `max_connections`, shared by the `jobs` transactions at once).
 
