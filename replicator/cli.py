@@ -11,10 +11,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+import psycopg2
+
 from sink.apply import BatchLimits
 
 from . import config
-from .errors import EXIT_USAGE, PgferryError, UsageError
+from .errors import EXIT_PROBLEM, EXIT_USAGE, PgferryError, UsageError, first_line
 
 
 # Options that are also settings (replicator/config.py) default to None here: None means "not
@@ -172,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PgferryError as exc:
         print(f"pgferry: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except psycopg2.Error as exc:  # a server error no command expected (a connection lost mid-way...)
+        print(f"pgferry: error: {args.command}: {first_line(exc)}", file=sys.stderr)
+        return EXIT_PROBLEM
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -21,7 +21,7 @@ import psycopg2
 
 from decoder import Lsn
 from sink import failpoints
-from sink.state import NO_TIMEOUTS, quote_ident
+from sink.state import no_timeouts, quote_ident
 
 from . import libpq
 from .errors import PgferryError
@@ -108,9 +108,9 @@ class CopyConnections(ThreadConnections):
 
 def _no_timeouts(conn: Any) -> None:
     """A copy session runs one long COPY, and a spare source connection (kept for a later table's
-    block ranges) waits idle in its snapshot's transaction (`state.NO_TIMEOUTS`)."""
+    block ranges) waits idle in its snapshot's transaction (`state.no_timeouts`)."""
     conn.autocommit = True
-    conn.cursor().execute(NO_TIMEOUTS)
+    no_timeouts(conn.cursor())
     conn.autocommit = False
 
 

@@ -19,7 +19,7 @@ from typing import IO, Any
 import msgspec
 import psycopg2
 
-from sink.state import quote_ident
+from sink.state import no_timeouts, quote_ident
 
 from .errors import first_line
 from .source import connect
@@ -134,7 +134,9 @@ def verify(source: str, target: str, publication: str, tables: list[str] | None,
     src, dst = connect(source, "source"), connect(target, "target")
     try:
         for c in (src, dst):
-            c.cursor().execute(_SETTINGS)
+            cur = c.cursor()
+            no_timeouts(cur)  # checksums of big tables outlast timeouts meant for the application
+            cur.execute(_SETTINGS)
             c.commit()
         return [verify_table(src, dst, n, t, mode) for n, t in published_tables(src, publication, tables)]
     finally:

@@ -22,6 +22,15 @@ DEFAULT_SCHEMA = "pgferry"
 NO_TIMEOUTS = "SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0"
 
 
+def no_timeouts(cur: Any) -> None:
+    """Turn off the server's timeouts for this session, as pg_dump does: they are meant for the
+    application's statements and transactions, and pgferry's run longer (a copy, a big batch).
+    PostgreSQL 17 added `transaction_timeout`, which terminates the whole session."""
+    cur.execute(NO_TIMEOUTS)
+    if cur.connection.server_version >= 170000:
+        cur.execute("SET transaction_timeout = 0")
+
+
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 

@@ -164,13 +164,15 @@ def publish_same_table(src: Db, dst: Db, ddl: str) -> None:
 
 def slow_inserts_under_a_timeout(db: Db, table: str, always: bool = False) -> None:
     """Every INSERT or COPY into `table` takes 0.5 s (a statement-level trigger), and the database
-    has a 200 ms statement_timeout: a limit meant for applications, met by pgferry's longer statements.
+    has a 200 ms statement_timeout (and on PostgreSQL 17+ a 300 ms transaction_timeout, which
+    terminates the session): limits meant for applications, met by pgferry's longer statements.
     `always`: the trigger fires under session_replication_role = replica too."""
     db.psql(f"""CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql
             AS $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$;
         CREATE TRIGGER slow BEFORE INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION slow();
         {f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER slow;" if always else ""}
-        ALTER DATABASE {db.name} SET statement_timeout = '200ms';""")
+        ALTER DATABASE {db.name} SET statement_timeout = '200ms';
+        {f"ALTER DATABASE {db.name} SET transaction_timeout = '300ms';" if db.server.version >= 17 else ""}""")
 
 
 def pgferry(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> Any:

@@ -64,3 +64,19 @@ def test_the_example_config_is_valid_and_passwords_are_never_shown(tmp_path):
     assert shown["source"] == "host=db password=*** user=me"
     assert shown["target"] == "postgresql://me:***@new-db/app"
     assert "s3 cret" not in r.stdout + r.stderr and "hunter2" not in r.stdout + r.stderr
+
+
+def test_a_server_error_no_command_expected_is_one_line_and_exit_1(monkeypatch, capsys):
+    """The last resort: a psycopg2 error escaping a command (a connection lost mid-way) is printed
+    as one line with the command's name, never as a traceback."""
+    import psycopg2
+
+    from replicator import cli
+
+    def lost(*_: object) -> int:
+        raise psycopg2.OperationalError("server closed the connection unexpectedly\n\tThis probably means...")
+
+    monkeypatch.setattr(cli, "_admin", lost)
+    assert cli.main(["verify", "--source", "host=s", "--target", "host=t"]) == 1
+    err = capsys.readouterr().err
+    assert err == "pgferry: error: verify: server closed the connection unexpectedly\n", err

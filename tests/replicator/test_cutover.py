@@ -8,7 +8,7 @@ import subprocess
 import psycopg2
 import pytest
 
-from tests.pgplugin import Daemon, Db, assert_same_tables, pgferry, wait_for
+from tests.pgplugin import Daemon, Db, assert_same_tables, pgferry, publish_same_table, wait_for
 from tests.replicator.test_sync import PGBENCH, TABLES, TYPED
 
 pytestmark = pytest.mark.pg
@@ -113,3 +113,17 @@ def test_verify_names_the_table_and_key_range_that_differ(pair, daemons, monkeyp
     assert not result["public.t"]["match"] and result["public.k"]["match"] is False
     r = pgferry("verify", "--source", src.dsn, "--target", dst.dsn, "--mode", "count", "--tables", "t")
     assert r.returncode == 0, r.stdout
+
+
+def test_verify_outlasts_the_servers_timeouts(pair):
+    """statement_timeout (and transaction_timeout on 17+) are meant for the application's queries: a
+    verify of a big table takes longer, and must not be cancelled half-way."""
+    src, dst = pair
+    publish_same_table(src, dst, "CREATE TABLE big (id int PRIMARY KEY, v text)")
+    for db in (src, dst):
+        db.execute("INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 300000) g")
+        db.execute(f"ALTER DATABASE {db.name} SET statement_timeout = '50ms'")
+        if db.server.version >= 17:
+            db.execute(f"ALTER DATABASE {db.name} SET transaction_timeout = '50ms'")
+    r = pgferry("verify", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 0 and "canceling" not in r.stderr + r.stdout, r.stdout + r.stderr

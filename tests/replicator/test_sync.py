@@ -205,12 +205,16 @@ def test_many_small_tables_share_connections_and_stale_rows_are_replaced(pair):
 
 
 def test_the_copy_outlasts_the_servers_statement_timeout(pair):
-    """A server's statement_timeout is meant for the application's queries: the copy's sessions
-    turn it off (as pg_dump does), so a slow COPY is not cancelled half-way through a migration."""
+    """A server's statement_timeout and transaction_timeout (17+) are meant for the application's
+    queries: the copy's sessions turn them off (as pg_dump does), so a slow COPY is not cancelled
+    half-way through a migration, nor are the source's snapshot transactions that feed it."""
     src, dst = pair
     src.execute(TABLE_A)
     dst.execute("CREATE TABLE a (id int PRIMARY KEY, x text)")
     slow_inserts_under_a_timeout(dst, "a")
+    src.execute(f"ALTER DATABASE {src.name} SET statement_timeout = '200ms'")
+    if src.server.version >= 17:
+        src.execute(f"ALTER DATABASE {src.name} SET transaction_timeout = '300ms'")
     InitialSync(SyncConfig(source=src.dsn, target=dst.dsn, publication="pgferry", slot="pgferry",
                            schema="pgferry", schema_copy=False, jobs=1)).run()
     assert_same_tables(src, dst, {"a": ["id", "x"]})
