@@ -12,6 +12,8 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
+from sink.state import no_timeouts
+
 from .errors import PgferryError, SourceNotReady, UsageError, first_line
 
 
@@ -46,6 +48,12 @@ def connect(dsn: str, role: str = "source", **kwargs: object) -> psycopg2.extens
         else:
             hint = "check host, port and that the server is running and reachable"
         raise UsageError(f"cannot connect to {role} {describe_dsn(dsn)}: {msg}; {hint}") from None
+    if isinstance(conn, psycopg2.extras.LogicalReplicationConnection):
+        # A walsender runs transactions too (the exported snapshot's, the catalog lookups while it
+        # decodes a big transaction): the server's transaction_timeout would end the stream in
+        # every retry, its idle_in_transaction_session_timeout the exported snapshot.
+        with conn.cursor() as cur:
+            no_timeouts(cur)
     return conn
 
 

@@ -213,6 +213,28 @@ def test_the_targets_statement_timeout_does_not_cancel_the_apply(pair, daemons):
     assert "statement timeout" not in out and "retrying" not in out, out
 
 
+def test_the_sources_timeouts_do_not_end_the_stream(pair, daemons):
+    """A walsender runs transactions too: decoding a big transaction looks up the catalog in one.
+    A source database with short timeouts for its applications (transaction_timeout on 17+ ended
+    the stream at every retry of that transaction, forever) must not stop pgferry's stream."""
+    src, dst = pair
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    settings = ["statement_timeout", "idle_in_transaction_session_timeout"]
+    settings += ["transaction_timeout"] if src.server.version >= 17 else []
+    for setting in settings:
+        src.execute(f"ALTER DATABASE {src.name} SET {setting} = '100ms'")
+    d = Daemon(src, dst)
+    daemons.append(d)
+    # the application's big transaction, its own session exempt
+    src.execute("; ".join(f"SET {setting} = 0" for setting in settings) +
+                "; INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 300000) g")
+    d.wait_caught_up(timeout=120)
+    src.execute(f"ALTER DATABASE {src.name} RESET ALL")
+    assert_same_tables(src, dst, {"t": ["id", "v"]})
+    out = d.output()
+    assert "timeout" not in out and "retrying" not in out, out
+
+
 def _write_through_a_black_hole(src, d, proxy, n: int, seed: int, notice: str) -> None:
     """n workload transactions, the path black-holed, n more (pgferry must log `notice`), the path
     back, n more; then wait until pgferry has applied everything."""
