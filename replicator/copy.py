@@ -21,7 +21,7 @@ import psycopg2
 
 from decoder import Lsn
 from sink import failpoints
-from sink.state import no_timeouts, quote_ident
+from sink.state import PORTABLE_FORMATS, pgferry_session, quote_ident
 
 from . import libpq
 from .errors import PgferryError
@@ -108,9 +108,10 @@ class CopyConnections(ThreadConnections):
 
 def _no_timeouts(conn: Any) -> None:
     """A copy session runs one long COPY, and a spare source connection (kept for a later table's
-    block ranges) waits idle in its snapshot's transaction (`state.no_timeouts`)."""
+    block ranges) waits idle in its snapshot's transaction (`state.no_timeouts`); and a text COPY
+    prints and reads dates, intervals and floats in the same portable formats on both sides."""
     conn.autocommit = True
-    no_timeouts(conn.cursor())
+    pgferry_session(conn.cursor())
     conn.autocommit = False
 
 
@@ -328,11 +329,11 @@ def _copy_with_psql(cfg: SyncConfig, t: TableCopy, snapshot: str, copy_out: str,
                     mark: str | None) -> int:
     """The same through two psql processes joined by a pipe (no C pump)."""
     psql = find_client("psql")
-    out_cmd = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1",
+    out_cmd = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", PORTABLE_FORMATS,
                "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
                "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
                "-c", copy_out]
-    in_cmd = [psql, "-X", "-v", "ON_ERROR_STOP=1", "-1"]
+    in_cmd = [psql, "-X", "-v", "ON_ERROR_STOP=1", "-1", "-c", PORTABLE_FORMATS]
     if mark is not None:
         in_cmd += ["-c", f"TRUNCATE {t.qualified}"]
     in_cmd += ["-c", copy_in]

@@ -12,7 +12,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from sink.state import no_timeouts
+from sink.state import pgferry_session
 
 from .errors import PgferryError, SourceNotReady, UsageError, first_line
 
@@ -51,9 +51,10 @@ def connect(dsn: str, role: str = "source", **kwargs: object) -> psycopg2.extens
     if isinstance(conn, psycopg2.extras.LogicalReplicationConnection):
         # A walsender runs transactions too (the exported snapshot's, the catalog lookups while it
         # decodes a big transaction): the server's transaction_timeout would end the stream in
-        # every retry, its idle_in_transaction_session_timeout the exported snapshot.
+        # every retry, its idle_in_transaction_session_timeout the exported snapshot. And pgoutput
+        # prints values with the walsender's DateStyle, IntervalStyle and extra_float_digits.
         with conn.cursor() as cur:
-            no_timeouts(cur)
+            pgferry_session(cur)
     return conn
 
 

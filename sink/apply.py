@@ -150,7 +150,7 @@ class Sink(ChangeByChange, Resolving):
                 self.replica_role = True
             except psycopg2.errors.InsufficientPrivilege:
                 self.conn.rollback()
-            state.no_timeouts(cur)  # committed with the state below
+            state.pgferry_session(cur)  # committed with the state below
             state.ensure_schema(cur, self.schema)
         if initial is not None:
             state.init_progress(cur, self.schema, self.slot, initial, created_slot)

@@ -22,6 +22,13 @@ DEFAULT_SCHEMA = "pgferry"
 NO_TIMEOUTS = "SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0"
 
 
+# Values cross between servers as text in formats every server reads back the same, whatever the
+# database's own settings: a source with DateStyle = 'SQL, DMY' prints 05/11/2026, which a target in
+# MDY reads as May 11 (or rejects: 30/03/2026); extra_float_digits below 1 rounds floats. The same
+# as native logical replication's walreceiver and pg_dump set.
+PORTABLE_FORMATS = "SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3"
+
+
 def no_timeouts(cur: Any) -> None:
     """Turn off the server's timeouts for this session, as pg_dump does: they are meant for the
     application's statements and transactions, and pgferry's run longer (a copy, a big batch).
@@ -29,6 +36,12 @@ def no_timeouts(cur: Any) -> None:
     cur.execute(NO_TIMEOUTS)
     if cur.connection.server_version >= 170000:
         cur.execute("SET transaction_timeout = 0")
+
+
+def pgferry_session(cur: Any) -> None:
+    """What every session pgferry moves data in sets first: no timeouts, portable text formats."""
+    no_timeouts(cur)
+    cur.execute(PORTABLE_FORMATS)
 
 
 def quote_ident(name: str) -> str:
