@@ -79,7 +79,7 @@ class CopyConnections(ThreadConnections):
         have: list[Any] = self.mine.__dict__.setdefault("sources", [])
         while len(have) < n:
             src = self.keep(connect(self.cfg.source, "source"))
-            _no_timeouts(src)
+            _set_up_session(src, ROW_SECURITY_OFF)
             src.set_session(isolation_level="REPEATABLE READ", readonly=True)
             with src.cursor() as cur:
                 cur.execute("SET TRANSACTION SNAPSHOT %s", (self.snapshot,))
@@ -91,7 +91,7 @@ class CopyConnections(ThreadConnections):
         dst = self.mine.__dict__.get("target")
         if dst is None:
             dst = self.mine.target = self.keep(connect(self.cfg.target, "target"))
-            _no_timeouts(dst)
+            _set_up_session(dst)
             dst.cursor().execute("SET application_name = 'pgferry-copy'")
             dst.commit()
         return dst
@@ -106,12 +106,21 @@ class CopyConnections(ThreadConnections):
                     self.opened.remove(conn)
 
 
-def _no_timeouts(conn: Any) -> None:
+# On the source, as pg_dump sets it: a table whose row-level security policies apply to pgferry's
+# role fails its COPY ("query would be affected by row-level security policy") instead of copying
+# only the rows the policies show. Preflight names such tables before anything starts.
+ROW_SECURITY_OFF = "SET row_security = off"
+
+
+def _set_up_session(conn: Any, *more: str) -> None:
     """A copy session runs one long COPY, and a spare source connection (kept for a later table's
     block ranges) waits idle in its snapshot's transaction (`state.no_timeouts`); and a text COPY
     prints and reads dates, intervals and floats in the same portable formats on both sides."""
     conn.autocommit = True
-    pgferry_session(conn.cursor())
+    cur = conn.cursor()
+    pgferry_session(cur)
+    for sql in more:
+        cur.execute(sql)
     conn.autocommit = False
 
 
@@ -329,7 +338,7 @@ def _copy_with_psql(cfg: SyncConfig, t: TableCopy, snapshot: str, copy_out: str,
                     mark: str | None) -> int:
     """The same through two psql processes joined by a pipe (no C pump)."""
     psql = find_client("psql")
-    out_cmd = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", PORTABLE_FORMATS,
+    out_cmd = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", f"{PORTABLE_FORMATS}; {ROW_SECURITY_OFF}",
                "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
                "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
                "-c", copy_out]

@@ -125,6 +125,12 @@ def _source(src: Any, st: Settings) -> list[Finding]:
         add("error", "privileges", f"role {user} cannot read {', '.join(unreadable[:10])}"
                                    f"{' ...' if len(unreadable) > 10 else ''} (the copy needs SELECT)",
             f"GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO {user};")
+    hidden = _hidden_by_row_security(src, tables) if st.copy else []
+    if hidden:
+        add("error", "row security", f"row-level security hides rows of {', '.join(hidden[:10])}"
+                                     f"{' ...' if len(hidden) > 10 else ''} from role {user}: the copy would miss "
+                                     "them", f"ALTER ROLE {user} BYPASSRLS;  -- as a superuser (or copy as the "
+                                             "tables' owner, where the policies are not forced)")
     out += replicability_findings(src, tables)
     if superuser or replication:
         problem = _replication_connection(st.source)
@@ -155,6 +161,20 @@ def _unreadable(src: Any, tables: list[str] | None) -> list[str]:
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
               AND n.nspname NOT LIKE 'pg_toast%%' AND NOT has_table_privilege(c.oid, 'SELECT')
+              AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[]) OR c.relname = ANY(%s::text[]))
+            ORDER BY 1""", (tables, tables, tables))
+        rows = [r[0] for r in cur.fetchall()]
+    src.rollback()
+    return rows
+
+
+def _hidden_by_row_security(src: Any, tables: list[str] | None) -> list[str]:
+    """Tables whose policies apply to this role (not a superuser, no BYPASSRLS, not an owner
+    exempt from them): its COPY would return only the rows they let it see."""
+    with src.cursor() as cur:
+        cur.execute("""SELECT n.nspname || '.' || c.relname
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p') AND c.relrowsecurity AND row_security_active(c.oid)
               AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[]) OR c.relname = ANY(%s::text[]))
             ORDER BY 1""", (tables, tables, tables))
         rows = [r[0] for r in cur.fetchall()]
@@ -257,6 +277,7 @@ CREATE ROLE pgferry WITH LOGIN REPLICATION PASSWORD 'change-me';
 GRANT USAGE ON SCHEMA public TO pgferry;                 -- repeat for every schema that is migrated
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO pgferry;  -- the initial copy reads every table
 GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO pgferry;  -- sequences are copied at the end and at cutover
+-- ALTER ROLE pgferry BYPASSRLS;  -- only if tables have row-level security: else their copy fails
 -- FOR ALL TABLES needs a superuser: create the publication now, so pgferry does not have to.""")
     print(f"CREATE PUBLICATION {st.publication} FOR ALL TABLES;")
     print("""-- pg_hba.conf on the source: a logical replication connection matches the DATABASE name:

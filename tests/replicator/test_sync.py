@@ -9,6 +9,7 @@ import sys
 import psycopg2
 import pytest
 
+from replicator.copy import CopyError
 from replicator.servers import find_bindir
 from replicator.sync import InitialSync, SyncConfig
 from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, slow_inserts_under_a_timeout, wait_for
@@ -276,3 +277,42 @@ def test_values_cross_in_portable_formats_whatever_the_sources_settings(pair, da
     assert a == b, [(x, y) for x, y in zip(a, b, strict=False) if x != y][:3]
     assert "copied public.w: 25 rows in" in d.output() and f"({'text' if how == '(binary)' else 'text, psql'})" \
         in d.output(), d.output()
+
+
+def test_rows_hidden_by_row_level_security_stop_the_start_instead_of_a_partial_copy(pair, daemons):
+    """A table whose policies hide rows from pgferry's role (not a superuser, no BYPASSRLS): its COPY
+    would return only the visible rows, silently. Preflight names it with the fix; the copy session
+    sets row_security = off, so even past preflight the COPY fails instead of copying a part."""
+    src, dst = pair
+    role = f"mig_{src.name}"
+    src.psql(f"""CREATE TABLE secret (id int PRIMARY KEY, owner text);
+        INSERT INTO secret SELECT g, CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END FROM generate_series(1, 100) g;
+        ALTER TABLE secret ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY only_a ON secret USING (owner = 'a');
+        CREATE ROLE {role} LOGIN REPLICATION;
+        GRANT SELECT ON secret TO {role};
+        CREATE PUBLICATION pgferry FOR ALL TABLES;""")
+    source = src.server.dsn(src.name, user=role)
+    try:
+        assert len(src.execute(f"SET ROLE {role}; SELECT * FROM secret")) == 50  # what the role sees
+        d = Daemon(src, dst, copy=True, ready=False, source_dsn=source)
+        daemons.append(d)
+        assert d.wait_exit(timeout=60) == 1, d.output()
+        out = d.output()
+        assert "row-level security hides rows of public.secret" in out and f"ALTER ROLE {role} BYPASSRLS" in out, out
+        assert "Traceback" not in out and not src.execute("SELECT 1 FROM pg_replication_slots"), out
+        # past preflight (InitialSync alone does not run it), the copy session refuses too
+        with pytest.raises(CopyError, match=r"copying public\.secret failed on the source: query would be "
+                                            r"affected by row-level security policy"):
+            InitialSync(SyncConfig(source=source, target=dst.dsn, publication="pgferry", slot="rls", schema="rls",
+                                   jobs=1)).run()
+        assert dst.execute("SELECT count(*) FROM secret") == [(0,)]
+        dst.execute("DROP TABLE secret; DROP SCHEMA rls CASCADE")
+        src.execute(f"ALTER ROLE {role} BYPASSRLS")
+        d.start()
+        d.wait_ready()
+        assert d.stop() == 0, d.output()
+        assert dst.execute("SELECT count(*) FROM secret") == [(100,)]
+    finally:
+        src.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+        src.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
