@@ -21,7 +21,7 @@ import psycopg2
 
 from decoder import Lsn
 from sink import failpoints
-from sink.state import PORTABLE_FORMATS, pgferry_session, quote_ident
+from sink.state import PORTABLE_FORMATS, ROW_SECURITY_OFF, pgferry_session, quote_ident
 
 from . import libpq
 from .errors import PgferryError
@@ -79,7 +79,7 @@ class CopyConnections(ThreadConnections):
         have: list[Any] = self.mine.__dict__.setdefault("sources", [])
         while len(have) < n:
             src = self.keep(connect(self.cfg.source, "source"))
-            _set_up_session(src, ROW_SECURITY_OFF)
+            _set_up_session(src)
             src.set_session(isolation_level="REPEATABLE READ", readonly=True)
             with src.cursor() as cur:
                 cur.execute("SET TRANSACTION SNAPSHOT %s", (self.snapshot,))
@@ -106,21 +106,14 @@ class CopyConnections(ThreadConnections):
                     self.opened.remove(conn)
 
 
-# On the source, as pg_dump sets it: a table whose row-level security policies apply to pgferry's
-# role fails its COPY ("query would be affected by row-level security policy") instead of copying
-# only the rows the policies show. Preflight names such tables before anything starts.
-ROW_SECURITY_OFF = "SET row_security = off"
-
-
-def _set_up_session(conn: Any, *more: str) -> None:
+def _set_up_session(conn: Any) -> None:
     """A copy session runs one long COPY, and a spare source connection (kept for a later table's
     block ranges) waits idle in its snapshot's transaction (`state.no_timeouts`); and a text COPY
-    prints and reads dates, intervals and floats in the same portable formats on both sides."""
+    prints and reads dates, intervals and floats in the same portable formats on both sides; a
+    table whose row-level security applies to the role fails its COPY instead of copying a part
+    (`state.pgferry_session`; preflight names such tables before anything starts)."""
     conn.autocommit = True
-    cur = conn.cursor()
-    pgferry_session(cur)
-    for sql in more:
-        cur.execute(sql)
+    pgferry_session(conn.cursor())
     conn.autocommit = False
 
 

@@ -38,10 +38,18 @@ def no_timeouts(cur: Any) -> None:
         cur.execute("SET transaction_timeout = 0")
 
 
+# As pg_dump sets it: where row-level security policies apply to pgferry's role, its statements fail
+# ("query would be affected by row-level security policy") instead of reading or changing only the
+# rows the policies show: a COPY on the source would copy a part, an UPDATE or DELETE on the target
+# would skip rows. (Native apply refuses such tables too.)
+ROW_SECURITY_OFF = "SET row_security = off"
+
+
 def pgferry_session(cur: Any) -> None:
-    """What every session pgferry moves data in sets first: no timeouts, portable text formats."""
+    """What every session pgferry moves data in sets first: no timeouts, portable text formats,
+    no silent row-level security."""
     no_timeouts(cur)
-    cur.execute(PORTABLE_FORMATS)
+    cur.execute(f"{PORTABLE_FORMATS}; {ROW_SECURITY_OFF}")
 
 
 def quote_ident(name: str) -> str:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from replicator.servers import LocalServer
-from tests.pgplugin import Daemon, Db, assert_same_tables, new_db, wait_for
+from tests.pgplugin import Daemon, Db, assert_same_tables, new_db, publish_same_table, wait_for
 from tests.replicator import workload as wl
 
 pytestmark = pytest.mark.pg
@@ -220,3 +220,30 @@ def test_logical_messages_reach_the_hook_once_and_rolled_back_ones_never(pair, d
     r = subprocess.run([sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target", dst.dsn,
                         "--message-hook", "nosuchmodule:f"], capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2 and "cannot import nosuchmodule" in r.stderr, r.stderr
+
+
+def test_a_target_table_under_row_level_security_stops_the_apply_instead_of_skipping_rows(pair, daemons):
+    """pgferry's target role subject to a table's policies (the table made and owned by the
+    application): a DELETE of a row the policies hide would delete nothing and go on. The apply
+    stops with the reason instead, as native apply does."""
+    src, dst = pair
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY, owner text)")
+    role = f"mig_{dst.name}"
+    for db in (src, dst):
+        db.execute("INSERT INTO t VALUES (1, 'b'), (2, 'a')")
+    dst.psql(f"""ALTER TABLE t ENABLE ROW LEVEL SECURITY; CREATE POLICY only_a ON t USING (owner = 'a');
+        CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE {dst.name} TO {role};
+        GRANT SELECT, INSERT, UPDATE, DELETE ON t TO {role};""")
+    try:
+        d = Daemon(src, dst, target_dsn=dst.server.dsn(dst.name, user=role))
+        daemons.append(d)
+        src.execute("DELETE FROM t WHERE id = 1")
+        assert d.wait_exit(timeout=60) == 1, d.output()
+        out = d.output()
+        assert 'row-level security policy for table "t"' in out and "Traceback" not in out, out
+        assert dst.execute("SELECT id FROM t ORDER BY id") == [(1,), (2,)]  # nothing half-applied
+    finally:
+        for x in daemons:
+            x.close()
+        dst.psql(f"REASSIGN OWNED BY {role} TO postgres; DROP OWNED BY {role}")
+        Db(dst.server, "postgres").execute(f"DROP ROLE {role}")
