@@ -237,7 +237,32 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
         if missing:
             add("error", "extensions", f"the source uses extension(s) {', '.join(missing)} that the target cannot "
                                        "install", "install their packages on the target server first")
+    forced = _forced_row_security(src, st) if src is not None and st.schema else []
+    if forced and not _one(tgt, "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")[0]:
+        add("error", "row security", f"{', '.join(forced[:10])}{' ...' if len(forced) > 10 else ''} force row-level "
+                                     f"security on their owner: on the target that is {user}, and the apply would "
+                                     "stop at their first change",
+            f"ALTER ROLE {user} BYPASSRLS;  -- as a superuser")
+    tgt.rollback()
     return out
+
+
+def _forced_row_security(src: Any, st: Settings) -> list[str]:
+    """Published tables with FORCE ROW LEVEL SECURITY (pg_dump recreates them so on the target,
+    owned by pgferry's role)."""
+    with src.cursor() as cur:
+        cur.execute("""SELECT n.nspname || '.' || c.relname
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p') AND c.relrowsecurity AND c.relforcerowsecurity
+              AND (EXISTS (SELECT FROM pg_publication_tables pt WHERE pt.pubname = %s
+                           AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
+                   OR NOT EXISTS (SELECT FROM pg_publication WHERE pubname = %s)
+                      AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[])
+                           OR c.relname = ANY(%s::text[])))
+            ORDER BY 1""", (st.publication, st.publication, st.tables, st.tables, st.tables))
+        rows = [r[0] for r in cur.fetchall()]
+    src.rollback()
+    return rows
 
 
 # -- commands --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from replicator.servers import LocalServer
-from tests.pgplugin import Daemon, new_db, pgferry, publish_same_table, wait_for
+from tests.pgplugin import Daemon, Db, new_db, pgferry, publish_same_table, wait_for
 
 pytestmark = pytest.mark.pg
 
@@ -164,3 +164,28 @@ def test_status_watch_redraws_a_live_view(pair, daemons):
     assert r.returncode == 0, r.stderr
     assert "streaming (daemon running)" in r.stdout and "rows applied" in r.stdout and "1,000" in r.stdout, r.stdout
     assert "/s)" in r.stdout, r.stdout  # the rate, from the second refresh on
+
+
+def test_preflight_names_tables_that_force_row_security_on_the_target_role(pair):
+    """pg_dump recreates FORCE ROW LEVEL SECURITY on the target, where pgferry's role owns the
+    tables: the policies then apply to it, and the apply would stop at the first change."""
+    src, dst = pair
+    role = f"mig_{dst.name}"
+    src.psql("""CREATE TABLE forced (id int PRIMARY KEY, owner text);
+        ALTER TABLE forced ENABLE ROW LEVEL SECURITY; ALTER TABLE forced FORCE ROW LEVEL SECURITY;
+        CREATE POLICY only_a ON forced USING (owner = 'a'); CREATE TABLE plain (id int PRIMARY KEY)""")
+    dst.psql(f"CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE {dst.name} TO {role}")
+    target = dst.server.dsn(dst.name, user=role)
+    try:
+        r = pgferry("preflight", "--json", "--source", src.dsn, "--target", target)
+        assert r.returncode == 1, r.stdout + r.stderr
+        (finding,) = [f for f in json.loads(r.stdout)["findings"] if f["check"] == "row security"]
+        assert finding["side"] == "target" and "public.forced force row-level security" in finding["message"]
+        assert "plain" not in finding["message"]
+        assert finding["fix"] == f"ALTER ROLE {role} BYPASSRLS;  -- as a superuser"
+        dst.execute(f"ALTER ROLE {role} BYPASSRLS")
+        r = pgferry("preflight", "--json", "--source", src.dsn, "--target", target)
+        assert not [f for f in json.loads(r.stdout)["findings"] if f["check"] == "row security"], r.stdout
+    finally:
+        dst.psql(f"REVOKE CREATE ON DATABASE {dst.name} FROM {role}")
+        Db(dst.server, "postgres").execute(f"DROP ROLE {role}")
