@@ -24,9 +24,11 @@ NO_TIMEOUTS = "SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_tran
 
 # Values cross between servers as text in formats every server reads back the same, whatever the
 # database's own settings: a source with DateStyle = 'SQL, DMY' prints 05/11/2026, which a target in
-# MDY reads as May 11 (or rejects: 30/03/2026); extra_float_digits below 1 rounds floats. The same
-# as native logical replication's walreceiver and pg_dump set.
-PORTABLE_FORMATS = "SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3"
+# MDY reads as May 11 (or rejects: 30/03/2026); extra_float_digits below 1 rounds floats; a target
+# with array_nulls = off reads {a,NULL} as the string 'NULL', one with xmloption = document rejects
+# XML content fragments. What native logical replication's walreceiver and pg_dump set.
+PORTABLE_FORMATS = ("SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; "
+                    "SET array_nulls = on; SET xmloption = content")
 
 
 def no_timeouts(cur: Any) -> None:

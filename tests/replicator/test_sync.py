@@ -241,32 +241,38 @@ def test_tables_without_identity_that_get_updates_stop_before_publishing(pair, d
 
 
 STYLES_DDL = """CREATE TYPE mood AS ENUM ('ok', 'meh');
-CREATE TABLE w (id int PRIMARY KEY, d date, ts timestamp, tz timestamptz, i interval, f float8, r real, m mood)"""
+CREATE TABLE w (id int PRIMARY KEY, d date, ts timestamp, tz timestamptz, i interval, f float8, r real, m mood,
+    a text[])"""
 
 
 def _styles_rows(first: int, last: int) -> str:
     return (f"INSERT INTO w SELECT g, date '2026-11-05' + g, timestamp '2026-03-04 05:06:07.123456' + g * "
             "interval '1 day', timestamptz '2026-03-04 05:06:07+03' + g * interval '1 hour', "
-            "make_interval(days => -g, secs => g * 1.5), 1.0 / (g + 3), 1.0 / (g + 7), 'meh' "
+            "make_interval(days => -g, secs => g * 1.5), 1.0 / (g + 3), 1.0 / (g + 7), 'meh', "
+            "ARRAY['v' || g, NULL] "
             f"FROM generate_series({first}, {last}) g")
 
 
 STYLES_CANON = ("SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; "
-                "SET TimeZone = 'UTC'; SELECT id, d::text, ts::text, tz::text, i::text, f::text, r::text, m::text "
-                "FROM w ORDER BY id")
+                "SET TimeZone = 'UTC'; SELECT id, d::text, ts::text, tz::text, i::text, f::text, r::text, m::text, "
+                "a::text, a[2] IS NULL FROM w ORDER BY id")
 
 
 @pytest.mark.parametrize(("env", "how"), PATHS)
 def test_values_cross_in_portable_formats_whatever_the_sources_settings(pair, daemons, env, how):
     """A source database set for its applications (DateStyle 'SQL, DMY', IntervalStyle
-    sql_standard, extra_float_digits -3, an Indian time zone): the copy (text, for the enum) and the
-    stream carry the same values to a target in the defaults. Before, the copy rounded floats and
-    the stream stopped on 30/03/2026 (a day read as a month); a day up to 12 would swap silently."""
+    sql_standard, extra_float_digits -3, an Indian time zone) and a target with array_nulls off
+    (and xmloption document, which servers without libxml ignore): the copy (text, for the enum) and
+    the stream carry the same values. Before,
+    the copy rounded floats and the stream stopped on 30/03/2026 (a day read as a month); a day up
+    to 12 would swap silently, and a NULL in a text array would arrive as the string 'NULL'."""
     src, dst = pair
     src.psql(STYLES_DDL + ";" + _styles_rows(1, 25))
     for setting in ("DateStyle = 'SQL, DMY'", "IntervalStyle = 'sql_standard'", "extra_float_digits = -3",
                     "TimeZone = 'Asia/Kolkata'"):
         src.execute(f"ALTER DATABASE {src.name} SET {setting}")
+    for setting in ("array_nulls = off", "xmloption = document"):
+        dst.execute(f"ALTER DATABASE {dst.name} SET {setting}")
     d = Daemon(src, dst, copy=True, ready=False, env=env)
     daemons.append(d)
     d.wait_ready()
