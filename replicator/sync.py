@@ -89,8 +89,9 @@ class TableCopy:
 
 def dump_schema(dsn: str, section: str, snapshot: str | None) -> str:
     """One pg_dump section as SQL that a plain connection can run (psql meta-commands removed)."""
+    # --encoding: the dump is in the database's encoding otherwise (a LATIN1 source's é is not UTF-8)
     cmd = [find_pg_dump(), "--schema-only", f"--section={section}", "--no-owner", "--no-privileges",
-           "--no-publications", "--no-subscriptions", "--no-comments"]
+           "--no-publications", "--no-subscriptions", "--no-comments", "--encoding=UTF8"]
     if snapshot:
         cmd.insert(1, f"--snapshot={snapshot}")
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=libpq_env(dsn))

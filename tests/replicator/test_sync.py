@@ -322,3 +322,39 @@ def test_rows_hidden_by_row_level_security_stop_the_start_instead_of_a_partial_c
     finally:
         src.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
         src.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_a_latin1_source_is_copied_and_streamed_into_a_utf8_target(pair, daemons):
+    """A source database in LATIN1: pg_dump wrote the schema in it (an enum label 'é' made pgferry
+    fail with a traceback decoding it as UTF-8); pgferry asks pg_dump for UTF-8, and the copy and
+    the stream convert through the sessions' client encoding. Values compared as characters (the
+    row hashes of two encodings differ)."""
+    src0, dst = pair
+    name = src0.name + "_l1"
+    Db(src0.server, "postgres").execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+                                        "TEMPLATE template0")
+    src = Db(src0.server, name)
+    try:
+        _run_latin1(src, dst, daemons)
+    finally:
+        for d in daemons:
+            d.close()
+        src.drop()
+
+
+def _run_latin1(src, dst, daemons):
+    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text, c char(5), vc varchar(10)); "
+                "CREATE TYPE e AS ENUM ('é'); ALTER TABLE t ADD COLUMN en e")
+    src.execute("INSERT INTO t SELECT g, 'café ' || g, 'ñ', 'Øre', 'é' FROM generate_series(1, 30) g")
+    src.execute("CREATE PUBLICATION pgferry FOR ALL TABLES")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    d.wait_ready()
+    src.execute("INSERT INTO t SELECT g, 'straße ' || g, 'ü', 'Ærø', 'é' FROM generate_series(31, 60) g")
+    src.execute("UPDATE t SET v = v || ' à' WHERE id % 2 = 0")
+    d.wait_caught_up()
+    q = "SELECT id, v, c, vc, en::text FROM t ORDER BY id"
+    a, b = src.execute(q), dst.execute(q)
+    assert len(a) == 60 and a == b, [(x, y) for x, y in zip(a, b, strict=False) if x != y][:3]
+    assert dst.execute("SELECT v FROM t WHERE id = 2") == [("café 2 à",)]
+    assert d.stop() == 0, d.output()
