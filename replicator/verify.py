@@ -93,7 +93,8 @@ def verify_table(src: Any, dst: Any, schema: str, table: str, mode: str) -> Tabl
     if mode == "count":
         return res
     cols, key = _columns(src, qualified)
-    row = f"md5(ROW({', '.join(quote_ident(c) for c in cols)})::text)"
+    # hashed as UTF-8 bytes: a row's text is in its database's encoding (LATIN1 'é' is one byte)
+    row = f"md5(convert_to(ROW({', '.join(quote_ident(c) for c in cols)})::text, 'UTF8'))"
     if not key:
         sql = f"SELECT coalesce(md5(string_agg(h, '' ORDER BY h)), '') FROM (SELECT {row} AS h FROM {qualified}) s"
         if _one(src, sql) != _one(dst, sql):

@@ -12,7 +12,7 @@ import pytest
 from replicator.copy import CopyError
 from replicator.servers import find_bindir
 from replicator.sync import InitialSync, SyncConfig
-from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, slow_inserts_under_a_timeout, wait_for
+from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, pgferry, slow_inserts_under_a_timeout, wait_for
 
 pytestmark = pytest.mark.pg
 
@@ -358,3 +358,8 @@ def _run_latin1(src, dst, daemons):
     assert len(a) == 60 and a == b, [(x, y) for x, y in zip(a, b, strict=False) if x != y][:3]
     assert dst.execute("SELECT v FROM t WHERE id = 2") == [("café 2 à",)]
     assert d.stop() == 0, d.output()
+    # verify hashes the rows as UTF-8 on both sides (before: every non-ASCII row differed)
+    r = pgferry("verify", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 0, r.stdout + r.stderr
+    dst.execute("UPDATE t SET v = 'cafe 2 à' WHERE id = 2")
+    assert pgferry("verify", "--source", src.dsn, "--target", dst.dsn).returncode == 1
