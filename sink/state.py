@@ -34,8 +34,11 @@ PORTABLE_FORMATS = ("SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; SET 
 def no_timeouts(cur: Any) -> None:
     """Turn off the server's timeouts for this session, as pg_dump does: they are meant for the
     application's statements and transactions, and pgferry's run longer (a copy, a big batch).
-    PostgreSQL 17 added `transaction_timeout`, which terminates the whole session."""
+    PostgreSQL 17 added `transaction_timeout`, which terminates the whole session; 14 added
+    `idle_session_timeout`, which ends the apply's connection while the source is quiet."""
     cur.execute(NO_TIMEOUTS)
+    if cur.connection.server_version >= 140000:
+        cur.execute("SET idle_session_timeout = 0")
     if cur.connection.server_version >= 170000:
         cur.execute("SET transaction_timeout = 0")
 

@@ -235,6 +235,26 @@ def test_the_sources_timeouts_do_not_end_the_stream(pair, daemons):
     assert "timeout" not in out and "retrying" not in out, out
 
 
+def test_the_targets_idle_session_timeout_does_not_drop_the_apply_connection(pair, daemons):
+    """A target that ends idle sessions (idle_session_timeout, 14+): the apply's connection idles
+    whenever the source is quiet, and was ended and reopened each time ("connection lost")."""
+    src, dst = pair
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY)")
+    dst.execute(f"ALTER DATABASE {dst.name} SET idle_session_timeout = '300ms'")
+    d = Daemon(src, dst)
+    daemons.append(d)
+    for i in range(3):
+        src.execute("INSERT INTO t VALUES (%s)", (i,))
+        d.wait_caught_up()
+        time.sleep(1)  # quiet source: the apply's connection idles past the target's limit
+    src.execute("INSERT INTO t VALUES (3)")
+    d.wait_caught_up()
+    dst.execute(f"ALTER DATABASE {dst.name} RESET idle_session_timeout")
+    assert dst.execute("SELECT count(*) FROM t") == [(4,)]
+    out = d.output()
+    assert "idle-session timeout" not in out and "retrying" not in out, out
+
+
 def _write_through_a_black_hole(src, d, proxy, n: int, seed: int, notice: str) -> None:
     """n workload transactions, the path black-holed, n more (pgferry must log `notice`), the path
     back, n more; then wait until pgferry has applied everything."""
