@@ -152,7 +152,10 @@ def remove_orphans(base: Path) -> list[Path]:
         pid = d.name[len(prefix):].split("-", 1)[0]
         if not pid.isdigit() or d in _MINE or _alive(int(pid)):
             continue
-        size = sum(f.stat().st_size for f in d.glob("*.spool") if f.is_file())
+        try:
+            size = sum(f.stat().st_size for f in d.glob("*.spool"))
+        except OSError:  # another pgferry starting at the same moment is removing it
+            size = 0
         shutil.rmtree(d, ignore_errors=True)
         if not d.exists():
             removed.append(d)
