@@ -91,6 +91,14 @@ static int out_write(Out *o, const char *p, int len)
     return 1;
 }
 
+/* `c`'s last error into err, and whose it is into *side ("source" | "target"). Returns 0. */
+static int conn_error(PGconn *c, const char *who, char *err, const char **side)
+{
+    snprintf(err, MSG, "%s", pq.error_message(c));
+    *side = who;
+    return 0;
+}
+
 /* Write one source message to the target. A binary COPY stream has one header and one trailer: the
  * first source's header is kept, every other header and every trailer dropped (the caller writes
  * the trailer once at the end). 1 ok, 0 error (err set, *side says whose). */
@@ -116,9 +124,7 @@ static int forward(Source *s, const char *p, int len, Out *out, int binary, int 
         goto target;
     return 1;
 target:
-    snprintf(err, MSG, "%s", pq.error_message(out->dst));
-    *side = "target";
-    return 0;
+    return conn_error(out->dst, "target", err, side);
 }
 
 /* Forward the rows source i has buffered. 1 some forwarded, 0 none buffered, -1 its COPY is over (the
@@ -144,18 +150,10 @@ static int drain(Source *src, int i, int async, Out *out, int binary, int *heade
         return -1;
     }
     if (n == -2) {
-        snprintf(err, MSG, "%s", pq.error_message(src[i].c));
-        *side = "source";
+        conn_error(src[i].c, "source", err, side);
         return -2;
     }
     return took;
-}
-
-static int target_error(Out *out, char *err, const char **side)
-{
-    snprintf(err, MSG, "%s", pq.error_message(out->dst));
-    *side = "target";
-    return 0;
 }
 
 /* Every source's rows into the target. The first source still running is served whenever it has
@@ -175,11 +173,8 @@ static int merge(Source *src, int ns, Out *out, int binary, char *err, const cha
                 continue;
             int r = drain(src, i, ns > 1, out, binary, &header_written, err, side);
             if (r == 0 && ns > 1) { /* nothing buffered: whatever its socket holds now, without waiting */
-                if (!pq.consume_input(src[i].c)) {
-                    snprintf(err, MSG, "%s", pq.error_message(src[i].c));
-                    *side = "source";
-                    return 0;
-                }
+                if (!pq.consume_input(src[i].c))
+                    return conn_error(src[i].c, "source", err, side);
                 r = drain(src, i, 1, out, binary, &header_written, err, side);
             }
             if (r == -2)
@@ -190,7 +185,7 @@ static int merge(Source *src, int ns, Out *out, int binary, char *err, const cha
         }
         if (!progressed && active > 0) { /* no source has a whole row: wait for any */
             if (!out_flush(out)) /* what is gathered goes to the target while the sources are slow */
-                return target_error(out, err, side);
+                return conn_error(out->dst, "target", err, side);
             struct pollfd fds[MAX_SOURCES];
             int k = 0;
             for (int i = 0; i < ns; i++)
@@ -198,16 +193,13 @@ static int merge(Source *src, int ns, Out *out, int binary, char *err, const cha
                     fds[k++] = (struct pollfd){.fd = pq.socket(src[i].c), .events = POLLIN};
             poll(fds, k, 1000);
             for (int i = 0; i < ns; i++) {
-                if (src[i].active && !pq.consume_input(src[i].c)) {
-                    snprintf(err, MSG, "%s", pq.error_message(src[i].c));
-                    *side = "source";
-                    return 0;
-                }
+                if (src[i].active && !pq.consume_input(src[i].c))
+                    return conn_error(src[i].c, "source", err, side);
             }
         }
     }
     if ((binary && header_written && !out_write(out, "\377\377", 2)) || !out_flush(out))
-        return target_error(out, err, side);
+        return conn_error(out->dst, "target", err, side);
     return 1;
 }
 
@@ -265,10 +257,8 @@ static PyObject *pump(PyObject *self, PyObject *args)
             pq.put_copy_end(dst, "the source COPY failed");
     } else {
         PGresult *r;
-        if (pq.put_copy_end(dst, NULL) != 1) {
-            side = "target";
-            snprintf(err, MSG, "%s", pq.error_message(dst));
-        }
+        if (pq.put_copy_end(dst, NULL) != 1)
+            conn_error(dst, "target", err, &side);
         while ((r = pq.get_result(dst)) != NULL) {
             if (pq.result_status(r) == PGRES_COMMAND_OK) {
                 rows = atoll(pq.cmd_tuples(r));
