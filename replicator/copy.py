@@ -53,14 +53,14 @@ class CopyConnections(ThreadConnections):
         self.cfg, self.snapshot = cfg, snapshot
         self.tables = tables or []  # every table to copy (qualified): their columns are read at once
         self.empty = empty  # the target's tables are known to be empty (pre-data has just created them)
-        self._columns: dict[str, list[tuple[str, bool, str]]] | None = None
+        self._columns: dict[str, list[tuple[str, bool, str]]] = {}
 
     def columns(self, t: TableCopy, src: Any) -> list[tuple[str, bool, str]]:
         """(name, built-in type, relkind) of `t`'s copied columns, as the snapshot sees them. Read
         for every table in one query by the first thread that asks (one query per table was a
         round trip per table: 1,000 small tables)."""
         with self.lock:
-            if self._columns is None or t.qualified not in self._columns:
+            if t.qualified not in self._columns:
                 names = self.tables if t.qualified in self.tables else [t.qualified]
                 with src.cursor() as cur:
                     cur.execute("""SELECT n.name, a.attname, a.atttypid < %s, c.relkind
@@ -68,10 +68,10 @@ class CopyConnections(ThreadConnections):
                         JOIN pg_attribute a ON a.attrelid = n.name::regclass JOIN pg_class c ON c.oid = a.attrelid
                         WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
                         ORDER BY n.i, a.attnum""", (FIRST_USER_OID, names))
-                    found: dict[str, list[tuple[str, bool, str]]] = {name: [] for name in names}
-                    for name, *col in cur.fetchall():
-                        found[name].append(tuple(col))  # type: ignore[arg-type]
-                self._columns = {**(self._columns or {}), **found}
+                    rows = cur.fetchall()
+                self._columns.update((name, []) for name in names)  # only once the query succeeded
+                for name, *col in rows:
+                    self._columns[name].append(tuple(col))  # type: ignore[arg-type]
             return self._columns[t.qualified]
 
     def sources(self, n: int) -> list[Any]:
