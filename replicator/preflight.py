@@ -113,19 +113,13 @@ def _source(src: Any, st: Settings) -> list[Finding]:
                                         "needs a superuser",
                 f"as a superuser: CREATE PUBLICATION {st.publication} FOR ALL TABLES;  or pass --tables (tables "
                 f"{user} owns)")
-    tables = st.tables
-    if pub is not None:
-        with src.cursor() as cur:
-            cur.execute("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s",
-                        (st.publication,))
-            tables = [r[0] for r in cur.fetchall()]
-        src.rollback()
-    unreadable = _unreadable(src, tables)
+    tables = _published(src, st)
+    unreadable = _tables_where(src, "NOT has_table_privilege(c.oid, 'SELECT')", tables)
     if unreadable:
         add("error", "privileges", f"role {user} cannot read {', '.join(unreadable[:10])}"
                                    f"{' ...' if len(unreadable) > 10 else ''} (the copy needs SELECT)",
             f"GRANT SELECT ON ALL TABLES IN SCHEMA <schema> TO {user};")
-    hidden = _hidden_by_row_security(src, tables) if st.copy else []
+    hidden = _tables_where(src, "c.relrowsecurity AND row_security_active(c.oid)", tables) if st.copy else []
     if hidden:
         add("error", "row security", f"row-level security hides rows of {', '.join(hidden[:10])}"
                                      f"{' ...' if len(hidden) > 10 else ''} from role {user}: the copy would miss "
@@ -155,26 +149,23 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def _unreadable(src: Any, tables: list[str] | None) -> list[str]:
+def _published(src: Any, st: Settings) -> list[str] | None:
+    """The tables the migration covers: the publication's if it exists, else `--tables` (None: all)."""
     with src.cursor() as cur:
-        cur.execute("""SELECT n.nspname || '.' || c.relname
+        cur.execute("""SELECT array(SELECT schemaname || '.' || tablename FROM pg_publication_tables t
+            WHERE t.pubname = p.pubname) FROM pg_publication p WHERE p.pubname = %s""", (st.publication,))
+        row = cur.fetchone()
+    src.rollback()
+    return st.tables if row is None else row[0]
+
+
+def _tables_where(src: Any, condition: str, tables: list[str] | None) -> list[str]:
+    """The user tables among `tables` (None: all) for which `condition` (SQL on pg_class c) holds."""
+    with src.cursor() as cur:
+        cur.execute(f"""SELECT n.nspname || '.' || c.relname
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-              AND n.nspname NOT LIKE 'pg_toast%%' AND NOT has_table_privilege(c.oid, 'SELECT')
-              AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[]) OR c.relname = ANY(%s::text[]))
-            ORDER BY 1""", (tables, tables, tables))
-        rows = [r[0] for r in cur.fetchall()]
-    src.rollback()
-    return rows
-
-
-def _hidden_by_row_security(src: Any, tables: list[str] | None) -> list[str]:
-    """Tables whose policies apply to this role (not a superuser, no BYPASSRLS, not an owner
-    exempt from them): its COPY would return only the rows they let it see."""
-    with src.cursor() as cur:
-        cur.execute("""SELECT n.nspname || '.' || c.relname
-            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind IN ('r', 'p') AND c.relrowsecurity AND row_security_active(c.oid)
+              AND n.nspname NOT LIKE 'pg_toast%%' AND {condition}
               AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[]) OR c.relname = ANY(%s::text[]))
             ORDER BY 1""", (tables, tables, tables))
         rows = [r[0] for r in cur.fetchall()]
@@ -237,7 +228,8 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
         if missing:
             add("error", "extensions", f"the source uses extension(s) {', '.join(missing)} that the target cannot "
                                        "install", "install their packages on the target server first")
-    forced = _forced_row_security(src, st) if src is not None and st.schema else []
+    forced = (_tables_where(src, "c.relrowsecurity AND c.relforcerowsecurity", _published(src, st))
+              if src is not None and st.schema else [])
     if forced and not _one(tgt, "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")[0]:
         add("error", "row security", f"{', '.join(forced[:10])}{' ...' if len(forced) > 10 else ''} force row-level "
                                      f"security on their owner: on the target that is {user}, and the apply would "
@@ -245,24 +237,6 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
             f"ALTER ROLE {user} BYPASSRLS;  -- as a superuser")
     tgt.rollback()
     return out
-
-
-def _forced_row_security(src: Any, st: Settings) -> list[str]:
-    """Published tables with FORCE ROW LEVEL SECURITY (pg_dump recreates them so on the target,
-    owned by pgferry's role)."""
-    with src.cursor() as cur:
-        cur.execute("""SELECT n.nspname || '.' || c.relname
-            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind IN ('r', 'p') AND c.relrowsecurity AND c.relforcerowsecurity
-              AND (EXISTS (SELECT FROM pg_publication_tables pt WHERE pt.pubname = %s
-                           AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
-                   OR NOT EXISTS (SELECT FROM pg_publication WHERE pubname = %s)
-                      AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[])
-                           OR c.relname = ANY(%s::text[])))
-            ORDER BY 1""", (st.publication, st.publication, st.tables, st.tables, st.tables))
-        rows = [r[0] for r in cur.fetchall()]
-    src.rollback()
-    return rows
 
 
 # -- commands --------------------------------------------------------------------------------
