@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from sink.state import quote_ident
 
 from .errors import PgferryError, first_line
 from .pgtools import drop_unknown_settings
-from .source import ThreadConnections, connect, describe_dsn
+from .source import ThreadConnections, completed_or_cancel, connect, describe_dsn
 
 log = logging.getLogger("pgferry.sync")
 
@@ -175,11 +175,7 @@ def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int
                      len(pd.groups))
         with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="post-data") as pool:
             futures = [pool.submit(create, unit, [q for t in unit for q in pd.groups[t]], False) for unit in units]
-            for f in as_completed(futures):
-                if f.exception() is not None:
-                    for other in futures:
-                        other.cancel()
-                f.result()
+            for _ in completed_or_cancel(futures):
                 failpoints.hit("mid_post_data")
         if REST not in done:  # else post_data_done was set with it
             create([REST], pd.rest, True)

@@ -6,6 +6,8 @@ Every failure here becomes a PgferryError whose message names what failed and th
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, as_completed
 from typing import Any
 
 import psycopg2
@@ -89,6 +91,18 @@ class ThreadConnections:
             for conn in self.opened:
                 conn.close()
             self.opened.clear()
+
+
+def completed_or_cancel(futures: Iterable[Future[Any]]) -> Iterator[Future[Any]]:
+    """Each future as it completes. On the first failure the ones not started yet are cancelled
+    (fail fast: a failed table or index group stops the rest) and its exception is raised."""
+    futures = list(futures)
+    for f in as_completed(futures):
+        if f.exception() is not None:
+            for other in futures:
+                other.cancel()
+        f.result()
+        yield f
 
 
 def check_logical_source(conn: psycopg2.extensions.connection, dsn: str, publication: str | None) -> None:

@@ -27,7 +27,7 @@ import os
 import subprocess
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_
 from .errors import PgferryError, first_line
 from .pgtools import drop_unknown_settings, find_pg_dump, libpq_env
 from .postdata import run_post_data
-from .source import check_logical_source, connect, describe_dsn
+from .source import check_logical_source, completed_or_cancel, connect, describe_dsn
 
 log = logging.getLogger("pgferry.sync")
 
@@ -329,11 +329,7 @@ class InitialSync:
             with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="copy") as pool:
                 futures = {pool.submit(copy_table, self.cfg, t, conns, snapshot_lsn, progress, wheres,
                                        t.display not in split): t for t, wheres in parts}
-                for f in as_completed(futures):
-                    if f.exception() is not None:
-                        for other in futures:  # fail fast: the tables not started yet are not copied
-                            other.cancel()
-                    f.result()
+                for f in completed_or_cancel(futures):
                     t = futures[f]
                     if t.display in split:
                         split[t.display] -= 1
