@@ -355,10 +355,13 @@ class InitialSync:
         return future
 
     def _finish(self, post: Future[str] | None) -> None:
-        copy_sequences(self.cfg.source, self.cfg.target)
-        row = self._sync_row()
-        if post is not None and row is not None and not row["post_data_done"]:
-            run_post_data(self.cfg.target, self.cfg.schema, self.cfg.slot, post.result(), self.cfg.jobs)
+        # the sequences' values while the indexes build (they do not depend on each other)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sequences") as pool:
+            sequences = pool.submit(copy_sequences, self.cfg.source, self.cfg.target)
+            row = self._sync_row()
+            if post is not None and row is not None and not row["post_data_done"]:
+                run_post_data(self.cfg.target, self.cfg.schema, self.cfg.slot, post.result(), self.cfg.jobs)
+            sequences.result()
         self._mark("phase = 'streaming', copied_at = now()")
 
 
@@ -396,19 +399,17 @@ def copy_sequences(source: str, target: str) -> list[tuple[str, int]]:
     """Every sequence's current value onto the target (identity, serial and standalone)."""
     src = connect(source, "source")
     dst = connect(target, "target")
-    out = []
     try:
         with src.cursor() as cur:
             cur.execute("SELECT schemaname, sequencename, last_value FROM pg_sequences "
                         "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') AND last_value IS NOT NULL")
             rows = cur.fetchall()
-        dcur = dst.cursor()
-        for schema, name, value in rows:
-            qualified = f"{quote_ident(schema)}.{quote_ident(name)}"
-            dcur.execute("SELECT to_regclass(%s) IS NOT NULL", (qualified,))
-            if dcur.fetchone()[0]:
-                dcur.execute("SELECT setval(%s, %s, true)", (qualified, value))
-                out.append((f"{schema}.{name}", int(value)))
+        names = [f"{quote_ident(schema)}.{quote_ident(name)}" for schema, name, _ in rows]
+        dcur = dst.cursor()  # one statement for all (a database may have thousands); those the target lacks skipped
+        dcur.execute("SELECT i, setval(to_regclass(name), value, true) FROM unnest(%s::text[], %s::bigint[]) "
+                     "WITH ORDINALITY AS s(name, value, i) WHERE to_regclass(name) IS NOT NULL",
+                     (names, [r[2] for r in rows]))
+        out = [(f"{rows[i - 1][0]}.{rows[i - 1][1]}", int(rows[i - 1][2])) for i, _ in sorted(dcur.fetchall())]
         dst.commit()
     finally:
         src.close()

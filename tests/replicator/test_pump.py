@@ -66,3 +66,28 @@ def test_a_failing_source_leaves_the_target_copy_uncommitted(pair):
     _, err = _pump(src, dst, ["id <= 500", "id / 0 = 1"], True)
     assert err is not None and err[0] == "source" and b"division by zero" in err[1], err
     assert dst.execute("SELECT count(*) FROM t") == [(0,)]
+
+
+def _target_order(dst) -> list[int]:
+    return [r[0] for r in dst.execute("SELECT id FROM t ORDER BY ctid")]
+
+
+def test_a_fast_source_range_waits_its_turn_and_a_slow_one_gets_company(pair):
+    """Later ranges start when the ones running are done, so a target that is the slower side gets
+    the table in the source's order from one source backend at a time; when the running source
+    leaves the pump waiting (here each of its rows takes 2 ms), the next range starts beside it
+    and fills the gaps."""
+    src, dst = pair
+    src.execute(TABLE + "; INSERT INTO t SELECT g, 'v' || g, NULL, g FROM generate_series(1, 20000) g")
+    dst.execute(TABLE)
+    rows, err = _pump(src, dst, ["id <= 10000", "id > 10000"], True)
+    assert err is None and rows == 20000
+    assert _target_order(dst) == list(range(1, 20001))  # one range after the other
+
+    slow = "id <= 500 AND pg_sleep(0.002) IS NOT NULL"  # >= 1 s for its 500 rows
+    rows, err = _pump(src, dst, [slow, "id > 10000"], True)
+    assert err is None and rows == 10500
+    order = _target_order(dst)
+    assert sorted(order) == [*range(1, 501), *range(10001, 20001)]
+    # the second range's rows came in while the first was still sending
+    assert order.index(10001) < order.index(500), "the second range waited for the slow first one"
