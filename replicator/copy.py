@@ -21,7 +21,7 @@ import psycopg2
 
 from decoder import Lsn
 from sink import failpoints
-from sink.state import PORTABLE_FORMATS, ROW_SECURITY_OFF, pgferry_session, quote_ident
+from sink.state import SESSION, pgferry_session, quote_ident
 
 from . import libpq
 from .errors import PgferryError
@@ -108,7 +108,7 @@ class CopyConnections(ThreadConnections):
 
 def _set_up_session(conn: Any) -> None:
     """A copy session runs one long COPY, and a spare source connection (kept for a later table's
-    block ranges) waits idle in its snapshot's transaction (`state.no_timeouts`); and a text COPY
+    block ranges) waits idle in its snapshot's transaction (`state.SESSION` turns the timeouts off); and a text COPY
     prints and reads dates, intervals and floats in the same portable formats on both sides; a
     table whose row-level security applies to the role fails its COPY instead of copying a part
     (`state.pgferry_session`; preflight names such tables before anything starts)."""
@@ -331,11 +331,13 @@ def _copy_with_psql(cfg: SyncConfig, t: TableCopy, snapshot: str, copy_out: str,
                     mark: str | None) -> int:
     """The same through two psql processes joined by a pipe (no C pump)."""
     psql = find_client("psql")
-    out_cmd = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", f"{PORTABLE_FORMATS}; {ROW_SECURITY_OFF}",
+    # the session settings' one result row must not join the COPY data on stdout
+    settings = ["-c", r"\o /dev/null", "-c", SESSION, "-c", r"\o"]
+    out_cmd = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", *settings,
                "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
                "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
                "-c", copy_out]
-    in_cmd = [psql, "-X", "-v", "ON_ERROR_STOP=1", "-1", "-c", PORTABLE_FORMATS]
+    in_cmd = [psql, "-X", "-v", "ON_ERROR_STOP=1", "-1", *settings]
     if mark is not None:
         in_cmd += ["-c", f"TRUNCATE {t.qualified}"]
     in_cmd += ["-c", copy_in]

@@ -19,7 +19,10 @@ DEFAULT_SCHEMA = "pgferry"
 # pgferry's sessions run long statements (a table's COPY, a batch) and hold transactions open while
 # they wait for a source; the timeouts a server sets for its applications must not cut them (a
 # cancelled batch would be retried, and cancelled again, forever). pg_dump's output sets the same.
-NO_TIMEOUTS = "SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0"
+# One statement for every server version: a timeout the server does not have (idle_session_timeout
+# came in 14, transaction_timeout, which terminates the whole session, in 17) is not in pg_settings.
+NO_TIMEOUTS = ("SELECT count(set_config(name, '0', false)) FROM pg_settings WHERE name IN ('statement_timeout', "
+               "'lock_timeout', 'idle_in_transaction_session_timeout', 'idle_session_timeout', 'transaction_timeout')")
 
 
 # Values cross between servers as text in formats every server reads back the same, whatever the
@@ -31,30 +34,19 @@ PORTABLE_FORMATS = ("SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; SET 
                     "SET array_nulls = on; SET xmloption = content")
 
 
-def no_timeouts(cur: Any) -> None:
-    """Turn off the server's timeouts for this session, as pg_dump does: they are meant for the
-    application's statements and transactions, and pgferry's run longer (a copy, a big batch).
-    PostgreSQL 17 added `transaction_timeout`, which terminates the whole session; 14 added
-    `idle_session_timeout`, which ends the apply's connection while the source is quiet."""
-    cur.execute(NO_TIMEOUTS)
-    if cur.connection.server_version >= 140000:
-        cur.execute("SET idle_session_timeout = 0")
-    if cur.connection.server_version >= 170000:
-        cur.execute("SET transaction_timeout = 0")
-
-
 # As pg_dump sets it: where row-level security policies apply to pgferry's role, its statements fail
 # ("query would be affected by row-level security policy") instead of reading or changing only the
 # rows the policies show: a COPY on the source would copy a part, an UPDATE or DELETE on the target
 # would skip rows. (Native apply refuses such tables too.)
 ROW_SECURITY_OFF = "SET row_security = off"
 
+# What every session pgferry moves data in sets first (one round trip): no timeouts, portable text
+# formats, no silent row-level security. (The caller commits: a rollback would undo the settings.)
+SESSION = f"{PORTABLE_FORMATS}; {ROW_SECURITY_OFF}; {NO_TIMEOUTS}"
+
 
 def pgferry_session(cur: Any) -> None:
-    """What every session pgferry moves data in sets first: no timeouts, portable text formats,
-    no silent row-level security."""
-    no_timeouts(cur)
-    cur.execute(f"{PORTABLE_FORMATS}; {ROW_SECURITY_OFF}")
+    cur.execute(SESSION)
 
 
 def quote_ident(name: str) -> str:

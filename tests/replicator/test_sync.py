@@ -9,6 +9,7 @@ import sys
 import psycopg2
 import pytest
 
+from replicator import libpq
 from replicator.copy import CopyError
 from replicator.servers import find_bindir
 from replicator.sync import InitialSync, SyncConfig, copy_sequences
@@ -222,10 +223,14 @@ def test_sequences_are_copied_in_one_statement_and_those_the_target_lacks_are_na
                        "nextval('never_used')") == [(6, 3, 1)]
 
 
-def test_the_copy_outlasts_the_servers_statement_timeout(pair):
+@pytest.mark.parametrize("path", ["pump", "psql"])
+def test_the_copy_outlasts_the_servers_statement_timeout(pair, monkeypatch, path):
     """A server's statement_timeout and transaction_timeout (17+) are meant for the application's
     queries: the copy's sessions turn them off (as pg_dump does), so a slow COPY is not cancelled
-    half-way through a migration, nor are the source's snapshot transactions that feed it."""
+    half-way through a migration, nor are the source's snapshot transactions that feed it. On both
+    copy paths (the psql one is taken where the C pump cannot be built)."""
+    if path == "psql":
+        monkeypatch.setattr(libpq, "pump", lambda: None)
     src, dst = pair
     src.execute(TABLE_A)
     dst.execute("CREATE TABLE a (id int PRIMARY KEY, x text)")
