@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -168,6 +169,31 @@ def test_a_copy_the_target_rejects_stops_with_its_error_and_keeps_nothing(pair, 
     # not copied; 'copying' only where the mark is worth a commit (psql, or tables of 8 MB and more)
     state = "pending" if how == "(binary)" else "copying"
     assert dst.execute("SELECT state FROM pgferry.tables WHERE table_name = 'a'") == [(state,)]
+
+
+@pytest.mark.parametrize("broken", ["pg_dump", "pg_restore"])
+def test_a_failing_schema_dump_stops_the_start_with_pg_dumps_own_words(pair, daemons, tmp_path, broken):
+    """The schema is dumped once (pg_dump, custom format) and its sections taken out by pg_restore:
+    either failing stops the start with exit 1 and the tool's last line, not a traceback."""
+    src, dst = pair
+    src.execute(TABLE_A)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    from replicator.pgtools import find_pg_dump
+
+    real = find_pg_dump()
+    for tool in ("pg_dump", "pg_restore"):
+        script = bindir / tool
+        body = (f'echo "{tool}: error: the disk is on fire" >&2; exit 1' if tool == broken else
+                f'exec {Path(real).with_name(tool)} "$@"')
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+    d = Daemon(src, dst, copy=True, ready=False, env={"PGFERRY_PG_DUMP": str(bindir / "pg_dump")})
+    daemons.append(d)
+    assert d.wait_exit(timeout=60) == 1, d.output()
+    out = d.output()
+    assert f"{broken}: error: the disk is on fire" in out and "Traceback" not in out, out
+    assert ("pg_dump --schema-only of source" if broken == "pg_dump" else "pg_restore --section=pre-data") in out, out
 
 
 def test_many_small_tables_share_connections_and_stale_rows_are_replaced(pair):
