@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     cutover.add_argument("--timeout", type=_positive(float), default=60.0,
                          help="seconds to wait for the daemon to apply up to the handoff (default 60)")
     cutover.add_argument("--receipt", default=None, help="also write the JSON receipt to this file")
+    cutover.add_argument("--verify", choices=["checksum", "count"], default="checksum",
+                         help="how the tables are compared after the handoff, while the source is still fenced: "
+                              "checksum (default) reads every row on both sides; count only counts them, for a "
+                              "shorter write downtime on a big database")
 
     cleanup = sub.add_parser("cleanup", help="drop the slot and publication pgferry created")
     common(cleanup)
@@ -243,7 +247,8 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
         return print_results(results, args.json)
     if args.command == "cutover":
         from .cutover import run_cutover
-        return run_cutover(src, dst, settings.publication, slot, schema, args.fence, args.timeout, args.receipt)
+        return run_cutover(src, dst, settings.publication, slot, schema, args.fence, args.timeout, args.receipt,
+                           verify_mode=args.verify)
     from .cleanup import run_cleanup
     return run_cleanup(src, dst, slot, schema, args.drop_state)
 

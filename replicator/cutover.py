@@ -11,8 +11,8 @@
 4. The daemon applies every transaction up to and including the marker's, claims the cutover in
    that same target transaction (state 'done', handoff LSN = the marker's commit end LSN, which is
    also the stored progress) and stops. So the handoff LSN equals the applied LSN by construction.
-5. Copy sequence values (the source is fenced: they are final), verify every table, write the
-   receipt.
+5. Copy sequence values (the source is fenced: they are final), verify every table (`--verify`:
+   checksum, or count for a shorter write downtime), write the receipt.
 
 On a timeout the cutover first cancels its request (an UPDATE that races the daemon's claim
 through the same row: exactly one wins), then lifts the fence and exits 1: the daemon keeps
@@ -113,7 +113,8 @@ def _control(target: str, schema: str, slot: str) -> dict[str, Any] | None:
 
 
 def run_cutover(source: str, target: str, publication: str, slot: str, schema: str, fence_mode: str,
-                timeout: float, receipt_path: str | None, out: IO[str] = sys.stdout) -> int:
+                timeout: float, receipt_path: str | None, out: IO[str] = sys.stdout,
+                verify_mode: str = "checksum") -> int:
     cutover_id = uuid.uuid4().hex
     dst = connect(target, "target")
     try:
@@ -164,7 +165,8 @@ def run_cutover(source: str, target: str, publication: str, slot: str, schema: s
         receipt["applied_lsn"] = ctl["applied_lsn"]
         receipt["handed_off_after_s"] = round(time.monotonic() - fenced, 3)
         receipt["sequences"] = [{"name": n, "value": v} for n, v in copy_sequences(source, target)]
-        results = verify(source, target, publication, None, "checksum")
+        receipt["verify"] = verify_mode
+        results = verify(source, target, publication, None, verify_mode)
         receipt["tables"] = [{"name": r.name, "source_rows": r.source_rows, "target_rows": r.target_rows,
                               "match": r.match, "differences": r.differences} for r in results]
         receipt["ok"] = all(r.match for r in results) and ctl["handoff_lsn"] == ctl["applied_lsn"]
