@@ -1,5 +1,7 @@
 """`pgferry cutover`: fence the source, hand off at one LSN, copy sequences, verify, receipt.
 
+0. ANALYZE the target's tables that have never been analyzed (planner statistics for the
+   application's first queries; before the fence, so it costs no downtime).
 1. Register the cutover on the target (`control`: state 'requested', a fresh id).
 2. Fence (`--fence read-only`, default): `ALTER DATABASE ... SET default_transaction_read_only =
    on` makes every new session of every role read-only, and the sessions still open are ended
@@ -32,7 +34,7 @@ from typing import IO, Any
 
 import psycopg2
 
-from sink.state import HANDOFF_PREFIX, ensure_schema, quote_ident
+from sink.state import HANDOFF_PREFIX, ensure_schema, pgferry_session, quote_ident
 
 from .errors import PgferryError, first_line
 from .source import connect, describe_dsn
@@ -116,6 +118,7 @@ def run_cutover(source: str, target: str, publication: str, slot: str, schema: s
                 timeout: float, receipt_path: str | None, out: IO[str] = sys.stdout,
                 verify_mode: str = "checksum") -> int:
     cutover_id = uuid.uuid4().hex
+    analyzed = analyze_tables_without_statistics(target, schema)
     dst = connect(target, "target")
     try:
         cur = dst.cursor()
@@ -133,7 +136,8 @@ def run_cutover(source: str, target: str, publication: str, slot: str, schema: s
         dst.close()
 
     fence = Fence(source)
-    receipt: dict[str, Any] = {"cutover_id": cutover_id, "fence": fence_mode, "fenced_at": None}
+    receipt: dict[str, Any] = {"cutover_id": cutover_id, "fence": fence_mode, "fenced_at": None,
+                               "analyzed": analyzed}
     try:
         if fence_mode == "read-only":
             fence.raise_()
@@ -187,6 +191,30 @@ def run_cutover(source: str, target: str, publication: str, slot: str, schema: s
                            "lifted and the source takes writes again; investigate, then `pgferry start` to resume")
     log.info("cutover done at %s: point the application at the target", receipt["handoff_lsn"])
     return 0
+
+
+def analyze_tables_without_statistics(target: str, state_schema: str) -> list[str]:
+    """ANALYZE the target's tables that have never been analyzed, before the fence (so it costs no
+    downtime): a copied table has no planner statistics until autovacuum gets to it, and the
+    application's first queries on the new server would be planned blind. Returns their names."""
+    conn = connect(target, "target")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            pgferry_session(cur)  # no statement_timeout for a big table's ANALYZE
+            cur.execute("SELECT format('%%I.%%I', schemaname, relname) FROM pg_stat_user_tables "
+                        "WHERE last_analyze IS NULL AND last_autoanalyze IS NULL AND schemaname <> %s ORDER BY 1",
+                        (state_schema,))
+            names = [r[0] for r in cur.fetchall()]
+            started = time.monotonic()
+            for name in names:
+                cur.execute(f"ANALYZE {name}")
+    finally:
+        conn.close()
+    if names:
+        log.info("analyzed %d target table(s) that had no planner statistics in %.1f s", len(names),
+                 time.monotonic() - started)
+    return names
 
 
 def _cancel(target: str, schema: str, slot: str, cutover_id: str) -> bool:

@@ -77,7 +77,8 @@ def test_cutover_under_pgbench_hands_off_exactly_and_cleans_up(pair, daemons, tm
 
 def test_cutover_verify_count_compares_row_counts_only(pair, daemons):
     """`--verify count`: the tables are counted, not read row by row, in the write downtime; the
-    receipt says which comparison was made."""
+    receipt says which comparison was made. And tables without planner statistics (just copied,
+    autovacuum not there yet) are analyzed first, before the fence."""
     src, dst = pair
     src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); "
                 "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 50) g")
@@ -88,6 +89,10 @@ def test_cutover_verify_count_compares_row_counts_only(pair, daemons):
     assert r.returncode == 0, r.stdout + r.stderr + d.output()
     receipt = json.loads(r.stdout)
     assert receipt["ok"] and receipt["verify"] == "count"
+    # the copied table had no planner statistics; the cutover analyzed it before fencing
+    assert receipt["analyzed"] == ["public.t"]
+    assert dst.execute("SELECT last_analyze IS NOT NULL, n_live_tup FROM pg_stat_user_tables "
+                       "WHERE relname = 't'") == [(True, 50)]
     assert receipt["tables"] == [{"name": "public.t", "source_rows": 50, "target_rows": 50, "match": True,
                                   "differences": []}]
     assert d.wait_exit(timeout=30) == 0, d.output()
