@@ -1,6 +1,6 @@
 """`pgferry cutover`: fence the source, hand off at one LSN, copy sequences, verify, receipt.
 
-0. ANALYZE the target's tables that have never been analyzed (planner statistics for the
+0. ANALYZE the published tables never analyzed on the target (planner statistics for the
    application's first queries; before the fence, so it costs no downtime).
 1. Register the cutover on the target (`control`: state 'requested', a fresh id).
 2. Fence (`--fence read-only`, default): `ALTER DATABASE ... SET default_transaction_read_only =
@@ -39,7 +39,7 @@ from sink.state import HANDOFF_PREFIX, ensure_schema, pgferry_session, quote_ide
 from .errors import PgferryError, first_line
 from .source import connect, describe_dsn
 from .sync import copy_sequences
-from .verify import verify
+from .verify import published_tables, verify
 
 log = logging.getLogger("pgferry.cutover")
 
@@ -118,7 +118,7 @@ def run_cutover(source: str, target: str, publication: str, slot: str, schema: s
                 timeout: float, receipt_path: str | None, out: IO[str] = sys.stdout,
                 verify_mode: str = "checksum") -> int:
     cutover_id = uuid.uuid4().hex
-    analyzed = analyze_tables_without_statistics(target, schema)
+    analyzed = analyze_tables_without_statistics(source, target, publication)
     dst = connect(target, "target")
     try:
         cur = dst.cursor()
@@ -193,28 +193,33 @@ def run_cutover(source: str, target: str, publication: str, slot: str, schema: s
     return 0
 
 
-def analyze_tables_without_statistics(target: str, state_schema: str) -> list[str]:
-    """ANALYZE the target's tables that have never been analyzed, before the fence (so it costs no
-    downtime): a copied table has no planner statistics until autovacuum gets to it, and the
-    application's first queries on the new server would be planned blind. Returns their names."""
+def analyze_tables_without_statistics(source: str, target: str, publication: str) -> list[str]:
+    """ANALYZE the published tables that have never been analyzed on the target, before the fence
+    (so it costs no downtime): a copied table has no planner statistics until autovacuum gets to
+    it, and the application's first queries on the new server would be planned blind. Returns
+    their names."""
+    src = connect(source, "source")
+    try:
+        quoted = {f"{quote_ident(n)}.{quote_ident(t)}": f"{n}.{t}" for n, t in published_tables(src, publication, None)}
+    finally:
+        src.close()
     conn = connect(target, "target")
     conn.autocommit = True
+    started = time.monotonic()
     try:
         with conn.cursor() as cur:
             pgferry_session(cur)  # no statement_timeout for a big table's ANALYZE
-            cur.execute("SELECT format('%%I.%%I', schemaname, relname) FROM pg_stat_user_tables "
-                        "WHERE last_analyze IS NULL AND last_autoanalyze IS NULL AND schemaname <> %s ORDER BY 1",
-                        (state_schema,))
-            names = [r[0] for r in cur.fetchall()]
-            started = time.monotonic()
-            for name in names:
+            cur.execute("SELECT t FROM unnest(%s::text[]) t JOIN pg_stat_user_tables s ON s.relid = to_regclass(t) "
+                        "WHERE s.last_analyze IS NULL AND s.last_autoanalyze IS NULL ORDER BY 1", (list(quoted),))
+            todo = [r[0] for r in cur.fetchall()]
+            for name in todo:
                 cur.execute(f"ANALYZE {name}")
     finally:
         conn.close()
-    if names:
-        log.info("analyzed %d target table(s) that had no planner statistics in %.1f s", len(names),
+    if todo:
+        log.info("analyzed %d target table(s) that had no planner statistics in %.1f s", len(todo),
                  time.monotonic() - started)
-    return names
+    return [quoted[q] for q in todo]
 
 
 def _cancel(target: str, schema: str, slot: str, cutover_id: str) -> bool:
