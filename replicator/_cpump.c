@@ -66,7 +66,7 @@ typedef struct {
 /* A later source's COPY is started when the running ones are all done, or when, at least this long
  * after the last start, they have left the pump without a row for a quarter of that time. (A copy
  * the target holds back waits a few percent of its time, but may wait most of its first 60 ms while
- * the copy's other work, e.g. the small tables and pg_dump's post-data, has the CPU.) */
+ * the copy's other work, e.g. the small tables, has the CPU.) */
 #define LAZY_NS (250LL * 1000 * 1000)
 
 static long long now_ns(void)

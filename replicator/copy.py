@@ -108,10 +108,11 @@ class CopyConnections(ThreadConnections):
 
 def _set_up_session(conn: Any) -> None:
     """A copy session runs one long COPY, and a spare source connection (kept for a later table's
-    block ranges) waits idle in its snapshot's transaction (`state.SESSION` turns the timeouts off); and a text COPY
-    prints and reads dates, intervals and floats in the same portable formats on both sides; a
-    table whose row-level security applies to the role fails its COPY instead of copying a part
-    (`state.pgferry_session`; preflight names such tables before anything starts)."""
+    block ranges, or for a range not started yet) waits idle in its snapshot's transaction: the
+    server's timeouts are off. A text COPY prints and reads dates, intervals and floats in the same
+    portable formats on both sides; a table whose row-level security applies to the role fails its
+    COPY instead of copying a part. (`state.SESSION`; preflight names such tables before anything
+    starts.)"""
     conn.autocommit = True
     pgferry_session(conn.cursor())
     conn.autocommit = False
