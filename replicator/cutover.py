@@ -1,7 +1,7 @@
 """`pgferry cutover`: fence the source, hand off at one LSN, copy sequences, verify, receipt.
 
-0. ANALYZE the published tables never analyzed on the target (planner statistics for the
-   application's first queries; before the fence, so it costs no downtime).
+0. ANALYZE the published tables (and partitioned tables above them) never analyzed on the target
+   (planner statistics for the application's first queries; before the fence: no downtime).
 1. Register the cutover on the target (`control`: state 'requested', a fresh id).
 2. Fence (`--fence read-only`, default): `ALTER DATABASE ... SET default_transaction_read_only =
    on` makes every new session of every role read-only, and the sessions still open are ended
@@ -194,13 +194,14 @@ def run_cutover(source: str, target: str, publication: str, slot: str, schema: s
 
 
 def analyze_tables_without_statistics(source: str, target: str, publication: str) -> list[str]:
-    """ANALYZE the published tables that have never been analyzed on the target, before the fence
-    (so it costs no downtime): a copied table has no planner statistics until autovacuum gets to
-    it, and the application's first queries on the new server would be planned blind. Returns
-    their names."""
+    """ANALYZE the published tables (and the partitioned tables above them) that have never been
+    analyzed on the target, before the fence (so it costs no downtime): a copied table has no
+    planner statistics until autovacuum gets to it, and autovacuum never analyzes a partitioned
+    table itself; the application's first queries on the new server would be planned blind.
+    Returns their names."""
     src = connect(source, "source")
     try:
-        quoted = {f"{quote_ident(n)}.{quote_ident(t)}": f"{n}.{t}" for n, t in published_tables(src, publication, None)}
+        published = [f"{quote_ident(n)}.{quote_ident(t)}" for n, t in published_tables(src, publication, None)]
     finally:
         src.close()
     conn = connect(target, "target")
@@ -209,17 +210,21 @@ def analyze_tables_without_statistics(source: str, target: str, publication: str
     try:
         with conn.cursor() as cur:
             pgferry_session(cur)  # no statement_timeout for a big table's ANALYZE
-            cur.execute("SELECT t FROM unnest(%s::text[]) t JOIN pg_stat_user_tables s ON s.relid = to_regclass(t) "
-                        "WHERE s.last_analyze IS NULL AND s.last_autoanalyze IS NULL ORDER BY 1", (list(quoted),))
-            todo = [r[0] for r in cur.fetchall()]
-            for name in todo:
-                cur.execute(f"ANALYZE {name}")
+            cur.execute("""SELECT DISTINCT format('%%I.%%I', n.nspname, c.relname), n.nspname || '.' || c.relname
+                FROM unnest(%s::text[]) t, LATERAL (SELECT to_regclass(t) AS relid
+                                                    UNION SELECT relid FROM pg_partition_ancestors(to_regclass(t))) a
+                JOIN pg_stat_user_tables s ON s.relid = a.relid JOIN pg_class c ON c.oid = a.relid
+                JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE s.last_analyze IS NULL AND s.last_autoanalyze IS NULL ORDER BY 2""", (published,))
+            todo = cur.fetchall()
+            for quoted, _ in todo:
+                cur.execute(f"ANALYZE {quoted}")
     finally:
         conn.close()
     if todo:
         log.info("analyzed %d target table(s) that had no planner statistics in %.1f s", len(todo),
                  time.monotonic() - started)
-    return [quoted[q] for q in todo]
+    return [name for _, name in todo]
 
 
 def _cancel(target: str, schema: str, slot: str, cutover_id: str) -> bool:
