@@ -194,7 +194,7 @@ def run_cutover(source: str, target: str, publication: str, slot: str, schema: s
 
 
 def analyze_tables_without_statistics(source: str, target: str, publication: str) -> list[str]:
-    """ANALYZE the published tables (and the partitioned tables above them) that have never been
+    """ANALYZE the published tables (and the partitioned tables above or below them) that have never been
     analyzed on the target, before the fence (so it costs no downtime): a copied table has no
     planner statistics until autovacuum gets to it, and autovacuum never analyzes a partitioned
     table itself; the application's first queries on the new server would be planned blind.
@@ -212,7 +212,8 @@ def analyze_tables_without_statistics(source: str, target: str, publication: str
             pgferry_session(cur)  # no statement_timeout for a big table's ANALYZE
             cur.execute("""SELECT DISTINCT format('%%I.%%I', n.nspname, c.relname), n.nspname || '.' || c.relname
                 FROM unnest(%s::text[]) t, LATERAL (SELECT to_regclass(t) AS relid
-                                                    UNION SELECT relid FROM pg_partition_ancestors(to_regclass(t))) a
+                                                    UNION SELECT relid FROM pg_partition_ancestors(to_regclass(t))
+                                                    UNION SELECT relid FROM pg_partition_tree(to_regclass(t))) a
                 JOIN pg_stat_user_tables s ON s.relid = a.relid JOIN pg_class c ON c.oid = a.relid
                 JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE s.last_analyze IS NULL AND s.last_autoanalyze IS NULL ORDER BY 2""", (published,))
