@@ -194,8 +194,8 @@ def run_cutover(source: str, target: str, publication: str, slot: str, schema: s
 
 
 def analyze_tables_without_statistics(source: str, target: str, publication: str) -> list[str]:
-    """ANALYZE the published tables (and the partitioned tables above or below them) that have never been
-    analyzed on the target, before the fence (so it costs no downtime): a copied table has no
+    """ANALYZE the published tables, and the partitioned tables above them or partitions below, that
+    have never been analyzed on the target, before the fence (so it costs no downtime): a copied table has no
     planner statistics until autovacuum gets to it, and autovacuum never analyzes a partitioned
     table itself; the application's first queries on the new server would be planned blind.
     Returns their names."""
