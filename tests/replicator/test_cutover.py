@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 
 import psycopg2
 import pytest
 
 from replicator import verify
+from replicator.cutover import analyze_tables_without_statistics
 from tests.pgplugin import Daemon, Db, assert_same_tables, pgferry, publish_same_table, wait_for
 from tests.replicator.test_sync import PGBENCH, TABLES, TYPED
 
@@ -102,6 +104,21 @@ def test_cutover_verify_count_compares_row_counts_only(pair, daemons):
                                  {"name": "public.t", "source_rows": 50, "target_rows": 50, "match": True,
                                   "differences": []}]
     assert d.wait_exit(timeout=30) == 0, d.output()
+
+
+def test_tables_the_target_role_may_not_analyze_are_named_not_counted(pair, caplog):
+    """The cutover's ANALYZE runs as the target role; a table someone else owns is skipped by the
+    server with a warning: pgferry names it in its own warning instead of counting it analyzed."""
+    src, dst = pair
+    publish_same_table(src, dst, "CREATE TABLE mine (id int); CREATE TABLE theirs (id int)")
+    role = f"r_{dst.name}"
+    dst.psql(f"CREATE ROLE {role} LOGIN; ALTER TABLE mine OWNER TO {role}")
+    with caplog.at_level(logging.WARNING, logger="pgferry.cutover"):
+        done = analyze_tables_without_statistics(src.dsn, dst.server.dsn(dst.name, user=role), "pgferry")
+    assert done == ["public.mine"]
+    assert "may not analyze them: public.theirs" in caplog.text, caplog.text
+    assert dst.execute("SELECT relname, last_analyze IS NOT NULL FROM pg_stat_user_tables ORDER BY 1") == [
+        ("mine", True), ("theirs", False)]
 
 
 def test_cutover_timeout_lifts_the_fence_and_the_daemon_streams_on(pair, daemons):
