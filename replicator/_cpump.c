@@ -184,7 +184,8 @@ static int merge(Source *src, int ns, const char **sqls, Out *out, int binary, c
     int running = 0, next = 0, header_written = 0;
     long long starved = 0, since = 0;
     while (running > 0 || next < ns) {
-        if (running == 0 || (next < ns && now_ns() - since >= LAZY_NS && starved * 4 >= now_ns() - since)) {
+        long long elapsed = next < ns ? now_ns() - since : 0; /* since the last start, while one is left */
+        if (running == 0 || (next < ns && elapsed >= LAZY_NS && starved * 4 >= elapsed)) {
             if (!start(src[next].c, sqls[next], PGRES_COPY_OUT, err)) {
                 *side = "source";
                 return 0;

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from .errors import PgferryError
-from .source import describe_dsn
+from .source import describe_dsn, published_tables
 
 if TYPE_CHECKING:
     from .sync import SyncConfig
@@ -99,10 +99,8 @@ WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))""
 def check_target_schema(src: Any, target: Any, cfg: SyncConfig) -> None:
     """--no-schema: the target's tables were made by hand. Every published table and column must be
     there; all differences are reported at once, before anything is created or copied."""
+    tables = published_tables(src, cfg.publication)
     with src.cursor() as cur:
-        cur.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1, 2",
-                    (cfg.publication,))
-        tables = cur.fetchall()
         cur.execute(_COLUMNS, ([t[0] for t in tables], [t[1] for t in tables]))
         source = cur.fetchall()
     src.rollback()

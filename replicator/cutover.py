@@ -1,7 +1,8 @@
 """`pgferry cutover`: fence the source, hand off at one LSN, copy sequences, verify, receipt.
 
-0. ANALYZE the published tables (and partitioned tables above them) never analyzed on the target
-   (planner statistics for the application's first queries; before the fence: no downtime).
+0. ANALYZE the published tables (and the partitioned tables above them, the partitions below)
+   never analyzed on the target (planner statistics for the application's first queries; before
+   the fence: no downtime).
 1. Register the cutover on the target (`control`: state 'requested', a fresh id).
 2. Fence (`--fence read-only`, default): `ALTER DATABASE ... SET default_transaction_read_only =
    on` makes every new session of every role read-only, and the sessions still open are ended
@@ -37,9 +38,9 @@ import psycopg2
 from sink.state import HANDOFF_PREFIX, ensure_schema, pgferry_session, quote_ident
 
 from .errors import PgferryError, first_line
-from .source import connect, describe_dsn
+from .source import connect, describe_dsn, published_tables
 from .sync import copy_sequences
-from .verify import published_tables, verify
+from .verify import verify
 
 log = logging.getLogger("pgferry.cutover")
 
@@ -202,7 +203,7 @@ def analyze_tables_without_statistics(source: str, target: str, publication: str
     warning."""
     src = connect(source, "source")
     try:
-        published = [f"{quote_ident(n)}.{quote_ident(t)}" for n, t in published_tables(src, publication, None)]
+        published = [f"{quote_ident(n)}.{quote_ident(t)}" for n, t in published_tables(src, publication)]
     finally:
         src.close()
     conn = connect(target, "target")

@@ -105,6 +105,20 @@ def completed_or_cancel(futures: Iterable[Future[Any]]) -> Iterator[Future[Any]]
         yield f
 
 
+def published_tables(src: Any, publication: str, only: list[str] | None = None) -> list[tuple[str, str]]:
+    """(schema, table) of every table in `publication`, in order; `only`: those named there
+    (`schema.table` or `table`)."""
+    with src.cursor() as cur:
+        cur.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1, 2",
+                    (publication,))
+        tables = cur.fetchall()
+    src.rollback()
+    if only:
+        wanted = set(only)
+        tables = [t for t in tables if f"{t[0]}.{t[1]}" in wanted or t[1] in wanted]
+    return tables
+
+
 def check_logical_source(conn: psycopg2.extensions.connection, dsn: str, publication: str | None) -> None:
     """wal_level, REPLICATION privilege and the publication: what any stream from this source needs."""
     where = describe_dsn(dsn)

@@ -46,7 +46,7 @@ from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_
 from .errors import PgferryError, first_line
 from .pgtools import drop_unknown_settings, find_client, find_pg_dump, libpq_env
 from .postdata import run_post_data
-from .source import check_logical_source, completed_or_cancel, connect, describe_dsn
+from .source import check_logical_source, completed_or_cancel, connect, describe_dsn, published_tables
 
 log = logging.getLogger("pgferry.sync")
 
@@ -307,10 +307,7 @@ class InitialSync:
     def _register_tables(self) -> list[TableCopy]:
         src = connect(self.cfg.source, "source")
         try:
-            with src.cursor() as cur:
-                cur.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s "
-                            "ORDER BY 1, 2", (self.cfg.publication,))
-                tables = [TableCopy(n, t) for n, t in cur.fetchall()]
+            tables = [TableCopy(n, t) for n, t in published_tables(src, self.cfg.publication)]
         finally:
             src.close()
         cur = self.target.cursor()

@@ -24,7 +24,7 @@ import psycopg2
 from sink.state import pgferry_session, quote_ident
 
 from .errors import first_line
-from .source import connect
+from .source import connect, published_tables
 
 log = logging.getLogger("pgferry.verify")
 
@@ -40,18 +40,6 @@ class TableResult:
     target_rows: int = 0
     match: bool = True
     differences: list[str] = field(default_factory=list)
-
-
-def published_tables(src: Any, publication: str, only: list[str] | None) -> list[tuple[str, str]]:
-    with src.cursor() as cur:
-        cur.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1, 2",
-                    (publication,))
-        tables = cur.fetchall()
-    src.rollback()
-    if only:
-        wanted = set(only)
-        tables = [t for t in tables if f"{t[0]}.{t[1]}" in wanted or t[1] in wanted]
-    return tables
 
 
 def _columns(src: Any, qualified: str) -> tuple[list[str], list[tuple[str, str]]]:
