@@ -3,13 +3,15 @@
  *
  * No libpq at build time: see _libpq.h.
  *
- * pump(srcs, dst, copy_out_sqls, copy_in_sql, binary, chunk=0) -> (rows, error)
+ * pump(srcs, dst, copy_out_sqls, copy_in_sql, binary, chunk=0, trim=b"") -> (rows, error)
  *   srcs: PGconn pointers, each to run its copy_out_sqls[i] (e.g. one block range of a table
  *         each): their rows are merged into the ONE target COPY (see merge: one after the other
  *         while the target is the slower side, side by side where the sources are), so a big table
  *         is written by one transaction (which may use FREEZE)
  *   binary: the COPYs are binary (one header and one trailer are kept in the merged stream)
  *   chunk: rows are gathered into target CopyData messages of up to this many bytes (0: one each)
+ *   trim: one flag byte per column, or empty: the flagged columns' values lose their trailing
+ *         spaces on the way (char(n) columns, which the target's input pads back: see trim_row)
  *   rows: what the target's COPY reported; error: None, or ("source" | "target", message).
  * Every connection must be in a transaction and idle. After an error the caller closes them all
  * (a connection may be left mid-COPY; closing it aborts its transaction).
@@ -84,6 +86,8 @@ typedef struct {
     PGconn *dst;
     char *buf;
     int len, cap;
+    const char *trim; /* the rows' trim flags, one per column (ntrim 0: none) */
+    int ntrim;
 } Out;
 
 static int out_flush(Out *o)
@@ -105,6 +109,66 @@ static int out_write(Out *o, const char *p, int len)
     return 1;
 }
 
+static uint32_t get32(const char *p)
+{
+    const unsigned char *u = (const unsigned char *)p;
+    return (uint32_t)u[0] << 24 | (uint32_t)u[1] << 16 | (uint32_t)u[2] << 8 | u[3];
+}
+
+static void put32(char *p, uint32_t v)
+{
+    p[0] = (char)(v >> 24), p[1] = (char)(v >> 16), p[2] = (char)(v >> 8), p[3] = (char)v;
+}
+
+/* One source row (a server sends each in one CopyData message), in place: the fields flagged in
+ * `trim` lose their trailing spaces. For char(n) columns: the target's input pads a value back to
+ * n, so it stores the same bytes, without counting the padding character by character, which was
+ * the target COPY's biggest single cost (replicator/copy.py, padded_columns). A space byte is a
+ * space in every server encoding. Returns the row's new length, or -1 if the row does not have
+ * `ntrim` well-formed fields. */
+static int trim_row(char *p, int len, int binary, const char *trim, int ntrim)
+{
+    int r = 0, w = 0;
+    if (binary) { /* int16 field count, then per field an int32 length (-1: NULL) and its bytes */
+        if (len < 2 || (((unsigned char)p[0] << 8) | (unsigned char)p[1]) != ntrim)
+            return -1;
+        r = w = 2;
+        for (int i = 0; i < ntrim; i++) {
+            if (len - r < 4)
+                return -1;
+            int32_t n = (int32_t)get32(p + r);
+            r += 4;
+            if (n < -1 || n > len - r)
+                return -1;
+            int keep = n;
+            while (trim[i] && keep > 0 && p[r + keep - 1] == ' ')
+                keep--;
+            put32(p + w, (uint32_t)(n < 0 ? n : keep)); /* w + 4 <= r: the field's bytes are untouched */
+            w += 4;
+            if (keep > 0 && w != r)
+                memmove(p + w, p + r, keep);
+            w += keep > 0 ? keep : 0;
+            r += n > 0 ? n : 0;
+        }
+    } else { /* text: fields end with a tab, the last with a newline (tabs and newlines in values are escaped) */
+        for (int i = 0; i < ntrim; i++) {
+            int from = r;
+            while (r < len && p[r] != '\t' && p[r] != '\n')
+                r++;
+            if (r == len || (p[r] == '\n') != (i == ntrim - 1))
+                return -1;
+            int end = r;
+            while (trim[i] && end > from && p[end - 1] == ' ')
+                end--;
+            if (w != from)
+                memmove(p + w, p + from, end - from);
+            w += end - from;
+            p[w++] = p[r++];
+        }
+    }
+    return r == len ? w : -1;
+}
+
 /* `c`'s last error into err, and whose it is into *side ("source" | "target"). Returns 0. */
 static int conn_error(PGconn *c, const char *who, char *err, const char **side)
 {
@@ -116,7 +180,7 @@ static int conn_error(PGconn *c, const char *who, char *err, const char **side)
 /* Write one source message to the target. A binary COPY stream has one header and one trailer: the
  * first source's header is kept, every other header and every trailer dropped (the caller writes
  * the trailer once at the end). 1 ok, 0 error (err set, *side says whose). */
-static int forward(Source *s, const char *p, int len, Out *out, int binary, int *header_written, char *err,
+static int forward(Source *s, char *p, int len, Out *out, int binary, int *header_written, char *err,
                    const char **side)
 {
     if (binary && s->first) {
@@ -134,6 +198,11 @@ static int forward(Source *s, const char *p, int len, Out *out, int binary, int 
     }
     if (binary && len == 2 && (unsigned char)p[0] == 0xff && (unsigned char)p[1] == 0xff)
         return 1; /* this source's trailer */
+    if (out->ntrim > 0 && len > 0 && (len = trim_row(p, len, binary, out->trim, out->ntrim)) < 0) {
+        snprintf(err, MSG, "a row of the source's COPY does not have the %d columns asked for", out->ntrim);
+        *side = "source";
+        return 0;
+    }
     if (len > 0 && !out_write(out, p, len))
         goto target;
     return 1;
@@ -239,9 +308,15 @@ static PyObject *pump(PyObject *self, PyObject *args)
     unsigned long long dst_ptr;
     const char *in_sql;
     int binary, chunk = 0;
-    if (!PyArg_ParseTuple(args, "O!KO!yp|i", &PyTuple_Type, &srcs, &dst_ptr, &PyTuple_Type, &outs, &in_sql, &binary,
-                          &chunk))
+    const char *trim = "";
+    Py_ssize_t ntrim = 0;
+    if (!PyArg_ParseTuple(args, "O!KO!yp|iy#", &PyTuple_Type, &srcs, &dst_ptr, &PyTuple_Type, &outs, &in_sql, &binary,
+                          &chunk, &trim, &ntrim))
         return NULL;
+    if (ntrim > 0x7fff) {
+        PyErr_SetString(PyExc_ValueError, "pump: at most 32767 trim flags (a row's columns)");
+        return NULL;
+    }
     if (chunk < 0 || chunk > (64 << 20)) {
         PyErr_SetString(PyExc_ValueError, "pump: chunk is 0 (a message per row) to 64 MB");
         return NULL;
@@ -266,7 +341,7 @@ static PyObject *pump(PyObject *self, PyObject *args)
         out_sql[i] = PyBytes_AS_STRING(PyTuple_GET_ITEM(outs, i));
     }
     PGconn *dst = (PGconn *)(uintptr_t)dst_ptr;
-    Out out = {.dst = dst, .cap = chunk, .buf = chunk ? malloc(chunk) : NULL};
+    Out out = {.dst = dst, .cap = chunk, .buf = chunk ? malloc(chunk) : NULL, .trim = trim, .ntrim = (int)ntrim};
     if (chunk && out.buf == NULL)
         return PyErr_NoMemory();
     char err[MSG] = "";
@@ -306,7 +381,7 @@ static PyObject *pump(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"pump", pump, METH_VARARGS,
-     "pump(src_pgconns, dst_pgconn, copy_out_sqls, copy_in_sql, binary, chunk=0) -> (rows, error)"},
+     "pump(src_pgconns, dst_pgconn, copy_out_sqls, copy_in_sql, binary, chunk=0, trim=b'') -> (rows, error)"},
     {"bind", pq_bind, METH_VARARGS, "bind(*libpq_function_addresses): see replicator/libpq.py for the order"},
     {NULL, NULL, 0, NULL},
 };

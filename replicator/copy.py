@@ -53,17 +53,18 @@ class CopyConnections(ThreadConnections):
         self.cfg, self.snapshot = cfg, snapshot
         self.tables = tables or []  # every table to copy (qualified): their columns are read at once
         self.empty = empty  # the target's tables are known to be empty (pre-data has just created them)
-        self._columns: dict[str, list[tuple[str, bool, str]]] = {}
+        self._columns: dict[str, list[tuple[str, bool, str, bool]]] = {}
 
-    def columns(self, t: TableCopy, src: Any) -> list[tuple[str, bool, str]]:
-        """(name, built-in type, relkind) of `t`'s copied columns, as the snapshot sees them. Read
-        for every table in one query by the first thread that asks (one query per table was a
-        round trip per table: 1,000 small tables)."""
+    def columns(self, t: TableCopy, src: Any) -> list[tuple[str, bool, str, bool]]:
+        """(name, built-in type, relkind, padded) of `t`'s copied columns, as the snapshot sees them
+        (padded: `char(n)`, see `padded_columns`). Read for every table in one query by the first
+        thread that asks (one query per table was a round trip per table: 1,000 small tables)."""
         with self.lock:
             if t.qualified not in self._columns:
                 names = self.tables if t.qualified in self.tables else [t.qualified]
                 with src.cursor() as cur:
-                    cur.execute("""SELECT n.name, a.attname, a.atttypid < %s, c.relkind
+                    cur.execute("""SELECT n.name, a.attname, a.atttypid < %s, c.relkind,
+                            a.atttypid = 'bpchar'::regtype AND a.atttypmod > 4
                         FROM unnest(%s::text[]) WITH ORDINALITY n(name, i)
                         JOIN pg_attribute a ON a.attrelid = n.name::regclass JOIN pg_class c ON c.oid = a.attrelid
                         WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
@@ -238,6 +239,20 @@ def mark_copied(cfg: SyncConfig, t: TableCopy, snapshot_lsn: Lsn) -> None:
     log.info("copied %s: %d rows in parts", t.display, t.rows)
 
 
+def padded_columns(cols: list[tuple[str, bool, str, bool]]) -> bytes:
+    """The pump's `trim` flags for `cols` (from `CopyConnections.columns`): 1 for a `char(n)` column,
+    whose values the pump sends without their trailing spaces; b"" when there is none.
+
+    The target's `char(n)` input pads a value back to n, so it stores the same bytes (its column
+    has the same type: pg_dump made it, or the --no-schema check compared `format_type`, typmod
+    included). Sending the padding was the costliest part of the target's COPY: bpchar input counts
+    the value's characters one by one, 22% of the target backend's CPU on pgbench_accounts, whose
+    `filler char(84)` is all spaces and three quarters of the bytes (bench/README.md). Trimming in
+    the source's query instead (`filler::text`) doubled the source's COPY time. `char` without a
+    length keeps its spaces: nothing would put them back."""
+    return bytes(c[3] for c in cols) if any(c[3] for c in cols) else b""
+
+
 def copy_table(cfg: SyncConfig, t: TableCopy, conns: CopyConnections, snapshot_lsn: Lsn, progress: CopyProgress,
                wheres: list[str] | None = None, whole: bool = True) -> None:
     """Copy one table (or some block ranges of it, `wheres`) in the exported snapshot.
@@ -282,7 +297,8 @@ def copy_table(cfg: SyncConfig, t: TableCopy, conns: CopyConnections, snapshot_l
         copy_in = f"COPY {t.qualified} ({names}) FROM STDIN {into_fmt}"
         mark = (lambda rows: _copied_sql(cfg, t, snapshot_lsn, rows)) if whole else None
         if pump is not None:
-            rows = _copy_in_process(pump, t, sources, dst, copy_outs, copy_in, mark, freeze, binary, conns.empty)
+            rows = _copy_in_process(pump, t, sources, dst, copy_outs, copy_in, mark, freeze, binary, conns.empty,
+                                    padded_columns(cols))
         else:
             rows = _copy_with_psql(cfg, t, conns.snapshot, copy_outs[0], copy_in, mark(None) if mark else None)
             if mark is not None:  # psql committed the mark; the row count is known only now
@@ -303,7 +319,7 @@ def copy_table(cfg: SyncConfig, t: TableCopy, conns: CopyConnections, snapshot_l
 
 def _copy_in_process(pump: Callable[..., tuple[int, Any]], t: TableCopy, sources: list[Any], dst: Any,
                      copy_outs: list[str], copy_in: str, mark: Callable[[int], str] | None, freeze: bool,
-                     binary: bool, empty: bool) -> int:
+                     binary: bool, empty: bool, trim: bytes) -> int:
     """The C pump from `sources` (in the snapshot) into `dst`; for a whole table ONE target
     transaction empties it (TRUNCATE when `freeze` or when it has rows, unless it is known to be
     `empty`), copies, and marks it copied with its row count."""
@@ -316,7 +332,7 @@ def _copy_in_process(pump: Callable[..., tuple[int, Any]], t: TableCopy, sources
         if truncate:
             cur.execute(f"TRUNCATE {t.qualified}")
     rows, err = pump(tuple(s.pgconn_ptr for s in sources), dst.pgconn_ptr,
-                     tuple(q.encode() for q in copy_outs), copy_in.encode(), binary, PUMP_CHUNK)
+                     tuple(q.encode() for q in copy_outs), copy_in.encode(), binary, PUMP_CHUNK, trim)
     if err is not None:
         side, msg = err
         text = msg.decode(errors="replace").strip().splitlines()

@@ -43,7 +43,7 @@ PUMP_MAX_SOURCES = 16  # _cpump.c's MAX_SOURCES: block ranges merged into one ta
 
 
 @functools.cache
-def pump() -> Callable[[tuple[int, ...], int, tuple[bytes, ...], bytes, bool, int], tuple[int, Any]] | None:
+def pump() -> Callable[[tuple[int, ...], int, tuple[bytes, ...], bytes, bool, int, bytes], tuple[int, Any]] | None:
     """`_cpump.pump` (the initial copy's data path) bound to psycopg2's libpq, or None: copy
     through psql."""
     if pure_python():

@@ -15,7 +15,7 @@ TABLE = "CREATE TABLE t (id int PRIMARY KEY, v text, b bytea, n numeric)"
 COLUMNS = {"t": ["id", "v", "b", "n"]}
 
 
-def _pump(src, dst, wheres: list[str], binary: bool, chunk: int = 1 << 16) -> tuple[int, object]:
+def _pump(src, dst, wheres: list[str], binary: bool, chunk: int = 1 << 16, trim: bytes = b"") -> tuple[int, object]:
     pump = libpq.pump()
     if pump is None:
         pytest.skip("the C pump is not built")
@@ -26,7 +26,7 @@ def _pump(src, dst, wheres: list[str], binary: bool, chunk: int = 1 << 16) -> tu
         target.cursor().execute("TRUNCATE t")
         rows, err = pump(tuple(c.pgconn_ptr for c in sources), target.pgconn_ptr,
                          tuple(f"COPY (SELECT * FROM t WHERE {w}) TO STDOUT {fmt}".encode() for w in wheres),
-                         f"COPY t FROM STDIN {fmt}".encode(), binary, chunk)
+                         f"COPY t FROM STDIN {fmt}".encode(), binary, chunk, trim)
         if err is None:
             target.commit()
         return rows, err
@@ -91,3 +91,36 @@ def test_a_fast_source_range_waits_its_turn_and_a_slow_one_gets_company(pair):
     assert sorted(order) == [*range(1, 501), *range(10001, 20001)]
     # the second range's rows came in while the first was still sending
     assert order.index(10001) < order.index(500), "the second range waited for the slow first one"
+
+
+PADDED = "CREATE TABLE t (id int PRIMARY KEY, c5 char(5), v text, c4 char(4), u bpchar, c9 char(9))"
+SPACED = ["NULL", "''", "' '", "'ab  '", "' a b'", "'ż  '", "E'a\\t '", "E'\\\\ '"]  # NULL, '', ' ', ...
+
+
+@pytest.mark.parametrize("chunk", [1 << 16, 0], ids=["64kB", "per-row"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "text"])
+def test_char_n_columns_lose_their_padding_on_the_way_and_get_it_back(pair, binary, chunk):
+    """The flagged columns (char(n)) are sent without their trailing spaces; the target's input
+    pads them back, so every value is stored as on the source, byte for byte. Unflagged columns (a
+    text, an unbounded bpchar) keep theirs."""
+    src, dst = pair
+    values = ", ".join(f"({i}, {a}, {a}, {a}, {a}, {a})" for i, a in enumerate(SPACED))
+    src.execute(PADDED + f"; INSERT INTO t VALUES {values}; "
+                "INSERT INTO t SELECT g, 'x' || g % 10, 'v  ', NULL, 'u ', '' FROM generate_series(100, 5000) g")
+    dst.execute(PADDED)
+    rows, err = _pump(src, dst, ["id < 3000", "id >= 3000"], binary, chunk, bytes([0, 1, 0, 1, 0, 1]))
+    assert err is None and rows == 4901 + len(SPACED)
+    stored = ("SELECT id, bpcharsend(c5), v, bpcharsend(c4), bpcharsend(u), bpcharsend(c9), "
+              "octet_length(v), octet_length(u) FROM t ORDER BY id")
+    assert dst.execute(stored) == src.execute(stored)
+    assert dst.execute("SELECT octet_length(c9), octet_length(u) FROM t WHERE id = 3") == [(9, 4)]
+
+
+def test_rows_with_another_column_count_than_the_trim_flags_are_refused(pair):
+    src, dst = pair
+    src.execute(TABLE + "; INSERT INTO t SELECT g, 'v', NULL, 1 FROM generate_series(1, 10) g")
+    dst.execute(TABLE)
+    for binary in (True, False):
+        _, err = _pump(src, dst, ["true"], binary, trim=bytes([0, 1, 0]))
+        assert err == ("source", b"a row of the source's COPY does not have the 3 columns asked for"), err
+        assert dst.execute("SELECT count(*) FROM t") == [(0,)]

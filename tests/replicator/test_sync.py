@@ -24,7 +24,7 @@ TABLES = {
     "pgbench_branches": ["bid", "bbalance", "filler"],
     "pgbench_tellers": ["tid", "bid", "tbalance", "filler"],
     "pgbench_history": ["tid", "bid", "aid", "delta", "mtime", "filler"],
-    "typed": ["id", "m", "d", "r", "p", "a", "j", "n", "f", "t", "b", "u", "ts", "iv"],
+    "typed": ["id", "m", "d", "r", "p", "a", "j", "n", "f", "t", "b", "u", "ts", "iv", "c", "cu"],
 }
 
 TYPED = """
@@ -33,9 +33,9 @@ CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
 CREATE TYPE pair AS (x integer, label text);
 CREATE TABLE typed (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, m mood, d posint, r int4range, p pair,
     a text[], j jsonb, n numeric, f float8, t text, b bytea, u uuid, ts timestamptz, iv interval,
-    twice bigint GENERATED ALWAYS AS (id * 2) STORED);
+    twice bigint GENERATED ALWAYS AS (id * 2) STORED, c char(7), cu bpchar);
 ALTER TABLE typed ALTER COLUMN t SET STORAGE EXTERNAL;
-INSERT INTO typed (m, d, r, p, a, j, n, f, t, b, u, ts, iv)
+INSERT INTO typed (m, d, r, p, a, j, n, f, t, b, u, ts, iv, c, cu)
 SELECT (ARRAY['sad','ok','happy'])[1 + g % 3]::mood, 1 + g, int4range(g, g + 10), ROW(g, 'żółw "' || g || '"')::pair,
        ARRAY['a', NULL, 'q"uote'], jsonb_build_object('g', g, 'arr', jsonb_build_array(1, 'x')),
        CASE WHEN g % 50 = 0 THEN 'NaN'::numeric ELSE g / 7.0 END,
@@ -43,7 +43,9 @@ SELECT (ARRAY['sad','ok','happy'])[1 + g % 3]::mood, 1 + g, int4range(g, g + 10)
        CASE WHEN g % 10 = 0 THEN repeat(md5(g::text), 200) ELSE 'naïve ☃ ' || g END,
        decode(md5(g::text), 'hex'), md5(g::text)::uuid,
        CASE WHEN g % 30 = 0 THEN 'infinity'::timestamptz ELSE now() - g * interval '1 minute' END,
-       make_interval(days => g, secs => g / 3.0)
+       make_interval(days => g, secs => g / 3.0),
+       CASE g % 5 WHEN 0 THEN NULL WHEN 1 THEN '' WHEN 2 THEN 'ż ' || g % 10 ELSE ' c ' || g % 1000 END,
+       'u' || g % 3 || repeat(' ', g % 4)
 FROM generate_series(1, 5000) g;
 CREATE SEQUENCE standalone START 100;
 SELECT nextval('standalone') FROM generate_series(1, 5);
