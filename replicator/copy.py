@@ -2,8 +2,8 @@
 libpq connections (`_cpump.c`), or by two psql processes joined by a pipe where it is missing.
 
 No byte of the data passes through Python: psycopg2's COPY calls back into Python once per row,
-which on a 2-core machine cost as much as the copy itself. Tables over SPLIT_BYTES are split into
-`ctid` block ranges copied side by side. Progress comes from the target's `pg_stat_progress_copy`.
+which on a 2-core machine cost as much as the copy itself. Big tables are split into `ctid` block
+ranges (`block_ranges`). Progress comes from the target's `pg_stat_progress_copy`.
 """
 
 from __future__ import annotations
@@ -182,7 +182,15 @@ class CopyProgress:
 MID_COPY_ROWS = 100_000  # the mid_copy failpoint fires once the running COPYs have passed this many rows
 
 
-SPLIT_BYTES = 64 << 20  # tables above this are copied in block ranges, side by side
+SPLIT_BYTES = 64 << 20  # tables above this are copied in block ranges (at least this big each)...
+# ...but with the C pump only those above this. Its ranges all go into the one target COPY of the
+# table, read one after the other unless the source is the slower side (_cpump.c, merge), so they
+# only help a source that cannot keep up with one target backend (a slow disk, a long network
+# path); and a range costs the source more than reading the whole table: on PostgreSQL 15, the
+# TID range scan of half of pgbench_accounts (1M rows) took 58-60 ms against 49 ms for the seq scan
+# of all of it. Measured side by side (scale 10 / 20, PG15 -> PG18, 2 cores, 6 / 4 runs): the whole
+# initial sync 0.88-0.90 / 1.52-1.55 s with two ranges, 0.82-0.84 / 1.42-1.43 s with one.
+PUMP_SPLIT_BYTES = 1 << 30
 FREEZE_MIN_BYTES = 8 << 20  # whole tables above this are truncated and written frozen (COPY FREEZE)
 # Rows go to the target in CopyData messages of up to this size, not one message per row: measured
 # on pgbench_accounts (2M rows, binary), the target backend's CPU 1.20 -> 1.12 s, the pump's 0.22
@@ -193,9 +201,12 @@ PUMP_CHUNK = 1 << 16
 BLOCK = 8192
 
 
-def block_ranges(size: int, jobs: int) -> list[str]:
+def block_ranges(size: int, jobs: int, pump: bool) -> list[str]:
     """WHERE clauses that split a table of `size` bytes into up to `jobs` block ranges; [""] for
-    one part. The last range is open-ended: the snapshot may see rows in blocks added since."""
+    one part (`pump`: for the C pump, see PUMP_SPLIT_BYTES). The last range is open-ended: the
+    snapshot may see rows in blocks added since."""
+    if pump and size < PUMP_SPLIT_BYTES:
+        return [""]
     parts = min(jobs, size // SPLIT_BYTES)
     if parts < 2:
         return [""]
@@ -407,17 +418,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def table_sizes(dsn: str, tables: list[TableCopy]) -> dict[str, int]:
+def table_sizes(src: Any, tables: list[TableCopy]) -> dict[str, int]:
     """schema.table -> its heap size on the source (partitioned roots: the sum of their partitions)."""
-    src = connect(dsn, "source")
-    try:
-        with src.cursor() as cur:
-            # pg_partition_tree() is empty for a plain table
-            cur.execute("""SELECT s || '.' || t, greatest(pg_relation_size(format('%%I.%%I', s, t)::regclass),
-                    coalesce((SELECT sum(pg_relation_size(p.relid))
-                              FROM pg_partition_tree(format('%%I.%%I', s, t)::regclass) p), 0))
-                FROM unnest(%s::text[], %s::text[]) AS x(s, t)""",
-                        ([t.schema for t in tables], [t.name for t in tables]))
-            return {name: int(size) for name, size in cur.fetchall()}
-    finally:
-        src.close()
+    with src.cursor() as cur:
+        # pg_partition_tree() is empty for a plain table
+        cur.execute("""SELECT s || '.' || t, greatest(pg_relation_size(format('%%I.%%I', s, t)::regclass),
+                coalesce((SELECT sum(pg_relation_size(p.relid))
+                          FROM pg_partition_tree(format('%%I.%%I', s, t)::regclass) p), 0))
+            FROM unnest(%s::text[], %s::text[]) AS x(s, t)""",
+                    ([t.schema for t in tables], [t.name for t in tables]))
+        sizes = {name: int(size) for name, size in cur.fetchall()}
+    src.rollback()
+    return sizes

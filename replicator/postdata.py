@@ -1,4 +1,4 @@
-"""Post-data after the copy (indexes, constraints, triggers...): `jobs` tables at a time, resumable.
+"""Post-data (indexes, constraints, triggers...) as the tables are copied: `jobs` tables at a time, resumable.
 
 pg_dump's plain post-data output is split at its object headers (`-- Name: a a_pkey; Type:
 CONSTRAINT; Schema: public; Owner: -`). A table's indexes and its constraints other than foreign
@@ -14,6 +14,9 @@ statements each: one transaction per tiny table cost more than its index builds 
 transaction holds (about two per index or constraint) far below a small server's lock table
 (`max_locks_per_transaction` x `max_connections`, shared by the `jobs` transactions at once).
 
+A big table's group starts as soon as the table is copied, beside the copy of the others
+(`PostDataRun.table_copied`): the group only touches its own table, committed by then.
+
 A crash therefore leaves each group created and recorded, or untouched; the next start runs the
 groups not recorded. Before, post-data was one transaction on one connection: index builds of
 different tables ran one after the other, and a crash near its end started it all over.
@@ -24,7 +27,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,29 +117,71 @@ def pack_small_groups(tables: list[str], size: dict[str, int], groups: dict[str,
     return units
 
 
-def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int) -> None:
-    """Create what `sql` (pg_dump's post-data) holds on the target, skipping the groups recorded
-    as done, and mark post-data done in `<state>.sync` with the last group."""
-    pd = split_post_data(sql)
-    s = quote_ident(state_schema)
-    # Index builds sort whole tables: memory instead of temp files, shared by the builds at once.
-    memory = f"SET maintenance_work_mem = '{max(64, 1024 // max(jobs, 1))}MB'"
-    conns = ThreadConnections()
-    preamble = ""  # pg_dump's SETs that the target knows (set once the first connection has asked)
+def table_key(name: str) -> tuple[str, str] | None:
+    """(schema, table) of a table name as pg_dump prints it (`public.t`, `"My S"."T"`), or None."""
+    m = re.fullmatch(rf"({_IDENT})\.({_IDENT})", name)
+    if m is None:
+        return None
+    return (_unquote(m.group(1)), _unquote(m.group(2)))
 
-    def session(conn: Any = None) -> Any:
+
+def _unquote(ident: str) -> str:
+    return ident[1:-1].replace('""', '"') if ident.startswith('"') else ident
+
+
+class PostDataRun:
+    """Creates what pg_dump's post-data holds on the target (`sql()` gives it), skipping the groups
+    recorded as done, `jobs` groups at a time, and marks post-data done in `<state>.sync` with
+    the last group.
+
+    A big table's group starts as soon as the copy reports it copied (`table_copied`), while the
+    other tables are still copying: its index builds no longer wait for the whole copy (nor the
+    copy's own wrap-up). Small tables' groups, the ones not reported and the rest wait for `finish`.
+    Everything up to the first group (pg_restore's output, the first connection, the groups
+    already done) is prepared in the background, beside the copy's start."""
+
+    def __init__(self, target: str, state_schema: str, slot: str, sql: Callable[[], str], jobs: int) -> None:
+        self.target, self.slot, self.jobs = target, slot, max(1, jobs)
+        self.s = quote_ident(state_schema)
+        # Index builds sort whole tables: memory instead of temp files, shared by the builds at once.
+        self.memory = f"SET maintenance_work_mem = '{max(64, 1024 // self.jobs)}MB'"
+        self.conns = ThreadConnections()
+        self.submitted: set[str] = set()
+        self.futures: list[Future[None]] = []
+        self.pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="post-data")
+        self._ready = self.pool.submit(self._prepare, sql)
+
+    def __enter__(self) -> PostDataRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _prepare(self, sql: Callable[[], str]) -> None:
+        self.pd = split_post_data(sql())
+        self.by_table = {key: name for name in self.pd.groups if (key := table_key(name)) is not None}
+        first = self.conns.keep(connect(self.target, "target"))
+        self.preamble = drop_unknown_settings(first.cursor(), self.pd.preamble)
+        cur = self._session(first).cursor()
+        cur.execute(f"SELECT item FROM {self.s}.post_data WHERE slot_name = %s", (self.slot,))
+        self.done = {r[0] for r in cur.fetchall()}
+        first.commit()
+
+    def _session(self, conn: Any = None) -> Any:
         """This thread's target connection (`conn`, or a new one), set up as pg_dump's output expects."""
-        if conns.mine.__dict__.get("conn") is None:
-            conn = conns.mine.conn = conn or conns.keep(connect(target, "target"))
+        if self.conns.mine.__dict__.get("conn") is None:
+            conn = self.conns.mine.conn = conn or self.conns.keep(connect(self.target, "target"))
             cur = conn.cursor()
-            cur.execute(preamble)
-            cur.execute(memory)
+            cur.execute(self.preamble)
+            cur.execute(self.memory)
             conn.commit()
-        return conns.mine.conn
+        return self.conns.mine.conn
 
-    def create(names: list[str], statements: list[str], mark_sync: bool) -> None:
+    def _create(self, names: list[str], mark_sync: bool = False) -> None:
         """The groups `names` (or REST), created and recorded in one transaction."""
-        conn = session()
+        self._ready.result()
+        statements = self.pd.rest if names == [REST] else [q for t in names for q in self.pd.groups[t]]
+        conn = self._session()
         cur = conn.cursor()
         try:
             if statements:
@@ -147,39 +193,57 @@ def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int
                 pass
             what = ("the rest of the post-data" if names == [REST] else "the indexes and constraints of "
                     + (names[0] if len(names) == 1 else f"one of {len(names)} tables ({', '.join(names[:3])}...)"))
-            raise PostDataError(f"creating {what} on target {describe_dsn(target)} failed: {first_line(exc)}. "
+            raise PostDataError(f"creating {what} on target {describe_dsn(self.target)} failed: {first_line(exc)}. "
                                 "If the target already has them, pass --no-schema") from None
-        cur.execute(f"INSERT INTO {s}.post_data (slot_name, item) SELECT %s, unnest(%s::text[])", (slot, names))
+        cur.execute(f"INSERT INTO {self.s}.post_data (slot_name, item) SELECT %s, unnest(%s::text[])",
+                    (self.slot, names))
         if mark_sync:
-            cur.execute(f"UPDATE {s}.sync SET post_data_done = true WHERE slot_name = %s", (slot,))
+            cur.execute(f"UPDATE {self.s}.sync SET post_data_done = true WHERE slot_name = %s", (self.slot,))
         conn.commit()
 
-    started = time.monotonic()
-    try:
-        first = conns.keep(connect(target, "target"))
-        cur = first.cursor()
-        preamble = drop_unknown_settings(cur, pd.preamble)
-        conn = session(first)
-        cur.execute(f"SELECT item FROM {s}.post_data WHERE slot_name = %s", (slot,))
-        done = {r[0] for r in cur.fetchall()}
-        todo = [t for t in pd.groups if t not in done]
+    def table_copied(self, schema: str, table: str, size: int) -> None:
+        """`schema.table` is copied (committed): a big table's group starts now."""
+        self._ready.result()
+        name = self.by_table.get((schema, table))
+        if name is None or name in self.done or name in self.submitted or size < SMALL_TABLE_BYTES:
+            return
+        self.submitted.add(name)
+        self.futures.append(self.pool.submit(self._create, [name]))
+
+    def finish(self) -> None:
+        """Every group left (small tables packed together, biggest first), then the rest."""
+        finishing = time.monotonic()
+        self._ready.result()
+        todo = [t for t in self.pd.groups if t not in self.done and t not in self.submitted]
         size: dict[str, int] = {}
         if todo:  # biggest first: the longest build starts at once
+            conn = self._session()
+            cur = conn.cursor()
             cur.execute("SELECT t, coalesce(pg_table_size(to_regclass(t)), 0) FROM unnest(%s::text[]) t", (todo,))
             size = dict(cur.fetchall())
+            conn.commit()
             todo.sort(key=lambda t: -size.get(t, 0))
-        conn.commit()
-        units = pack_small_groups(todo, size, pd.groups)
-        if done:
-            log.info("post-data: %d of %d tables' indexes and constraints were created before", len(done - {REST}),
-                     len(pd.groups))
-        with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="post-data") as pool:
-            futures = [pool.submit(create, unit, [q for t in unit for q in pd.groups[t]], False) for unit in units]
-            for _ in completed_or_cancel(futures):
-                failpoints.hit("mid_post_data")
-        if REST not in done:  # else post_data_done was set with it
-            create([REST], pd.rest, True)
-    finally:
-        conns.close()
-    log.info("schema: created the indexes and constraints of %d tables (%d at a time) and %d other objects on the "
-             "target in %.1f s", len(todo), max(1, jobs), len(pd.rest), time.monotonic() - started)
+        if self.done:
+            log.info("post-data: %d of %d tables' indexes and constraints were created before",
+                     len(self.done - {REST}), len(self.pd.groups))
+        self.futures += [self.pool.submit(self._create, unit) for unit in pack_small_groups(todo, size, self.pd.groups)]
+        for _ in completed_or_cancel(self.futures):
+            failpoints.hit("mid_post_data")
+        if REST not in self.done:  # else post_data_done was set with it
+            self.pool.submit(self._create, [REST], True).result()
+        log.info("schema: created the indexes and constraints of %d tables (%d at a time) and %d other objects on "
+                 "the target, %.1f s after the copy", len(todo) + len(self.submitted), self.jobs, len(self.pd.rest),
+                 time.monotonic() - finishing)
+
+    def close(self) -> None:
+        """Cancel the groups not started, wait for the running ones, close the connections."""
+        for f in self.futures:
+            f.cancel()
+        self.pool.shutdown(wait=True)
+        self.conns.close()
+
+
+def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int) -> None:
+    """All of pg_dump's post-data `sql` at once (`PostDataRun` without tables reported copied)."""
+    with PostDataRun(target, state_schema, slot, lambda: sql, jobs) as run:
+        run.finish()

@@ -22,6 +22,8 @@ time and resumes per table (replicator/postdata.py).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import subprocess
@@ -45,11 +47,10 @@ from .checks import check_extensions, check_replicability, check_target_schema
 from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_copied, table_sizes, truncate_target
 from .errors import PgferryError, first_line
 from .pgtools import drop_unknown_settings, find_client, find_pg_dump, libpq_env
-from .postdata import run_post_data
+from .postdata import PostDataRun
 from .source import check_logical_source, completed_or_cancel, connect, describe_dsn, published_tables
 
 log = logging.getLogger("pgferry.sync")
-
 
 
 class SyncError(PgferryError):
@@ -90,9 +91,10 @@ class TableCopy:
 class SchemaDump:
     """The source's schema, dumped once in the snapshot (pg_dump's custom format, kept in memory),
     and its sections as SQL a plain connection can run, from pg_restore: pre-data before the copy,
-    post-data after it. One dump instead of one per section: the source's catalog is read once
-    (pg_dump costs about the same whatever the sections: 36 ms each here on pgbench; seconds on
-    thousands of tables), and nothing runs beside the copy."""
+    post-data as the tables are copied. One dump instead of one per section: the source's catalog
+    is read once (pg_dump costs about the same whatever the sections: 36 ms each here on pgbench;
+    seconds on thousands of tables), and no pg_dump runs beside the copy. pg_dump starts at once and runs in the
+    background (the tables are registered meanwhile); its failure is raised by the first `section`."""
 
     def __init__(self, dsn: str, snapshot: str | None) -> None:
         self.dsn = dsn
@@ -101,10 +103,17 @@ class SchemaDump:
                "--no-comments", "--encoding=UTF8"]
         if snapshot:
             cmd.insert(1, f"--snapshot={snapshot}")
-        res = subprocess.run(cmd, capture_output=True, check=False, env=libpq_env(dsn))
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg_dump")
+        self._dump = pool.submit(subprocess.run, cmd, capture_output=True, check=False, env=libpq_env(dsn))
+        pool.shutdown(wait=False)  # its thread ends with pg_dump
+
+    @functools.cached_property
+    def archive(self) -> bytes:
+        """The dump (waits for pg_dump)."""
+        res = self._dump.result()
         if res.returncode != 0:
-            raise SyncError(f"pg_dump --schema-only of source {describe_dsn(dsn)} failed: {_last_line(res)}")
-        self.archive = res.stdout
+            raise SyncError(f"pg_dump --schema-only of source {describe_dsn(self.dsn)} failed: {_last_line(res)}")
+        return res.stdout
 
     def section(self, name: str) -> str:
         res = subprocess.run([find_client("pg_restore"), f"--section={name}", "--no-owner", "--no-privileges",
@@ -215,10 +224,11 @@ class InitialSync:
         self.target.commit()
         log.info("slot %s created at %s; copying in snapshot %s", cfg.slot, consistent, snapshot)
         schema = SchemaDump(cfg.source, snapshot) if cfg.schema_copy else None
+        tables = self._register_tables()  # while pg_dump runs
         self._schema_pre(schema)
-        tables = self._register_tables()
-        self._copy_all(tables, snapshot, consistent)
-        self._finish(schema)
+        with self._post_data(schema, False) as post:
+            self._copy_all(tables, snapshot, consistent, post)
+            self._finish(post)
 
     # -- resume ------------------------------------------------------------------------------
     def _resume(self, row: dict[str, Any]) -> None:
@@ -236,9 +246,9 @@ class InitialSync:
         schema = None
         if cfg.schema_copy and not (row["pre_data_done"] and row["post_data_done"]):
             schema = SchemaDump(cfg.source, snapshot)
+        tables = self._register_tables()
         if not row["pre_data_done"]:
             self._schema_pre(schema)
-        tables = self._register_tables()
         cur = self.target.cursor()
         cur.execute(f"SELECT schema_name, table_name FROM {quote_ident(cfg.schema)}.tables "
                     "WHERE slot_name = %s AND state = 'copied'", (cfg.slot,))
@@ -247,8 +257,9 @@ class InitialSync:
         todo = [t for t in tables if (t.schema, t.name) not in done]
         log.info("%d of %d tables already copied; copying %d in a new snapshot at %s", len(done), len(tables),
                  len(todo), consistent)
-        self._copy_all(todo, snapshot, consistent)
-        self._finish(schema)
+        with self._post_data(schema, row["post_data_done"]) as post:
+            self._copy_all(todo, snapshot, consistent, post)
+            self._finish(post)
 
     # -- steps -------------------------------------------------------------------------------
     def _export_snapshot(self, slot: str, temporary: bool) -> tuple[Lsn, str]:
@@ -305,19 +316,32 @@ class InitialSync:
         self.target.commit()
 
     def _register_tables(self) -> list[TableCopy]:
+        """The published tables, with their sizes on the source, recorded in `<state>.tables`."""
         src = connect(self.cfg.source, "source")
         try:
             tables = [TableCopy(n, t) for n, t in published_tables(src, self.cfg.publication)]
+            sizes = table_sizes(src, tables)
         finally:
             src.close()
-        cur = self.target.cursor()
         for t in tables:
-            cur.execute(f"INSERT INTO {quote_ident(self.cfg.schema)}.tables (slot_name, schema_name, table_name) "
-                        "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (self.cfg.slot, t.schema, t.name))
+            t.bytes = sizes[t.display]
+        cur = self.target.cursor()  # one statement: a row per table was a round trip per table
+        cur.execute(f"INSERT INTO {quote_ident(self.cfg.schema)}.tables (slot_name, schema_name, table_name) "
+                    "SELECT %s, s, t FROM unnest(%s::text[], %s::text[]) AS x(s, t) ON CONFLICT DO NOTHING",
+                    (self.cfg.slot, [t.schema for t in tables], [t.name for t in tables]))
         self.target.commit()
         return tables
 
-    def _copy_all(self, tables: list[TableCopy], snapshot: str, snapshot_lsn: Lsn) -> None:
+    def _post_data(self, schema: SchemaDump | None, done: bool,
+                   ) -> contextlib.AbstractContextManager[PostDataRun | None]:
+        """The post-data run, started beside the copy (None: --no-schema, or `done` before)."""
+        if schema is None or done:
+            return contextlib.nullcontext()
+        return PostDataRun(self.cfg.target, self.cfg.schema, self.cfg.slot, lambda: schema.section("post-data"),
+                           self.cfg.jobs)
+
+    def _copy_all(self, tables: list[TableCopy], snapshot: str, snapshot_lsn: Lsn,
+                  post: PostDataRun | None) -> None:
         """Copy the tables, `jobs` at a time. A big table is split into block ranges (`ctid` range
         scans) read side by side, so one large table does not serialize the reading: with the C
         pump into one target COPY (one transaction, rows frozen); with psql each range into its own
@@ -325,16 +349,16 @@ class InitialSync:
         if not tables:
             return
         started = time.monotonic()
-        sizes = table_sizes(self.cfg.source, tables)
+        sizes = {t.display: t.bytes for t in tables}
         progress = CopyProgress(self.cfg, sizes, len(tables))
         ticker = threading.Event()
         threading.Thread(target=progress.report_every, args=(ticker, 5.0), daemon=True).start()
         parts: list[tuple[TableCopy, list[str]]] = []
         split: dict[str, int] = {}
         merged = libpq.pump() is not None  # the C pump reads all ranges of a table into one target COPY
-        for t in sorted(tables, key=lambda t: -sizes[t.display]):  # biggest first: shortest total time
-            t.bytes = sizes[t.display]
-            ranges = block_ranges(t.bytes, min(self.cfg.jobs, libpq.PUMP_MAX_SOURCES) if merged else self.cfg.jobs)
+        for t in sorted(tables, key=lambda t: -t.bytes):  # biggest first: shortest total time
+            ranges = block_ranges(t.bytes, min(self.cfg.jobs, libpq.PUMP_MAX_SOURCES) if merged else self.cfg.jobs,
+                                  merged)
             if merged:
                 parts.append((t, ranges))
                 continue
@@ -351,9 +375,12 @@ class InitialSync:
                     t = futures[f]
                     if t.display in split:
                         split[t.display] -= 1
-                        if split[t.display] == 0:
-                            mark_copied(self.cfg, t, snapshot_lsn)
-                            progress.table_done(t)
+                        if split[t.display] > 0:
+                            continue
+                        mark_copied(self.cfg, t, snapshot_lsn)
+                        progress.table_done(t)
+                    if post is not None:  # its indexes build beside the copy of the others
+                        post.table_copied(t.schema, t.name, t.bytes)
         finally:
             ticker.set()
             conns.close()
@@ -362,14 +389,12 @@ class InitialSync:
         log.info("copy: %d tables, %d rows, %.1f MB of source tables in %.1f s (%.1f MB/s)", len(tables),
                  progress.rows, size / 1e6, took, size / 1e6 / max(took, 1e-6))
 
-    def _finish(self, schema: SchemaDump | None) -> None:
+    def _finish(self, post: PostDataRun | None) -> None:
         # the sequences' values while the indexes build (they do not depend on each other)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sequences") as pool:
             sequences = pool.submit(copy_sequences, self.cfg.source, self.cfg.target)
-            row = self._sync_row()
-            if schema is not None and row is not None and not row["post_data_done"]:
-                run_post_data(self.cfg.target, self.cfg.schema, self.cfg.slot, schema.section("post-data"),
-                              self.cfg.jobs)
+            if post is not None:
+                post.finish()
             sequences.result()
         self._mark("phase = 'streaming', copied_at = now()")
 
@@ -394,14 +419,6 @@ def ensure_publication(src: psycopg2.extensions.connection, cfg: SyncConfig) -> 
     src.commit()
     log.info("created publication %s %s", cfg.publication, what)
     return True
-
-
-
-
-
-
-
-
 
 
 def copy_sequences(source: str, target: str) -> list[tuple[str, int]]:
@@ -450,8 +467,6 @@ def _slot_exists(src: Any, slot: str) -> bool:
         found = cur.fetchone() is not None
     src.rollback()
     return found
-
-
 
 
 def _report_waiting_transactions(dsn: str) -> threading.Event:

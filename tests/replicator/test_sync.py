@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from replicator import libpq
+from replicator import copy, libpq, postdata, sync
 from replicator.copy import CopyError
 from replicator.servers import find_bindir
 from replicator.sync import InitialSync, SyncConfig, copy_sequences
@@ -413,3 +414,45 @@ def _run_latin1(src, dst, daemons):
     assert r.returncode == 0, r.stdout + r.stderr
     dst.execute("UPDATE t SET v = 'cafe 2 à' WHERE id = 2")
     assert pgferry("verify", "--source", src.dsn, "--target", dst.dsn).returncode == 1
+
+
+def test_a_tables_indexes_build_as_soon_as_it_is_copied_while_the_others_copy(pair, monkeypatch):
+    """Post-data runs beside the copy: a big table's primary key is created once the table is
+    copied, before the next table's copy starts (here the copy of `later` waits for it, so without
+    the overlap it would time out); the small tables' indexes follow after the copy."""
+    src, dst = pair
+    if libpq.pump() is None:
+        pytest.skip("the C pump is not built")
+    monkeypatch.setattr(postdata, "SMALL_TABLE_BYTES", 100_000)
+    src.psql("CREATE TABLE first (id int PRIMARY KEY, v text); CREATE TABLE later (id int PRIMARY KEY, v text);"
+             "INSERT INTO first SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g;"
+             "INSERT INTO later SELECT g, 'y' FROM generate_series(1, 100) g;")
+    real_copy = sync.copy_table
+
+    def copy_later_once_first_has_its_key(cfg, t, *args, **kwargs):
+        if t.name == "later":
+            wait_for(lambda: dst.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'first_pkey'") == [(1,)],
+                     30, "the primary key of the copied table while another is still to copy")
+        return real_copy(cfg, t, *args, **kwargs)
+
+    monkeypatch.setattr(sync, "copy_table", copy_later_once_first_has_its_key)
+    InitialSync(SyncConfig(source=src.dsn, target=dst.dsn, publication="pgferry", slot="pgferry",
+                           schema="pgferry", jobs=1)).run()
+    assert_same_tables(src, dst, {"first": ["id", "v"], "later": ["id", "v"]})
+    assert dst.execute("SELECT count(*) FROM pg_indexes WHERE indexname IN ('first_pkey', 'later_pkey')") == [(2,)]
+    assert dst.execute("SELECT post_data_done FROM pgferry.sync") == [(True,)]
+
+
+def test_a_table_over_the_split_size_is_read_in_block_ranges_into_one_copy(pair, monkeypatch, caplog):
+    src, dst = pair
+    if libpq.pump() is None:
+        pytest.skip("the C pump is not built")
+    monkeypatch.setattr(copy, "PUMP_SPLIT_BYTES", 1 << 20)
+    monkeypatch.setattr(copy, "SPLIT_BYTES", 1 << 20)
+    src.psql("CREATE TABLE big (id int PRIMARY KEY, c char(20), v text);"
+             "INSERT INTO big SELECT g, 'c' || g % 7, md5(g::text) FROM generate_series(1, 60000) g;")
+    caplog.set_level(logging.INFO, logger="pgferry.sync")
+    InitialSync(SyncConfig(source=src.dsn, target=dst.dsn, publication="pgferry", slot="pgferry",
+                           schema="pgferry", jobs=3)).run()
+    assert_same_tables(src, dst, {"big": ["id", "c", "v"]})
+    assert "copied public.big: 60000 rows" in caplog.text and "binary, 3 block ranges" in caplog.text, caplog.text
