@@ -98,9 +98,10 @@ static int cpu_time(CpuTime *t)
 
 /* Whether a quarter of this machine's CPU time since `since` was idle (or that cannot be read). When
  * the source, the target and the pump share a saturated machine, the pump waits for the source
- * because the source backend waits for a CPU: a second source backend only adds work. Measured on
- * pgbench_accounts after the char(n) trimming, PG15 -> PG18 on 2 cores: the pump waited 40-65% of
- * the copy, and the initial sync took 0.86-0.90 s with a second range against 0.78-0.86 s without. */
+ * because the source backend waits for a CPU: a second source backend only adds work. (On
+ * pgbench_accounts, PG15 -> PG18 on 2 cores, the pump waited for the source 40-65% of the copy
+ * with 4-6% of the CPU time idle, and a second range made the copy slower: replicator/copy.py,
+ * PUMP_SPLIT_BYTES.) */
 static int spare_cpu(const CpuTime *since)
 {
     CpuTime now;
@@ -279,14 +280,14 @@ static int drain(Source *src, int i, int async, Out *out, int binary, int *heade
 
 /* Every source's rows into the target, the sources started one at a time: the next one when the
  * running ones are done, or when they leave the target waiting while the machine has spare CPU
- * (LAZY_NS, spare_cpu). So when the target is
- * the slower side, as it usually is (COPY FROM costs the target about twice what COPY TO costs the
- * source), the ranges are read one after the other, in the table's order (the target's heap keeps
- * the source's order: an index build on it sorts presorted input), by one source backend at a time
- * (measured on pgbench_accounts, PG15 -> PG18, 2 cores: the whole initial sync 1.66 s with one
- * source against 1.73 s with two read side by side); when the sources are slower, more of them run
- * side by side. Among the running ones, the first is served whenever it has rows (buffered, or
- * waiting in its socket), a later one only while the earlier ones have none. 1 ok, 0 error. */
+ * (LAZY_NS, spare_cpu). So when the target is the slower side, as it usually is (COPY FROM costs
+ * the target about twice what COPY TO costs the source), the ranges are read one after the other,
+ * in the table's order (the target's heap keeps the source's order: an index build on it sorts
+ * presorted input), by one source backend at a time (measured on pgbench_accounts, PG15 -> PG18,
+ * 2 cores: the whole initial sync 1.66 s with one source against 1.73 s with two read side by
+ * side); when the sources are slower, more of them run side by side. Among the running ones, the
+ * first is served whenever it has rows (buffered, or waiting in its socket), a later one only
+ * while the earlier ones have none. 1 ok, 0 error. */
 static int merge(Source *src, int ns, const char **sqls, Out *out, int binary, char *err, const char **side)
 {
     int running = 0, next = 0, header_written = 0;

@@ -217,11 +217,7 @@ class PostDataRun:
         todo = [t for t in self.pd.groups if t not in self.done and t not in self.submitted]
         size: dict[str, int] = {}
         if todo:  # biggest first: the longest build starts at once
-            conn = self._session()
-            cur = conn.cursor()
-            cur.execute("SELECT t, coalesce(pg_table_size(to_regclass(t)), 0) FROM unnest(%s::text[]) t", (todo,))
-            size = dict(cur.fetchall())
-            conn.commit()
+            size = self.pool.submit(self._sizes, todo).result()  # on a connection set up already
             todo.sort(key=lambda t: -size.get(t, 0))
         if self.done:
             log.info("post-data: %d of %d tables' indexes and constraints were created before",
@@ -234,6 +230,14 @@ class PostDataRun:
         log.info("schema: created the indexes and constraints of %d tables (%d at a time) and %d other objects on "
                  "the target, %.1f s after the copy", len(todo) + len(self.submitted), self.jobs, len(self.pd.rest),
                  time.monotonic() - finishing)
+
+    def _sizes(self, tables: list[str]) -> dict[str, int]:
+        conn = self._session()
+        cur = conn.cursor()
+        cur.execute("SELECT t, coalesce(pg_table_size(to_regclass(t)), 0) FROM unnest(%s::text[]) t", (tables,))
+        size = dict(cur.fetchall())
+        conn.commit()
+        return size
 
     def close(self) -> None:
         """Cancel the groups not started, wait for the running ones, close the connections."""
