@@ -29,9 +29,11 @@ NO_TIMEOUTS = ("SELECT count(set_config(name, '0', false)) FROM pg_settings WHER
 # database's own settings: a source with DateStyle = 'SQL, DMY' prints 05/11/2026, which a target in
 # MDY reads as May 11 (or rejects: 30/03/2026); extra_float_digits below 1 rounds floats; a target
 # with array_nulls = off reads {a,NULL} as the string 'NULL', one with xmloption = document rejects
-# XML content fragments. What native logical replication's walreceiver and pg_dump set.
+# XML content fragments. What native logical replication's walreceiver and pg_dump set; and
+# lc_monetary, which neither sets: a source database in de_DE prints money as '-3.765,44 €', which a
+# target in C (or en_US) rejects or misreads. 'C' exists on every server.
 PORTABLE_FORMATS = ("SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; "
-                    "SET array_nulls = on; SET xmloption = content")
+                    "SET array_nulls = on; SET xmloption = content; SET lc_monetary = 'C'")
 
 
 # As pg_dump sets it: where row-level security policies apply to pgferry's role, its statements fail

@@ -456,3 +456,30 @@ def test_a_table_over_the_split_size_is_read_in_block_ranges_into_one_copy(pair,
                            schema="pgferry", jobs=3)).run()
     assert_same_tables(src, dst, {"big": ["id", "c", "v"]})
     assert "copied public.big: 60000 rows" in caplog.text and "binary, 3 block ranges" in caplog.text, caplog.text
+
+
+MONETARY = "de_DE.UTF-8"  # .ci/run generates it where it is missing (localedef)
+
+
+@pytest.mark.parametrize(("env", "how"), PATHS)
+def test_money_crosses_whatever_the_sources_lc_monetary(pair, daemons, env, how):
+    """`money` is printed as lc_monetary says: a source database set to de_DE prints 1234.56 as
+    '1.234,56 €', which a target in another locale would misread. The copy (text, for the enum)
+    and the stream both carry the same amounts."""
+    src, dst = pair
+    try:
+        src.execute(f"ALTER DATABASE {src.name} SET lc_monetary = '{MONETARY}'")
+    except psycopg2.errors.InvalidParameterValue:
+        pytest.skip(f"the source server has no {MONETARY} locale (localedef -i de_DE -f UTF-8 {MONETARY})")
+    assert src.execute("SELECT 1234.56::money::text") == [("1.234,56 €",)]
+    src.psql("CREATE TYPE mood AS ENUM ('ok', 'meh'); CREATE TABLE cash (id int PRIMARY KEY, m mood, amount money);"
+             "INSERT INTO cash SELECT g, 'ok', g * 1234.56 - 5000 FROM generate_series(1, 20) g")
+    d = Daemon(src, dst, copy=True, ready=False, env=env)
+    daemons.append(d)
+    d.wait_ready()
+    src.execute("INSERT INTO cash SELECT g, 'meh', g * 98765.43 FROM generate_series(21, 40) g; "
+                "UPDATE cash SET amount = amount + 0.01::money WHERE id % 3 = 0")
+    d.wait_caught_up()
+    canon = "SELECT id, amount::numeric FROM cash ORDER BY id"
+    assert src.execute(canon) == dst.execute(canon)
+    assert "copied public.cash: 20 rows in" in d.output() and "text" in d.output(), d.output()
