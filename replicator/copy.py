@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg2
 
@@ -41,6 +41,15 @@ class CopyError(PgferryError):
 FIRST_USER_OID = 16384  # built-in types below: their binary format and OID are the same on every server
 
 
+class Column(NamedTuple):
+    """A copied column, as the snapshot sees it."""
+
+    name: str
+    builtin: bool  # a built-in type: its binary format and OID are the same on every server
+    relkind: str  # its table's ('p': a partitioned root)
+    padded: bool  # char(n): see padded_columns
+
+
 class CopyConnections(ThreadConnections):
     """The copy threads' connections, reused from table to table: per thread, source connections
     inside the exported snapshot (one per block range, each holding one open REPEATABLE READ
@@ -53,12 +62,11 @@ class CopyConnections(ThreadConnections):
         self.cfg, self.snapshot = cfg, snapshot
         self.tables = tables or []  # every table to copy (qualified): their columns are read at once
         self.empty = empty  # the target's tables are known to be empty (pre-data has just created them)
-        self._columns: dict[str, list[tuple[str, bool, str, bool]]] = {}
+        self._columns: dict[str, list[Column]] = {}
 
-    def columns(self, t: TableCopy, src: Any) -> list[tuple[str, bool, str, bool]]:
-        """(name, built-in type, relkind, padded) of `t`'s copied columns, as the snapshot sees them
-        (padded: `char(n)`, see `padded_columns`). Read for every table in one query by the first
-        thread that asks (one query per table was a round trip per table: 1,000 small tables)."""
+    def columns(self, t: TableCopy, src: Any) -> list[Column]:
+        """`t`'s copied columns, as the snapshot sees them. Read for every table in one query by the
+        first thread that asks (one query per table was a round trip per table: 1,000 small tables)."""
         with self.lock:
             if t.qualified not in self._columns:
                 names = self.tables if t.qualified in self.tables else [t.qualified]
@@ -72,7 +80,7 @@ class CopyConnections(ThreadConnections):
                     rows = cur.fetchall()
                 self._columns.update((name, []) for name in names)  # only once the query succeeded
                 for name, *col in rows:
-                    self._columns[name].append(tuple(col))  # type: ignore[arg-type]
+                    self._columns[name].append(Column(*col))
             return self._columns[t.qualified]
 
     def sources(self, n: int) -> list[Any]:
@@ -250,7 +258,7 @@ def mark_copied(cfg: SyncConfig, t: TableCopy, snapshot_lsn: Lsn) -> None:
     log.info("copied %s: %d rows in parts", t.display, t.rows)
 
 
-def padded_columns(cols: list[tuple[str, bool, str, bool]]) -> bytes:
+def padded_columns(cols: list[Column]) -> bytes:
     """The pump's `trim` flags for `cols` (from `CopyConnections.columns`): 1 for a `char(n)` column,
     whose values the pump sends without their trailing spaces; b"" when there is none.
 
@@ -261,7 +269,7 @@ def padded_columns(cols: list[tuple[str, bool, str, bool]]) -> bytes:
     `filler char(84)` is all spaces and three quarters of the bytes (bench/README.md). Trimming in
     the source's query instead (`filler::text`) doubled the source's COPY time. `char` without a
     length keeps its spaces: nothing would put them back."""
-    return bytes(c[3] for c in cols) if any(c[3] for c in cols) else b""
+    return bytes(c.padded for c in cols) if any(c.padded for c in cols) else b""
 
 
 def copy_table(cfg: SyncConfig, t: TableCopy, conns: CopyConnections, snapshot_lsn: Lsn, progress: CopyProgress,
@@ -289,9 +297,9 @@ def copy_table(cfg: SyncConfig, t: TableCopy, conns: CopyConnections, snapshot_l
             mark_copying(cfg, t, dst)
         sources = conns.sources(len(wheres))
         cols = conns.columns(t, sources[0])
-        names = ", ".join(quote_ident(c[0]) for c in cols)
-        binary = all(c[1] for c in cols)
-        plain = bool(cols) and cols[0][2] == "r"  # not a partitioned root
+        names = ", ".join(quote_ident(c.name) for c in cols)
+        binary = all(c.builtin for c in cols)
+        plain = bool(cols) and cols[0].relkind == "r"  # not a partitioned root
         fmt = "(FORMAT binary)" if binary else ""
         only = "ONLY " if plain else ""
         # A whole plain table is truncated in the same transaction, so its rows can be written frozen:
