@@ -211,11 +211,11 @@ BLOCK = 8192
 
 def block_ranges(size: int, jobs: int, pump: bool) -> list[str]:
     """WHERE clauses that split a table of `size` bytes into up to `jobs` block ranges; [""] for
-    one part (`pump`: for the C pump, see PUMP_SPLIT_BYTES). The last range is open-ended: the
-    snapshot may see rows in blocks added since."""
+    one part (`pump`: for the C pump, see PUMP_SPLIT_BYTES; it merges at most PUMP_MAX_SOURCES).
+    The last range is open-ended: the snapshot may see rows in blocks added since."""
     if pump and size < PUMP_SPLIT_BYTES:
         return [""]
-    parts = min(jobs, size // SPLIT_BYTES)
+    parts = min(jobs, libpq.PUMP_MAX_SOURCES if pump else jobs, size // SPLIT_BYTES)
     if parts < 2:
         return [""]
     step = max(1, size // BLOCK // parts)

@@ -357,8 +357,7 @@ class InitialSync:
         split: dict[str, int] = {}
         merged = libpq.pump() is not None  # the C pump reads all ranges of a table into one target COPY
         for t in sorted(tables, key=lambda t: -t.bytes):  # biggest first: shortest total time
-            ranges = block_ranges(t.bytes, min(self.cfg.jobs, libpq.PUMP_MAX_SOURCES) if merged else self.cfg.jobs,
-                                  merged)
+            ranges = block_ranges(t.bytes, self.cfg.jobs, merged)
             if merged:
                 parts.append((t, ranges))
                 continue
