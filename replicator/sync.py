@@ -93,8 +93,9 @@ class SchemaDump:
     and its sections as SQL a plain connection can run, from pg_restore: pre-data before the copy,
     post-data as the tables are copied. One dump instead of one per section: the source's catalog
     is read once (pg_dump costs about the same whatever the sections: 36 ms each here on pgbench;
-    seconds on thousands of tables), and no pg_dump runs beside the copy. pg_dump starts at once and runs in the
-    background (the tables are registered meanwhile); its failure is raised by the first `section`."""
+    seconds on thousands of tables), and no pg_dump runs beside the copy. pg_dump starts at once
+    and runs in the background (the tables are registered meanwhile); its failure is raised by the
+    first `section`."""
 
     def __init__(self, dsn: str, snapshot: str | None) -> None:
         self.dsn = dsn
