@@ -246,8 +246,3 @@ class PostDataRun:
         self.pool.shutdown(wait=True)
         self.conns.close()
 
-
-def run_post_data(target: str, state_schema: str, slot: str, sql: str, jobs: int) -> None:
-    """All of pg_dump's post-data `sql` at once (`PostDataRun` without tables reported copied)."""
-    with PostDataRun(target, state_schema, slot, lambda: sql, jobs) as run:
-        run.finish()
