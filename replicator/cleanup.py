@@ -1,4 +1,5 @@
-"""`pgferry cleanup [--drop-state]`: drop what pgferry created on the source, as its state records.
+"""`pgferry cleanup [--drop-state]`: drop what pgferry created on the source, as its state records,
+and create again on the target what it held back there (foreign keys, triggers, rules).
 
 The slot is dropped only if pgferry created it, the publication only if pgferry created it; with
 --drop-state the state schema on the target goes too. Refused while the daemon runs (slot active).
@@ -12,6 +13,7 @@ import psycopg2
 
 from sink.state import quote_ident
 
+from . import holdback
 from .errors import PgferryError, first_line
 from .source import connect, describe_dsn
 
@@ -56,6 +58,12 @@ def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bo
                            f"{', '.join(dropped) or 'nothing'}: {first_line(exc)}") from None
     finally:
         src.close()
+    # what pgferry held back on the target (replicator/holdback.py): in place again, before the
+    # state that records it may go
+    restored = holdback.restore(target, schema, slot)
+    if restored.objects:
+        dropped.append(f"restored {len(restored.objects)} held-back foreign key(s), trigger(s) and rule(s) on the "
+                       "target")
     if drop_state:
         dst = connect(target, "target")
         try:
@@ -66,4 +74,8 @@ def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bo
             dst.close()
     print("pgferry cleanup: dropped " + (", ".join(dropped) if dropped else "nothing (pgferry created none of it)"),
           file=sys.stderr)
+    if restored.invalid:
+        raise PgferryError("; ".join(f"foreign key {h.name} on {h.table} was restored NOT VALID: {h.detail}"
+                                     for h in restored.invalid)
+                           + ". Fix those rows, then ALTER TABLE ... VALIDATE CONSTRAINT ...")
     return 0

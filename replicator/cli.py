@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the target already holds the data as of the slot's creation: only stream")
     start.add_argument("--no-schema", action="store_true", default=None,
                        help="the target's tables exist already (made by hand): copy data only")
+    start.add_argument("--hold-back-constraints", action="store_true", default=None,
+                       help="where the target role may not set session_replication_role: record and drop the "
+                            "foreign keys, user triggers and rules of the migrated tables, and create them again "
+                            "at cutover or cleanup (pgferry does this for the schema it copies)")
+    start.add_argument("--keep-constraints", action="store_true", default=None,
+                       help="... or keep them: they fire during apply, their tables are applied one by one")
     start.add_argument("--tables", default=None,
                        help="comma-separated tables to publish when pgferry creates the publication (default: all)")
     start.add_argument("--jobs", type=_positive(int), default=None,
@@ -143,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(preflight)
     preflight.add_argument("--publication", help="default: pgferry")
     preflight.add_argument("--tables", default=None, help="comma-separated tables to publish (default: all)")
+    preflight.add_argument("--no-schema", action="store_true", default=None,
+                           help="as `start --no-schema`: the target's tables exist already")
+    preflight.add_argument("--hold-back-constraints", action="store_true", default=None, help="as `start`'s")
+    preflight.add_argument("--keep-constraints", action="store_true", default=None, help="as `start`'s")
     preflight.add_argument("--json", action="store_true", help="one JSON object")
     preflight.add_argument("--print-setup-sql", action="store_true",
                            help="print the SQL for a least-privilege replication role instead")
@@ -292,7 +302,8 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
         from .sync import InitialSync, SyncConfig
 
         sync_cfg = SyncConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
-                              schema=st.state_schema, schema_copy=st.schema, tables=st.tables)
+                              schema=st.state_schema, schema_copy=st.schema, tables=st.tables,
+                              hold_back=st.hold_back_constraints)
         if st.jobs:
             sync_cfg.jobs = st.jobs
         metrics.STATE.phase = "copy"
@@ -300,6 +311,10 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
         from sink import failpoints
 
         failpoints.hit("before_stream")  # the copy is done and recorded; streaming has not started
+    if st.hold_back_constraints:  # (the sync held back before its copy; this is for what came since)
+        from .holdback import hold_migrated
+
+        hold_migrated(st.source, st.target, st.state_schema, st.slot, st.publication, st.tables)
     def reload() -> tuple[object, BatchLimits]:
         """SIGHUP: the settings again (file, env, the same flags): budgets and batch limits."""
         fresh = config.load(args.config, _flags(args)) if args is not None else st

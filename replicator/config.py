@@ -56,6 +56,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     copy: bool = True
     schema: bool = True
     jobs: Positive | None = None
+    # what would fire during apply on a target without the replica role (replicator/holdback.py):
+    # hold it back until cutover, or keep it knowingly (it fires; applied one by one)
+    hold_back_constraints: bool = False
+    keep_constraints: bool = False
     # apply
     batch_rows: Positive = 50_000
     batch_bytes: Positive = 16 << 20
@@ -107,6 +111,13 @@ copy = true
 schema = true
 # Tables (or block ranges of big tables) copied at once. Default: CPUs, at most 4.
 # jobs = 4
+# A target role that may not set session_replication_role = replica would fire the target's
+# foreign keys, user triggers and rules during apply. pgferry holds back those of the schema it
+# copies until cutover; on tables made by hand (schema = false), choose: hold them back too
+# (recorded in the state schema, dropped, created again at cutover or cleanup), or keep them
+# knowingly (they fire; their tables are applied one by one).
+hold_back_constraints = false
+keep_constraints = false
 
 # Apply: a target transaction commits after this many row changes, bytes of changes, or
 # milliseconds, whichever comes first.
@@ -171,9 +182,13 @@ def load(path: str | None, flags: dict[str, Any], environ: dict[str, str] | None
     layers.update(_from_env(os.environ if environ is None else environ))
     layers.update({k: v for k, v in flags.items() if v is not None and k in FIELDS})
     try:
-        return msgspec.convert(layers, Settings)
+        st = msgspec.convert(layers, Settings)
     except msgspec.ValidationError as exc:  # a flag's value (files and env were checked already)
         raise UsageError(f"invalid setting: {_explain(exc)}") from None
+    if st.hold_back_constraints and st.keep_constraints:
+        raise UsageError("hold_back_constraints and keep_constraints exclude each other: choose one "
+                         "(--hold-back-constraints or --keep-constraints)")
+    return st
 
 
 def _from_file(path: str) -> dict[str, Any]:

@@ -15,7 +15,11 @@
    that same target transaction (state 'done', handoff LSN = the marker's commit end LSN, which is
    also the stored progress) and stops. So the handoff LSN equals the applied LSN by construction.
 5. Copy sequence values (the source is fenced: they are final), verify every table (`--verify`:
-   checksum, or count for a shorter write downtime), write the receipt.
+   checksum, or count for a shorter write downtime).
+6. Create what was held back (replicator/holdback.py): triggers, rules and foreign keys NOT VALID,
+   in one transaction, before the application moves. Then validate the foreign keys (the
+   application's writes go on) and write the receipt: a key the data breaks is named with its
+   rows, and the exit code is 1, but the handoff stands.
 
 On a timeout the cutover first cancels its request (an UPDATE that races the daemon's claim
 through the same row: exactly one wins), then lifts the fence and exits 1: the daemon keeps
@@ -33,10 +37,12 @@ import uuid
 from datetime import UTC, datetime
 from typing import IO, Any
 
+import msgspec
 import psycopg2
 
 from sink.state import HANDOFF_PREFIX, ensure_schema, pgferry_session, quote_ident
 
+from . import holdback
 from .errors import PgferryError, first_line
 from .source import connect, describe_dsn, published_tables
 from .sync import copy_sequences
@@ -175,23 +181,44 @@ def run_cutover(source: str, target: str, publication: str, slot: str, schema: s
         receipt["tables"] = [{"name": r.name, "source_rows": r.source_rows, "target_rows": r.target_rows,
                               "match": r.match, "differences": r.differences} for r in results]
         receipt["ok"] = all(r.match for r in results) and ctl["handoff_lsn"] == ctl["applied_lsn"]
+        if receipt["ok"]:  # the foreign keys, triggers and rules held back: before the application moves
+            receipt["held_back_created_s"] = round(holdback.create(target, schema, slot), 3)
         receipt["finished_at"] = _now()
         receipt["write_downtime_s"] = round(time.monotonic() - fenced, 3)
     except BaseException:
         fence.lift()
         raise
-    text = json.dumps(receipt, indent=2)
-    out.write(text + "\n")
-    if receipt_path:
-        with open(receipt_path, "w") as f:
-            f.write(text + "\n")
     if not receipt["ok"]:
+        _write_receipt(receipt, out, receipt_path)
         fence.lift()
         bad = [t["name"] for t in receipt["tables"] if not t["match"]]
         raise PgferryError(f"cutover verification failed ({', '.join(bad) or 'handoff LSN mismatch'}): the fence is "
                            "lifted and the source takes writes again; investigate, then `pgferry start` to resume")
     log.info("cutover done at %s: point the application at the target", receipt["handoff_lsn"])
+    # Foreign keys came back NOT VALID; validating them scans, but lets the application write.
+    receipt["constraints_validated_s"] = round(holdback.validate(target, schema, slot), 3)
+    conn = connect(target, "target")
+    try:
+        held = holdback.listing(conn.cursor(), schema, slot)
+    finally:
+        conn.close()
+    receipt["held_back"] = [msgspec.to_builtins(h) for h in held]
+    invalid = [h for h in held if h.state == "invalid"]
+    receipt["constraints_ok"] = not invalid
+    _write_receipt(receipt, out, receipt_path)
+    if invalid:
+        raise PgferryError("cutover done (the handoff stands), but " + "; ".join(
+            f"foreign key {h.name} on {h.table} is NOT VALID: {h.detail}" for h in invalid)
+            + ". Fix those rows on the target, then ALTER TABLE ... VALIDATE CONSTRAINT ...")
     return 0
+
+
+def _write_receipt(receipt: dict[str, Any], out: IO[str], path: str | None) -> None:
+    text = json.dumps(receipt, indent=2)
+    out.write(text + "\n")
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
 
 
 def analyze_tables_without_statistics(source: str, target: str, publication: str) -> list[str]:

@@ -37,13 +37,15 @@ import psycopg2
 from sink import failpoints
 from sink.state import quote_ident
 
+from . import holdback
 from .errors import PgferryError, first_line
+from .holdback import POST_DATA_TYPES, Held, from_post_data
 from .pgtools import drop_unknown_settings
 from .source import ThreadConnections, completed_or_cancel, connect, describe_dsn
 
 log = logging.getLogger("pgferry.sync")
 
-HEADER = re.compile(r"^-- Name: .*; Type: (?P<type>[A-Z ]+); Schema: .*; Owner: .*$")
+HEADER = re.compile(r"^-- Name: (?P<name>.*); Type: (?P<type>[A-Z ]+); Schema: .*; Owner: .*$")
 _IDENT = r'(?:"(?:[^"]|"")+"|[^\s."]+)'  # as pg_dump prints a name: quoted when it must be
 _TABLE = rf"(?P<table>{_IDENT}(?:\.{_IDENT})?)"
 _ALTER_TABLE = re.compile(rf"ALTER TABLE (?:ONLY )?{_TABLE}\s+ADD CONSTRAINT ")
@@ -67,6 +69,7 @@ class PostData:
     preamble: str  # pg_dump's SETs: every session runs them first
     groups: dict[str, list[str]] = field(default_factory=dict)  # table as pg_dump prints it -> statements
     rest: list[str] = field(default_factory=list)
+    held: list[Held] = field(default_factory=list)  # recorded with the rest instead of created (holdback.py)
 
 
 def _statement(lines: list[str]) -> str:
@@ -78,14 +81,18 @@ def _statement(lines: list[str]) -> str:
     return "\n".join(lines)
 
 
-def split_post_data(sql: str) -> PostData:
-    """pg_dump's post-data section -> the preamble, per-table groups and the rest, in dump order."""
+def split_post_data(sql: str, hold: bool = False) -> PostData:
+    """pg_dump's post-data section -> the preamble, per-table groups and the rest, in dump order.
+    `hold`: foreign keys, triggers and rules go to `held` instead of the rest."""
     lines = sql.splitlines()
-    heads = [(i, m.group("type")) for i, line in enumerate(lines) if (m := HEADER.match(line))]
+    heads = [(i, m.group("type"), m.group("name")) for i, line in enumerate(lines) if (m := HEADER.match(line))]
     out = PostData(preamble="\n".join(lines[:heads[0][0]] if heads else lines))
-    for n, (i, kind) in enumerate(heads):
+    for n, (i, kind, name) in enumerate(heads):
         stmt = _statement(lines[i + 1:heads[n + 1][0] if n + 1 < len(heads) else len(lines)])
         if not stmt:
+            continue
+        if hold and kind in POST_DATA_TYPES:
+            out.held.append(from_post_data(kind, stmt, name))
             continue
         pattern = ON_ONE_TABLE.get(kind)
         m = pattern.match(stmt) if pattern is not None else None
@@ -140,8 +147,12 @@ class PostDataRun:
     Everything up to the first group (pg_restore's output, the first connection, the groups
     already done) is prepared in the background, beside the copy's start."""
 
-    def __init__(self, target: str, state_schema: str, slot: str, sql: Callable[[], str], jobs: int) -> None:
-        self.target, self.slot, self.jobs = target, slot, max(1, jobs)
+    def __init__(self, target: str, state_schema: str, slot: str, sql: Callable[[], str], jobs: int,
+                 hold: bool = False) -> None:
+        """`hold`: hold back foreign keys, triggers and rules even where the target role may set
+        session_replication_role (without it, they are held back anyway)."""
+        self.target, self.slot, self.jobs, self.hold = target, slot, max(1, jobs), hold
+        self.state_schema = state_schema
         self.s = quote_ident(state_schema)
         # Index builds sort whole tables: memory instead of temp files, shared by the builds at once.
         self.memory = f"SET maintenance_work_mem = '{max(64, 1024 // self.jobs)}MB'"
@@ -158,9 +169,10 @@ class PostDataRun:
         self.close()
 
     def _prepare(self, sql: Callable[[], str]) -> None:
-        self.pd = split_post_data(sql())
-        self.by_table = {key: name for name in self.pd.groups if (key := table_key(name)) is not None}
         first = self.conns.keep(connect(self.target, "target"))
+        hold = self.hold or not holdback.replica_role_allowed(first)
+        self.pd = split_post_data(sql(), hold)
+        self.by_table = {key: name for name in self.pd.groups if (key := table_key(name)) is not None}
         self.preamble = drop_unknown_settings(first.cursor(), self.pd.preamble)
         cur = self._session(first).cursor()
         cur.execute(f"SELECT item FROM {self.s}.post_data WHERE slot_name = %s", (self.slot,))
@@ -197,6 +209,8 @@ class PostDataRun:
                                 "If the target already has them, pass --no-schema") from None
         cur.execute(f"INSERT INTO {self.s}.post_data (slot_name, item) SELECT %s, unnest(%s::text[])",
                     (self.slot, names))
+        if names == [REST]:
+            holdback.record(cur, self.state_schema, self.slot, self.pd.held)
         if mark_sync:
             cur.execute(f"UPDATE {self.s}.sync SET post_data_done = true WHERE slot_name = %s", (self.slot,))
         conn.commit()
@@ -230,6 +244,10 @@ class PostDataRun:
         log.info("schema: created the indexes and constraints of %d tables (%d at a time) and %d other objects on "
                  "the target, %.1f s after the copy", len(todo) + len(self.submitted), self.jobs, len(self.pd.rest),
                  time.monotonic() - finishing)
+        if self.pd.held and REST not in self.done:
+            log.info("schema: %d foreign key(s), trigger(s) and rule(s) held back until cutover (they would fire "
+                     "during apply): %s", len(self.pd.held),
+                     ", ".join(f"{h.kind} {h.name} on {h.table}" for h in self.pd.held))
 
     def _sizes(self, tables: list[str]) -> dict[str, int]:
         conn = self._session()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -13,6 +14,9 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extras
 
+from sink.relations import firing
+
+from . import holdback
 from .checks import Finding, replicability_findings
 from .config import Settings
 from .errors import SourceNotReady, UsageError, first_line
@@ -206,15 +210,8 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
         add("error", "privileges", f"role {user} on target {where}: pgferry needs CREATE on the target database for "
                                    f"its {st.state_schema!r} state schema and the tables",
             f"GRANT CREATE ON DATABASE {db} TO {user};")
-    try:
-        with tgt.cursor() as cur:
-            cur.execute("SET LOCAL session_replication_role = replica")
-    except psycopg2.errors.InsufficientPrivilege:
-        add("warning", "replica role", f"role {user} may not set session_replication_role = replica on the target: "
-                                       "foreign keys are checked and user triggers fire during apply, and changes "
-                                       "are applied one by one (slower)",
-            f"GRANT SET ON PARAMETER session_replication_role TO {user};  (PostgreSQL 15+, as a superuser)")
-    tgt.rollback()
+    if not holdback.replica_role_allowed(tgt):
+        _fires_on_apply(tgt, st, src, user, add)
     if src is not None and st.schema:
         with src.cursor() as cur:
             cur.execute("SELECT extname FROM pg_extension WHERE extname <> 'plpgsql'")
@@ -237,6 +234,37 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
             f"ALTER ROLE {user} BYPASSRLS;  -- as a superuser")
     tgt.rollback()
     return out
+
+
+def _fires_on_apply(tgt: Any, st: Settings, src: Any, user: str, add: Callable[..., None]) -> None:
+    """Without the replica role: what would fire during apply on the migrated tables, and the choices."""
+    grant = f"GRANT SET ON PARAMETER session_replication_role TO {user};  -- PostgreSQL 15+, as a superuser"
+    fires: list[str] = []
+    if src is not None:
+        with tgt.cursor() as cur:
+            fires = [f"{kind} {name} on {t}" for t, kind, name in
+                     firing(cur, holdback.migrated_tables(src, st.publication, st.tables))]
+        tgt.rollback()
+    shown = ", ".join(fires[:20]) + (f" and {len(fires) - 20} more" if len(fires) > 20 else "")
+    if not fires:
+        add("info", "replica role", f"role {user} may not set session_replication_role = replica on the target; "
+                                    "nothing fires on the migrated tables there"
+                                    + (" (the foreign keys, triggers and rules of the schema pgferry copies are held "
+                                       "back until cutover)" if st.schema else "") + ": set-based apply", grant)
+    elif st.hold_back_constraints:
+        add("info", "fires on apply", f"held back until cutover (--hold-back-constraints): {shown}")
+    elif st.keep_constraints:
+        add("warning", "fires on apply", f"kept (--keep-constraints), so they fire during apply: {shown}. Their "
+                                         "tables are applied one by one (slower); a trigger writes what the stream "
+                                         "also brings, a cascade deletes what the stream deletes again",
+            f"{grant} or --hold-back-constraints")
+    else:
+        add("error", "fires on apply", f"role {user} may not set session_replication_role = replica on the target, "
+                                       f"and these would fire during apply: {shown}. A trigger would write what the "
+                                       "stream also brings, a cascade would delete what the stream deletes again, "
+                                       "and their tables would be applied one by one (slow)",
+            f"choose one: {grant} | --hold-back-constraints: pgferry records each definition in its state, drops "
+            "it and creates it again at cutover (or cleanup) | --keep-constraints: they stay and fire, knowingly")
 
 
 # -- commands --------------------------------------------------------------------------------

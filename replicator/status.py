@@ -18,6 +18,8 @@ import psycopg2
 from decoder import Lsn
 from sink.state import quote_ident
 
+from . import holdback
+from .holdback import HeldBack
 from .source import connect
 
 
@@ -51,6 +53,8 @@ class Status(msgspec.Struct):
     tables: list[TableStatus]
     conflicts_by_table: list[ConflictCount] = []
     wal_guard: str | None = None  # why the slot is in danger (max_retained_wal / min_safe_wal), or None
+    # foreign keys, triggers and rules held back until cutover (replicator/holdback.py), and their state
+    held_back: list[HeldBack] = []
 
 
 def collect(source: str, target: str, slot: str, schema: str,
@@ -98,10 +102,13 @@ def collect(source: str, target: str, slot: str, schema: str,
                     cur.execute(f"SELECT table_name, kind, count(*) FROM {s}.conflicts WHERE slot_name = %s "
                                 "GROUP BY 1, 2 ORDER BY 1, 2", (slot,))
                     conflicts = [ConflictCount(t, k, int(n)) for t, k, n in cur.fetchall()]
+                cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{s}.held_back",))
+                held = holdback.listing(cur, schema, slot) if cur.fetchone()[0] else []
             except psycopg2.errors.UndefinedTable:
                 progress = sync = control = None
                 tables = []
                 conflicts = []
+                held = []
     finally:
         dst.close()
     running = bool(slot_row and slot_row[0]) or bool(copying_walsender and sync is not None and sync[0] != "streaming")
@@ -129,7 +136,7 @@ def collect(source: str, target: str, slot: str, schema: str,
         slot_safe_wal_size=int(slot_row[3]) if slot_row and slot_row[3] is not None else None,
         last_source_commit=progress[3].isoformat() if progress and progress[3] else None,
         cutover=f"{control[0]} at {control[1]}" if control and control[1] else (control[0] if control else None),
-        tables=tables, conflicts_by_table=conflicts, wal_guard=_guard(slot_row, guard))
+        tables=tables, conflicts_by_table=conflicts, wal_guard=_guard(slot_row, guard), held_back=held)
 
 
 def _guard(slot_row: Any, guard: tuple[int | None, int | None]) -> str | None:
@@ -167,6 +174,11 @@ def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, 
         lines.append(f"  conflicts {c.table:<30} {c.kind:<16} {c.count}")
     for t in st.tables:
         lines.append(f"  {t.name:<40} {t.state:<8} {t.rows if t.rows is not None else ''}")
+    held = [h for h in st.held_back if h.state != "validated"]
+    if held:
+        lines.append(f"held back     {len(held)} until cutover (created, validated when the target takes over):")
+    for h in held:
+        lines.append(f"  {h.kind:<12} {h.name} on {h.table}: {h.state}" + (f" ({h.detail})" if h.detail else ""))
     out.write("\n".join(lines) + "\n")
     return 0
 

@@ -60,11 +60,11 @@ from decoder.pgoutput import decode_hot
 from sink.apply import RETRYABLE, BatchLimits, Sink
 from sink.conflicts import Policies
 from sink.errors import ApplyError, SinkError
-from sink.state import HANDOFF_PREFIX
+from sink.state import HANDOFF_PREFIX, quote_ident
 
 from . import metrics
 from .errors import PgferryError, UsageError, first_line
-from .source import check_logical_source, connect, describe_dsn, max_protocol_version
+from .source import check_logical_source, connect, describe_dsn, max_protocol_version, published_tables
 from .spool import Spool
 from .stopflag import StopFlag
 from .throttle import Throttle, wal_guard
@@ -187,6 +187,7 @@ class Session:
             check_logical_source(src, cfg.source, cfg.publication)
             proto = min(max_protocol_version(src.server_version), 4)
             confirmed, created = prepare_slot(src, cfg, stored)
+            published = [f"{quote_ident(n)}.{quote_ident(t)}" for n, t in published_tables(src, cfg.publication)]
         finally:
             src.close()
         if stored is None:
@@ -194,10 +195,16 @@ class Session:
             log.info("first start: streaming slot %s from %s", cfg.slot, stored)
         assert stored is not None
         if not self.sink.replica_role:
-            triggers = self.sink.user_triggers()
-            log.warning("the target role may not set session_replication_role = replica: foreign keys are checked "
-                        "and user triggers fire during apply (%s); changes stay in source order so foreign keys "
-                        "hold", ", ".join(triggers) if triggers else "no user triggers found")
+            fires = self.sink.firing(published)
+            if fires:
+                log.warning("the target role may not set session_replication_role = replica, and %d foreign key(s), "
+                            "trigger(s) or rule(s) fire during apply (%s): their tables are applied change by "
+                            "change, in source order (slower; triggers write what the stream also brings)",
+                            len(fires), ", ".join(fires))
+            else:
+                log.info("the target role may not set session_replication_role = replica; nothing fires on the "
+                         "published tables (foreign keys, triggers and rules are held back until cutover or there "
+                         "are none): set-based apply")
         try:
             self.repl = connect(cfg.source, "source", connection_factory=psycopg2.extras.LogicalReplicationConnection,
                                 **NET_OPTIONS)

@@ -42,7 +42,7 @@ from decoder import Lsn
 from sink import failpoints, state
 from sink.state import quote_ident
 
-from . import libpq
+from . import holdback, libpq
 from .checks import check_extensions, check_replicability, check_target_schema
 from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_copied, table_sizes, truncate_target
 from .errors import PgferryError, first_line
@@ -67,6 +67,7 @@ class SyncConfig:
     tables: list[str] | None = None  # --tables: publish only these (schema.table or table)
     jobs: int = max(1, min(4, os.cpu_count() or 1))
     schema_copy: bool = True  # False: --no-schema, the target's tables are made by hand
+    hold_back: bool = False  # --hold-back-constraints (replicator/holdback.py)
 
 
 @dataclass
@@ -197,6 +198,9 @@ class InitialSync:
             check_extensions(src, self.target, cfg)
             if not cfg.schema_copy:
                 check_target_schema(src, self.target, cfg)
+            if cfg.hold_back:  # tables made by hand: before the copy, which would fire them too
+                holdback.hold_existing(cfg.target, cfg.schema, cfg.slot,
+                                       holdback.migrated_tables(src, cfg.publication, cfg.tables))
             exists = _slot_exists(src, cfg.slot)
             if exists and pending is not None:
                 _drop_stale_slot(src, cfg.slot)
@@ -240,6 +244,9 @@ class InitialSync:
                 raise SyncError(f"replication slot {cfg.slot!r} is gone from source {describe_dsn(cfg.source)}: the "
                                 f"initial sync cannot resume. Drop the target's tables and its {cfg.schema!r} schema "
                                 "and start again")
+            if cfg.hold_back:
+                holdback.hold_existing(cfg.target, cfg.schema, cfg.slot,
+                                       holdback.migrated_tables(src, cfg.publication, cfg.tables))
         finally:
             src.close()
         # A new snapshot for what is left, exported by a temporary slot (gone with its connection).
@@ -339,7 +346,7 @@ class InitialSync:
         if schema is None or done:
             return contextlib.nullcontext()
         return PostDataRun(self.cfg.target, self.cfg.schema, self.cfg.slot, lambda: schema.section("post-data"),
-                           self.cfg.jobs)
+                           self.cfg.jobs, hold=self.cfg.hold_back)
 
     def _copy_all(self, tables: list[TableCopy], snapshot: str, snapshot_lsn: Lsn,
                   post: PostDataRun | None) -> None:

@@ -123,7 +123,8 @@ static PyObject *fold(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long key0 = PyLong_AsLong(key0o);
     if (key0 == -1 && PyErr_Occurred()) goto done;
     /* no key, or FULL identity: inserts are appended, the rest is found by whole rows (Python) */
-    if (key0 < -1 && tag != 'I') { result = PyLong_FromLong(0); goto done; }
+    /* -3: something fires on it (relations.py): never folded */
+    if (key0 < -2 || (key0 < -1 && tag != 'I')) { result = PyLong_FromLong(0); goto done; }
     if (key0 == -1) { /* a key of several columns: their indexes */
         if ((keys = PyObject_GetAttr(table, S_key)) == NULL) goto done;
         if (!PyList_CheckExact(keys)) { result = PyLong_FromLong(0); goto done; }

@@ -35,7 +35,7 @@ from .conflicts import Policies
 from .direct import INSERT_ROWS, RETRYABLE, ChangeByChange, first_line_of
 from .errors import ApplyError
 from .netbatch import NetBatch
-from .relations import TargetTable, map_relation
+from .relations import TargetTable, firing, map_relation
 from .resolve import Resolving
 
 log = logging.getLogger("pgferry.sink")
@@ -101,7 +101,8 @@ class Sink(ChangeByChange, Resolving):
         self._ins_lsn: Lsn | None = None
         self.replica_role = False
         self._session_ready = False  # the session settings are set and the state schema exists
-        # net changes of the batch, applied set-based (replica role only: no foreign-key triggers)
+        # net changes of the batch, applied set-based (on tables where nothing fires: no foreign-key
+        # or user triggers, by the replica role or held back until cutover)
         self.net = NetBatch()
         self._net_lsn: Lsn | None = None
         self._net_xid: int | None = None
@@ -165,13 +166,10 @@ class Sink(ChangeByChange, Resolving):
             self.stored = self.durable_lsn = stored
         return stored
 
-    def user_triggers(self) -> list[str]:
-        """Enabled user triggers on the target's tables: they fire during apply without the replica role."""
-        self.cur.execute("""SELECT n.nspname || '.' || c.relname || ': ' || t.tgname
-            FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE NOT t.tgisinternal AND t.tgenabled IN ('O', 'A') AND n.nspname NOT IN ('pg_catalog', %s)
-            ORDER BY 1""", (self.schema,))
-        rows = [r[0] for r in self.cur.fetchall()]
+    def firing(self, tables: list[str]) -> list[str]:
+        """What fires during apply without the replica role on `tables` (names as SQL), as
+        "table: kind name"; the tables with any are applied change by change (relations.FIRING)."""
+        rows = [f"{t}: {kind} {name}" for t, kind, name in firing(self.cur, tables)]
         self.conn.rollback()
         return rows
 
@@ -195,7 +193,10 @@ class Sink(ChangeByChange, Resolving):
                 raise ApplyError(f"change for relation oid {oid} before its Relation message",
                                  lsn=self._commit_lsn, xid=self._xid)
             self._join()
-            table = self.tables[oid] = map_relation(self.cur, rel)
+            table = self.tables[oid] = map_relation(self.cur, rel, check_fires=not self.replica_role)
+            if table.fires:
+                log.warning("%s: %s fire(s) on the target during apply (no replica role): its changes are applied "
+                            "one by one, in source order", table.display, ", ".join(table.fires))
             table.snapshot_lsn = self.snapshots.get((rel.namespace, rel.name), Lsn(0))
             table.counts = self.op_counts.setdefault(table.name, {})
         return table
@@ -215,7 +216,9 @@ class Sink(ChangeByChange, Resolving):
             self.skip_lsns.discard(commit_lsn)
             return False
         self._xid, self._commit_lsn = xid, commit_lsn
-        self._exact = commit_lsn <= self.isolate_until or not self.replica_role
+        # Without the replica role, set-based apply is still exact where nothing fires: the tables
+        # where something does are applied one by one (TargetTable.fires).
+        self._exact = commit_lsn <= self.isolate_until
         if self._batch_started is None:
             self._batch_started = time.monotonic()
         return True

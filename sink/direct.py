@@ -1,5 +1,5 @@
 """The change-by-change path of the sink: what cannot be folded into a set-based batch (a key
-change, a FULL-identity update or delete, a target without the replica role) and every change
+change, a FULL-identity update or delete, a table where a trigger or foreign key fires) and every change
 while a failed batch is re-applied in exact source order (`Sink.isolate_until`).
 
 Inserts are buffered into multi-row INSERTs; in exact mode a failing one is retried row by row

@@ -10,9 +10,10 @@ order. The arrays are text[] (an array-typed column's values are elements holdin
 each value is cast to its column's type where it is used.
 
 Folding and reordering keep the one-by-one result for every row; they can only differ where a
-constraint sees rows side by side (a unique index over other columns, a foreign key). The caller
-therefore uses this only with `session_replication_role = replica` (no foreign-key triggers), and
-when a set-based statement fails, re-applies the same source transactions in exact order.
+constraint sees rows side by side (a unique index over other columns, a foreign key) or a trigger
+sees them. The caller therefore folds only tables where nothing fires (`session_replication_role =
+replica`, or no foreign key, user trigger or rule: TargetTable.fires), and when a set-based
+statement fails, re-applies the same source transactions in exact order.
 
 A change that does not fold (a key-changing update, a FULL-identity table, an insert of a key the
 batch already inserted, ...) is refused by `add`; the caller writes out what is pending and then
@@ -50,6 +51,9 @@ class NetBatch:
         """Fold one change in; False when it cannot be folded (apply it on its own, in order).
         `lsn`, `xid`: its transaction's (kept per row, for conflicts: the newest change's)."""
         # The stream's hot path: one call per row change, so written for speed (locals, no calls).
+        k0 = table.key0
+        if k0 == -3:
+            return False  # something fires on it: applied on its own, in order
         t = type(msg)
         entry = self.tables.get(table.oid)
         if entry is None:
@@ -57,7 +61,6 @@ class NetBatch:
         elif entry[0] is not table:
             return False  # redescribed since its rows were added: the caller writes those out first
         rows = entry[1]
-        k0 = table.key0
         if k0 == -2:  # no key, or FULL identity
             if t is not Insert:
                 return False  # found by comparing whole rows: applied on its own, after what is pending

@@ -43,6 +43,35 @@ ORDER BY a.attnum
 """
 
 
+# What fires on a target table during apply unless the session runs with session_replication_role
+# = replica (as native apply does): enabled user triggers and rules on the table (or its partitions),
+# and foreign keys from or to it (their checks and ON DELETE/UPDATE actions are triggers too).
+# Triggers and foreign keys cloned onto partitions are named once, by their parent's. One row per
+# object: (the table as given, kind, name).
+FIRING = """
+SELECT r.t, x.kind, x.name FROM unnest(%s::text[]) AS r(t)
+CROSS JOIN LATERAL (SELECT relid FROM pg_partition_tree(to_regclass(r.t))) AS p
+CROSS JOIN LATERAL (
+    SELECT 'trigger', tgname::text FROM pg_trigger
+    WHERE tgrelid = p.relid AND NOT tgisinternal AND tgenabled IN ('O', 'A') AND tgparentid = 0
+    UNION ALL
+    SELECT 'rule', rulename::text FROM pg_rewrite
+    WHERE ev_class = p.relid AND rulename <> '_RETURN' AND ev_enabled IN ('O', 'A')
+    UNION ALL
+    SELECT 'foreign key', conname::text FROM pg_constraint
+    WHERE contype = 'f' AND conparentid = 0 AND (conrelid = p.relid OR confrelid = p.relid)
+) AS x(kind, name)
+ORDER BY 1, 2, 3
+"""
+
+
+def firing(cur: Any, tables: list[str]) -> list[tuple[str, str, str]]:
+    """(table, kind, name) of what fires during apply without the replica role (see FIRING);
+    `tables`: names as SQL (`public.t`, `"My S"."T"`); tables that do not exist are left out."""
+    cur.execute(FIRING, (tables,))
+    return [tuple(r) for r in cur.fetchall()]  # type: ignore[misc]
+
+
 @dataclass
 class TargetTable:
     """One source relation as it maps onto the target. Built from a Relation message."""
@@ -56,6 +85,9 @@ class TargetTable:
     text_compare: list[bool]
     types: list[str]  # the target column's SQL type, one per source column (casts in VALUES lists)
     snapshot_lsn: int = 0  # changes committed before this LSN are in the table's initial copy
+    # What fires on it during apply (without the replica role: see FIRING), as "kind name": its
+    # changes are then applied one by one, in source order, like a trigger or foreign key expects.
+    fires: list[str] = field(default_factory=list)
     _sql: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,7 +99,10 @@ class TargetTable:
         self.oid = self.rel.oid
         # NetBatch.add: the one key column's index; -1 for a key of several columns; -2 when rows
         # are found by comparing whole rows (no key, or FULL identity)
-        if self.full_identity or not self.key:
+        # -3: never folded (something fires on it: one by one, in order)
+        if self.fires:
+            self.key0 = -3
+        elif self.full_identity or not self.key:
             self.key0 = -2
         else:
             self.key0 = self.key[0] if len(self.key) == 1 else -1
@@ -210,8 +245,9 @@ class TargetTable:
                 params)
 
 
-def map_relation(cur: Any, rel: Relation) -> TargetTable:
-    """Look the relation up on the target; raise SchemaMismatch naming what is missing."""
+def map_relation(cur: Any, rel: Relation, check_fires: bool = False) -> TargetTable:
+    """Look the relation up on the target; raise SchemaMismatch naming what is missing.
+    `check_fires`: the session fires triggers and foreign keys (no replica role): look them up."""
     cur.execute(_TARGET_COLUMNS, (rel.namespace, rel.name))
     rows = cur.fetchall()
     display = f"{rel.namespace}.{rel.name}"
@@ -223,9 +259,12 @@ def map_relation(cur: Any, rel: Relation) -> TargetTable:
     if missing:
         raise SchemaMismatch(f"table {display} on the target lacks column(s) {', '.join(missing)} that the source "
                              "publishes: add them (ALTER TABLE ... ADD COLUMN) with compatible types")
+    qualified = f"{quote_ident(rel.namespace)}.{quote_ident(rel.name)}"
+    fires = [f"{kind} {name}" for _, kind, name in firing(cur, [qualified])] if check_fires else []
     return TargetTable(
         rel=rel,
-        qualified=f"{quote_ident(rel.namespace)}.{quote_ident(rel.name)}",
+        qualified=qualified,
+        fires=fires,
         names=[quote_ident(c.name) for c in rel.columns],
         writable=[not target[c.name][0] for c in rel.columns],
         settable=[not target[c.name][0] and not target[c.name][2] for c in rel.columns],

@@ -118,6 +118,21 @@ def ensure_schema(cur: Any, schema: str) -> None:
         item text NOT NULL,
         done_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (slot_name, item))""")
+    # What would fire during apply without the replica role, held back until cutover
+    # (replicator/holdback.py): each definition recorded before the object is dropped or instead of
+    # creating it; state held -> created (a foreign key NOT VALID) -> validated, or invalid.
+    cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.held_back (
+        slot_name text NOT NULL,
+        kind text NOT NULL,
+        table_name text NOT NULL,
+        name text NOT NULL,
+        definition text NOT NULL,
+        was_valid boolean NOT NULL DEFAULT true,
+        state text NOT NULL DEFAULT 'held',
+        detail text,
+        held_at timestamptz NOT NULL DEFAULT now(),
+        restored_at timestamptz,
+        PRIMARY KEY (slot_name, kind, table_name, name))""")
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.tables (
         slot_name text NOT NULL,
         schema_name text NOT NULL,
