@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg2
+import psycopg2.errors
 
 from decoder import Lsn
 from sink import failpoints
@@ -63,6 +64,7 @@ class CopyConnections(ThreadConnections):
         self.tables = tables or []  # every table to copy (qualified): their columns are read at once
         self.empty = empty  # the target's tables are known to be empty (pre-data has just created them)
         self._columns: dict[str, list[Column]] = {}
+        self.replica_role = False  # the target sessions run with session_replication_role = replica
 
     def columns(self, t: TableCopy, src: Any) -> list[Column]:
         """`t`'s copied columns, as the snapshot sees them. Read for every table in one query by the
@@ -101,6 +103,7 @@ class CopyConnections(ThreadConnections):
         if dst is None:
             dst = self.mine.target = self.keep(connect(self.cfg.target, "target"))
             _set_up_session(dst)
+            self.replica_role = replica_role(dst)
             dst.cursor().execute("SET application_name = 'pgferry-copy'")
             dst.commit()
         return dst
@@ -113,6 +116,20 @@ class CopyConnections(ThreadConnections):
                 if conn is not None:
                     conn.close()
                     self.opened.remove(conn)
+
+
+def replica_role(conn: Any) -> bool:
+    """Run this target session with session_replication_role = replica where the role may: a COPY
+    fires the target's triggers and checks its foreign keys otherwise, as native table sync does
+    not. (Where it may not, pgferry holds them back: replicator/holdback.py.)"""
+    conn.autocommit = True
+    try:
+        conn.cursor().execute("SET session_replication_role = replica")
+        return True
+    except psycopg2.errors.InsufficientPrivilege:
+        return False
+    finally:
+        conn.autocommit = False
 
 
 def _set_up_session(conn: Any) -> None:
@@ -319,7 +336,8 @@ def copy_table(cfg: SyncConfig, t: TableCopy, conns: CopyConnections, snapshot_l
             rows = _copy_in_process(pump, t, sources, dst, copy_outs, copy_in, mark, freeze, binary, conns.empty,
                                     padded_columns(cols))
         else:
-            rows = _copy_with_psql(cfg, t, conns.snapshot, copy_outs[0], copy_in, mark(None) if mark else None)
+            rows = _copy_with_psql(cfg, t, conns.snapshot, copy_outs[0], copy_in, mark(None) if mark else None,
+                                   conns.replica_role)
             if mark is not None:  # psql committed the mark; the row count is known only now
                 _record_rows(cfg, t, rows, dst)
     except BaseException:
@@ -364,8 +382,9 @@ def _copy_in_process(pump: Callable[..., tuple[int, Any]], t: TableCopy, sources
 
 
 def _copy_with_psql(cfg: SyncConfig, t: TableCopy, snapshot: str, copy_out: str, copy_in: str,
-                    mark: str | None) -> int:
-    """The same through two psql processes joined by a pipe (no C pump)."""
+                    mark: str | None, replica: bool = False) -> int:
+    """The same through two psql processes joined by a pipe (no C pump). `replica`: the target
+    session may set session_replication_role = replica (see `replica_role`)."""
     psql = find_client("psql")
     # the session settings' one result row must not join the COPY data on stdout
     settings = ["-c", r"\o /dev/null", "-c", SESSION, "-c", r"\o"]
@@ -374,6 +393,8 @@ def _copy_with_psql(cfg: SyncConfig, t: TableCopy, snapshot: str, copy_out: str,
                "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
                "-c", copy_out]
     in_cmd = [psql, "-X", "-v", "ON_ERROR_STOP=1", "-1", *settings]
+    if replica:
+        in_cmd += ["-c", "SET session_replication_role = replica"]
     if mark is not None:
         in_cmd += ["-c", f"TRUNCATE {t.qualified}"]
     in_cmd += ["-c", copy_in]

@@ -34,7 +34,7 @@ import msgspec
 import psycopg2
 import psycopg2.errors
 
-from sink.state import quote_ident
+from sink.state import quote_ident, readable_name
 
 from .errors import PgferryError, UsageError, first_line
 from .source import connect, describe_dsn, published_tables
@@ -113,7 +113,8 @@ def record(cur: Any, schema: str, slot: str, items: list[Held]) -> None:
 
 # What fires on the tables (names as SQL) and how to create it again: relations.FIRING's objects.
 _CATALOG = """
-WITH t AS (SELECT DISTINCT p.relid FROM unnest(%s::text[]) AS r(t), pg_partition_tree(to_regclass(r.t)) AS p)
+WITH r AS (SELECT to_regclass(t) AS relid FROM unnest(%s::text[]) AS u(t)),
+     t AS (SELECT relid FROM r WHERE relid IS NOT NULL UNION SELECT p.relid FROM r, pg_partition_tree(r.relid) AS p)
 SELECT 'foreign key', co.conrelid::regclass::text, co.conname::text,
        format('ALTER TABLE %%s ADD CONSTRAINT %%I %%s', co.conrelid::regclass, co.conname,
               pg_get_constraintdef(co.oid)), co.convalidated
@@ -140,7 +141,7 @@ _DROP = {FOREIGN_KEY: "ALTER TABLE {table} DROP CONSTRAINT {name}", TRIGGER: "DR
 
 
 def migrated_tables(src: Any, publication: str, only: list[str] | None) -> list[str]:
-    """The tables the migration covers, as SQL names: the publication's if it exists, else
+    """The tables the migration covers, as names for to_regclass: the publication's if it exists, else
     `only` (--tables), else every user table of the source (what FOR ALL TABLES will publish)."""
     with src.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,))
@@ -157,7 +158,7 @@ def migrated_tables(src: Any, publication: str, only: list[str] | None) -> list[
         tables = [t for t in every if f"{t[0]}.{t[1]}" in only or t[1] in only]
     else:
         tables = every
-    return [f"{quote_ident(n)}.{quote_ident(t)}" for n, t in tables]
+    return [readable_name(n, t) for n, t in tables]
 
 
 def hold_migrated(source: str, target: str, schema: str, slot: str, publication: str,
@@ -276,6 +277,7 @@ def validate(target: str, schema: str, slot: str) -> float:
         cur = conn.cursor()
         cur.execute("SELECT count(set_config(name, '0', false)) FROM pg_settings WHERE name IN "
                     "('statement_timeout', 'lock_timeout')")  # a big table's scan is not cut short
+        cur.execute("SELECT set_config('search_path', '', false)")  # names in messages schema-qualified
         cur.execute(f"SELECT table_name, name FROM {s}.held_back WHERE slot_name = %s AND kind = %s "
                     "AND state = 'created' AND was_valid ORDER BY table_name, name", (slot, FOREIGN_KEY))
         for table, name in cur.fetchall():
@@ -309,13 +311,14 @@ def _breaking_rows(cur: Any, table: str, name: str, shown: int = 5) -> str | Non
         "NOT EXISTS (SELECT 1 FROM " + parent + " p WHERE " +
         " AND ".join(f"p.{p} = c.{c}" for c, p in zip(cols, pcols, strict=True)) + ")"])
     keys = ", ".join(f"c.{c}" for c in cols)
-    cur.execute(f"SELECT count(*) OVER (), ({keys})::text FROM {table} c WHERE {where} LIMIT {shown}")
-    found = cur.fetchall()
-    if not found:
+    cur.execute(f"SELECT count(*) FROM {table} c WHERE {where}")
+    (count,) = cur.fetchone()
+    if not count:
         return None
+    cur.execute(f"SELECT DISTINCT ({keys})::text FROM {table} c WHERE {where} ORDER BY 1 LIMIT {shown}")
     names = ", ".join(cols)
-    examples = ", ".join(f"({names})={k if k.startswith('(') else '(' + k + ')'}" for _, k in found)
-    return f"{found[0][0]} row(s) of {table} reference no row of {parent}, e.g. {examples}"
+    examples = ", ".join(f"({names})={k if len(cols) > 1 else '(' + k + ')'}" for (k,) in cur.fetchall())
+    return f"{count} row(s) of {table} reference no row of {parent}, e.g. {examples}"
 
 
 def restore(target: str, schema: str, slot: str) -> Restored:

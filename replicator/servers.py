@@ -223,11 +223,11 @@ class LocalServer:
     def dsn(self, dbname: str = "postgres", user: str | None = None) -> str:
         return f"host={self.host} port={self.port} dbname={dbname} user={user or self.user}"
 
-    def psql(self, sql: str, dbname: str = "postgres") -> str:
+    def psql(self, sql: str, dbname: str = "postgres", user: str | None = None) -> str:
         """Run SQL through psql (for set-up that psycopg2 cannot do, e.g. several statements with
         transaction control); raises on error."""
         res = subprocess.run([str(self.client_bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At",
-                              "-d", self.dsn(dbname)], input=sql, capture_output=True, text=True, timeout=300,
+                              "-d", self.dsn(dbname, user)], input=sql, capture_output=True, text=True, timeout=300,
                              check=False)
         if res.returncode != 0:
             raise ServerError(f"psql on PostgreSQL {self.version} failed: {res.stderr.strip()}")

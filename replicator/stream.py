@@ -60,7 +60,7 @@ from decoder.pgoutput import decode_hot
 from sink.apply import RETRYABLE, BatchLimits, Sink
 from sink.conflicts import Policies
 from sink.errors import ApplyError, SinkError
-from sink.state import HANDOFF_PREFIX, quote_ident
+from sink.state import HANDOFF_PREFIX, readable_name
 
 from . import metrics
 from .errors import PgferryError, UsageError, first_line
@@ -187,7 +187,7 @@ class Session:
             check_logical_source(src, cfg.source, cfg.publication)
             proto = min(max_protocol_version(src.server_version), 4)
             confirmed, created = prepare_slot(src, cfg, stored)
-            published = [f"{quote_ident(n)}.{quote_ident(t)}" for n, t in published_tables(src, cfg.publication)]
+            published = [readable_name(n, t) for n, t in published_tables(src, cfg.publication)]
         finally:
             src.close()
         if stored is None:

@@ -50,7 +50,7 @@ ORDER BY a.attnum
 # object: (the table as given, kind, name).
 FIRING = """
 SELECT r.t, x.kind, x.name FROM unnest(%s::text[]) AS r(t)
-CROSS JOIN LATERAL (SELECT relid FROM pg_partition_tree(to_regclass(r.t))) AS p
+CROSS JOIN LATERAL (SELECT to_regclass(r.t) UNION SELECT relid FROM pg_partition_tree(to_regclass(r.t))) AS p(relid)
 CROSS JOIN LATERAL (
     SELECT 'trigger', tgname::text FROM pg_trigger
     WHERE tgrelid = p.relid AND NOT tgisinternal AND tgenabled IN ('O', 'A') AND tgparentid = 0

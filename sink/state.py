@@ -9,6 +9,7 @@ progress row agree, and the stream restarts from there.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from decoder import Lsn
@@ -53,6 +54,11 @@ def pgferry_session(cur: Any) -> None:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def readable_name(schema: str, table: str) -> str:
+    """`schema.table` for to_regclass and messages, quoted only where it must be."""
+    return ".".join(i if re.fullmatch(r"[a-z_][a-z0-9_$]*", i) else quote_ident(i) for i in (schema, table))
 
 
 def ensure_schema(cur: Any, schema: str) -> None:

@@ -76,10 +76,11 @@ class Db:
 
     server: LocalServer
     name: str
+    user: str | None = None  # None: the server's superuser
 
     @property
     def dsn(self) -> str:
-        return self.server.dsn(self.name)
+        return self.server.dsn(self.name, self.user)
 
     @property
     def version(self) -> int:
@@ -97,7 +98,11 @@ class Db:
             conn.close()
 
     def psql(self, sql: str) -> str:
-        return self.server.psql(sql, self.name)
+        return self.server.psql(sql, self.name, self.user)
+
+    @property
+    def as_superuser(self) -> Db:
+        return Db(self.server, self.name)
 
     def drop(self) -> None:
         for (slot,) in self.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s",
@@ -132,6 +137,37 @@ def pair(request: pytest.FixtureRequest, pg_servers: _Servers) -> Iterator[tuple
     yield src, dst
     src.drop()
     dst.drop()
+
+
+def _as_owner(dst: Db) -> Iterator[Db]:
+    """`dst` as a role that only owns its database, as on a managed service: no superuser, no SET
+    privilege on session_replication_role. (It owns the schema public too: pg_database_owner.)"""
+    role = f"owner_{dst.name}"
+    admin = Db(dst.server, "postgres")
+    admin.execute(f"CREATE ROLE {role} LOGIN")
+    admin.execute(f"ALTER DATABASE {dst.name} OWNER TO {role}")
+    yield Db(dst.server, dst.name, user=role)
+    superuser = dst.server.user
+    dst.execute(f"REASSIGN OWNED BY {role} TO {superuser}; DROP OWNED BY {role}")  # the database's own objects
+    admin.execute(f"ALTER DATABASE {dst.name} OWNER TO {superuser}")
+    admin.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+@pytest.fixture
+def owner_pair(pair: tuple[Db, Db]) -> Iterator[tuple[Db, Db]]:
+    """(source, target) where pgferry's target role only owns the target database (the main case)."""
+    for dst in _as_owner(pair[1]):
+        yield pair[0], dst
+
+
+@pytest.fixture(params=["owner", "superuser"])
+def role_pair(request: pytest.FixtureRequest, pair: tuple[Db, Db]) -> Iterator[tuple[Db, Db]]:
+    """`pair` twice: with a target role that only owns its database, and as a superuser."""
+    if request.param == "superuser":
+        yield pair
+        return
+    for dst in _as_owner(pair[1]):
+        yield pair[0], dst
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
