@@ -34,7 +34,7 @@ import msgspec
 import psycopg2
 import psycopg2.errors
 
-from sink.state import quote_ident, readable_name
+from sink.state import ensure_schema, quote_ident, readable_name
 
 from .errors import PgferryError, UsageError, first_line
 from .source import connect, describe_dsn, published_tables
@@ -178,6 +178,7 @@ def hold_existing(target: str, schema: str, slot: str, tables: list[str]) -> lis
     conn = connect(target, "target")
     try:
         cur = conn.cursor()
+        ensure_schema(cur, schema)
         cur.execute("SELECT set_config('search_path', '', true)")  # every name in the definitions qualified
         cur.execute(_CATALOG, (tables,))
         items = [Held(*row) for row in cur.fetchall()]

@@ -170,6 +170,12 @@ def role_pair(request: pytest.FixtureRequest, pair: tuple[Db, Db]) -> Iterator[t
         yield pair[0], dst
 
 
+def hold_flags(dst: Db) -> tuple[str, ...]:
+    """`start` flags for a target made by hand: an owner-only role holds back its foreign keys and
+    triggers (a superuser target applies with the replica role)."""
+    return ("--hold-back-constraints",) if dst.user else ()
+
+
 def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
     """Poll `cond` until it returns something truthy; fail the test naming `what` on timeout."""
     deadline = time.monotonic() + timeout

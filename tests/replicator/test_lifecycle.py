@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from replicator.servers import LocalServer
-from tests.pgplugin import Daemon, Db, assert_same_tables, new_db, publish_same_table, wait_for
+from tests.pgplugin import Daemon, Db, assert_same_tables, new_db, pgferry, publish_same_table, wait_for
 from tests.replicator import workload as wl
 
 pytestmark = pytest.mark.pg
@@ -119,7 +119,9 @@ def test_publish_via_partition_root_into_a_plain_target_table(pair, daemons):
     assert_same_tables(src, dst, {"meas": ["id", "day", "v"]})
 
 
-def test_target_without_replica_role_warns_and_keeps_foreign_keys(pair, daemons):
+def test_target_without_replica_role_keeps_what_fires_only_when_told(pair, daemons):
+    """A role that neither owns the tables nor may set the replica role: `start` refuses until the
+    user chooses; with --keep-constraints the tables where something fires go one by one."""
     src, dst = pair
     wl.setup(src, dst)
     role = f"app_{dst.name}"
@@ -130,7 +132,10 @@ def test_target_without_replica_role_warns_and_keeps_foreign_keys(pair, daemons)
         CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
         CREATE TRIGGER acct_audit BEFORE INSERT ON acct FOR EACH ROW EXECUTE FUNCTION audit();""")
     try:
-        d = Daemon(src, dst, target_dsn=dst.server.dsn(dst.name, user=role))
+        r = pgferry("start", "--no-copy", "--source", src.dsn, "--target", dst.server.dsn(dst.name, user=role))
+        assert r.returncode == 1 and "trigger acct_audit on public.acct" in r.stderr, r.stderr
+        assert "foreign key ledger_acct_fkey on public.ledger" in r.stderr and "--keep-constraints" in r.stderr
+        d = Daemon(src, dst, "--keep-constraints", target_dsn=dst.server.dsn(dst.name, user=role))
         daemons.append(d)
         w = wl.Workload(src, seed=5)
         try:
@@ -141,7 +146,9 @@ def test_target_without_replica_role_warns_and_keeps_foreign_keys(pair, daemons)
         assert_same_tables(src, dst, wl.TABLES)
         assert d.stop() == 0
         out = d.output()
-        assert "may not set session_replication_role" in out and "public.acct: acct_audit" in out, out
+        assert "may not set session_replication_role" in out and "public.acct: trigger acct_audit" in out, out
+        assert "public.ledger: foreign key ledger_acct_fkey" in out and "applied one by one" in out, out
+        assert "public.gen: " not in out, out  # nothing fires on it: set-based
     finally:
         for x in daemons:
             x.close()
@@ -235,7 +242,10 @@ def test_a_target_table_under_row_level_security_stops_the_apply_instead_of_skip
         CREATE ROLE {role} LOGIN; GRANT CREATE ON DATABASE {dst.name} TO {role};
         GRANT SELECT, INSERT, UPDATE, DELETE ON t TO {role};""")
     try:
-        d = Daemon(src, dst, target_dsn=dst.server.dsn(dst.name, user=role))
+        r = pgferry("start", "--no-copy", "--source", src.dsn, "--target", dst.server.dsn(dst.name, user=role))
+        assert r.returncode == 1 and "trigger acct_audit on public.acct" in r.stderr, r.stderr
+        assert "foreign key ledger_acct_fkey on public.ledger" in r.stderr and "--keep-constraints" in r.stderr
+        d = Daemon(src, dst, "--keep-constraints", target_dsn=dst.server.dsn(dst.name, user=role))
         daemons.append(d)
         src.execute("DELETE FROM t WHERE id = 1")
         assert d.wait_exit(timeout=60) == 1, d.output()

@@ -12,6 +12,7 @@ from replicator.servers import LocalServer
 from tests.pgplugin import (
     Daemon,
     assert_same_tables,
+    hold_flags,
     main_pair_only,
     new_db,
     publish_same_table,
@@ -25,10 +26,10 @@ pytestmark = pytest.mark.pg
 SMALL_WORK_MEM = " options='-c logical_decoding_work_mem=64kB'"
 
 
-def test_randomized_workload_arrives_exactly_once(pair, daemons):
-    src, dst = pair
+def test_randomized_workload_arrives_exactly_once(role_pair, daemons):
+    src, dst = role_pair
     wl.setup(src, dst)
-    d = Daemon(src, dst, source_dsn=src.dsn + SMALL_WORK_MEM)
+    d = Daemon(src, dst, *hold_flags(dst), source_dsn=src.dsn + SMALL_WORK_MEM)
     daemons.append(d)
     w = wl.Workload(src, seed=1)
     try:
@@ -71,11 +72,11 @@ def _run_in_thread(fn, *args, **kwargs):
     return th, join
 
 
-def test_sigkill_at_random_moments_loses_and_duplicates_nothing(pair, daemons):
-    src, dst = pair
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(role_pair, daemons):
+    src, dst = role_pair
     wl.setup(src, dst)
     dsn = src.dsn + SMALL_WORK_MEM
-    d = Daemon(src, dst, "--batch-rows", "50", source_dsn=dsn)
+    d = Daemon(src, dst, "--batch-rows", "50", *hold_flags(dst), source_dsn=dsn)
     daemons.append(d)
     w = wl.Workload(src, seed=2)
     stop = threading.Event()

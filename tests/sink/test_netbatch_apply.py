@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pgplugin import Daemon, assert_same_tables, publish_same_table
+from tests.pgplugin import Daemon, assert_same_tables, hold_flags, publish_same_table
 from tests.replicator import workload as wl
 
 pytestmark = pytest.mark.pg
@@ -15,10 +15,10 @@ pytestmark = pytest.mark.pg
 BIG_BATCHES = ("--batch-rows", "100000", "--batch-ms", "5000")
 
 
-def test_a_folded_backlog_equals_the_source(pair, daemons):
-    src, dst = pair
+def test_a_folded_backlog_equals_the_source(role_pair, daemons):
+    src, dst = role_pair
     wl.setup(src, dst)
-    d = Daemon(src, dst, *BIG_BATCHES)
+    d = Daemon(src, dst, *BIG_BATCHES, *hold_flags(dst))
     daemons.append(d)
     assert d.stop() == 0
     w = wl.Workload(src, seed=7)
@@ -34,8 +34,8 @@ def test_a_folded_backlog_equals_the_source(pair, daemons):
     assert "Traceback" not in out and "not found on the target" not in out, out
 
 
-def test_a_unique_swap_that_fails_set_based_is_reapplied_in_source_order(pair, daemons):
-    src, dst = pair
+def test_a_unique_swap_that_fails_set_based_is_reapplied_in_source_order(role_pair, daemons):
+    src, dst = role_pair
     ddl = "CREATE TABLE u (id int PRIMARY KEY, email text UNIQUE, n int)"
     publish_same_table(src, dst, ddl)
     src.execute("INSERT INTO u VALUES (1, 'a', 0), (2, 'b', 0)")
@@ -55,8 +55,8 @@ def test_a_unique_swap_that_fails_set_based_is_reapplied_in_source_order(pair, d
     assert "applying one transaction per batch" in out and "Traceback" not in out, out
 
 
-def test_a_rejected_change_in_a_folded_batch_is_pinned_to_its_transaction(pair, daemons):
-    src, dst = pair
+def test_a_rejected_change_in_a_folded_batch_is_pinned_to_its_transaction(role_pair, daemons):
+    src, dst = role_pair
     src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
     dst.execute("CREATE TABLE t (id int PRIMARY KEY, v varchar(5))")
     d = Daemon(src, dst, *BIG_BATCHES)
