@@ -1,6 +1,7 @@
 """Catch-up: pgferry against native `CREATE SUBSCRIPTION` on the same backlog, side by side.
 
     python -m bench.catchup [--pairs 15-18,18-18] [--scenarios bulk,oltp,hot] [--scale 1.0] [--repeats 3]
+                            [--target-role owner,superuser] [--delay-ms 1] [--no-durable]
 
 For each source -> target pair and scenario:
 
@@ -16,8 +17,19 @@ For each source -> target pair and scenario:
 
 Scenarios (`--scale` multiplies the sizes):
 * bulk: 1,000,000 rows inserted in 100 transactions;
-* oltp: pgbench tpcb-like, 100,000 transactions (4 clients);
-* hot: 20,000 rows, each updated 25 times, one row per transaction (500,000 transactions).
+* oltp: pgbench tpcb-like at pgbench scale 10, 100,000 transactions (4 clients); oltp1: the same at
+  scale 1, where every transaction updates the same branch row (it folds far better than real
+  traffic);
+* hot: 20,000 rows, each updated 25 times, one row per transaction (500,000 transactions);
+* full: 50,000 one-row updates of a REPLICA IDENTITY FULL table (20,000 rows, an index on id):
+  what pgferry applies change by change.
+
+The servers run as production does (fsync and full_page_writes on; `--no-durable` turns them off).
+`--target-role`: pgferry's target role, `owner` (owns the target database only: no superuser, no
+SET on session_replication_role, as on a managed service) or `superuser`; a list times each on the
+same backlog. Native apply always runs as a superuser (CREATE SUBSCRIPTION). `--delay-ms D`: a
+proxy delays every byte D ms each way between pgferry and the target, and between native's apply
+worker and the source (bench/delayproxy.py): each consumer gets the same link to its remote server.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extras
 
+from bench.delayproxy import DelayProxy
 from replicator.servers import LocalServer, find_bindir
 from replicator.source import max_protocol_version
 from tests.pgplugin import Db, new_db, table_digest
@@ -50,6 +63,7 @@ PUB = "bench_pub"
 # nice 10, replicator/stream.py); a reader that does nothing gets the most from the walsender when it lets the
 # socket fill up (hot backlog: 3.5 s with 0.5 ms, 4.1-5.1 s with 0.1 ms).
 CEILING_PAUSE = 0.0005
+DURABLE = {"fsync": "on", "full_page_writes": "on"}  # as production runs (the test servers turn them off)
 
 
 @dataclass
@@ -75,6 +89,13 @@ def _hot_backlog(src: Db, scale: float) -> int:
     return n
 
 
+def _full_backlog(src: Db, scale: float) -> int:
+    n = max(1, int(50_000 * scale))
+    src.execute(f"DO $$ BEGIN FOR i IN 0..{n - 1} LOOP UPDATE fullid SET v = v + 1, t = 'u' || i "
+                f"WHERE id = i % 20000 + 1; COMMIT; END LOOP; END $$")
+    return n
+
+
 def _oltp_backlog(src: Db, scale: float) -> int:
     per_client = max(1, int(25_000 * scale))
     subprocess.run([PGBENCH, "-n", "-c", "4", "-j", "2", "-t", str(per_client), "-b", "tpcb-like", "-d", src.dsn],
@@ -82,26 +103,43 @@ def _oltp_backlog(src: Db, scale: float) -> int:
     return 4 * per_client * 4  # 3 updates and 1 insert per transaction
 
 
+PGBENCH_TABLES = {"pgbench_accounts": ["aid", "bid", "abalance", "filler"],
+                  "pgbench_branches": ["bid", "bbalance", "filler"],
+                  "pgbench_tellers": ["tid", "bid", "tbalance", "filler"],
+                  "pgbench_history": ["tid", "bid", "aid", "delta", "mtime", "filler"]}
 SCENARIOS = {
     "bulk": Scenario("bulk", "CREATE TABLE bulk (id bigint PRIMARY KEY, a int, b text, c timestamptz)",
                      {"bulk": ["id", "a", "b", "c"]}, _bulk_backlog),
-    "oltp": Scenario("oltp", "", {"pgbench_accounts": ["aid", "bid", "abalance", "filler"],
-                                  "pgbench_branches": ["bid", "bbalance", "filler"],
-                                  "pgbench_tellers": ["tid", "bid", "tbalance", "filler"],
-                                  "pgbench_history": ["tid", "bid", "aid", "delta", "mtime", "filler"]},
-                     _oltp_backlog),
+    "oltp": Scenario("oltp", "10", PGBENCH_TABLES, _oltp_backlog),  # schema: pgbench's scale
+    "oltp1": Scenario("oltp1", "1", PGBENCH_TABLES, _oltp_backlog),
     "hot": Scenario("hot", "CREATE TABLE hot (id int PRIMARY KEY, v int NOT NULL, t text);"
                            "INSERT INTO hot SELECT g, 0, 'start' FROM generate_series(1, 20000) g",
                     {"hot": ["id", "v", "t"]}, _hot_backlog),
+    "full": Scenario("full", "CREATE TABLE fullid (id int NOT NULL, v int NOT NULL, t text);"
+                             "CREATE INDEX ON fullid (id); ALTER TABLE fullid REPLICA IDENTITY FULL;"
+                             "INSERT INTO fullid SELECT g, 0, 'start' FROM generate_series(1, 20000) g",
+                     {"fullid": ["id", "v", "t"]}, _full_backlog),
 }
 
 
 def _prepare(db: Db, sc: Scenario) -> None:
-    if sc.name == "oltp":  # pgbench's initial data is deterministic: the same on every side
-        subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-d", db.dsn], check=True, capture_output=True)
+    if sc.name.startswith("oltp"):  # pgbench's initial data is deterministic: the same on every side
+        subprocess.run([PGBENCH, "-i", "-s", sc.schema, "-q", "-d", db.dsn], check=True, capture_output=True)
         db.execute("ALTER TABLE pgbench_history REPLICA IDENTITY FULL")
     else:
         db.psql(sc.schema)
+
+
+def _target_db(server: LocalServer, prefix: str, role: str) -> Db:
+    """A fresh target database; `role` owner: pgferry's role owns it and nothing else."""
+    db = new_db(server, prefix)
+    if role == "superuser":
+        return db
+    name = f"owner_{db.name}"
+    admin = Db(server, "postgres")
+    admin.execute(f"CREATE ROLE {name} LOGIN")
+    admin.execute(f"ALTER DATABASE {db.name} OWNER TO {name}")
+    return Db(server, db.name, user=name)
 
 
 def _confirmed(src: Db, slot: str) -> int:
@@ -125,6 +163,7 @@ WALSENDER: dict[str, float] = {}  # slot -> CPU s of its walsender when the run 
 
 
 def run_native(src: Db, dst: Db, end: int, timeout: float, slot: str = "bench_native") -> float:
+    """(`dst` holds the subscription: its connection to the source, through a delay proxy or not.)"""
     t = time.perf_counter()
     dst.execute("ALTER SUBSCRIPTION bench_sub ENABLE")
     done = _wait_confirmed(src, slot, end, timeout)
@@ -134,8 +173,10 @@ def run_native(src: Db, dst: Db, end: int, timeout: float, slot: str = "bench_na
 
 
 def run_pgferry(src: Db, dst: Db, end: int, timeout: float, extra: list[str],
-                profile: Path | None = None, slot: str = "bench_pgferry") -> tuple[float, int, float]:
-    cmd = [sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target", dst.dsn, "--no-copy",
+                profile: Path | None = None, slot: str = "bench_pgferry",
+                link: DelayProxy | None = None) -> tuple[float, int, float]:
+    target = link.dsn_for(dst.dsn) if link is not None else dst.dsn
+    cmd = [sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target", target, "--no-copy",
            "--slot", slot, "--publication", PUB, *extra]
     if profile is not None:
         cmd = ["py-spy", "record", "--rate", "250", "--format", "raw", "--output", str(profile), "--", *cmd]
@@ -233,28 +274,35 @@ def run_ceiling(src: Db, end: int, timeout: float, slot: str = "bench_ceiling") 
 
 
 def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, extra: list[str],
-                 profile: Path | None = None, repeats: int = 1, also: list[list[str]] | None = None) -> dict:
+                 profile: Path | None = None, repeats: int = 1, also: list[list[str]] | None = None,
+                 roles: tuple[str, ...] = ("owner",), delay_ms: float = 0.0) -> dict:
     """Time native, pgferry and the ceiling on one backlog, `repeats` times each, alternating
     (each run has its own slot, all created before the backlog, and its own target database).
-    `also`: more pgferry flag sets, timed the same way (consumers "also1", "also2"...)."""
+    `also`: more pgferry flag sets, timed the same way (consumers "also1", "also2"...); `roles`:
+    pgferry's target role (the first), then more roles timed the same way ("as-superuser"...);
+    `delay_ms`: one-way delay on each consumer's link to its remote server."""
     also = also or []
-    variants = {f"also{n + 1}": flags for n, flags in enumerate(also)}
+    variants = {f"also{n + 1}": (flags, roles[0]) for n, flags in enumerate(also)}
+    variants.update({f"as-{role}": (extra, role) for role in roles[1:]})
     src = new_db(s, "src")
     _prepare(src, sc)
     src.execute(f"CREATE PUBLICATION {PUB} FOR ALL TABLES")
+    to_source = DelayProxy(s.host, s.port, delay_ms) if delay_ms else None
+    to_target = DelayProxy(tgt.host, tgt.port, delay_ms) if delay_ms else None
     natives, ours = [], []
     theirs: dict[tuple[str, int], Db] = {}
     for i in range(repeats):
         for kind in ("native", "pgferry", "ceiling", *variants):
             src.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"bench_{kind}{i}",))
-        native, mine = new_db(tgt, "native"), new_db(tgt, "ours")
-        for kind in variants:
-            theirs[kind, i] = new_db(tgt, kind)
+        native, mine = new_db(tgt, "native"), _target_db(tgt, "ours", roles[0])
+        for kind, (_, role) in variants.items():
+            theirs[kind, i] = _target_db(tgt, kind.replace("-", "_"), role)
             _prepare(theirs[kind, i], sc)
         for db in (native, mine):
             _prepare(db, sc)
-        native.execute(f"CREATE SUBSCRIPTION bench_sub CONNECTION '{src.dsn}' PUBLICATION {PUB} WITH (enabled = false, "
-                       f"create_slot = false, slot_name = 'bench_native{i}', copy_data = false)")
+        conninfo = to_source.dsn_for(src.dsn) if to_source is not None else src.dsn
+        native.execute(f"CREATE SUBSCRIPTION bench_sub CONNECTION '{conninfo}' PUBLICATION {PUB} WITH ("
+                       f"enabled = false, create_slot = false, slot_name = 'bench_native{i}', copy_data = false)")
         natives.append(native)
         ours.append(mine)
     t = time.perf_counter()
@@ -268,25 +316,30 @@ def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, e
     rss, cpu = [], []
     for i in range(repeats):
         for db in (src, natives[i], ours[i]):
-            db.execute("CHECKPOINT")
+            db.as_superuser.execute("CHECKPOINT")
         times["native"].append(run_native(src, natives[i], end, timeout, f"bench_native{i}"))
         took, kb, secs = run_pgferry(src, ours[i], end, timeout, extra, profile if i == 0 else None,
-                                     f"bench_pgferry{i}")
+                                     f"bench_pgferry{i}", to_target)
         times["pgferry"].append(took)
         rss.append(kb)
         cpu.append(secs)
         times["ceiling"].append(run_ceiling(src, end, timeout, f"bench_ceiling{i}"))
-        for kind, flags in variants.items():
-            theirs[kind, i].execute("CHECKPOINT")
-            times[kind].append(run_pgferry(src, theirs[kind, i], end, timeout, flags, None, f"bench_{kind}{i}")[0])
+        for kind, (flags, _) in variants.items():
+            theirs[kind, i].as_superuser.execute("CHECKPOINT")
+            times[kind].append(run_pgferry(src, theirs[kind, i], end, timeout, flags, None, f"bench_{kind}{i}",
+                                           to_target)[0])
     same = all(table_digest(src, name, cols) == table_digest(db, name, cols)
                for name, cols in sc.tables.items() for db in (*natives, *ours, *theirs.values()))
     for i in range(repeats):
         natives[i].execute("DROP SUBSCRIPTION bench_sub")
         for kind in ("pgferry", "ceiling", *variants):
             src.execute("SELECT pg_drop_replication_slot(%s)", (f"bench_{kind}{i}",))
+    for proxy in (to_source, to_target):
+        if proxy is not None:
+            proxy.close()
     res = {"scenario": sc.name, "changes": changes, "wal": wal, "generate_s": gen, "repeats": repeats,
-           "also": {kind: " ".join(flags) for kind, flags in variants.items()},
+           "role": roles[0], "delay_ms": delay_ms,
+           "also": {kind: " ".join(flags) + f" (target role {role})" for kind, (flags, role) in variants.items()},
            "rss_mb": max(rss) / 1024, "cpu_s": statistics.median(cpu), "same": same, "times": times,
            "walsender": {kind: statistics.median(WALSENDER.get(f"bench_{kind}{i}", float("nan"))
                                                  for i in range(repeats)) for kind in times}}
@@ -370,24 +423,35 @@ def main() -> None:
                          "subscribed; prints each one's lag")
     ap.add_argument("--seconds", type=int, default=30)
     ap.add_argument("--profile", type=Path, help="run pgferry under py-spy; write profiles here and print top costs")
+    ap.add_argument("--target-role", default="owner",
+                    help="pgferry's target role: owner (owns the target database only) or superuser; a list "
+                         "(owner,superuser) times each on the same backlogs")
+    ap.add_argument("--delay-ms", type=float, default=0.0,
+                    help="one-way delay on pgferry's link to the target and native apply's link to the source")
+    ap.add_argument("--no-durable", action="store_true",
+                    help="servers with fsync and full_page_writes off (default: on, as production)")
     args = ap.parse_args()
+    roles = tuple(r.strip() for r in args.target_role.split(","))
+    if not roles or any(r not in ("owner", "superuser") for r in roles):
+        ap.error("--target-role: owner, superuser or both (comma-separated)")
+    durable = {} if args.no_durable else DURABLE
     pairs = [tuple(int(v) for v in p.split("-")) for p in args.pairs.split(",")]
     compile_pgferry()
     results = []
     if args.steady:
         _main_steady(pairs, args)
         return
-    with LocalServer(18, name="bench-tgt-") as tgt:
+    with LocalServer(18, name="bench-tgt-", settings=durable) as tgt:
         for sv, tv in pairs:
             assert tv == 18, "the target is PostgreSQL 18"
-            with LocalServer(sv, name=f"bench-src{sv}-") as s:
+            with LocalServer(sv, name=f"bench-src{sv}-", settings=durable) as s:
                 for name in args.scenarios.split(","):
                     profile = None
                     if args.profile is not None:
                         args.profile.mkdir(parents=True, exist_ok=True)
                         profile = args.profile / f"{sv}-{tv}-{name}.txt"
                     r = run_scenario(s, tgt, SCENARIOS[name], args.scale, args.pgferry_args.split(), profile,
-                                     args.repeats, [a.split() for a in args.also])
+                                     args.repeats, [a.split() for a in args.also], roles, args.delay_ms)
                     r["pair"] = f"{sv}->{tv}"
                     results.append(r)
                     _print_row(r, header=len(results) == 1)
@@ -418,6 +482,7 @@ def _main_steady(pairs: list[tuple[int, ...]], args: argparse.Namespace) -> None
 
 def _print_row(r: dict, header: bool) -> None:
     if header:
+        print(f"target role {r['role']}, link delay {r['delay_ms']:g} ms each way")
         print(f"{'pair':7} {'scenario':8} {'changes':>9} {'WAL':>8} {'native s':>9} {'pgferry s':>9} "
               f"{'ceiling s':>9} {'pgferry/native':>14} {'ceiling/pgferry':>15} {'rows/s':>9} {'RSS MB':>7} "
               f"{'CPU s':>6}")

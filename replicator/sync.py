@@ -376,18 +376,19 @@ class InitialSync:
         conns = CopyConnections(self.cfg, snapshot, [t.qualified for t in tables], self.tables_created)
         try:
             with ThreadPoolExecutor(max_workers=self.cfg.jobs, thread_name_prefix="copy") as pool:
-                futures = {pool.submit(copy_table, self.cfg, t, conns, snapshot_lsn, progress, wheres,
-                                       t.display not in split): t for t, wheres in parts}
-                for f in completed_or_cancel(futures):
-                    t = futures[f]
-                    if t.display in split:
-                        split[t.display] -= 1
-                        if split[t.display] > 0:
-                            continue
-                        mark_copied(self.cfg, t, snapshot_lsn)
-                        progress.table_done(t)
-                    if post is not None:  # its indexes build beside the copy of the others
-                        post.table_copied(t.schema, t.name, t.bytes)
+                for level in self._fk_levels(parts):
+                    futures = {pool.submit(copy_table, self.cfg, t, conns, snapshot_lsn, progress, wheres,
+                                           t.display not in split): t for t, wheres in level}
+                    for f in completed_or_cancel(futures):
+                        t = futures[f]
+                        if t.display in split:
+                            split[t.display] -= 1
+                            if split[t.display] > 0:
+                                continue
+                            mark_copied(self.cfg, t, snapshot_lsn)
+                            progress.table_done(t)
+                        if post is not None:  # its indexes build beside the copy of the others
+                            post.table_copied(t.schema, t.name, t.bytes)
         finally:
             ticker.set()
             conns.close()
@@ -395,6 +396,33 @@ class InitialSync:
         size = sum(sizes.values())
         log.info("copy: %d tables, %d rows, %.1f MB of source tables in %.1f s (%.1f MB/s)", len(tables),
                  progress.rows, size / 1e6, took, size / 1e6 / max(took, 1e-6))
+
+    def _fk_levels(self, parts: list[tuple[TableCopy, list[str]]]) -> list[list[tuple[TableCopy, list[str]]]]:
+        """`parts` in the order the target's foreign keys need: a table after the tables it
+        references. Only where the copy checks them (a --no-schema target kept with its foreign
+        keys, whose role may not set the replica role); else all at once."""
+        if holdback.replica_role_allowed(self.target):
+            return [parts]
+        cur = self.target.cursor()
+        cur.execute("""SELECT DISTINCT cn.nspname, c.relname, pn.nspname, p.relname FROM pg_constraint co
+            JOIN pg_class c ON c.oid = co.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+            JOIN pg_class p ON p.oid = co.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+            WHERE co.contype = 'f' AND co.conrelid <> co.confrelid""")
+        needs: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        for cs, cn, ps, pn in cur.fetchall():
+            needs.setdefault((cs, cn), set()).add((ps, pn))
+        self.target.rollback()
+        todo = {(t.schema, t.name) for t, _ in parts}
+        levels = []
+        while parts:
+            ready = [p for p in parts if not (needs.get((p[0].schema, p[0].name), set()) & todo)]
+            if not ready:  # a cycle of foreign keys: the rest together (the copy may then fail, named)
+                ready = parts
+            levels.append(ready)
+            todo -= {(t.schema, t.name) for t, _ in ready}
+            taken = {id(p) for p in ready}
+            parts = [p for p in parts if id(p) not in taken]
+        return levels
 
     def _finish(self, post: PostDataRun | None) -> None:
         # the sequences' values while the indexes build (they do not depend on each other)

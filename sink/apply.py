@@ -99,6 +99,11 @@ class Sink(ChangeByChange, Resolving):
         self._ins_meta: list[tuple[TargetTable, tuple, Lsn | None, int | None]] = []  # per row: for conflicts
         self._ins_xid: int | None = None
         self._ins_lsn: Lsn | None = None
+        # updates and deletes of the change-by-change path, sent together (direct.py: _flush_each)
+        self._each_sql: str | None = None
+        self._each: list[str] = []
+        self._each_meta: list[tuple] = []
+        self._each_bytes = 0
         self.replica_role = False
         self._session_ready = False  # the session settings are set and the state schema exists
         # net changes of the batch, applied set-based (on tables where nothing fires: no foreign-key
@@ -153,6 +158,8 @@ class Sink(ChangeByChange, Resolving):
                 self.conn.rollback()
             state.pgferry_session(cur)  # committed with the state below
             state.ensure_schema(cur, self.schema)
+            if state.ensure_apply_function(cur, self.schema):
+                self._each_sql = f"SELECT {state.quote_ident(self.schema)}.{state.APPLY_EACH}(%s::text[])"
         if initial is not None:
             state.init_progress(cur, self.schema, self.slot, initial, created_slot)
         stored = state.read_progress(cur, self.schema, self.slot)
@@ -247,6 +254,8 @@ class Sink(ChangeByChange, Resolving):
                 return
             self._flush_net()  # what is pending comes first: source order
         if t is Insert:
+            if self._each:
+                self._flush_each()  # the updates and deletes before it come first
             head, template, params = table.insert(msg.new)  # type: ignore[union-attr]
             if head is not self._ins_head or len(self._ins_rows) >= INSERT_ROWS:
                 self._flush_inserts()
@@ -267,10 +276,15 @@ class Sink(ChangeByChange, Resolving):
             sql, params = table.delete(msg.old)  # type: ignore[union-attr]
             row = ident = msg.old  # type: ignore[union-attr]
         self._current = table.display
-        if self._execute_change(table, sql, params, row) == 0:
-            self._precise = True
-            self.missing(table, "update_missing" if t is Update else "delete_missing",
-                         [(tuple(ident[i] for i in table.key), [t, row, self._commit_lsn, self._xid])])
+        kind = "update_missing" if t is Update else "delete_missing"
+        key = tuple(ident[i] for i in table.key)
+        if self._can_buffer(table, kind):  # sent with the next ones, one round trip for many
+            self._buffer_change(table, kind, sql, params, key, [t, row, self._commit_lsn, self._xid], row)
+        else:
+            self._flush_each()
+            if self._execute_change(table, sql, params, row) == 0:
+                self._precise = True
+                self.missing(table, kind, [(key, [t, row, self._commit_lsn, self._xid])])
         self.rows_applied += 1
         self._batch_rows += 1
         self._batch_bytes += sum(len(p) for p in params if type(p) is str)
@@ -307,7 +321,7 @@ class Sink(ChangeByChange, Resolving):
         """Write the pending net changes (after any buffered direct inserts, which came first);
         `wait=False`: in the background (the next use of the connection waits for it)."""
         self._join()
-        self._flush_inserts()
+        self._flush_direct()
         net, self.net = self.net, NetBatch()
         self._net_rows = self._net_bytes = 0
         if wait:
@@ -412,7 +426,7 @@ class Sink(ChangeByChange, Resolving):
                 self._batch_started = None
             return
         assert self._xid is None, "flush inside a source transaction"
-        self._flush_inserts()  # statements already sent in this batch stay on this thread
+        self._flush_direct()  # statements already sent in this batch stay on this thread
         args = (self.net, self._net_lsn, self._net_xid, self._batch_end, self._batch_time, self._batch_rows)
         self.net = NetBatch()
         self._batch_rows = self._batch_bytes = self._net_rows = self._net_bytes = 0
@@ -471,6 +485,7 @@ class Sink(ChangeByChange, Resolving):
             pass
         self._ins_rows = []
         self._ins_meta = []
+        self._each, self._each_meta, self._each_bytes = [], [], 0
         self.net = NetBatch()
         self._net_rows = self._net_bytes = 0
         try:

@@ -20,6 +20,8 @@ from .netbatch import INS, existing_rows
 from .relations import TargetTable
 
 INSERT_ROWS = 1000  # rows per multi-row INSERT
+EACH_STATEMENTS = 1000  # buffered UPDATE/DELETE statements per round trip (state.APPLY_EACH)...
+EACH_BYTES = 4 << 20  # ...or this much SQL text
 
 # Connection-level failures: the stream loop reconnects and resumes from the stored progress.
 RETRYABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.errors.SerializationFailure,
@@ -49,8 +51,84 @@ class ChangeByChange:
     _current: str | None
     _commit_lsn: Lsn | None
     _xid: int | None
+    _each_sql: str | None  # `SELECT <state>.apply_each_v1(%s::text[])`, or None: one round trip each
+    # buffered UPDATE/DELETE statements (values inlined) and, per statement, what a conflict names:
+    # (table, kind, key, [message type, row, lsn, xid], sql, params, row for apply_error)
+    _each: list[str]
+    _each_meta: list[tuple[TargetTable, str, tuple, list[Any], str, list[Any], Any]]
+    _each_bytes: int
 
     # (no method stubs here: in Sink's MRO they would shadow the real ones from Sink and Resolving)
+
+    def _can_buffer(self, table: TargetTable, kind: str) -> bool:
+        """May this UPDATE/DELETE wait in the buffer? Only where nothing but its own row count
+        matters in between: no hook, apply_error stops, and a row not found is skipped or stops
+        (an `overwrite` insert would have to come before the statements after it)."""
+        if self._each_sql is None or self.policies.hook is not None:
+            return False
+        policy = self.policies.for_table(table.name)
+        return policy.apply_error == "error" and policy.for_kind(kind) in ("skip", "error")
+
+    def _buffer_change(self, table: TargetTable, kind: str, sql: str, params: list[Any], key: tuple,
+                       entry: list[Any], row: Any) -> None:
+        """Queue one UPDATE/DELETE of the change-by-change path; sent with the others in one
+        round trip (`_flush_each`) before anything else touches the target."""
+        text = self.cur.mogrify(sql, params).decode()
+        self._each.append(text)
+        self._each_meta.append((table, kind, key, entry, sql, params, row))
+        self._each_bytes += len(text)
+        if len(self._each) >= EACH_STATEMENTS or self._each_bytes >= EACH_BYTES:
+            self._flush_each()
+
+    def _flush_each(self) -> None:
+        """Run the buffered statements in order, in one round trip per EACH_STATEMENTS; rows they
+        did not find go to the conflict policies. A statement the target rejects is run on its own
+        after the ones before it, so the error names its change exactly."""
+        if not self._each:
+            return
+        self._join()
+        texts, self._each = self._each, []
+        meta, self._each_meta = self._each_meta, []
+        self._each_bytes = 0
+        done = 0
+        while done < len(texts):
+            chunk = texts[done:done + EACH_STATEMENTS]
+            counts = self._run_each(chunk)
+            if len(counts) < len(chunk):  # chunk[len(counts)] failed; the ones before were undone
+                ok = len(counts)
+                if ok:
+                    counts = self._run_each(chunk[:ok])
+                    assert len(counts) == ok, "statements that ran before failed on their re-run"
+                self._missing_each(meta[done:done + ok], counts)
+                table, _, _, entry, sql, params, row = meta[done + ok]
+                self._current = table.display
+                touched = self._execute_change(table, sql, params, row, entry[2], entry[3])  # raises
+                if touched == 0:
+                    self._missing_each([meta[done + ok]], [0])
+                done += ok + 1
+                continue
+            self._missing_each(meta[done:done + len(chunk)], counts)
+            done += len(chunk)
+
+    def _run_each(self, texts: list[str]) -> list[int]:
+        try:
+            self.cur.execute(self._each_sql, (texts,))
+            return self.cur.fetchone()[0] or []  # type: ignore[no-any-return]
+        except RETRYABLE:
+            raise
+        except psycopg2.Error as exc:  # the call itself failed (the function was dropped?)
+            raise self._apply_error(exc) from None
+
+    def _missing_each(self, meta: list[tuple], counts: list[int]) -> None:
+        for (table, kind, key, entry, *_), n in zip(meta, counts, strict=True):
+            if n == 0:
+                self._precise = True
+                self.missing(table, kind, [(key, entry)])
+
+    def _flush_direct(self) -> None:
+        """Send whatever the change-by-change path holds (a buffer at a time is ever non-empty)."""
+        self._flush_each()
+        self._flush_inserts()
 
     def _flush_inserts(self) -> None:
         """Send the buffered run of inserts (same table and columns) as one multi-row INSERT.
@@ -100,10 +178,14 @@ class ChangeByChange:
             return
         self.cur.execute("RELEASE SAVEPOINT pgferry_row")
 
-    def _execute_change(self, table: TargetTable, sql: str, params: list[Any], row: Any) -> int | None:
+    def _execute_change(self, table: TargetTable, sql: str, params: list[Any], row: Any, lsn: Lsn | None = None,
+                        xid: int | None = None) -> int | None:
         """One UPDATE or DELETE (change-by-change path): the rows it touched, or None when the
-        target rejected it and the apply_error policy skipped it."""
+        target rejected it and the apply_error policy skipped it. `lsn`, `xid`: of its
+        transaction when it is not the open one (a buffered statement)."""
         self._join()
+        if lsn is None:
+            lsn, xid = self._commit_lsn, self._xid
         guard = self._exact and (self.policies.hook is not None or
                                  self.policies.for_table(table.name).apply_error != "error")
         try:
@@ -120,9 +202,9 @@ class ChangeByChange:
             if guard:
                 self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_row")
                 self._precise = True
-                if self.apply_error(table, row, self._commit_lsn, self._xid, first_line_of(exc)):
+                if self.apply_error(table, row, lsn, xid, first_line_of(exc)):
                     return None
-            raise self._apply_error(exc) from None
+            raise self._apply_error(exc, lsn, xid) from None
 
     def _execute(self, sql: str, params: list[Any]) -> None:
         self._join()

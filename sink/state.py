@@ -151,6 +151,44 @@ def ensure_schema(cur: Any, schema: str) -> None:
         PRIMARY KEY (slot_name, schema_name, table_name))""")
 
 
+# The change-by-change path's statements (UPDATE/DELETE with their values inlined) run in ONE round
+# trip: this function executes them in order and returns each one's row count. On an error it
+# returns the counts of those before the failing one, whose effects the block's subtransaction
+# undid; the caller re-runs those and names the failing change itself (sink/direct.py).
+APPLY_EACH = "apply_each_v1"
+
+
+def ensure_apply_function(cur: Any, schema: str) -> bool:
+    """Create `<schema>.apply_each_v1(text[])` if missing. False when the role may not (the caller
+    then sends one statement per round trip). Runs in a savepoint of the caller's transaction."""
+    s = quote_ident(schema)
+    cur.execute("SELECT to_regprocedure(%s) IS NOT NULL", (f"{s}.{APPLY_EACH}(text[])",))
+    if cur.fetchone()[0]:
+        return True
+    cur.execute("SAVEPOINT pgferry_fn")
+    try:
+        cur.execute(f"""CREATE FUNCTION {s}.{APPLY_EACH}(statements text[]) RETURNS int[] LANGUAGE plpgsql AS $$
+DECLARE
+    counts int[] := '{{}}';
+    n int;
+    q text;
+BEGIN
+    FOREACH q IN ARRAY statements LOOP
+        EXECUTE q;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        counts := counts || n;
+    END LOOP;
+    RETURN counts;
+EXCEPTION WHEN OTHERS THEN
+    RETURN counts;
+END $$""")
+    except Exception:  # no plpgsql, no CREATE on the schema: one round trip per statement
+        cur.execute("ROLLBACK TO SAVEPOINT pgferry_fn")
+        return False
+    cur.execute("RELEASE SAVEPOINT pgferry_fn")
+    return True
+
+
 def read_progress(cur: Any, schema: str, slot: str) -> Lsn | None:
     """The stored progress for `slot`, or None when pgferry never streamed it into this target."""
     cur.execute(f"SELECT applied_lsn::text FROM {quote_ident(schema)}.progress WHERE slot_name = %s", (slot,))
