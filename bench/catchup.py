@@ -74,9 +74,14 @@ class Scenario:
     backlog: Callable[[Db, float], int]  # writes the backlog; returns its row changes
 
 
+# The backlog is written with asynchronous commits: the same WAL, without one flush per source
+# transaction (500,000 of them would take many minutes on a durable server). Not timed.
+QUICK_COMMITS = "PERFORM set_config('synchronous_commit', 'off', false);"
+
+
 def _bulk_backlog(src: Db, scale: float) -> int:
     txns, per = max(1, int(100 * scale)), 10_000
-    src.execute(f"""DO $$ BEGIN FOR k IN 0..{txns - 1} LOOP
+    src.execute(f"""DO $$ BEGIN {QUICK_COMMITS} FOR k IN 0..{txns - 1} LOOP
         INSERT INTO bulk SELECT g, g % 1000, md5(g::text), '2026-01-01'::timestamptz + g * interval '1 s'
         FROM generate_series(k * {per} + 1, (k + 1) * {per}) g; COMMIT; END LOOP; END $$""")
     return txns * per
@@ -84,14 +89,14 @@ def _bulk_backlog(src: Db, scale: float) -> int:
 
 def _hot_backlog(src: Db, scale: float) -> int:
     n = max(1, int(500_000 * scale))
-    src.execute(f"DO $$ BEGIN FOR i IN 0..{n - 1} LOOP UPDATE hot SET v = v + 1, t = 'u' || i "
+    src.execute(f"DO $$ BEGIN {QUICK_COMMITS} FOR i IN 0..{n - 1} LOOP UPDATE hot SET v = v + 1, t = 'u' || i "
                 f"WHERE id = i % 20000 + 1; COMMIT; END LOOP; END $$")
     return n
 
 
 def _full_backlog(src: Db, scale: float) -> int:
     n = max(1, int(50_000 * scale))
-    src.execute(f"DO $$ BEGIN FOR i IN 0..{n - 1} LOOP UPDATE fullid SET v = v + 1, t = 'u' || i "
+    src.execute(f"DO $$ BEGIN {QUICK_COMMITS} FOR i IN 0..{n - 1} LOOP UPDATE fullid SET v = v + 1, t = 'u' || i "
                 f"WHERE id = i % 20000 + 1; COMMIT; END LOOP; END $$")
     return n
 
@@ -99,7 +104,7 @@ def _full_backlog(src: Db, scale: float) -> int:
 def _oltp_backlog(src: Db, scale: float) -> int:
     per_client = max(1, int(25_000 * scale))
     subprocess.run([PGBENCH, "-n", "-c", "4", "-j", "2", "-t", str(per_client), "-b", "tpcb-like", "-d", src.dsn],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env={**os.environ, "PGOPTIONS": "-c synchronous_commit=off"})
     return 4 * per_client * 4  # 3 updates and 1 insert per transaction
 
 
@@ -279,11 +284,11 @@ def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, e
     """Time native, pgferry and the ceiling on one backlog, `repeats` times each, alternating
     (each run has its own slot, all created before the backlog, and its own target database).
     `also`: more pgferry flag sets, timed the same way (consumers "also1", "also2"...); `roles`:
-    pgferry's target role (the first), then more roles timed the same way ("as-superuser"...);
+    pgferry's target role (the first), then more roles timed the same way ("as_superuser"...);
     `delay_ms`: one-way delay on each consumer's link to its remote server."""
     also = also or []
     variants = {f"also{n + 1}": (flags, roles[0]) for n, flags in enumerate(also)}
-    variants.update({f"as-{role}": (extra, role) for role in roles[1:]})
+    variants.update({f"as_{role}": (extra, role) for role in roles[1:]})
     src = new_db(s, "src")
     _prepare(src, sc)
     src.execute(f"CREATE PUBLICATION {PUB} FOR ALL TABLES")
@@ -296,7 +301,7 @@ def run_scenario(s: LocalServer, tgt: LocalServer, sc: Scenario, scale: float, e
             src.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"bench_{kind}{i}",))
         native, mine = new_db(tgt, "native"), _target_db(tgt, "ours", roles[0])
         for kind, (_, role) in variants.items():
-            theirs[kind, i] = _target_db(tgt, kind.replace("-", "_"), role)
+            theirs[kind, i] = _target_db(tgt, kind, role)
             _prepare(theirs[kind, i], sc)
         for db in (native, mine):
             _prepare(db, sc)
