@@ -88,6 +88,7 @@ class TargetTable:
     # What fires on it during apply (without the replica role: see FIRING), as "kind name": its
     # changes are then applied one by one, in source order, like a trigger or foreign key expects.
     fires: list[str] = field(default_factory=list)
+    partitioned: bool = True  # the target table is partitioned (False: a plain table)
     _sql: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -240,9 +241,15 @@ class TargetTable:
                 conds.append(f"{self.names[i]} = %s")
                 params.append(v)
         inner = " AND ".join(conds) or "true"
-        # (tableoid, ctid): a ctid alone is not unique across the partitions of a partitioned table.
-        return (f"(tableoid, ctid) = (SELECT tableoid, ctid FROM {self.qualified} WHERE {inner} LIMIT 1)",
-                params)
+        if self.partitioned:
+            # (tableoid, ctid): a ctid alone is not unique across the partitions of a partitioned table.
+            return (f"(tableoid, ctid) = (SELECT tableoid, ctid FROM {self.qualified} WHERE {inner} LIMIT 1)",
+                    params)
+        # A plain table: `ctid = (...)` is a TID scan; the row comparison above was a sequential scan
+        # per change. tableoid keeps inheritance children out.
+        me = "'" + self.qualified.replace("'", "''") + "'::regclass"
+        return (f"ctid = (SELECT ctid FROM {self.qualified} WHERE tableoid = {me} AND {inner} LIMIT 1) "
+                f"AND tableoid = {me}", params)
 
 
 def map_relation(cur: Any, rel: Relation, check_fires: bool = False) -> TargetTable:
@@ -265,6 +272,7 @@ def map_relation(cur: Any, rel: Relation, check_fires: bool = False) -> TargetTa
         rel=rel,
         qualified=qualified,
         fires=fires,
+        partitioned=rows[0][4] == "p",
         names=[quote_ident(c.name) for c in rel.columns],
         writable=[not target[c.name][0] for c in rel.columns],
         settable=[not target[c.name][0] and not target[c.name][2] for c in rel.columns],
