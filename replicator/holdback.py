@@ -73,7 +73,8 @@ class Held:
     was_valid: bool = True  # a foreign key valid where it came from (else it stays NOT VALID)
 
 
-def _unquote(ident: str) -> str:
+def unquote(ident: str) -> str:
+    """A name as pg_dump prints it (quoted when it must be) -> the name."""
     return ident[1:-1].replace('""', '"') if ident.startswith('"') else ident
 
 
@@ -82,7 +83,7 @@ def from_post_data(pg_dump_type: str, statement: str, header_name: str) -> Held:
     kind = POST_DATA_TYPES[pg_dump_type]
     definition = statement.strip().rstrip(";").rstrip()
     m = _PARSE[kind].match(definition)
-    table, name = (m.group("table"), _unquote(m.group("name"))) if m else ("", header_name)
+    table, name = (m.group("table"), unquote(m.group("name"))) if m else ("", header_name)
     valid = not (kind == FOREIGN_KEY and definition.endswith("NOT VALID"))
     return Held(kind, table, name, definition, valid)
 
@@ -146,11 +147,12 @@ def migrated_tables(src: Any, publication: str, only: list[str] | None) -> list[
     with src.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,))
         exists = cur.fetchone() is not None
-        cur.execute("""SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-              AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
-            ORDER BY 1, 2""")
-        every = cur.fetchall()
+        if not exists:
+            cur.execute("""SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+                  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
+                ORDER BY 1, 2""")
+            every = cur.fetchall()
     src.rollback()
     if exists:
         tables = published_tables(src, publication)

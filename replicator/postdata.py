@@ -39,7 +39,7 @@ from sink.state import quote_ident
 
 from . import holdback
 from .errors import PgferryError, first_line
-from .holdback import POST_DATA_TYPES, Held, from_post_data
+from .holdback import POST_DATA_TYPES, Held, from_post_data, unquote
 from .pgtools import drop_unknown_settings
 from .source import ThreadConnections, completed_or_cancel, connect, describe_dsn
 
@@ -129,11 +129,9 @@ def table_key(name: str) -> tuple[str, str] | None:
     m = re.fullmatch(rf"({_IDENT})\.({_IDENT})", name)
     if m is None:
         return None
-    return (_unquote(m.group(1)), _unquote(m.group(2)))
+    return (unquote(m.group(1)), unquote(m.group(2)))
 
 
-def _unquote(ident: str) -> str:
-    return ident[1:-1].replace('""', '"') if ident.startswith('"') else ident
 
 
 class PostDataRun:
