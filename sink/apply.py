@@ -101,9 +101,9 @@ class Sink(ChangeByChange, Resolving):
         self._ins_lsn: Lsn | None = None
         # updates and deletes of the change-by-change path, sent together (direct.py: _flush_each)
         self._each_sql: str | None = None
-        self._each: list[str] = []
         self._each_meta: list[tuple] = []
         self._each_bytes = 0
+        self._prepared_count = 0
         self.replica_role = False
         self._session_ready = False  # the session settings are set and the state schema exists
         # net changes of the batch, applied set-based (on tables where nothing fires: no foreign-key
@@ -252,9 +252,10 @@ class Sink(ChangeByChange, Resolving):
                     size = sum(len(v) for v in row if type(v) is str)
                 self._folded(size)
                 return
-            self._flush_net()  # what is pending comes first: source order
+            if self.net:
+                self._flush_net()  # what is pending comes first: source order
         if t is Insert:
-            if self._each:
+            if self._each_meta:
                 self._flush_each()  # the updates and deletes before it come first
             head, template, params = table.insert(msg.new)  # type: ignore[union-attr]
             if head is not self._ins_head or len(self._ins_rows) >= INSERT_ROWS:
@@ -485,7 +486,7 @@ class Sink(ChangeByChange, Resolving):
             pass
         self._ins_rows = []
         self._ins_meta = []
-        self._each, self._each_meta, self._each_bytes = [], [], 0
+        self._each_meta, self._each_bytes = [], 0
         self.net = NetBatch()
         self._net_rows = self._net_bytes = 0
         try:

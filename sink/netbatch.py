@@ -45,7 +45,8 @@ class NetBatch:
         self.current = ""  # the table being written (named when a statement fails)
 
     def __bool__(self) -> bool:
-        return bool(self.tables)
+        """Any row pending (a table is entered before its first row is known to fold)."""
+        return any(rows for _, rows in self.tables.values())
 
     def add(self, table: TargetTable, msg: Insert | Update | Delete, lsn: Any = None, xid: int | None = None) -> bool:
         """Fold one change in; False when it cannot be folded (apply it on its own, in order).
@@ -55,15 +56,15 @@ class NetBatch:
         if k0 == -3:
             return False  # something fires on it: applied on its own, in order
         t = type(msg)
+        if k0 == -2 and t is not Insert:  # no key, or FULL identity: found by comparing whole rows,
+            return False  # applied on its own, after what is pending (nothing added: the batch may be empty)
         entry = self.tables.get(table.oid)
-        if entry is None:
+        if entry is None or (entry[0] is not table and not entry[1]):
             entry = self.tables[table.oid] = (table, {})
         elif entry[0] is not table:
             return False  # redescribed since its rows were added: the caller writes those out first
         rows = entry[1]
-        if k0 == -2:  # no key, or FULL identity
-            if t is not Insert:
-                return False  # found by comparing whole rows: applied on its own, after what is pending
+        if k0 == -2:
             rows[(len(self._appended),)] = [APPEND, msg.new, lsn, xid]  # type: ignore[union-attr]
             self._appended.append(None)
             return True

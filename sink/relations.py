@@ -90,6 +90,9 @@ class TargetTable:
     fires: list[str] = field(default_factory=list)
     partitioned: bool = True  # the target table is partitioned (False: a plain table)
     _sql: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    # statement text -> its name as prepared on the sink's connection, "" if it could not be
+    # (direct.py: _prepare); the sink maps its tables per connection
+    prepared: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.name = f"{self.rel.namespace}.{self.rel.name}"  # as `display`, computed once (metrics labels)

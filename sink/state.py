@@ -9,10 +9,13 @@ progress row agree, and the stream restarts from there.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 from decoder import Lsn
+
+log = logging.getLogger("pgferry.sink")
 
 DEFAULT_SCHEMA = "pgferry"
 
@@ -155,12 +158,15 @@ def ensure_schema(cur: Any, schema: str) -> None:
 # trip: this function executes them in order and returns each one's row count. On an error it
 # returns the counts of those before the failing one, whose effects the block's subtransaction
 # undid; the caller re-runs those and names the failing change itself (sink/direct.py).
-APPLY_EACH = "apply_each_v1"
+APPLY_EACH = "apply_each_v2"
 
 
 def ensure_apply_function(cur: Any, schema: str) -> bool:
-    """Create `<schema>.apply_each_v1(text[])` if missing. False when the role may not (the caller
-    then sends one statement per round trip). Runs in a savepoint of the caller's transaction."""
+    """Create `<schema>.apply_each_v2(text[])` if missing: it runs statements that each return one
+    row when they touched one (`RETURNING 1`, or `EXECUTE` of a statement prepared so) and returns
+    1 or 0 per statement; on an error, the counts of those before it (the caller re-runs them).
+    False when the role may not (the caller then sends one statement per round trip). Runs in a
+    savepoint of the caller's transaction."""
     s = quote_ident(schema)
     cur.execute("SELECT to_regprocedure(%s) IS NOT NULL", (f"{s}.{APPLY_EACH}(text[])",))
     if cur.fetchone()[0]:
@@ -174,15 +180,17 @@ DECLARE
     q text;
 BEGIN
     FOREACH q IN ARRAY statements LOOP
-        EXECUTE q;
-        GET DIAGNOSTICS n = ROW_COUNT;
-        counts := counts || n;
+        n := NULL;
+        EXECUTE q INTO n;
+        counts := counts || coalesce(n, 0);
     END LOOP;
     RETURN counts;
 EXCEPTION WHEN OTHERS THEN
     RETURN counts;
 END $$""")
     except Exception:  # no plpgsql, no CREATE on the schema: one round trip per statement
+        log.warning("cannot create %s.%s on the target (%s): updates and deletes that go change by change "
+                    "take one round trip each", schema, APPLY_EACH, "no plpgsql or no CREATE on the schema")
         cur.execute("ROLLBACK TO SAVEPOINT pgferry_fn")
         return False
     cur.execute("RELEASE SAVEPOINT pgferry_fn")

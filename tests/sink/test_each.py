@@ -41,7 +41,7 @@ def test_full_identity_updates_and_deletes_in_order_with_rows_not_found(role_pai
     kinds = sorted(k for (k,) in dst.execute("SELECT kind FROM pgferry.conflicts"))
     # ids 7 and 8 in the first update, 7 again, and the delete of 8
     assert kinds == ["delete_missing", "update_missing", "update_missing", "update_missing"], kinds
-    assert dst.execute("SELECT to_regprocedure('pgferry.apply_each_v1(text[])') IS NOT NULL")[0][0]
+    assert dst.execute("SELECT to_regprocedure('pgferry.apply_each_v2(text[])') IS NOT NULL")[0][0]
     assert d.stop() == 0
 
 
