@@ -29,29 +29,33 @@ from tests.pgplugin import new_db
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _one(src_server: LocalServer, tgt: LocalServer, scale: int, role: str) -> dict:
+def _one(src_server: LocalServer, tgt: LocalServer, scale: int, role: str, run: int) -> dict:
     src = new_db(src_server, "src")
+    conn = ["--source", src.dsn, "--target", None, "--slot", f"hb_{role}_{run}"]  # slots are per cluster
     subprocess.run([PGBENCH, "-i", "-s", str(scale), "-q", "--foreign-keys", "-d", src.dsn], check=True,
                    capture_output=True)
     dst = _target_db(tgt, "dst", role)
+    conn[3] = dst.dsn
     with tempfile.TemporaryDirectory() as tmp:
         log = open(Path(tmp) / "daemon.log", "w")
-        d = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", "--source", src.dsn, "--target",
-                              dst.dsn], cwd=ROOT, stdout=log, stderr=log)
+        d = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", *conn], cwd=ROOT, stdout=log,
+                             stderr=log)
         deadline = time.monotonic() + 600
         while True:
-            r = subprocess.run([sys.executable, "-m", "replicator.cli", "status", "--json", "--source", src.dsn,
-                                "--target", dst.dsn], cwd=ROOT, capture_output=True, text=True)
+            r = subprocess.run([sys.executable, "-m", "replicator.cli", "status", "--json", *conn], cwd=ROOT,
+                               capture_output=True, text=True)
             if r.returncode == 0 and json.loads(r.stdout)["phase"] == "streaming":
                 break
             if d.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(Path(log.name).read_text()[-3000:])
             time.sleep(0.2)
-        r = subprocess.run([sys.executable, "-m", "replicator.cli", "cutover", "--verify", "count", "--source",
-                            src.dsn, "--target", dst.dsn], cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "replicator.cli", "cutover", "--verify", "count", *conn],
+                           cwd=ROOT, capture_output=True, text=True)
         d.wait(60)
         if r.returncode != 0:
             raise RuntimeError(r.stderr[-3000:])
+        subprocess.run([sys.executable, "-m", "replicator.cli", "cleanup", *conn], cwd=ROOT, check=True,
+                       capture_output=True)  # the slot would hold the next runs' WAL
     receipt = json.loads(r.stdout)
     return {"downtime": receipt["write_downtime_s"], "created": receipt.get("held_back_created_s", 0.0),
             "validated": receipt.get("constraints_validated_s", 0.0),
@@ -66,9 +70,9 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"owner": [], "superuser": []}
     with LocalServer(15, name="hb-src-", settings=DURABLE) as s, LocalServer(18, name="hb-tgt-",
                                                                               settings=DURABLE) as t:
-        for _ in range(args.repeats):
+        for run in range(args.repeats):
             for role in runs:  # side by side, alternating
-                runs[role].append(_one(s, t, args.scale, role))
+                runs[role].append(_one(s, t, args.scale, role, run))
     print(f"pgbench scale {args.scale} with foreign keys, 15 -> 18, cutover --verify count, {args.repeats} runs "
           "(medians; runs in brackets)")
     for role, rs in runs.items():
