@@ -58,7 +58,8 @@ CROSS JOIN LATERAL (
     SELECT 'rule', rulename::text FROM pg_rewrite
     WHERE ev_class = p.relid AND rulename <> '_RETURN' AND ev_enabled IN ('O', 'A')
     UNION ALL
-    SELECT 'foreign key', conname::text FROM pg_constraint
+    SELECT 'foreign key', CASE WHEN conrelid = p.relid THEN conname::text
+                               ELSE conname || ' of ' || conrelid::regclass::text END FROM pg_constraint
     WHERE contype = 'f' AND conparentid = 0 AND (conrelid = p.relid OR confrelid = p.relid)
 ) AS x(kind, name)
 ORDER BY 1, 2, 3
@@ -67,7 +68,8 @@ ORDER BY 1, 2, 3
 
 def firing(cur: Any, tables: list[str]) -> list[tuple[str, str, str]]:
     """(table, kind, name) of what fires during apply without the replica role (see FIRING);
-    `tables`: names as SQL (`public.t`, `"My S"."T"`); tables that do not exist are left out."""
+    `tables`: names as SQL (`public.t`, `"My S"."T"`); tables that do not exist are left out. A
+    foreign key fires on both its tables: on the referenced one its name reads `fk of child`."""
     cur.execute(FIRING, (tables,))
     return [tuple(r) for r in cur.fetchall()]  # type: ignore[misc]
 
