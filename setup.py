@@ -1,6 +1,6 @@
 """Only for the optional C accelerators: the decoder's (decoder/_cdecode.c) and the batch fold's
-(sink/_cfold.c), which share decoder/_tupledata.h, and the initial copy's pump (replicator/_cpump.c,
-which needs no libpq headers: it is handed psycopg2's libpq at run time, see replicator/libpq.py).
+(sink/_cfold.c), which share decoder/_tupledata.h, and the initial copy's pump (replicator/sync/_cpump.c,
+which needs no libpq headers: it is handed psycopg2's libpq at run time, see replicator/sync/libpq.py).
 
 Everything else is in pyproject.toml. `optional=True`: without a C compiler or Python headers the
 install still succeeds and pgferry uses the pure-Python parser and psql for the copy (same
@@ -14,6 +14,6 @@ setup(ext_modules=[
               extra_compile_args=["-O2"]),
     Extension("sink._cfold", ["sink/_cfold.c"], include_dirs=["decoder"], depends=["decoder/_tupledata.h"],
               optional=True, extra_compile_args=["-O2"]),
-    Extension("replicator._cpump", ["replicator/_cpump.c"], depends=["replicator/_libpq.h"], optional=True,
-              extra_compile_args=["-O2"]),
+    Extension("replicator.sync._cpump", ["replicator/sync/_cpump.c"], depends=["replicator/sync/_libpq.h"],
+              optional=True, extra_compile_args=["-O2"]),
 ])

@@ -25,9 +25,9 @@ import psycopg2.extras
 
 from bench.catchup import PUB, SCENARIOS, _prepare
 from decoder import Begin, Commit, Delete, Insert, Lsn, PgOutputDecoder, Relation, Update
-from replicator.servers import LocalServer
+from replicator.local.servers import LocalServer
 from replicator.source import max_protocol_version
-from replicator.stream import CHANGE_TAGS, tune_gc
+from replicator.stream.session import CHANGE_TAGS, tune_gc
 from sink.apply import BatchLimits, Sink
 from tests.pgplugin import Db, new_db, table_digest
 

@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 from decoder import Lsn
-from replicator.servers import LocalServer
+from replicator.local.servers import LocalServer
 from tests.rawrepl import RawReplication
 
 OUT = Path(__file__).parent / "data" / "stream-pg18.bin.gz"

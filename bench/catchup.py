@@ -52,7 +52,7 @@ import psycopg2
 import psycopg2.extras
 
 from bench.delayproxy import DelayProxy
-from replicator.servers import LocalServer, find_bindir
+from replicator.local.servers import LocalServer, find_bindir
 from replicator.source import max_protocol_version
 from tests.pgplugin import Db, new_db, table_digest
 
@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PGBENCH = str(find_bindir(18) / "pgbench")
 PUB = "bench_pub"
 # The discarding reader's pause when the socket drains. pgferry pauses no more (at its default
-# nice 10, replicator/stream.py); a reader that does nothing gets the most from the walsender when it lets the
+# nice 10, replicator/stream/session.py); a reader that does nothing gets the most from the walsender when it lets the
 # socket fill up (hot backlog: 3.5 s with 0.5 ms, 4.1-5.1 s with 0.1 ms).
 CEILING_PAUSE = 0.0005
 DURABLE = {"fsync": "on", "full_page_writes": "on"}  # as production runs (the test servers turn them off)

@@ -28,8 +28,9 @@ import statistics
 import subprocess
 import time
 
-from replicator.servers import LocalServer, find_bindir
-from replicator.sync import InitialSync, SyncConfig, find_pg_dump
+from replicator.local.servers import LocalServer, find_bindir
+from replicator.sync import InitialSync, SyncConfig
+from replicator.sync.pgtools import find_pg_dump
 from tests.pgplugin import Db, new_db
 from tests.replicator.test_sync import TYPED
 

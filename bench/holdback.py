@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench.catchup import DURABLE, PGBENCH, _target_db
-from replicator.servers import LocalServer
+from replicator.local.servers import LocalServer
 from tests.pgplugin import new_db
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -120,7 +120,7 @@ def ensure_schema(cur: Any, schema: str) -> None:
         requested_at timestamptz NOT NULL DEFAULT now(),
         done_at timestamptz,
         PRIMARY KEY (slot_name, lsn))""")
-    # Post-data groups created (replicator/postdata.py): a table's indexes and constraints, or the
+    # Post-data groups created (replicator/sync/postdata.py): a table's indexes and constraints, or the
     # rest; each recorded in the transaction that created it.
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.post_data (
         slot_name text NOT NULL,
@@ -128,7 +128,7 @@ def ensure_schema(cur: Any, schema: str) -> None:
         done_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (slot_name, item))""")
     # What would fire during apply without the replica role, held back until cutover
-    # (replicator/holdback.py): each definition recorded before the object is dropped or instead of
+    # (replicator/sync/holdback.py): each definition recorded before the object is dropped or instead of
     # creating it; state held -> created (a foreign key NOT VALID) -> validated, or invalid.
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.held_back (
         slot_name text NOT NULL,

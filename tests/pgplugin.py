@@ -20,7 +20,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from replicator.servers import LocalServer
+from replicator.local.servers import LocalServer
 from tests.tcpproxy import TcpProxy
 
 _counter = itertools.count()

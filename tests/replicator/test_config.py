@@ -71,7 +71,7 @@ def test_a_server_error_no_command_expected_is_one_line_and_exit_1(monkeypatch, 
     as one line with the command's name, never as a traceback."""
     import psycopg2
 
-    from replicator import cli
+    from replicator.cli import commands as cli
 
     def lost(*_: object) -> int:
         raise psycopg2.OperationalError("server closed the connection unexpectedly\n\tThis probably means...")

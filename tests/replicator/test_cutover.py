@@ -9,8 +9,8 @@ import subprocess
 import psycopg2
 import pytest
 
-from replicator import verify
-from replicator.cutover import analyze_tables_without_statistics
+from replicator.cutover import verify
+from replicator.cutover.handoff import analyze_tables_without_statistics
 from tests.pgplugin import Daemon, Db, assert_same_tables, pgferry, publish_same_table, wait_for
 from tests.replicator.test_sync import PGBENCH, TABLES, TYPED
 

@@ -14,7 +14,7 @@ import time
 import psycopg2
 import pytest
 
-from replicator.servers import LocalServer
+from replicator.local.servers import LocalServer
 from tests.pgplugin import ROOT, Daemon, assert_same_tables, main_pair_only, new_db, pgferry, wait_for
 from tests.replicator import workload as wl
 from tests.replicator.test_sync import PGBENCH, TABLES, TYPED

@@ -12,7 +12,7 @@ import time
 import psycopg2
 import pytest
 
-from replicator.postdata import split_post_data
+from replicator.sync.postdata import split_post_data
 from tests.pgplugin import Daemon, Db, assert_same_tables, pgferry, wait_for
 
 pytestmark = pytest.mark.pg

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from replicator.servers import LocalServer
+from replicator.local.servers import LocalServer
 from tests.pgplugin import Daemon, Db, assert_same_tables, new_db, pgferry, publish_same_table, wait_for
 from tests.replicator import workload as wl
 

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from replicator.servers import LocalServer
+from replicator.local.servers import LocalServer
 from tests.pgplugin import Daemon, Db, new_db, pgferry, publish_same_table, wait_for
 
 pytestmark = pytest.mark.pg

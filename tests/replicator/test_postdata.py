@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from replicator.postdata import SMALL_STATEMENTS_PER_TXN, SMALL_TABLE_BYTES, pack_small_groups, split_post_data
+from replicator.sync.postdata import SMALL_STATEMENTS_PER_TXN, SMALL_TABLE_BYTES, pack_small_groups, split_post_data
 from tests.pgplugin import Daemon, Db
 
 # The statements that make every kind of post-data object pg_dump writes for these tables.

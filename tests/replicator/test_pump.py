@@ -1,4 +1,4 @@
-"""The initial copy's C pump (replicator/_cpump.c) on real servers: several source ranges merged
+"""The initial copy's C pump (replicator/sync/_cpump.c) on real servers: several source ranges merged
 into one target COPY, binary and text, an empty range, and a failing source."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import psycopg2
 import pytest
 
-from replicator import libpq
+from replicator.sync import libpq
 from tests.pgplugin import assert_same_tables
 
 pytestmark = pytest.mark.pg

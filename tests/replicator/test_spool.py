@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from replicator.spool import Spool
+from replicator.stream.spool import Spool
 
 
 def test_replay_in_order_and_file_removed(tmp_path):
@@ -64,7 +64,7 @@ def test_a_start_removes_the_spools_of_gone_processes_only(tmp_path):
     import subprocess
     import sys
 
-    from replicator.spool import _host_prefix
+    from replicator.stream.spool import _host_prefix
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from replicator.servers import LocalServer
+from replicator.local.servers import LocalServer
 from tests.pgplugin import (
     Daemon,
     assert_same_tables,

@@ -11,10 +11,11 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from replicator import copy, libpq, postdata, sync
-from replicator.copy import CopyError
-from replicator.servers import find_bindir
-from replicator.sync import InitialSync, SyncConfig, copy_sequences
+from replicator.local.servers import find_bindir
+from replicator.sync import copy, libpq, postdata
+from replicator.sync import initial as sync
+from replicator.sync.copy import CopyError
+from replicator.sync.initial import InitialSync, SyncConfig, copy_sequences
 from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, pgferry, slow_inserts_under_a_timeout, wait_for
 
 pytestmark = pytest.mark.pg
@@ -182,7 +183,7 @@ def test_a_failing_schema_dump_stops_the_start_with_pg_dumps_own_words(pair, dae
     src.execute(TABLE_A)
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    from replicator.pgtools import find_pg_dump
+    from replicator.sync.pgtools import find_pg_dump
 
     real = find_pg_dump()
     for tool in ("pg_dump", "pg_restore"):

@@ -165,7 +165,7 @@ def test_tail_bad_input_gives_one_clear_line(source: Db):
 
 
 def test_tail_refuses_wal_level_replica():
-    from replicator.servers import LocalServer
+    from replicator.local.servers import LocalServer
     with LocalServer(18, settings={"wal_level": "replica"}, name="replica-") as srv:
         res = _run("tail", "--source", srv.dsn())
     _one_clear_line(res, 1, "wal_level = replica", "wal_level = logical")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from decoder import Lsn
-from replicator.servers import LocalServer
+from replicator.local.servers import LocalServer
 from tests.decoder.golden.scenarios import SCENARIOS, read_options
 from tests.rawrepl import RawReplication
 

@@ -16,7 +16,7 @@
    also the stored progress) and stops. So the handoff LSN equals the applied LSN by construction.
 5. Copy sequence values (the source is fenced: they are final), verify every table (`--verify`:
    checksum, or count for a shorter write downtime).
-6. Create what was held back (replicator/holdback.py): triggers, rules and foreign keys NOT VALID,
+6. Create what was held back (replicator/sync/holdback.py): triggers, rules and foreign keys NOT VALID,
    in one transaction, before the application moves. Then validate the foreign keys (the
    application's writes go on) and write the receipt: a key the data breaks is named with its
    rows, and the exit code is 1, but the handoff stands.
@@ -42,10 +42,10 @@ import psycopg2
 
 from sink.state import HANDOFF_PREFIX, ensure_schema, pgferry_session, quote_ident
 
-from . import holdback
-from .errors import PgferryError, first_line
-from .source import connect, describe_dsn, published_tables
-from .sync import copy_sequences
+from ..errors import PgferryError, first_line
+from ..source import connect, describe_dsn, published_tables
+from ..sync import holdback
+from ..sync.sequences import copy_sequences
 from .verify import verify
 
 log = logging.getLogger("pgferry.cutover")

@@ -36,8 +36,8 @@ import psycopg2.errors
 
 from sink.state import ensure_schema, quote_ident, readable_name
 
-from .errors import PgferryError, UsageError, first_line
-from .source import connect, describe_dsn, published_tables
+from ..errors import PgferryError, UsageError, first_line
+from ..source import connect, describe_dsn, published_tables
 
 log = logging.getLogger("pgferry.holdback")
 

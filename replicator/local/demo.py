@@ -28,7 +28,7 @@ from typing import IO
 import psycopg2
 import psycopg2.errors
 
-from .errors import PgferryError, first_line
+from ..errors import PgferryError, first_line
 from .servers import LocalServer, ServerError
 
 SAMPLE_SCHEMA = """

@@ -23,8 +23,8 @@ import psycopg2
 
 from sink.state import pgferry_session, quote_ident
 
-from .errors import first_line
-from .source import connect, published_tables
+from ..errors import first_line
+from ..source import connect, published_tables
 
 log = logging.getLogger("pgferry.verify")
 

@@ -45,15 +45,15 @@ from decoder import (
 )
 from decoder.values import Interval, convert, pg_epoch_to_datetime
 
-from .errors import PgferryError, first_line
-from .source import (
+from ..errors import PgferryError, first_line
+from ..source import (
     check_logical_source,
     connect,
     describe_dsn,
     max_protocol_version,
     replication_connection,
 )
-from .stopflag import StopFlag
+from ..stream.stopflag import StopFlag
 
 _INFINITE_TYPES = {1082, 1114, 1184}  # date, timestamp, timestamptz print 'infinity'
 

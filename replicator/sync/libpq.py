@@ -1,4 +1,4 @@
-"""The libpq that psycopg2 is linked with, for the initial copy's C pump (replicator/_cpump.c).
+"""The libpq that psycopg2 is linked with, for the initial copy's C pump (replicator/sync/_cpump.c).
 
 psycopg2 hands out its connections' `PGconn *` (`conn.pgconn_ptr`). Only the library that made
 them may use them, so the pump gets that library's functions, found in this process's memory map
@@ -24,7 +24,7 @@ log = logging.getLogger("pgferry.sync")
 
 FUNCTIONS = ("PQexec", "PQresultStatus", "PQresultErrorMessage", "PQclear", "PQgetResult", "PQgetCopyData",
              "PQputCopyData", "PQputCopyEnd", "PQfreemem", "PQerrorMessage", "PQcmdTuples", "PQconsumeInput",
-             "PQsocket")  # bind()'s order (replicator/_libpq.h)
+             "PQsocket")  # bind()'s order (replicator/sync/_libpq.h)
 
 
 def psycopg2_libpq_path() -> str | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg2.extensions
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 @functools.cache
@@ -23,7 +23,7 @@ def find_pg_dump() -> str:
         return override
     candidates = [shutil.which("pg_dump")]
     try:
-        from .servers import embedded_bindir
+        from ..local.servers import embedded_bindir
 
         candidates.append(str(embedded_bindir() / "pg_dump"))
     except Exception:  # the wheel may be missing outside the demo/test set-up

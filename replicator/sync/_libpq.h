@@ -1,5 +1,5 @@
 /* The libpq functions pgferry's C code calls, bound at run time to the libpq psycopg2 is linked
- * with (replicator/libpq.py finds it and passes the addresses, in FUNCTIONS' order, to bind()).
+ * with (replicator/sync/libpq.py finds it and passes the addresses, in FUNCTIONS' order, to bind()).
  * No libpq headers or library at build time, and the PGconn pointers psycopg2 hands out are only
  * ever used by the library that made them. */
 #ifndef PGFERRY_LIBPQ_H
@@ -33,7 +33,7 @@ static struct {
 
 static int pq_bound = 0;
 
-/* bind(*addresses): the functions above, in this order (replicator/libpq.py: FUNCTIONS) */
+/* bind(*addresses): the functions above, in this order (replicator/sync/libpq.py: FUNCTIONS) */
 static PyObject *pq_bind(PyObject *self, PyObject *args)
 {
     if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != PQ_FUNCTIONS) {

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, get_args, get_type_hints
 
 import msgspec
 
-from .errors import UsageError
+from ..errors import UsageError
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -56,7 +56,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     copy: bool = True
     schema: bool = True
     jobs: Positive | None = None
-    # what would fire during apply on a target without the replica role (replicator/holdback.py):
+    # what would fire during apply on a target without the replica role (replicator/sync/holdback.py):
     # hold it back until cutover, or keep it knowingly (it fires; applied one by one)
     hold_back_constraints: bool = False
     keep_constraints: bool = False
@@ -71,7 +71,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "json"] = "auto"
     metrics_port: Port | None = None
-    nice: Nice = 10  # CPU priority below the servers' (replicator/priority.py); 0: unchanged
+    nice: Nice = 10  # CPU priority below the servers' (replicator/cli/priority.py); 0: unchanged
     # throttling (changeable while running: edit the file, then SIGHUP)
     max_rows_per_second: PositiveFloat | None = None
     max_bytes_per_second: PositiveFloat | None = None
@@ -290,7 +290,7 @@ def policies(st: Settings, load_hook: Any = None) -> Any:
 
 
 def budgets(st: Settings) -> Any:
-    from .throttle import Budgets
+    from ..stream.throttle import Budgets
 
     return Budgets(rows_per_second=st.max_rows_per_second, bytes_per_second=st.max_bytes_per_second,
                    max_retained_wal=st.max_retained_wal, min_safe_wal=st.min_safe_wal,

@@ -16,11 +16,11 @@ import psycopg2.extras
 
 from sink.relations import firing
 
-from . import holdback
-from .checks import Finding, replicability_findings
+from ..errors import SourceNotReady, UsageError, first_line
+from ..source import connect, describe_dsn
+from ..sync import holdback
+from ..sync.checks import Finding, replicability_findings
 from .config import Settings
-from .errors import SourceNotReady, UsageError, first_line
-from .source import connect, describe_dsn
 
 log = logging.getLogger("pgferry.preflight")
 

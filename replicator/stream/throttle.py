@@ -98,7 +98,7 @@ class Throttle:
 
 def wal_guard(dsn: str, slot: str, throttle: Throttle, done: threading.Event, every: float = 10.0) -> None:
     """Poll the slot's retained WAL and safe_wal_size (when a guard limit is set) until `done`."""
-    from .source import slot_wal
+    from ..source import slot_wal
 
     wait = 0.0  # look at once, then every `every` seconds
     while not done.wait(wait):

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from decoder import Delete, Insert, Truncate, Update
 
 if TYPE_CHECKING:
-    from .config import Settings
-    from .stream import Session
+    from ..cli.config import Settings
+    from .session import Session
 
 log = logging.getLogger("pgferry.metrics")
 
@@ -65,7 +65,7 @@ class _Slot:
 
     @staticmethod
     def _query(settings: Settings) -> tuple[int, int | None] | None:
-        from .source import slot_wal
+        from ..source import slot_wal
 
         found = slot_wal(settings.source, settings.slot, "pgferry-metrics")
         return None if found is None else (found[0] or 0, found[1])
@@ -138,7 +138,7 @@ def serve(port: int, settings: Settings) -> None:
         return
     from prometheus_client import REGISTRY, Histogram, start_http_server
 
-    from .errors import UsageError
+    from ..errors import UsageError
 
     try:
         start_http_server(port)

@@ -100,7 +100,7 @@ static int cpu_time(CpuTime *t)
  * the source, the target and the pump share a saturated machine, the pump waits for the source
  * because the source backend waits for a CPU: a second source backend only adds work. (On
  * pgbench_accounts, PG15 -> PG18 on 2 cores, the pump waited for the source 40-65% of the copy
- * with 4-6% of the CPU time idle, and a second range made the copy slower: replicator/copy.py,
+ * with 4-6% of the CPU time idle, and a second range made the copy slower: replicator/sync/copy.py,
  * PUMP_SPLIT_BYTES.) */
 static int spare_cpu(const CpuTime *since)
 {
@@ -162,7 +162,7 @@ static void put32(char *p, uint32_t v)
 /* One source row (a server sends each in one CopyData message), in place: the fields flagged in
  * `trim` lose their trailing spaces. For char(n) columns: the target's input pads a value back to
  * n, so it stores the same bytes, without counting the padding character by character, which was
- * the target COPY's biggest single cost (replicator/copy.py, padded_columns). A space byte is a
+ * the target COPY's biggest single cost (replicator/sync/copy.py, padded_columns). A space byte is a
  * space in every server encoding. Returns the row's new length, or -1 if the row does not have
  * `ntrim` well-formed fields. */
 static int trim_row(char *p, int len, int binary, const char *trim, int ntrim)
@@ -428,7 +428,7 @@ static PyObject *pump(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"pump", pump, METH_VARARGS,
      "pump(src_pgconns, dst_pgconn, copy_out_sqls, copy_in_sql, binary, chunk=0, trim=b'') -> (rows, error)"},
-    {"bind", pq_bind, METH_VARARGS, "bind(*libpq_function_addresses): see replicator/libpq.py for the order"},
+    {"bind", pq_bind, METH_VARARGS, "bind(*libpq_function_addresses): see replicator/sync/libpq.py for the order"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from .errors import first_line
+from ..errors import first_line
 
 log = logging.getLogger("pgferry.stream")
 

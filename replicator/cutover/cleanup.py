@@ -13,9 +13,9 @@ import psycopg2
 
 from sink.state import quote_ident
 
-from . import holdback
-from .errors import PgferryError, first_line
-from .source import connect, describe_dsn
+from ..errors import PgferryError, first_line
+from ..source import connect, describe_dsn
+from ..sync import holdback
 
 
 def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bool) -> int:
@@ -58,7 +58,7 @@ def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bo
                            f"{', '.join(dropped) or 'nothing'}: {first_line(exc)}") from None
     finally:
         src.close()
-    # what pgferry held back on the target (replicator/holdback.py): in place again, before the
+    # what pgferry held back on the target (replicator/sync/holdback.py): in place again, before the
     # state that records it may go
     restored = holdback.restore(target, schema, slot)
     if restored.objects:

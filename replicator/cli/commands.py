@@ -15,11 +15,11 @@ import psycopg2
 
 from sink.apply import BatchLimits
 
+from ..errors import EXIT_PROBLEM, EXIT_USAGE, PgferryError, UsageError, first_line
 from . import config
-from .errors import EXIT_PROBLEM, EXIT_USAGE, PgferryError, UsageError, first_line
 
 
-# Options that are also settings (replicator/config.py) default to None here: None means "not
+# Options that are also settings (replicator/cli/config.py) default to None here: None means "not
 # given", so the environment and the config file can fill them in (flags > env > file > defaults).
 def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", help="source DSN (libpq string or URI); default $PGFERRY_SOURCE")
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from ..local.demo import run_demo
             return run_demo(args.write_seconds)
         settings = config.load(args.config, _flags(args))
         if args.command == "config":
@@ -251,15 +251,15 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
         return run_status(src, dst, slot, schema, args.json,
                           guard=(settings.max_retained_wal, settings.min_safe_wal))
     if args.command == "verify":
-        from .verify import print_results, verify
+        from ..cutover.verify import print_results, verify
         tables = [t.strip() for t in args.tables.split(",")] if args.tables else None
         results = verify(src, dst, settings.publication, tables, args.mode)
         return print_results(results, args.json)
     if args.command == "cutover":
-        from .cutover import run_cutover
+        from ..cutover.handoff import run_cutover
         return run_cutover(src, dst, settings.publication, slot, schema, args.fence, args.timeout, args.receipt,
                            verify_mode=args.verify)
-    from .cleanup import run_cleanup
+    from ..cutover.cleanup import run_cleanup
     return run_cleanup(src, dst, slot, schema, args.drop_state)
 
 
@@ -281,9 +281,10 @@ def load_hook(spec: str, what: str = "--message-hook") -> Callable[..., object]:
 
 
 def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
-    from . import logs, metrics
+    from ..stream import metrics
+    from ..stream.session import StreamConfig, run_stream
+    from . import logs
     from .priority import lower_priority
-    from .stream import StreamConfig, run_stream
 
     lower_priority(st.nice)  # first: the threads started from here on inherit it
     logs.setup(st.log_level, st.log_format)
@@ -299,7 +300,7 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
 
     preflight_for_start(st)
     if st.copy:
-        from .sync import InitialSync, SyncConfig
+        from ..sync.initial import InitialSync, SyncConfig
 
         sync_cfg = SyncConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
                               schema=st.state_schema, schema_copy=st.schema, tables=st.tables,
@@ -312,7 +313,7 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
 
         failpoints.hit("before_stream")  # the copy is done and recorded; streaming has not started
     if st.hold_back_constraints:  # (the sync held back before its copy; this is for what came since)
-        from .holdback import hold_migrated
+        from ..sync.holdback import hold_migrated
 
         hold_migrated(st.source, st.target, st.state_schema, st.slot, st.publication, st.tables)
     def reload() -> tuple[object, BatchLimits]:
@@ -320,7 +321,7 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
         fresh = config.load(args.config, _flags(args)) if args is not None else st
         return config.budgets(fresh), _limits(fresh)
 
-    from .throttle import Throttle
+    from ..stream.throttle import Throttle
 
     throttle = metrics.STATE.throttle = Throttle(config.budgets(st))
     cfg = StreamConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
@@ -330,6 +331,3 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
     metrics.STATE.phase = "streaming"
     return run_stream(cfg)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

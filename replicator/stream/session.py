@@ -62,9 +62,9 @@ from sink.conflicts import Policies
 from sink.errors import ApplyError, SinkError
 from sink.state import HANDOFF_PREFIX, readable_name
 
+from ..errors import PgferryError, UsageError, first_line
+from ..source import check_logical_source, connect, describe_dsn, max_protocol_version, published_tables
 from . import metrics
-from .errors import PgferryError, UsageError, first_line
-from .source import check_logical_source, connect, describe_dsn, max_protocol_version, published_tables
 from .spool import Spool
 from .stopflag import StopFlag
 from .throttle import Throttle, wal_guard
@@ -263,7 +263,7 @@ class Session:
                         # Catching up and the socket is drained: hand the lock to the batch writer,
                         # without pausing. A pause let the walsender fill the socket and helped at
                         # nice 0 (0.1 ms beat 0.5 ms; 2 ms was worse everywhere), but at the default
-                        # nice 10 (replicator/priority.py) the scheduler already runs the walsender
+                        # nice 10 (replicator/cli/priority.py) the scheduler already runs the walsender
                         # first. bench/catchup.py, 0 against 0.1 ms, 15->18: hot 4.25 vs 4.61 s
                         # (5 runs), oltp 2.28 vs 2.36, bulk 3.54 vs 3.63; 18->18 hot 4.09 vs 4.30.
                         time.sleep(0)

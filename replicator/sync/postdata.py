@@ -37,11 +37,11 @@ import psycopg2
 from sink import failpoints
 from sink.state import quote_ident
 
+from ..errors import PgferryError, first_line
+from ..source import ThreadConnections, completed_or_cancel, connect, describe_dsn
 from . import holdback
-from .errors import PgferryError, first_line
 from .holdback import POST_DATA_TYPES, Held, from_post_data, unquote
 from .pgtools import drop_unknown_settings
-from .source import ThreadConnections, completed_or_cancel, connect, describe_dsn
 
 log = logging.getLogger("pgferry.sync")
 

@@ -18,9 +18,9 @@ import psycopg2
 from decoder import Lsn
 from sink.state import quote_ident
 
-from . import holdback
-from .holdback import HeldBack
-from .source import connect
+from ..source import connect
+from ..sync import holdback
+from ..sync.holdback import HeldBack
 
 
 class ConflictCount(msgspec.Struct):
@@ -53,7 +53,7 @@ class Status(msgspec.Struct):
     tables: list[TableStatus]
     conflicts_by_table: list[ConflictCount] = []
     wal_guard: str | None = None  # why the slot is in danger (max_retained_wal / min_safe_wal), or None
-    # foreign keys, triggers and rules held back until cutover (replicator/holdback.py), and their state
+    # foreign keys, triggers and rules held back until cutover (replicator/sync/holdback.py), and their state
     held_back: list[HeldBack] = []
 
 
@@ -255,7 +255,7 @@ def request_skip(target: str, slot: str, schema: str, lsn_text: str) -> int:
     (its conflicting change stays in the dead-letter table)."""
     from sink import state
 
-    from .errors import UsageError
+    from ..errors import UsageError
 
     try:
         lsn = Lsn.parse(lsn_text)

@@ -24,13 +24,13 @@ from decoder import Lsn
 from sink import failpoints
 from sink.state import SESSION, pgferry_session, quote_ident
 
+from ..errors import PgferryError
+from ..source import ThreadConnections, connect
 from . import libpq
-from .errors import PgferryError
 from .pgtools import find_client, libpq_env
-from .source import ThreadConnections, connect
 
 if TYPE_CHECKING:
-    from .sync import SyncConfig, TableCopy
+    from .plan import SyncConfig, TableCopy
 
 log = logging.getLogger("pgferry.sync")
 
@@ -121,7 +121,7 @@ class CopyConnections(ThreadConnections):
 def replica_role(conn: Any) -> bool:
     """Run this target session with session_replication_role = replica where the role may: a COPY
     fires the target's triggers and checks its foreign keys otherwise, as native table sync does
-    not. (Where it may not, pgferry holds them back: replicator/holdback.py.)"""
+    not. (Where it may not, pgferry holds them back: replicator/sync/holdback.py.)"""
     conn.autocommit = True
     try:
         conn.cursor().execute("SET session_replication_role = replica")

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from .errors import PgferryError
-from .source import describe_dsn, published_tables
+from ..errors import PgferryError
+from ..source import describe_dsn, published_tables
 
 if TYPE_CHECKING:
-    from .sync import SyncConfig
+    from .plan import SyncConfig
 
 log = logging.getLogger("pgferry.sync")
 

@@ -17,20 +17,17 @@ either complete and marked, or untouched and re-copied.
 Schema: `pg_dump --schema-only` (the newest pg_dump available: it dumps older servers correctly),
 pre-data (tables, types, sequences...) before the copy and post-data (indexes, constraints,
 triggers) after it, so the copy runs without index maintenance; post-data runs `jobs` tables at a
-time and resumes per table (replicator/postdata.py).
+time and resumes per table (replicator/sync/postdata.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
@@ -42,94 +39,18 @@ from decoder import Lsn
 from sink import failpoints, state
 from sink.state import quote_ident
 
+from ..errors import PgferryError, first_line
+from ..source import check_logical_source, completed_or_cancel, connect, describe_dsn, published_tables
 from . import holdback, libpq
 from .checks import check_extensions, check_replicability, check_target_schema
 from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_copied, table_sizes, truncate_target
-from .errors import PgferryError, first_line
-from .pgtools import drop_unknown_settings, find_client, find_pg_dump, libpq_env
+from .pgtools import drop_unknown_settings
+from .plan import SyncConfig, SyncError, TableCopy
 from .postdata import PostDataRun
-from .source import check_logical_source, completed_or_cancel, connect, describe_dsn, published_tables
+from .schema import SchemaDump
+from .sequences import copy_sequences
 
 log = logging.getLogger("pgferry.sync")
-
-
-class SyncError(PgferryError):
-    """The initial sync cannot go on (exit 1)."""
-
-
-@dataclass
-class SyncConfig:
-    source: str
-    target: str
-    publication: str
-    slot: str
-    schema: str
-    tables: list[str] | None = None  # --tables: publish only these (schema.table or table)
-    jobs: int = max(1, min(4, os.cpu_count() or 1))
-    schema_copy: bool = True  # False: --no-schema, the target's tables are made by hand
-    hold_back: bool = False  # --hold-back-constraints (replicator/holdback.py)
-
-
-@dataclass
-class TableCopy:
-    schema: str
-    name: str
-    rows: int = 0
-    bytes: int = 0
-
-    @property
-    def qualified(self) -> str:
-        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
-
-    @property
-    def display(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-
-# -- tools ------------------------------------------------------------------------------------
-
-
-class SchemaDump:
-    """The source's schema, dumped once in the snapshot (pg_dump's custom format, kept in memory),
-    and its sections as SQL a plain connection can run, from pg_restore: pre-data before the copy,
-    post-data as the tables are copied. One dump instead of one per section: the source's catalog
-    is read once (pg_dump costs about the same whatever the sections: 36 ms each here on pgbench;
-    seconds on thousands of tables), and no pg_dump runs beside the copy. pg_dump starts at once
-    and runs in the background (the tables are registered meanwhile); its failure is raised by the
-    first `section`."""
-
-    def __init__(self, dsn: str, snapshot: str | None) -> None:
-        self.dsn = dsn
-        # --encoding: the dump is in the database's encoding otherwise (a LATIN1 source's é is not UTF-8)
-        cmd = [find_pg_dump(), "--schema-only", "--format=custom", "--no-publications", "--no-subscriptions",
-               "--no-comments", "--encoding=UTF8"]
-        if snapshot:
-            cmd.insert(1, f"--snapshot={snapshot}")
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg_dump")
-        self._dump = pool.submit(subprocess.run, cmd, capture_output=True, check=False, env=libpq_env(dsn))
-        pool.shutdown(wait=False)  # its thread ends with pg_dump
-
-    @functools.cached_property
-    def archive(self) -> bytes:
-        """The dump (waits for pg_dump)."""
-        res = self._dump.result()
-        if res.returncode != 0:
-            raise SyncError(f"pg_dump --schema-only of source {describe_dsn(self.dsn)} failed: {_last_line(res)}")
-        return res.stdout
-
-    def section(self, name: str) -> str:
-        res = subprocess.run([find_client("pg_restore"), f"--section={name}", "--no-owner", "--no-privileges",
-                              "--file=-"], input=self.archive, capture_output=True, check=False)
-        if res.returncode != 0:
-            raise SyncError(f"pg_restore --section={name} of the schema dumped from source {describe_dsn(self.dsn)} "
-                            f"failed: {_last_line(res)}")
-        # pg_dump 17.6+/18 bracket their output with \restrict / \unrestrict (psql-only commands).
-        return "\n".join(line for line in res.stdout.decode().splitlines() if not line.startswith("\\"))
-
-
-def _last_line(res: subprocess.CompletedProcess[bytes]) -> str:
-    err = res.stderr.decode(errors="replace").strip()
-    return err.splitlines()[-1] if err else f"exit code {res.returncode}"
 
 
 NO_LSN = Lsn(0)  # sync.consistent_lsn before the slot exists
@@ -454,29 +375,6 @@ def ensure_publication(src: psycopg2.extensions.connection, cfg: SyncConfig) -> 
     src.commit()
     log.info("created publication %s %s", cfg.publication, what)
     return True
-
-
-def copy_sequences(source: str, target: str) -> list[tuple[str, int]]:
-    """Every sequence's current value onto the target (identity, serial and standalone)."""
-    src = connect(source, "source")
-    dst = connect(target, "target")
-    try:
-        with src.cursor() as cur:
-            cur.execute("SELECT schemaname, sequencename, last_value FROM pg_sequences "
-                        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') AND last_value IS NOT NULL")
-            rows = cur.fetchall()
-        names = [f"{quote_ident(schema)}.{quote_ident(name)}" for schema, name, _ in rows]
-        dcur = dst.cursor()  # one statement for all (a database may have thousands); those the target lacks skipped
-        dcur.execute("SELECT i, setval(to_regclass(name), value, true) FROM unnest(%s::text[], %s::bigint[]) "
-                     "WITH ORDINALITY AS s(name, value, i) WHERE to_regclass(name) IS NOT NULL",
-                     (names, [r[2] for r in rows]))
-        out = [(f"{rows[i - 1][0]}.{rows[i - 1][1]}", int(rows[i - 1][2])) for i, _ in sorted(dcur.fetchall())]
-        dst.commit()
-    finally:
-        src.close()
-        dst.close()
-    log.info("sequences: %d values copied", len(out))
-    return out
 
 
 def _drop_stale_slot(src: Any, slot: str, timeout: float = 30.0) -> None:

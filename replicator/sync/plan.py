@@ -1,0 +1,43 @@
+"""What the initial sync works on: its settings and the tables it copies."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from sink.state import quote_ident
+
+from ..errors import PgferryError
+
+
+class SyncError(PgferryError):
+    """The initial sync cannot go on (exit 1)."""
+
+
+@dataclass
+class SyncConfig:
+    source: str
+    target: str
+    publication: str
+    slot: str
+    schema: str
+    tables: list[str] | None = None  # --tables: publish only these (schema.table or table)
+    jobs: int = max(1, min(4, os.cpu_count() or 1))
+    schema_copy: bool = True  # False: --no-schema, the target's tables are made by hand
+    hold_back: bool = False  # --hold-back-constraints (replicator/holdback.py)
+
+
+@dataclass
+class TableCopy:
+    schema: str
+    name: str
+    rows: int = 0
+    bytes: int = 0
+
+    @property
+    def qualified(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
+
+    @property
+    def display(self) -> str:
+        return f"{self.schema}.{self.name}"
