@@ -49,26 +49,26 @@ class _Msg(msgspec.Struct, frozen=True, gc=False):
 
 
 # -- transaction boundaries -------------------------------------------------------------------
-class Begin(_Msg, tag="begin"):
+class Begin(_Msg, tag="begin", frozen=True):
     final_lsn: Lsn
     commit_time: int
     xid: int
 
 
-class Commit(_Msg, tag="commit"):
+class Commit(_Msg, tag="commit", frozen=True):
     flags: int
     commit_lsn: Lsn
     end_lsn: Lsn
     commit_time: int
 
 
-class Origin(_Msg, tag="origin"):
+class Origin(_Msg, tag="origin", frozen=True):
     commit_lsn: Lsn
     name: str
 
 
 # -- catalog ---------------------------------------------------------------------------------
-class Column(_Msg):
+class Column(_Msg, frozen=True):
     flags: int
     name: str
     type_oid: int
@@ -83,7 +83,7 @@ class Column(_Msg):
 ReplicaIdentity: TypeAlias = Literal["d", "n", "f", "i"]
 
 
-class Relation(_Msg, tag="relation"):
+class Relation(_Msg, tag="relation", frozen=True):
     xid: int | None
     oid: int
     namespace: str
@@ -92,7 +92,7 @@ class Relation(_Msg, tag="relation"):
     columns: tuple[Column, ...]
 
 
-class Type(_Msg, tag="type"):
+class Type(_Msg, tag="type", frozen=True):
     xid: int | None
     oid: int
     namespace: str
@@ -100,13 +100,13 @@ class Type(_Msg, tag="type"):
 
 
 # -- changes ---------------------------------------------------------------------------------
-class Insert(_Msg, tag="insert"):
+class Insert(_Msg, tag="insert", frozen=True):
     xid: int | None
     relation_oid: int
     new: Tuple
 
 
-class Update(_Msg, tag="update"):
+class Update(_Msg, tag="update", frozen=True):
     """`old_kind` is 'K' (the old key, sent when a key column changed), 'O' (the whole old row,
     REPLICA IDENTITY FULL) or None (the key did not change: find the row by `new`)."""
 
@@ -117,7 +117,7 @@ class Update(_Msg, tag="update"):
     new: Tuple
 
 
-class Delete(_Msg, tag="delete"):
+class Delete(_Msg, tag="delete", frozen=True):
     """`old_kind` is 'K' (key columns only, the rest NULL) or 'O' (the whole row)."""
 
     xid: int | None
@@ -130,7 +130,7 @@ TRUNCATE_CASCADE: Final = 1
 TRUNCATE_RESTART_IDENTITY: Final = 2
 
 
-class Truncate(_Msg, tag="truncate"):
+class Truncate(_Msg, tag="truncate", frozen=True):
     xid: int | None
     options: int
     relation_oids: tuple[int, ...]
@@ -144,7 +144,7 @@ class Truncate(_Msg, tag="truncate"):
         return bool(self.options & TRUNCATE_RESTART_IDENTITY)
 
 
-class LogicalMessage(_Msg, tag="message"):
+class LogicalMessage(_Msg, tag="message", frozen=True):
     """`pg_logical_emit_message()`; `content` is the raw payload."""
 
     xid: int | None
@@ -155,16 +155,16 @@ class LogicalMessage(_Msg, tag="message"):
 
 
 # -- streaming of in-progress transactions (protocol 2+) ---------------------------------------
-class StreamStart(_Msg, tag="stream_start"):
+class StreamStart(_Msg, tag="stream_start", frozen=True):
     xid: int
     first_segment: bool
 
 
-class StreamStop(_Msg, tag="stream_stop"):
+class StreamStop(_Msg, tag="stream_stop", frozen=True):
     pass
 
 
-class StreamCommit(_Msg, tag="stream_commit"):
+class StreamCommit(_Msg, tag="stream_commit", frozen=True):
     xid: int
     flags: int
     commit_lsn: Lsn
@@ -172,7 +172,7 @@ class StreamCommit(_Msg, tag="stream_commit"):
     commit_time: int
 
 
-class StreamAbort(_Msg, tag="stream_abort"):
+class StreamAbort(_Msg, tag="stream_abort", frozen=True):
     """`subxid == xid` aborts the whole transaction, otherwise one subtransaction. `abort_lsn`
     and `abort_time` are sent by protocol 4 with `streaming = parallel` only."""
 
@@ -183,7 +183,7 @@ class StreamAbort(_Msg, tag="stream_abort"):
 
 
 # -- two-phase commit (protocol 3+) ------------------------------------------------------------
-class BeginPrepare(_Msg, tag="begin_prepare"):
+class BeginPrepare(_Msg, tag="begin_prepare", frozen=True):
     prepare_lsn: Lsn
     end_lsn: Lsn
     prepare_time: int
@@ -191,7 +191,7 @@ class BeginPrepare(_Msg, tag="begin_prepare"):
     gid: str
 
 
-class Prepare(_Msg, tag="prepare"):
+class Prepare(_Msg, tag="prepare", frozen=True):
     flags: int
     prepare_lsn: Lsn
     end_lsn: Lsn
@@ -200,7 +200,7 @@ class Prepare(_Msg, tag="prepare"):
     gid: str
 
 
-class CommitPrepared(_Msg, tag="commit_prepared"):
+class CommitPrepared(_Msg, tag="commit_prepared", frozen=True):
     flags: int
     commit_lsn: Lsn
     end_lsn: Lsn
@@ -209,7 +209,7 @@ class CommitPrepared(_Msg, tag="commit_prepared"):
     gid: str
 
 
-class RollbackPrepared(_Msg, tag="rollback_prepared"):
+class RollbackPrepared(_Msg, tag="rollback_prepared", frozen=True):
     flags: int
     prepare_end_lsn: Lsn
     rollback_end_lsn: Lsn
@@ -219,7 +219,7 @@ class RollbackPrepared(_Msg, tag="rollback_prepared"):
     gid: str
 
 
-class StreamPrepare(_Msg, tag="stream_prepare"):
+class StreamPrepare(_Msg, tag="stream_prepare", frozen=True):
     flags: int
     prepare_lsn: Lsn
     end_lsn: Lsn
@@ -237,7 +237,7 @@ Message: TypeAlias = (
 # -- the replication envelope (CopyData payloads of START_REPLICATION) -----------------------------
 
 
-class XLogData(_Msg, tag="xlogdata"):
+class XLogData(_Msg, tag="xlogdata", frozen=True):
     """'w': WAL data. `data` is one pgoutput message."""
 
     wal_start: Lsn
@@ -246,7 +246,7 @@ class XLogData(_Msg, tag="xlogdata"):
     data: bytes
 
 
-class Keepalive(_Msg, tag="keepalive"):
+class Keepalive(_Msg, tag="keepalive", frozen=True):
     """'k': the server's heartbeat; `reply_requested` means answer now or be disconnected at
     `wal_sender_timeout`."""
 

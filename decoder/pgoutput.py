@@ -259,7 +259,7 @@ def _relation(buf: bytes, blen: int, in_stream: bool) -> Relation:
         pos += 8
         cols.append(Column(flags, cname, type_oid, typmod))
     S.expect_end(pos, blen, "R")
-    return Relation(xid, oid, namespace, name, ident, tuple(cols))
+    return Relation(xid, oid, namespace, name, ident, tuple(cols))  # type: ignore[arg-type]  # checked above
 
 
 def _type(buf: bytes, blen: int, in_stream: bool) -> Type:
@@ -425,7 +425,7 @@ def _load_accelerator() -> Callable[[bytes, bool], Message | None] | None:
     except ImportError:
         return None
     _cdecode.init(Insert, Update, Delete, Begin, Commit, Lsn, UNCHANGED)
-    return _cdecode.decode  # type: ignore[no-any-return]
+    return _cdecode.decode
 
 
 _accelerated = _load_accelerator()

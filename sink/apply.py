@@ -50,7 +50,7 @@ def _load_fold() -> Callable[..., int] | None:
     except ImportError:
         return None
     _cfold.init(Insert, Update, Delete, UNCHANGED)
-    return _cfold.fold  # type: ignore[no-any-return]
+    return _cfold.fold
 
 
 FOLD = _load_fold()
@@ -249,7 +249,7 @@ class Sink(ChangeByChange, Resolving):
             if self.net.add(table, msg, lsn, self._xid):  # type: ignore[arg-type]
                 if not size:
                     row = msg.old if t is Delete else msg.new  # type: ignore[union-attr]
-                    size = sum(len(v) for v in row if type(v) is str)
+                    size = sum(len(v) for v in row if type(v) is str)  # type: ignore[misc, union-attr]
                 self._folded(size)
                 return
             if self.net:
@@ -274,7 +274,7 @@ class Sink(ChangeByChange, Resolving):
             row = msg.new  # type: ignore[union-attr]
             ident = msg.old if msg.old is not None else msg.new  # type: ignore[union-attr]
         else:
-            sql, params = table.delete(msg.old)  # type: ignore[union-attr]
+            sql, params = table.delete(msg.old)  # type: ignore[union-attr, arg-type]
             row = ident = msg.old  # type: ignore[union-attr]
         self._current = table.display
         kind = "update_missing" if t is Update else "delete_missing"
@@ -535,7 +535,7 @@ class Sink(ChangeByChange, Resolving):
             # End the read's implicit transaction, but NEVER inside an open batch: that would
             # roll back applied changes whose progress the batch's commit then records.
             self.conn.rollback()
-        return row  # type: ignore[no-any-return]
+        return row
 
     def _release(self, flushed: Lsn) -> None:
         while self._pending and self._pending[0][0] <= flushed:

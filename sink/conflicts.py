@@ -39,7 +39,7 @@ class TablePolicy:
     newer_column: str | None = None
 
     def for_kind(self, kind: Kind) -> Policy:
-        return getattr(self, kind)  # type: ignore[no-any-return]
+        return getattr(self, kind)
 
 
 @dataclass

@@ -9,7 +9,7 @@ under savepoints so the conflicting row is found and resolved (sink/resolve.py).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg2
 import psycopg2.errors
@@ -19,6 +19,9 @@ from decoder import Lsn
 
 from .netbatch import INS, existing_rows
 from .relations import TargetTable
+
+if TYPE_CHECKING:
+    from .errors import ApplyError
 
 INSERT_ROWS = 1000  # rows per multi-row INSERT
 EACH_STATEMENTS = 1000  # buffered UPDATE/DELETE statements per round trip (state.APPLY_EACH)...
@@ -61,6 +64,14 @@ class ChangeByChange:
     _each_bytes: int
     _prepared_count: int  # statement shapes prepared on this connection (_prepare)
 
+    if TYPE_CHECKING:  # what Sink and Resolving provide (the contract above, checked by mypy)
+        def _join(self) -> None: ...
+        def _apply_error(self, exc: psycopg2.Error, lsn: Lsn | None = None,
+                         xid: int | None = None) -> ApplyError: ...
+        def missing(self, table: TargetTable, kind: str, items: list[tuple]) -> None: ...
+        def insert_exists(self, table: TargetTable, items: list[tuple]) -> None: ...
+        def apply_error(self, table: TargetTable, row: Any, lsn: Any, xid: int | None, detail: str) -> bool: ...
+
     # (no method stubs here: in Sink's MRO they would shadow the real ones from Sink and Resolving)
 
     def _can_buffer(self, table: TargetTable, kind: str) -> bool:
@@ -89,10 +100,10 @@ class ChangeByChange:
         if name is None:
             name = table.prepared[sql] = self._prepare(sql)
         if not name:
-            return self.cur.mogrify(sql + " RETURNING 1", params).decode()  # type: ignore[no-any-return]
+            return self.cur.mogrify(sql + " RETURNING 1", params).decode()
         if not params:
             return f"EXECUTE {name}"
-        return self.cur.mogrify(f"EXECUTE {name}({', '.join(['%s'] * len(params))})",  # type: ignore[no-any-return]
+        return self.cur.mogrify(f"EXECUTE {name}({', '.join(['%s'] * len(params))})",
                                 params).decode()
 
     def _prepare(self, sql: str) -> str:
@@ -153,7 +164,7 @@ class ChangeByChange:
     def _run_each(self, texts: list[str]) -> list[int]:
         try:
             self.cur.execute(self._each_sql, (texts,))
-            return self.cur.fetchone()[0] or []  # type: ignore[no-any-return]
+            return self.cur.fetchone()[0] or []
         except RETRYABLE:
             raise
         except psycopg2.Error as exc:  # the call itself failed (the function was dropped?)
@@ -196,7 +207,8 @@ class ChangeByChange:
             for params, (table, row, lsn, xid) in zip(rows, meta, strict=True):
                 self._insert_one(table, params, row, lsn, xid)
 
-    def _insert_one(self, table: TargetTable, params: list[Any], row: tuple, lsn: Lsn, xid: int) -> None:
+    def _insert_one(self, table: TargetTable, params: list[Any], row: tuple, lsn: Lsn | None,
+                    xid: int | None) -> None:
         head, template, _ = table.insert(row)
         self.cur.execute("SAVEPOINT pgferry_row")
         try:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from decoder import Lsn
+
 
 class SinkError(Exception):
     """Base: a change could not be applied."""
 
-    def __init__(self, message: str, *, lsn: object = None, xid: int | None = None, table: str | None = None) -> None:
+    def __init__(self, message: str, *, lsn: Lsn | None = None, xid: int | None = None,
+                 table: str | None = None) -> None:
         super().__init__(message)
         self.lsn, self.xid, self.table = lsn, xid, table
 

@@ -142,7 +142,7 @@ class NetBatch:
                 missing = _run(cur, table.delete_using(), [k for k, _ in deletes], deletes)
                 if missing:
                     resolver.missing(table, "delete_missing", missing)
-            updates: dict[tuple[int, ...], tuple[list[tuple], list[tuple]]] = {}
+            updates: dict[tuple[int, ...], tuple[list[Any], list[tuple]]] = {}
             every = table.update_cols  # the usual case: every column sent (no unchanged TOAST)
             every_get = table.getter(every)
             for item in upd_items:
@@ -165,17 +165,17 @@ class NetBatch:
                 missing = _run(cur, table.update_from(sets), params, items)
                 if missing:
                     resolver.missing(table, "update_missing", missing)
-            inserts: dict[str, tuple[list[Any], list[tuple]]] = {}
+            inserts: dict[str, tuple[list[Any], list[Any]]] = {}
             if table.all_writable:  # the usual case: every column as sent (inserts carry them all)
                 if ins_items:
                     inserts[table.copy_in(ins_items[0][1][1])[0]] = ([e[1] for _, e in ins_items], ins_items)
             else:
                 for item in ins_items:
-                    sql, params = table.copy_in(item[1][1])
+                    sql, row_values = table.copy_in(item[1][1])
                     group = inserts.get(sql)
                     if group is None:
                         group = inserts[sql] = ([], [])
-                    group[0].append(params)
+                    group[0].append(row_values)
                     group[1].append(item)
             keyed = bool(table.key) and not table.full_identity
             for sql, (params, items) in inserts.items():

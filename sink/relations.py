@@ -71,7 +71,7 @@ def firing(cur: Any, tables: list[str]) -> list[tuple[str, str, str]]:
     `tables`: names as SQL (`public.t`, `"My S"."T"`); tables that do not exist are left out. A
     foreign key fires on both its tables: on the referenced one its name reads `fk of child`."""
     cur.execute(FIRING, (tables,))
-    return [tuple(r) for r in cur.fetchall()]  # type: ignore[misc]
+    return [tuple(r) for r in cur.fetchall()]
 
 
 @dataclass
@@ -152,10 +152,10 @@ class TargetTable:
         """(COPY statement, the row's values) for a set-based insert. COPY writes GENERATED ALWAYS
         identity columns as given, like INSERT ... OVERRIDING SYSTEM VALUE."""
         if self.all_writable and UNCHANGED not in new:  # the usual case: every column, as sent
-            sql = self._sql.get("C*")
+            sql = self._sql.get(("C*",))
             if sql is None:
-                sql = self._sql["C*"] = f"COPY {self.qualified} ({', '.join(self.names)}) FROM STDIN"
-            return sql, new  # type: ignore[return-value]
+                sql = self._sql["C*",] = f"COPY {self.qualified} ({', '.join(self.names)}) FROM STDIN"
+            return sql, new
         cols = tuple(i for i, v in enumerate(new) if v is not UNCHANGED and self.writable[i])
         sql = self._sql.get(("C", cols))
         if sql is None:
@@ -193,7 +193,7 @@ class TargetTable:
         if sql is None:
             sql = self._sql["D",] = (f"DELETE FROM {self.qualified} AS t USING {self._from(())} WHERE "
                                      f"{self._match()} RETURNING v.n")
-        return sql  # type: ignore[no-any-return]
+        return sql
 
     def update_from(self, sets: tuple[int, ...], newer: int | None = None) -> str:
         """UPDATE of the columns `sets` from rows (key columns..., set columns...), returning the
@@ -207,7 +207,7 @@ class TargetTable:
                 cond = f" AND (t.{col} IS NULL OR t.{col} < v.c{newer}::{typ})"
             sql = self._sql["U", sets, newer] = (f"UPDATE {self.qualified} AS t SET {assignments} FROM "
                                                  f"{self._from(sets)} WHERE {self._match()}{cond} RETURNING v.n")
-        return sql  # type: ignore[no-any-return]
+        return sql
 
     def existing(self) -> str:
         """The target rows (as JSON) for keys given as arrays, with the keys' positions."""
@@ -215,7 +215,7 @@ class TargetTable:
         if sql is None:
             sql = self._sql["E",] = (f"SELECT v.n, to_jsonb(t) FROM {self.qualified} AS t JOIN {self._from(())} "
                                      f"ON {self._match()}")
-        return sql  # type: ignore[no-any-return]
+        return sql
 
     def as_dict(self, row: tuple | list | None) -> dict[str, Any] | None:
         """A row as column -> text value (columns the server did not send are left out)."""

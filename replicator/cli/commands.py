@@ -31,8 +31,8 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="target DSN (libpq string or URI); default $PGFERRY_TARGET")
 
 
-def _positive(kind: type) -> object:
-    def parse(text: str) -> object:
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
@@ -277,7 +277,7 @@ def load_hook(spec: str, what: str = "--message-hook") -> Callable[..., object]:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UsageError(f"{what} {spec!r}: {module_name} has no function {attr}")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:

@@ -211,7 +211,7 @@ def _from_file(path: str) -> dict[str, Any]:
         msgspec.convert(raw, Settings)
     except msgspec.ValidationError as exc:
         raise UsageError(f"config file {path}: {_explain(exc)}") from None
-    return raw  # type: ignore[no-any-return]
+    return raw
 
 
 def _from_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
@@ -264,7 +264,7 @@ def as_dict(settings: Settings) -> dict[str, Any]:
     out = msgspec.to_builtins(settings)
     for key in ("source", "target"):
         out[key] = masked(out[key])
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def policies(st: Settings, load_hook: Any = None) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 import psycopg2
@@ -21,6 +21,9 @@ from sink.state import quote_ident
 from ..source import connect
 from ..sync import holdback
 from ..sync.holdback import HeldBack
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType  # rich is imported when the view is drawn
 
 
 class ConflictCount(msgspec.Struct):
@@ -214,7 +217,7 @@ def watch_status(source: str, target: str, slot: str, schema: str, interval: flo
                 return 0
 
 
-def _view(st: Status, prev: tuple[float, Status] | None, now: float) -> object:
+def _view(st: Status, prev: tuple[float, Status] | None, now: float) -> RenderableType:
     from rich.console import Group
     from rich.table import Table
 
@@ -235,7 +238,7 @@ def _view(st: Status, prev: tuple[float, Status] | None, now: float) -> object:
                  + (f", safe_wal_size {_mb(st.slot_safe_wal_size)}" if st.slot_safe_wal_size is not None else ""))
     if st.cutover:
         head.add_row("cutover", st.cutover)
-    parts: list[object] = [head]
+    parts: list[RenderableType] = [head]
     if st.tables:
         tables = Table(title="tables" + (f" (copying {copy_rate:,.0f} rows/s)" if copy_rate else ""),
                        title_justify="left")

@@ -120,21 +120,21 @@ class ChangeFormatter:
         }
 
     def format(self, msg: Message, lsn: Lsn) -> dict[str, Any] | None:
-        t = type(msg)
-        if t is Begin:
+        if isinstance(msg, Begin):
             self.begin = msg
             self.origin = None
             return None
-        if t is Commit:
+        if isinstance(msg, Commit):
             self.begin = None
             return None
-        if t is Relation:
+        if isinstance(msg, Relation):
             self.relations[msg.oid] = msg
             return None
-        if t is Origin:
+        if isinstance(msg, Origin):
             self.origin = msg.name
             return None
-        if t in (Insert, Update, Delete):
+        if isinstance(msg, (Insert, Update, Delete)):
+            t = type(msg)
             rel = self.relations.get(msg.relation_oid)
             if rel is None:
                 raise PgferryError(f"change for relation OID {msg.relation_oid} at {lsn} arrived before its "
@@ -151,14 +151,14 @@ class ChangeFormatter:
             if self.origin:
                 line["origin"] = self.origin
             return line
-        if t is Truncate:
+        if isinstance(msg, Truncate):
             line = self._base(lsn, "truncate", self.begin)
             line["tables"] = [
                 f"{self.relations[o].namespace}.{self.relations[o].name}" if o in self.relations else str(o)
                 for o in msg.relation_oids]
             line.update({"cascade": msg.cascade, "restart_identity": msg.restart_identity})
             return line
-        if t is LogicalMessage:
+        if isinstance(msg, LogicalMessage):
             # A non-transactional message belongs to no transaction, even if one is open.
             line = self._base(lsn, "message", self.begin if msg.transactional else None)
             try:
@@ -218,10 +218,11 @@ def run_tail(source_dsn: str, publication: str, slot: str | None, out: IO[str] =
         line = fmt.format(m, Lsn(msg.data_start))
         if line is not None:
             out.write(encode(line).decode() + "\n")
-        if type(m) is Commit or (type(m) is LogicalMessage and not m.transactional):
+        end = m.end_lsn if isinstance(m, Commit) else m.lsn if isinstance(m, LogicalMessage) and not m.transactional \
+            else None
+        if end is not None:
             out.flush()
             # Acknowledge what is printed: a named slot then resumes after it.
-            end = m.end_lsn if type(m) is Commit else m.lsn
             msg.cursor.send_feedback(flush_lsn=end)
 
     # Our own read loop instead of consume_stream(): its select() runs inside psycopg2's C code,

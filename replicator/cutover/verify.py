@@ -62,7 +62,7 @@ def _one(conn: Any, sql: str, params: tuple = ()) -> tuple:
         cur.execute(sql, params)
         row = cur.fetchone()
     conn.rollback()
-    return row  # type: ignore[no-any-return]
+    return row
 
 
 def verify_table(src: Any, dst: Any, schema: str, table: str, mode: str) -> TableResult:

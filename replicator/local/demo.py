@@ -137,7 +137,7 @@ def run_demo(write_seconds: float = 10.0, out: IO[str] = sys.stdout) -> int:
         say("source loaded: 20,000 accounts (some with TOASTed notes), 100,000 transfers, 50,000 events "
             "in a partitioned table, a sequence")
 
-        stop, counter, refused = threading.Event(), [0], []
+        stop, counter, refused = threading.Event(), [0], list[str]()
         writer = threading.Thread(target=_writer, args=(src, stop, counter, refused), daemon=True)
         writer.start()
         root = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgferry.metrics")
 
 PHASES = ("preflight", "schema", "copy", "streaming", "stopped", "done")
-OPS = {Insert: "insert", Update: "update", Delete: "delete", Truncate: "truncate"}
+OPS: dict[type, str] = {Insert: "insert", Update: "update", Delete: "delete", Truncate: "truncate"}
 
 
 
@@ -89,7 +89,7 @@ class DaemonCollector:
         yield phase
         session = STATE.session
         sink = session.sink if session is not None else None
-        if sink is not None:
+        if session is not None and sink is not None:
             applied = int(sink.stored)
             source = max(int(session.cur.wal_end or 0), applied) if session.cur is not None else applied
             yield GaugeMetricFamily("pgferry_applied_lsn", "Source LSN up to which everything is committed on "
@@ -105,8 +105,8 @@ class DaemonCollector:
             rows = CounterMetricFamily("pgferry_rows_applied", "Source row changes applied, per table and "
                                        "operation", labels=["table", "op"])
             for table, counts in list(sink.op_counts.items()):
-                for kind, n in list(counts.items()):
-                    rows.add_metric([table, OPS.get(kind, "other")], n)
+                for op, n in list(counts.items()):
+                    rows.add_metric([table, OPS.get(op, "other")], n)
             yield rows
             conflicts = CounterMetricFamily("pgferry_conflicts", "Conflicts (changes the target disagreed with), "
                                             "per table and kind", labels=["table", "kind"])

@@ -96,7 +96,7 @@ class StreamConfig:
     status_interval: float = 1.0
     max_backoff: float = 10.0
     network_timeout: float = 30.0  # silence from the source after which the connection is presumed dead
-    message_hook: Callable[[LogicalMessage], None] | None = None
+    message_hook: Callable[[LogicalMessage], object] | None = None
     policies: Policies | None = None  # conflict policies (sink/conflicts.py)
     throttle: Throttle | None = None
     reload: Callable[[], tuple[Any, BatchLimits]] | None = None  # SIGHUP: fresh budgets and batch limits
@@ -427,7 +427,7 @@ class Session:
             if not self.skip:
                 sink.apply(m, len(payload))  # type: ignore[arg-type]
         elif t is Begin:
-            self.skip = not sink.begin(m.xid, m.final_lsn)  # type: ignore[union-attr]
+            self.skip = not sink.begin(m.xid, m.final_lsn)  # type: ignore[union-attr, arg-type]
         elif t is Commit:
             if not self.skip:
                 # a handoff marker's transaction is committed together with the cutover claim
@@ -450,7 +450,7 @@ class Session:
         elif t is StreamCommit:
             self.apply_streamed(m)  # type: ignore[arg-type]
         elif t is StreamAbort:
-            self.spool.abort(m.xid, m.subxid)  # type: ignore[union-attr]
+            self.spool.abort(m.xid, m.subxid)  # type: ignore[union-attr, arg-type]
         elif t is LogicalMessage:
             if m.prefix == HANDOFF_PREFIX:  # type: ignore[union-attr]
                 if m.transactional and not self.skip:  # type: ignore[union-attr]

@@ -143,7 +143,7 @@ def _host_prefix() -> str:
 def remove_orphans(base: Path) -> list[Path]:
     """Remove the spool directories in `base` of this host's pgferry processes that are gone."""
     prefix = _host_prefix()
-    removed = []
+    removed: list[Path] = []
     try:
         candidates = [d for d in base.iterdir() if d.name.startswith(prefix) and d.is_dir()]
     except OSError:

@@ -58,4 +58,4 @@ def pump() -> Callable[[tuple[int, ...], int, tuple[bytes, ...], bytes, bool, in
         return None
     lib = ctypes.CDLL(path)  # already loaded: the same handle and functions psycopg2 uses
     _cpump.bind(*(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0 for name in FUNCTIONS))
-    return _cpump.pump  # type: ignore[no-any-return]
+    return _cpump.pump
