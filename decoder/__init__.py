@@ -5,6 +5,8 @@
     msg = PgOutputDecoder().decode(env.data)   # Begin | Insert | ... (see decoder.messages)
 """
 
+from . import accel
+from .accel import pure_python
 from .envelope import decode_copy_data, encode_standby_status
 from .errors import DecodeError
 from .lsn import INVALID_LSN, Lsn
@@ -36,12 +38,42 @@ from .messages import (
     Value,
     XLogData,
 )
-from .pgoutput import PgOutputDecoder, decode_message, pure_python
+from .pgoutput import PgOutputDecoder, decode_message
 
 __all__ = [
-    "INVALID_LSN", "UNCHANGED", "Begin", "BeginPrepare", "Column", "Commit", "CommitPrepared", "DecodeError",
-    "Delete", "Insert", "Keepalive", "LogicalMessage", "Lsn", "Message", "Origin", "PgOutputDecoder", "Prepare",
-    "Relation", "RollbackPrepared", "StreamAbort", "StreamCommit", "StreamPrepare", "StreamStart", "StreamStop",
-    "Truncate", "Type", "Unchanged", "Update", "Value", "XLogData", "decode_copy_data", "decode_message",
-    "encode_standby_status", "pure_python",
+    "INVALID_LSN",
+    "UNCHANGED",
+    "Begin",
+    "BeginPrepare",
+    "Column",
+    "Commit",
+    "CommitPrepared",
+    "DecodeError",
+    "Delete",
+    "Insert",
+    "Keepalive",
+    "LogicalMessage",
+    "Lsn",
+    "Message",
+    "Origin",
+    "PgOutputDecoder",
+    "Prepare",
+    "Relation",
+    "RollbackPrepared",
+    "StreamAbort",
+    "StreamCommit",
+    "StreamPrepare",
+    "StreamStart",
+    "StreamStop",
+    "Truncate",
+    "Type",
+    "Unchanged",
+    "Update",
+    "Value",
+    "XLogData",
+    "accel",
+    "decode_copy_data",
+    "decode_message",
+    "encode_standby_status",
+    "pure_python",
 ]

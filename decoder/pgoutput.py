@@ -14,10 +14,10 @@ flat, with locals instead of helper calls per field.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from . import _struct as S
+from . import accel
 from .errors import DecodeError, short
 from .lsn import Lsn
 from .lsn import lsn_unchecked as _lsn
@@ -409,20 +409,12 @@ def decode_message_py(buf: bytes, in_stream: bool = False) -> Message:
                           tag=chr(buf[0])) from None
 
 
-def pure_python() -> bool:
-    """PGFERRY_PURE_PYTHON=1: use none of the optional C accelerators (decoder, fold, copy pump)."""
-    return os.environ.get("PGFERRY_PURE_PYTHON", "") not in ("", "0")
-
-
 def _load_accelerator() -> Callable[[bytes, bool], Message | None] | None:
     """The optional C parser for Begin/Commit/Insert/Update/Delete (decoder/_cdecode.c), unless
     PGFERRY_PURE_PYTHON=1 or it was not built. It returns None for anything it does not decode
     (other tags, any malformed input); the Python parser then decodes or reports the error."""
-    if pure_python():
-        return None
-    try:
-        from . import _cdecode  # type: ignore[attr-defined]
-    except ImportError:
+    _cdecode = accel.load("decoder._cdecode")
+    if _cdecode is None:
         return None
     _cdecode.init(Insert, Update, Delete, Begin, Commit, Lsn, UNCHANGED)
     return _cdecode.decode

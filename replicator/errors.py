@@ -1,6 +1,10 @@
-"""Errors that end a command with a clear message and a documented exit code (DESIGN.md §3):
-1 = the operation found a problem (source not ready, differences, timeout),
-2 = usage or configuration error (bad DSN, unreachable server, wrong password)."""
+"""replicator's errors, in one place: each ends a command with a one-line message (what failed and
+what to do) and a documented exit code (docs/commands.md):
+1 = the operation found a problem (source not ready, differences, timeout, a server unreachable),
+2 = usage or configuration error (a bad flag, setting or DSN).
+What the stream loop retries is decided by `sink.errors.retryable` (the one retry table); the
+decoder's and the sink's own errors are in decoder/errors.py and sink/errors.py (imports flow
+replicator -> sink -> decoder, so those packages cannot import this module)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,31 @@ class UsageError(PgferryError):
 
 class SourceNotReady(PgferryError):
     """The source is reachable but not set up for logical replication (exit 1)."""
+
+
+class CheckError(PgferryError):
+    """Starting would break the source, or cannot work with this target (exit 1)."""
+
+
+class SyncError(PgferryError):
+    """The initial sync cannot go on (exit 1)."""
+
+
+class CopyError(PgferryError):
+    """A table could not be copied (exit 1)."""
+
+
+class PostDataError(PgferryError):
+    """Creating post-data objects on the target failed (exit 1)."""
+
+
+class FatalError(PgferryError):
+    """Stops the daemon (exit 1): retrying cannot help."""
+
+
+class SessionRetry(Exception):
+    """This stream session ended for a reason a reconnect can fix (no message for too long, the
+    target's WAL flush stalled): the stream loop reconnects and resumes from the stored progress."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -27,13 +27,13 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from decoder import UNCHANGED, Delete, Insert, Lsn, Relation, Truncate, Update, pure_python
+from decoder import UNCHANGED, Delete, Insert, Lsn, Relation, Truncate, Update, accel
 from decoder.values import pg_epoch_to_datetime
 
 from . import failpoints, state
 from .conflicts import Policies
-from .direct import INSERT_ROWS, RETRYABLE, ChangeByChange, first_line_of
-from .errors import ApplyError
+from .direct import INSERT_ROWS, ChangeByChange, first_line_of
+from .errors import RETRYABLE, ApplyError
 from .netbatch import NetBatch
 from .relations import TargetTable, firing, map_relation
 from .resolve import Resolving
@@ -43,11 +43,8 @@ log = logging.getLogger("pgferry.sink")
 
 def _load_fold() -> Callable[..., int] | None:
     """The optional C fold (sink/_cfold.c) unless PGFERRY_PURE_PYTHON=1 or it was not built."""
-    if pure_python():
-        return None
-    try:
-        from . import _cfold  # type: ignore[attr-defined]
-    except ImportError:
+    _cfold = accel.load("sink._cfold")
+    if _cfold is None:
         return None
     _cfold.init(Insert, Update, Delete, UNCHANGED)
     return _cfold.fold

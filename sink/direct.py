@@ -17,6 +17,7 @@ import psycopg2.extras
 
 from decoder import Lsn
 
+from .errors import RETRYABLE
 from .netbatch import INS, existing_rows
 from .relations import TargetTable
 
@@ -29,9 +30,6 @@ EACH_BYTES = 4 << 20  # ...or this much SQL text
 PREPARED_MAX = 1000  # statement shapes prepared per target connection; the rest are sent as text
 _PLACEHOLDER = re.compile(r"%s")
 
-# Connection-level failures: the stream loop reconnects and resumes from the stored progress.
-RETRYABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.errors.SerializationFailure,
-             psycopg2.errors.DeadlockDetected)
 
 
 def first_line_of(exc: psycopg2.Error) -> str:

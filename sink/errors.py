@@ -2,7 +2,34 @@
 
 from __future__ import annotations
 
+import psycopg2
+import psycopg2.errors
+
 from decoder import Lsn
+
+# -- the retry table: what a psycopg2 error means, for a batch and for the stream session --------
+# The connection or the transaction is gone (the target undid the open batch): never a conflict or
+# an apply error; the stream loop reconnects and resumes from the stored progress.
+RETRYABLE: tuple[type[Exception], ...] = (
+    psycopg2.OperationalError, psycopg2.InterfaceError,
+    psycopg2.errors.SerializationFailure, psycopg2.errors.DeadlockDetected)
+# Also retried by the stream loop with a new session: a server shutting down or starting up, a
+# slot still held by the walsender of the session before.
+SESSION_RETRYABLE: tuple[type[Exception], ...] = (
+    psycopg2.errors.ObjectInUse, psycopg2.errors.AdminShutdown, psycopg2.errors.CrashShutdown,
+    psycopg2.errors.CannotConnectNow)
+# Never retried: the slot is gone or invalidated (the target must be re-synced).
+SLOT_LOST: tuple[type[Exception], ...] = (psycopg2.errors.UndefinedObject,
+                                          psycopg2.errors.ObjectNotInPrerequisiteState)
+
+
+def retryable(exc: BaseException) -> bool:
+    """May the stream loop reconnect and go on after `exc` (a psycopg2 error or an OSError)? Any
+    other server error is retried too (with backoff, logged once): a disk full or too many
+    connections passes; what never can, stops the daemon (SLOT_LOST)."""
+    if isinstance(exc, (*RETRYABLE, *SESSION_RETRYABLE, OSError)):
+        return True
+    return isinstance(exc, psycopg2.DatabaseError) and not isinstance(exc, SLOT_LOST)
 
 
 class SinkError(Exception):
@@ -28,3 +55,7 @@ class ApplyError(SinkError):
     """Needs an operator: the target rejected a change (constraint, type, value too long...)."""
 
     batch_has_earlier = False  # the failed batch also held complete earlier source transactions
+
+
+class ConflictError(ApplyError):
+    """A conflict under the `error` policy (or a hook that said so): the daemon stops."""

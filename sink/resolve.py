@@ -24,15 +24,11 @@ import psycopg2.extras
 from decoder import Lsn
 
 from .conflicts import Conflict, Policies, Resolution, policy_resolution
-from .errors import ApplyError
+from .errors import ConflictError
 from .relations import TargetTable
 from .state import quote_ident
 
 log = logging.getLogger("pgferry.sink")
-
-
-class ConflictError(ApplyError):
-    """A conflict under the `error` policy (or a hook that said so): the daemon stops."""
 
 
 class Resolving:

@@ -13,7 +13,11 @@ from typing import Annotated, Any, Literal, get_args, get_type_hints
 
 import msgspec
 
+from sink.apply import BatchLimits
+
 from ..errors import UsageError
+
+_LIMITS = BatchLimits()
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -61,9 +65,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     hold_back_constraints: bool = False
     keep_constraints: bool = False
     # apply
-    batch_rows: Positive = 50_000
-    batch_bytes: Positive = 16 << 20
-    batch_ms: PositiveFloat = 500.0
+    batch_rows: Positive = _LIMITS.rows  # the sink's defaults (sink.apply.BatchLimits), measured there
+    batch_bytes: Positive = _LIMITS.bytes
+    batch_ms: PositiveFloat = _LIMITS.seconds * 1000
     spool_dir: str | None = None
     network_timeout: PositiveFloat = 30.0
     message_hook: str | None = None
@@ -85,7 +89,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 FIELDS = Settings.__struct_fields__
 NESTED = ("conflicts",)  # sections: from the config file only
 
-EXAMPLE = """\
+EXAMPLE = f"""\
 # pgferry configuration. Precedence: command-line flags > environment variables
 # (PGFERRY_<KEY>, e.g. PGFERRY_BATCH_ROWS=20000) > this file > the defaults shown here.
 # Unknown keys are an error. Passwords: put them in PGPASSWORD or ~/.pgpass rather than
@@ -121,9 +125,9 @@ keep_constraints = false
 
 # Apply: a target transaction commits after this many row changes, bytes of changes, or
 # milliseconds, whichever comes first.
-batch_rows = 50000
-batch_bytes = 16777216
-batch_ms = 500.0
+batch_rows = {_LIMITS.rows}
+batch_bytes = {_LIMITS.bytes}
+batch_ms = {_LIMITS.seconds * 1000}
 # Where large in-progress transactions are spooled. Default: the temp directory.
 # spool_dir = "/var/lib/pgferry/spool"
 # Seconds of silence from the source after which the connection is re-opened.

@@ -57,12 +57,12 @@ from decoder import (
     decode_message,
 )
 from decoder.pgoutput import decode_hot
-from sink.apply import RETRYABLE, BatchLimits, Sink
+from sink.apply import BatchLimits, Sink
 from sink.conflicts import Policies
-from sink.errors import ApplyError, SinkError
+from sink.errors import SLOT_LOST, ApplyError, SinkError, retryable
 from sink.state import HANDOFF_PREFIX, readable_name
 
-from ..errors import PgferryError, UsageError, first_line
+from ..errors import FatalError, PgferryError, SessionRetry, UsageError, first_line
 from ..source import check_logical_source, connect, describe_dsn, max_protocol_version, published_tables
 from . import metrics
 from .spool import Spool
@@ -100,14 +100,6 @@ class StreamConfig:
     policies: Policies | None = None  # conflict policies (sink/conflicts.py)
     throttle: Throttle | None = None
     reload: Callable[[], tuple[Any, BatchLimits]] | None = None  # SIGHUP: fresh budgets and batch limits
-
-
-class FatalError(PgferryError):
-    """Stops the daemon (exit 1): retrying cannot help."""
-
-
-class _Retry(Exception):
-    """This session ended for a reason a reconnect can fix."""
 
 
 def prepare_slot(conn: psycopg2.extensions.connection, cfg: StreamConfig, stored: Lsn | None) -> tuple[Lsn, bool]:
@@ -344,7 +336,7 @@ class Session:
             self.last_heard = now
         silent = now - self.last_heard
         if silent > self.cfg.network_timeout:
-            raise _Retry(f"no message from the source for {silent:.0f} s (network_timeout "
+            raise SessionRetry(f"no message from the source for {silent:.0f} s (network_timeout "
                          f"{self.cfg.network_timeout:.0f} s): the connection is presumed dead")
         if silent > self.cfg.network_timeout / 3 and now - self.last_ping > self.cfg.network_timeout / 6:
             self.last_ping = now
@@ -373,7 +365,7 @@ class Session:
             return
         sink.flush()
         if not self.wait_durable():
-            raise _Retry(f"the target did not flush its WAL within {DURABLE_WAIT:.0f} s")
+            raise SessionRetry(f"the target did not flush its WAL within {DURABLE_WAIT:.0f} s")
         self.feedback(force=True)
 
     def wait_durable(self) -> bool:
@@ -496,14 +488,6 @@ class Session:
             self.cur.send_feedback(force=True)
 
 
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, (*RETRYABLE, psycopg2.errors.ObjectInUse, psycopg2.errors.AdminShutdown,
-                        psycopg2.errors.CrashShutdown, psycopg2.errors.CannotConnectNow, _Retry, OSError)):
-        return True
-    return isinstance(exc, psycopg2.DatabaseError) and not isinstance(exc, psycopg2.errors.UndefinedObject |
-                                                                     psycopg2.errors.ObjectNotInPrerequisiteState)
-
-
 GC_EVERY = 10.0  # seconds between the stream loop's own runs of the cycle collector
 
 
@@ -575,9 +559,9 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
                 reason = str(exc)
             except PgferryError:
                 raise
-            except (psycopg2.Error, _Retry, OSError) as exc:
-                if not _retryable(exc):
-                    if isinstance(exc, psycopg2.errors.UndefinedObject | psycopg2.errors.ObjectNotInPrerequisiteState):
+            except (psycopg2.Error, SessionRetry, OSError) as exc:
+                if not (isinstance(exc, SessionRetry) or retryable(exc)):
+                    if isinstance(exc, SLOT_LOST):
                         raise FatalError(f"cannot stream slot {cfg.slot!r}: {first_line(exc)}. If the slot is gone "
                                          "or invalidated, the target must be re-synced") from None
                     raise FatalError(first_line(exc)) from None

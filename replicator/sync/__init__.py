@@ -2,8 +2,9 @@
 holdback), the parallel copy and its C pump (copy, libpq, _cpump.c), post-data (indexes and
 constraints as tables finish) and sequences. `initial.InitialSync` runs it."""
 
+from ..errors import SyncError
 from .initial import InitialSync
-from .plan import SyncConfig, SyncError, TableCopy
+from .plan import SyncConfig, TableCopy
 from .sequences import copy_sequences
 
 __all__ = ["InitialSync", "SyncConfig", "SyncError", "TableCopy", "copy_sequences"]

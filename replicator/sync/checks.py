@@ -8,17 +8,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from ..errors import PgferryError
+from ..errors import CheckError
 from ..source import describe_dsn, published_tables
 
 if TYPE_CHECKING:
     from .plan import SyncConfig
 
 log = logging.getLogger("pgferry.sync")
-
-
-class CheckError(PgferryError):
-    """Starting would break the source, or cannot work with this target (exit 1)."""
 
 
 class Finding(msgspec.Struct, kw_only=True):

@@ -24,7 +24,7 @@ from decoder import Lsn
 from sink import failpoints
 from sink.state import SESSION, pgferry_session, quote_ident
 
-from ..errors import PgferryError
+from ..errors import CopyError, PgferryError
 from ..source import ThreadConnections, connect
 from . import libpq
 from .pgtools import find_client, libpq_env
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
     from .plan import SyncConfig, TableCopy
 
 log = logging.getLogger("pgferry.sync")
-
-
-class CopyError(PgferryError):
-    """A table could not be copied (exit 1)."""
 
 
 FIRST_USER_OID = 16384  # built-in types below: their binary format and OID are the same on every server

@@ -39,13 +39,13 @@ from decoder import Lsn
 from sink import failpoints, state
 from sink.state import quote_ident
 
-from ..errors import PgferryError, first_line
+from ..errors import PgferryError, SyncError, first_line
 from ..source import check_logical_source, completed_or_cancel, connect, describe_dsn, published_tables
 from . import holdback, libpq
 from .checks import check_extensions, check_replicability, check_target_schema
 from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_copied, table_sizes, truncate_target
 from .pgtools import drop_unknown_settings
-from .plan import SyncConfig, SyncError, TableCopy
+from .plan import SyncConfig, TableCopy
 from .postdata import PostDataRun
 from .schema import SchemaDump
 from .sequences import copy_sequences

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg2  # noqa: F401  (loads psycopg2's libpq into this process)
 
-from decoder import pure_python
+from decoder import accel
 
 log = logging.getLogger("pgferry.sync")
 
@@ -46,11 +46,8 @@ PUMP_MAX_SOURCES = 16  # _cpump.c's MAX_SOURCES: block ranges merged into one ta
 def pump() -> Callable[[tuple[int, ...], int, tuple[bytes, ...], bytes, bool, int, bytes], tuple[int, Any]] | None:
     """`_cpump.pump` (the initial copy's data path) bound to psycopg2's libpq, or None: copy
     through psql."""
-    if pure_python():
-        return None
-    try:
-        from . import _cpump  # type: ignore[attr-defined]
-    except ImportError:
+    _cpump = accel.load("replicator.sync._cpump")
+    if _cpump is None:
         return None
     path = psycopg2_libpq_path()
     if path is None:

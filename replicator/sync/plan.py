@@ -7,12 +7,6 @@ from dataclasses import dataclass
 
 from sink.state import quote_ident
 
-from ..errors import PgferryError
-
-
-class SyncError(PgferryError):
-    """The initial sync cannot go on (exit 1)."""
-
 
 @dataclass
 class SyncConfig:

@@ -37,7 +37,7 @@ import psycopg2
 from sink import failpoints
 from sink.state import quote_ident
 
-from ..errors import PgferryError, first_line
+from ..errors import PostDataError, first_line
 from ..source import ThreadConnections, completed_or_cancel, connect, describe_dsn
 from . import holdback
 from .holdback import POST_DATA_TYPES, Held, from_post_data, unquote
@@ -58,10 +58,6 @@ ON_ONE_TABLE = {
 REST = "(foreign keys, triggers and the rest)"  # the last group's name in <state>.post_data
 SMALL_TABLE_BYTES = 8 << 20  # tables below this: their groups are created together...
 SMALL_STATEMENTS_PER_TXN = 50  # ...up to this many statements per target transaction
-
-
-class PostDataError(PgferryError):
-    """Creating post-data objects on the target failed (exit 1)."""
 
 
 @dataclass

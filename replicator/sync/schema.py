@@ -6,9 +6,9 @@ import functools
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
+from ..errors import SyncError
 from ..source import describe_dsn
 from .pgtools import find_client, find_pg_dump, libpq_env
-from .plan import SyncError
 
 
 class SchemaDump:

@@ -11,10 +11,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from replicator.errors import CopyError
 from replicator.local.servers import find_bindir
 from replicator.sync import copy, libpq, postdata
 from replicator.sync import initial as sync
-from replicator.sync.copy import CopyError
 from replicator.sync.initial import InitialSync, SyncConfig, copy_sequences
 from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, pgferry, slow_inserts_under_a_timeout, wait_for
 
