@@ -74,6 +74,7 @@ class Sink(ChangeByChange, Resolving):
         self.conflict_counts: dict[tuple[str, str], int] = {}
         self._precise = False
         self.skip_lsns: set[Lsn] = set()  # source transactions the operator skips (pgferry skip)
+        self._skip_marked = False  # a skip mark is written in the open batch, its transaction not ended
         self.slot = slot
         self.schema = schema
         self.limits = limits or BatchLimits()  # (a property: the per-row checks read copies)
@@ -216,7 +217,8 @@ class Sink(ChangeByChange, Resolving):
             self.cur.execute(f"UPDATE {state.quote_ident(self.schema)}.skip SET done_at = now() WHERE slot_name = %s "
                              "AND lsn = %s::pg_lsn", (self.slot, str(commit_lsn)))
             if self._batch_started is None:
-                self._batch_started = time.monotonic()  # the mark commits with the next batch
+                self._batch_started = time.monotonic()
+            self._skip_marked = True  # the mark commits with this batch: end_skipped ends it here
             self.skip_lsns.discard(commit_lsn)
             return False
         self._xid, self._commit_lsn = xid, commit_lsn
@@ -226,6 +228,17 @@ class Sink(ChangeByChange, Resolving):
         if self._batch_started is None:
             self._batch_started = time.monotonic()
         return True
+
+    def end_skipped(self, end_lsn: Lsn, commit_time: int) -> None:
+        """The commit of a transaction `begin` declined. One skipped by `pgferry skip` ends the
+        batch like an applied one, so its mark commits with the progress past it even when nothing
+        else follows (a batch with no rows was rolled back, and the mark with it)."""
+        if self._skip_marked:
+            self._skip_marked = False
+            self._batch_end = end_lsn
+            self._batch_time = commit_time
+            if self._batch_rows >= self._max_rows or self._batch_bytes >= self._max_bytes:
+                self.flush(wait=False)
 
     def apply(self, msg: Insert | Update | Delete | Truncate, size: int = 0) -> None:
         """Apply one change of the open source transaction. `size`: its message's length in
@@ -398,7 +411,9 @@ class Sink(ChangeByChange, Resolving):
         return claimed
 
     def in_transaction(self) -> bool:
-        return self._xid is not None
+        """A source transaction is open (or one skipped by `pgferry skip`: its mark must commit
+        with the progress past it, not before its end)."""
+        return self._xid is not None or self._skip_marked
 
     def writing(self) -> bool:
         """A batch is being written in the background."""
@@ -483,6 +498,7 @@ class Sink(ChangeByChange, Resolving):
             pass
         self._ins_rows = []
         self._ins_meta = []
+        self._skip_marked = False
         self._each_meta, self._each_bytes = [], 0
         self.net = NetBatch()
         self._net_rows = self._net_bytes = 0

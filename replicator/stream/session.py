@@ -430,6 +430,8 @@ class Session:
                         self.handed_off = m.end_lsn  # type: ignore[union-attr]
                         return
                     log.warning("a handoff marker arrived for cutover %s, which gave up: streaming on", cutover_id)
+            else:
+                sink.end_skipped(m.end_lsn, m.commit_time)  # type: ignore[union-attr]
             self.skip = False
             self.received_data = True
         elif t is Relation:
@@ -460,6 +462,7 @@ class Session:
         assert sink is not None
         if not sink.begin(m.xid, m.commit_lsn):
             self.spool.discard(m.xid)
+            sink.end_skipped(m.end_lsn, m.commit_time)
             return
         hook = self.cfg.message_hook
         count, size = self.spool.stats(m.xid)

@@ -140,6 +140,28 @@ def test_error_stops_at_the_transaction_and_skip_moves_past_it(pair, daemons, tm
     assert pgferry("skip", "--lsn", "not-an-lsn", "--target", dst.dsn).returncode == 2
 
 
+def test_skipping_the_last_transaction_commits_its_mark(pair, daemons, tmp_path):
+    """`pgferry skip` of a transaction nothing follows: its mark is done with the progress past it
+    (it was written in a batch with no rows, which was rolled back with it)."""
+    src, dst = pair
+    d = _setup(src, dst, tmp_path, "", *BIG)
+    daemons.append(d)
+    src.execute("INSERT INTO t VALUES (1, 'source', 7)")  # insert_exists: the last change there is
+    d.start()
+    assert d.wait_exit() == 1
+    lsn = _lsn_of(d.output())
+    assert pgferry("skip", "--lsn", lsn, "--target", dst.dsn).returncode == 0
+    d.start().wait_ready()
+    d.wait_caught_up()
+    assert dst.execute("SELECT done_at IS NOT NULL FROM pgferry.skip WHERE lsn = %s::pg_lsn", (lsn,)) == [(True,)]
+    assert _rows(dst) == [(1, "target", 5), (4, "target", 9), (10, "ten", 1)]
+    assert d.stop() == 0
+    src.execute("INSERT INTO t VALUES (30, 'after', 1)")  # and a restart goes on past it, once
+    d.start().wait_ready()
+    d.wait_caught_up()
+    assert _rows(dst)[-1] == (30, "after", 1) and d.output().count("skipping source transaction") == 1
+
+
 def test_delete_missing_error_and_apply_error_skip(pair, daemons, tmp_path):
     src, dst = pair
     d = _setup(src, dst, tmp_path, '[conflicts]\ninsert_exists = "skip"\napply_error = "skip"\n'
