@@ -422,14 +422,7 @@ class Session:
             self.skip = not sink.begin(m.xid, m.final_lsn)  # type: ignore[union-attr, arg-type]
         elif t is Commit:
             if not self.skip:
-                # a handoff marker's transaction is committed together with the cutover claim
-                sink.commit(m.end_lsn, m.commit_time, hold=self.handoff is not None)  # type: ignore[union-attr]
-                if self.handoff is not None:
-                    cutover_id, self.handoff = self.handoff, None
-                    if sink.handoff(cutover_id):
-                        self.handed_off = m.end_lsn  # type: ignore[union-attr]
-                        return
-                    log.warning("a handoff marker arrived for cutover %s, which gave up: streaming on", cutover_id)
+                self.commit(m.end_lsn, m.commit_time)  # type: ignore[union-attr]
             else:
                 sink.end_skipped(m.end_lsn, m.commit_time)  # type: ignore[union-attr]
             self.skip = False
@@ -475,11 +468,28 @@ class Session:
                 sink.apply(c)  # type: ignore[arg-type]
             elif t is Relation:
                 sink.relation(c)  # type: ignore[arg-type]
-            elif t is LogicalMessage and hook is not None:
-                hook(c)  # type: ignore[arg-type]
+            elif t is LogicalMessage:
+                if c.prefix == HANDOFF_PREFIX:  # type: ignore[union-attr]
+                    if c.transactional:  # type: ignore[union-attr]
+                        self.handoff = c.content.decode()  # type: ignore[union-attr]
+                elif hook is not None:
+                    hook(c)  # type: ignore[arg-type]
             self.keep_alive()
-        sink.commit(m.end_lsn, m.commit_time)
+        self.commit(m.end_lsn, m.commit_time)
         self.received_data = True
+
+    def commit(self, end_lsn: Lsn, commit_time: int) -> None:
+        """A source transaction (streamed or not) ends. One that carried a handoff marker is
+        committed together with the cutover claim."""
+        sink = self.sink
+        assert sink is not None
+        sink.commit(end_lsn, commit_time, hold=self.handoff is not None)
+        if self.handoff is not None:
+            cutover_id, self.handoff = self.handoff, None
+            if sink.handoff(cutover_id):
+                self.handed_off = end_lsn
+                return
+            log.warning("a handoff marker arrived for cutover %s, which gave up: streaming on", cutover_id)
 
     def keep_alive(self) -> None:
         """During a long replay nothing is read (psycopg2 sends its periodic status update only

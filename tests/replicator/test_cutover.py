@@ -106,6 +106,30 @@ def test_cutover_verify_count_compares_row_counts_only(pair, daemons):
     assert d.wait_exit(timeout=30) == 0, d.output()
 
 
+def test_a_handoff_marker_in_a_streamed_transaction_is_claimed(pair, daemons):
+    """A source that streams every transaction in progress (PostgreSQL 16+:
+    debug_logical_replication_streaming = immediate) sends the cutover's marker inside a streamed
+    block: the daemon claims it like any other and the cutover hands off."""
+    src, dst = pair
+    if src.version < 16:
+        pytest.skip("debug_logical_replication_streaming is PostgreSQL 16+")
+    (dbname,) = src.execute("SELECT current_database()")[0]
+    src.execute(f'ALTER DATABASE "{dbname}" SET debug_logical_replication_streaming = immediate')
+    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    wait_for(lambda: _status(src, dst)["phase"] == "streaming" or not d.running(), 60, "streaming")
+    src.execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 100) g")
+    wait_for(lambda: dst.execute("SELECT count(*) FROM t") == [(100,)] or not d.running(), 60, "the stream")
+    assert "applying streamed transaction" in d.output()  # the source does stream them
+    r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--fence", "none", "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr + d.output()
+    receipt = json.loads(r.stdout)
+    (applied,) = dst.execute("SELECT applied_lsn::text FROM pgferry.progress")[0]
+    assert receipt["ok"] and receipt["handoff_lsn"] == applied
+    assert d.wait_exit(timeout=30) == 0, d.output()
+
+
 def test_tables_the_target_role_may_not_analyze_are_named_not_counted(pair, caplog):
     """The cutover's ANALYZE runs as the target role; a table someone else owns is skipped by the
     server with a warning: pgferry names it in its own warning instead of counting it analyzed."""
