@@ -307,8 +307,12 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
                               hold_back=st.hold_back_constraints)
         if st.jobs:
             sync_cfg.jobs = st.jobs
-        metrics.STATE.phase = "copy"
-        InitialSync(sync_cfg).run()
+        metrics.STATE.phase = "copy"  # "schema" while the tables are created: the sync says so
+
+        def phase(name: str) -> None:
+            metrics.STATE.phase = name
+
+        InitialSync(sync_cfg, on_phase=phase).run()
         from sink import failpoints
 
         failpoints.hit("before_stream")  # the copy is done and recorded; streaming has not started

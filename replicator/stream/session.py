@@ -263,6 +263,7 @@ class Session:
                 handle(msg)
                 n += 1
                 if self.handed_off is not None:
+                    metrics.STATE.phase = "done"
                     self.feedback(force=True)
                     log.info("cutover: handed off at %s; every transaction committed on the source up to there "
                              "is on the target. Stopping.", self.handed_off)
@@ -382,6 +383,7 @@ class Session:
 
     def shutdown(self) -> None:
         assert self.sink is not None
+        metrics.STATE.phase = "stopped"  # stopping: what is applied stays, the rest comes on the next start
         if self.sink.in_transaction():
             self.sink.rollback()  # the rest of that source transaction was not received
         else:

@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -58,8 +59,9 @@ NO_LSN = Lsn(0)  # sync.consistent_lsn before the slot exists
 
 # -- the orchestration -------------------------------------------------------------------------
 class InitialSync:
-    def __init__(self, cfg: SyncConfig) -> None:
+    def __init__(self, cfg: SyncConfig, on_phase: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
+        self.on_phase = on_phase or (lambda _: None)  # "schema", then "copy" (the metrics' pgferry_phase)
         self.target: Any = None
         self.snapshot_conn: Any = None  # a replication connection that keeps an exported snapshot alive
         self.tables_created = False  # pre-data created the tables in this run (so they are empty)
@@ -215,10 +217,13 @@ class InitialSync:
     def _schema_pre(self, schema: SchemaDump | None) -> None:
         if schema is None:  # --no-schema
             self._mark("pre_data_done = true, phase = 'copy'")
+            self.on_phase("copy")
             return
+        self.on_phase("schema")
         self._run_schema_sql(schema.section("pre-data"), "pre_data_done = true, phase = 'copy'",
                              "tables, types and sequences")
         self.tables_created = True  # by pg_dump's CREATE TABLEs just now: empty
+        self.on_phase("copy")
 
     def _run_schema_sql(self, sql: str, mark: str, what: str) -> None:
         conn = connect(self.cfg.target, "target")

@@ -484,3 +484,18 @@ def test_money_crosses_whatever_the_sources_lc_monetary(pair, daemons, env, how)
     canon = "SELECT id, amount::numeric FROM cash ORDER BY id"
     assert src.execute(canon) == dst.execute(canon)
     assert "copied public.cash: 20 rows in" in d.output() and "text" in d.output(), d.output()
+
+
+@pytest.mark.parametrize("schema_copy", [True, False], ids=["schema", "no-schema"])
+def test_the_sync_reports_its_phases_in_order(pair, schema_copy):
+    """What the metrics' pgferry_phase shows while `start` syncs: schema (the tables being created),
+    then copy; with --no-schema straight to copy."""
+    src, dst = pair
+    src.execute(TABLE_A)
+    if not schema_copy:
+        dst.execute("CREATE TABLE a (id int PRIMARY KEY, x text)")
+    phases: list[str] = []
+    InitialSync(SyncConfig(source=src.dsn, target=dst.dsn, publication="pgferry", slot="pgferry",
+                           schema="pgferry", schema_copy=schema_copy, jobs=1), on_phase=phases.append).run()
+    assert phases == (["schema", "copy"] if schema_copy else ["copy"])
+    assert_same_tables(src, dst, {"a": ["id", "x"]})
