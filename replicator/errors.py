@@ -27,6 +27,11 @@ class UsageError(PgferryError):
     exit_code = EXIT_USAGE
 
 
+class ConnectError(PgferryError):
+    """A server could not be reached or refused the connection (exit 1, from every command: the
+    server may be down or the network cut as well as a setting wrong; the message says which)."""
+
+
 class SourceNotReady(PgferryError):
     """The source is reachable but not set up for logical replication (exit 1)."""
 

@@ -16,7 +16,7 @@ import psycopg2.extras
 
 from sink.state import pgferry_session
 
-from .errors import PgferryError, SourceNotReady, UsageError, first_line
+from .errors import ConnectError, SourceNotReady, UsageError, first_line
 
 
 def describe_dsn(dsn: str) -> str:
@@ -29,7 +29,8 @@ def describe_dsn(dsn: str) -> str:
 
 
 def connect(dsn: str, role: str = "source", **kwargs: object) -> psycopg2.extensions.connection:
-    """Open a connection, turning libpq failures into one-line usage errors."""
+    """Open a connection. A missing or malformed DSN is a usage error (exit 2); a server that cannot
+    be reached or refuses (password, pg_hba, no such database, SSL) a ConnectError (exit 1)."""
     if not dsn:
         raise UsageError(f"no {role} given: pass --{role} DSN or set PGFERRY_{role.upper()}")
     try:
@@ -41,6 +42,9 @@ def connect(dsn: str, role: str = "source", **kwargs: object) -> psycopg2.extens
         conn = psycopg2.connect(dsn, application_name="pgferry", client_encoding="UTF8", **kwargs)
     except psycopg2.OperationalError as exc:
         msg = first_line(exc)
+        if msg.startswith("invalid ") and ("connection option" in msg or " value" in msg):
+            # libpq checks the values when it connects: `port=notaport`, `sslmode=x`
+            raise UsageError(f"invalid {role} DSN: {msg}") from None
         if "password authentication failed" in msg or "no password supplied" in msg:
             hint = "check the password in the DSN, PGPASSWORD or ~/.pgpass"
         elif "does not exist" in msg:
@@ -49,7 +53,7 @@ def connect(dsn: str, role: str = "source", **kwargs: object) -> psycopg2.extens
             hint = "allow this client in the server's pg_hba.conf and reload the server"
         else:
             hint = "check host, port and that the server is running and reachable"
-        raise UsageError(f"cannot connect to {role} {describe_dsn(dsn)}: {msg}; {hint}") from None
+        raise ConnectError(f"cannot connect to {role} {describe_dsn(dsn)}: {msg}; {hint}") from None
     if isinstance(conn, psycopg2.extras.LogicalReplicationConnection):
         # A walsender runs transactions too (the exported snapshot's, the catalog lookups while it
         # decodes a big transaction): the server's transaction_timeout would end the stream in
@@ -145,11 +149,13 @@ def check_logical_source(conn: psycopg2.extensions.connection, dsn: str, publica
                     f"CREATE PUBLICATION {publication} FOR ALL TABLES (or FOR TABLE ...), or pass --publication")
 
 
-def replication_connection(dsn: str) -> psycopg2.extras.LogicalReplicationConnection:
+def replication_connection(dsn: str, **kwargs: object) -> psycopg2.extras.LogicalReplicationConnection:
+    """A logical replication connection to the source (the stream's, tail's): a refusal exits 1
+    from every command, with the pg_hba.conf rule such a connection matches."""
     try:
-        return connect(dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection)
-    except UsageError as exc:
-        raise PgferryError(
+        return connect(dsn, "source", connection_factory=psycopg2.extras.LogicalReplicationConnection, **kwargs)
+    except ConnectError as exc:
+        raise ConnectError(
             f"{exc}; a logical replication connection matches the database name in pg_hba.conf "
             "(not the 'replication' keyword)") from None
 

@@ -16,7 +16,7 @@ import psycopg2.extras
 
 from sink.relations import firing
 
-from ..errors import SourceNotReady, UsageError, first_line
+from ..errors import ConnectError, SourceNotReady, UsageError, first_line
 from ..source import connect, describe_dsn
 from ..sync import holdback
 from ..sync.checks import Finding, replicability_findings
@@ -36,7 +36,7 @@ class Report(msgspec.Struct):
 
 def check(st: Settings, for_start: bool = False) -> list[Finding]:
     """All findings for this source, target and settings. Connection failures are findings too
-    (for_start: raised as UsageError, exit 2, as before anything else)."""
+    (for_start: raised, as before anything else: exit 1, or 2 for a missing or malformed DSN)."""
     findings: list[Finding] = []
     src = _open(st.source, "source", findings, for_start)
     tgt = _open(st.target, "target", findings, for_start)
@@ -55,7 +55,7 @@ def check(st: Settings, for_start: bool = False) -> list[Finding]:
 def _open(dsn: str, role: str, findings: list[Finding], for_start: bool) -> Any:
     try:
         return connect(dsn, role)
-    except UsageError as exc:
+    except (UsageError, ConnectError) as exc:
         if for_start:
             raise
         findings.append(Finding(severity="error", side=role, check="connect", message=str(exc),  # type: ignore[arg-type]

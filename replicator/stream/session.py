@@ -62,8 +62,15 @@ from sink.conflicts import Policies
 from sink.errors import SLOT_LOST, ApplyError, SinkError, retryable
 from sink.state import HANDOFF_PREFIX, readable_name
 
-from ..errors import FatalError, PgferryError, SessionRetry, UsageError, first_line
-from ..source import check_logical_source, connect, describe_dsn, max_protocol_version, published_tables
+from ..errors import ConnectError, FatalError, PgferryError, SessionRetry, UsageError, first_line
+from ..source import (
+    check_logical_source,
+    connect,
+    describe_dsn,
+    max_protocol_version,
+    published_tables,
+    replication_connection,
+)
 from . import metrics
 from .spool import Spool
 from .stopflag import StopFlag
@@ -197,12 +204,7 @@ class Session:
                 log.info("the target role may not set session_replication_role = replica; nothing fires on the "
                          "published tables (foreign keys, triggers and rules are held back until cutover or there "
                          "are none): set-based apply")
-        try:
-            self.repl = connect(cfg.source, "source", connection_factory=psycopg2.extras.LogicalReplicationConnection,
-                                **NET_OPTIONS)
-        except UsageError as exc:
-            raise UsageError(f"{exc}; a logical replication connection matches the database name in pg_hba.conf "
-                             "(not the 'replication' keyword)") from None
+        self.repl = replication_connection(cfg.source, **NET_OPTIONS)
         self.cur = self.repl.cursor()
         options = {"proto_version": str(proto), "publication_names": cfg.publication, "messages": "true"}
         if proto >= 2:
@@ -568,7 +570,7 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
                 raise FatalError(str(exc)) from None
             except SinkError as exc:
                 raise FatalError(str(exc)) from None
-            except UsageError as exc:
+            except (ConnectError, UsageError) as exc:  # a server gone while reconnecting: retried
                 if not ever_connected:
                     raise
                 reason = str(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -91,6 +92,26 @@ def test_rejected_change_stops_with_lsn_xid_and_table(pair, daemons):
     assert dst.execute("SELECT id FROM t") == [(1,)]
 
 
+UNREACHABLE = "host=127.0.0.1 port=1 dbname=x connect_timeout=3"
+
+
+@pytest.mark.parametrize("command", ["preflight", "start", "status", "verify", "cutover", "cleanup", "tail"])
+def test_a_server_out_of_reach_exits_1_and_a_malformed_dsn_2_from_every_command(command):
+    """The same problem, the same exit code, whatever the command: a server that cannot be
+    reached (or refuses: password, pg_hba, no such database) is operational (1); a DSN that
+    cannot mean anything is usage (2)."""
+    targets = [] if command == "tail" else ["--target", UNREACHABLE]
+    r = pgferry(command, "--source", UNREACHABLE, *targets)
+    assert r.returncode == 1 and "cannot connect to" in (r.stderr + r.stdout) and "Traceback" not in r.stderr, (
+        r.returncode, r.stdout, r.stderr)
+    for bad in ("nonsense", "host=127.0.0.1 port=notaport dbname=x"):
+        targets = [] if command == "tail" else ["--target", bad]
+        r = pgferry(command, "--source", bad, *targets)
+        expect = 1 if command == "preflight" else 2  # preflight reports every finding, and exits 1
+        assert r.returncode == expect and re.search("invalid (source|target) DSN", r.stderr + r.stdout), (
+            bad, r.stdout, r.stderr)
+
+
 def test_bad_target_dsn_and_missing_publication(pair):
     src, dst = pair
 
@@ -98,7 +119,7 @@ def test_bad_target_dsn_and_missing_publication(pair):
         return subprocess.run([sys.executable, "-m", "replicator.cli", "start", "--no-copy", *args],
                               capture_output=True, text=True, timeout=60, check=False)
     r = run("--source", src.dsn, "--target", "host=127.0.0.1 port=1 dbname=x connect_timeout=3")
-    assert r.returncode == 2 and "cannot connect to target" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "cannot connect to target" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = run("--source", src.dsn, "--target", dst.dsn)
     assert r.returncode == 1 and "publication 'pgferry' does not exist" in r.stderr, r.stderr
 

@@ -150,8 +150,8 @@ def test_tail_bad_input_gives_one_clear_line(source: Db):
     _one_clear_line(_run("tail", "--source", "nonsense"), 2, "invalid source DSN")
     _one_clear_line(_run("tail"), 2, "PGFERRY_SOURCE")
     _one_clear_line(_run("tail", "--source", f"host=127.0.0.1 port={srv.port} dbname=nosuchdb user=postgres"),
-                    2, "nosuchdb", "does not exist")
-    _one_clear_line(_run("tail", "--source", "host=127.0.0.1 port=1 dbname=x"), 2, "cannot connect")
+                    1, "nosuchdb", "does not exist")
+    _one_clear_line(_run("tail", "--source", "host=127.0.0.1 port=1 dbname=x"), 1, "cannot connect")
     # Missing publication.
     _one_clear_line(_run("tail", "--source", source.dsn, "--publication", "nopub"), 1, "nopub",
                     "CREATE PUBLICATION")
