@@ -15,6 +15,7 @@ import psycopg2.errors
 import psycopg2.extras
 
 from sink.relations import firing
+from sink.state import quote_ident
 
 from ..errors import ConnectError, SourceNotReady, UsageError, first_line
 from ..source import connect, describe_dsn
@@ -108,6 +109,14 @@ def _source(src: Any, st: Settings) -> list[Finding]:
         add("error", "privileges", f"role {user} on source {where} lacks the REPLICATION privilege",
             f"ALTER ROLE {user} WITH REPLICATION;  -- as a superuser")
     pub = _one(src, "SELECT puballtables FROM pg_publication WHERE pubname = %s", (st.publication,))
+    if pub is None and st.copy and st.tables:
+        names = [".".join(quote_ident(p) for p in t.split(".", 1)) for t in st.tables]  # as CREATE PUBLICATION
+        (found,) = _one(src, "SELECT array_agg(to_regclass(n) IS NOT NULL ORDER BY i) FROM unnest(%s::text[]) "
+                             "WITH ORDINALITY AS u(n, i)", (names,))
+        missing = [t for t, ok in zip(st.tables, found, strict=True) if not ok]
+        if missing:
+            add("error", "tables", f"--tables names {', '.join(missing)}, which source {where} does not have",
+                "check the names: schema.table, or a table in the role's search_path")
     if pub is None:
         if not st.copy:
             add("error", "publication", f"publication {st.publication!r} does not exist on source {where}",
@@ -198,6 +207,16 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
         current_setting('server_version_num')::int, current_user, current_database(),
         has_database_privilege(current_database(), 'CREATE')""")
     add("info", "version", f"target {where}: PostgreSQL {version}, connected as {user}")
+    read_only, in_recovery, source = _one(tgt, """SELECT current_setting('transaction_read_only')::bool,
+        pg_is_in_recovery(), (SELECT source FROM pg_settings WHERE name = 'default_transaction_read_only')""")
+    if in_recovery:
+        add("error", "read-only", f"target {where} is a standby (in recovery): nothing can be written there",
+            "point --target at the primary")
+    elif read_only:
+        add("error", "read-only", f"role {user}'s transactions on target {where} are read-only "
+                                  f"(default_transaction_read_only = on, set in the {source} settings): pgferry "
+                                  "could not create its state, the tables or apply anything",
+            f"ALTER ROLE {user} IN DATABASE {db} SET default_transaction_read_only = off;  (a role may set its own)")
     if src is not None:
         (src_num,) = _one(src, "SELECT current_setting('server_version_num')::int")
         if num // 10000 < src_num // 10000:

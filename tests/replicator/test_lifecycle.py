@@ -275,3 +275,33 @@ def test_a_target_table_under_row_level_security_stops_the_apply_instead_of_skip
             x.close()
         dst.psql(f"REASSIGN OWNED BY {role} TO postgres; DROP OWNED BY {role}")
         Db(dst.server, "postgres").execute(f"DROP ROLE {role}")
+
+
+def _nothing_created(src: Db, dst: Db) -> None:
+    assert not src.execute("SELECT 1 FROM pg_replication_slots WHERE database = current_database()")
+    assert not src.execute("SELECT 1 FROM pg_publication")
+    assert not dst.as_superuser.execute("SELECT 1 FROM pg_namespace WHERE nspname = 'pgferry'")
+
+
+def test_a_read_only_target_role_is_found_by_preflight_before_anything_is_created(owner_pair):
+    src, dst = owner_pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    dst.as_superuser.execute(f"ALTER ROLE {dst.user} IN DATABASE {dst.name} SET default_transaction_read_only = on")
+    r = pgferry("preflight", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 1 and "read-only" in r.stdout and "default_transaction_read_only = off" in r.stdout, r.stdout
+    r = pgferry("start", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 1 and "default_transaction_read_only = off" in r.stderr and "Traceback" not in r.stderr, (
+        r.stderr)
+    _nothing_created(src, dst)
+
+
+def test_tables_that_the_source_lacks_are_named_by_preflight(pair):
+    src, dst = pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    r = pgferry("preflight", "--tables", "t,nosuch,public.gone", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 1 and "--tables names nosuch, public.gone, which source" in r.stdout, r.stdout
+    assert "CREATE PUBLICATION" not in r.stdout, r.stdout  # the table is missing, not a privilege
+    r = pgferry("start", "--tables", "t,nosuch", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 1 and "--tables names nosuch" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    _nothing_created(src, dst)
+    assert pgferry("preflight", "--tables", "t", "--source", src.dsn, "--target", dst.dsn).returncode == 0
