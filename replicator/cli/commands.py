@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="call this function with each logical decoding message (pg_logical_emit_message); "
                             "transactional ones in commit order; after a crash one may come again. Default: ignored")
     start.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    start.add_argument("--metrics-address", metavar="HOST",
+                       help="the address the metrics endpoint listens on (default 0.0.0.0: every interface)")
     start.add_argument("--nice", type=int, metavar="0-19",
                        help="CPU priority below the database servers' on a shared host (default 10; 0: as started)")
     start.add_argument("--max-rows-per-second", type=_positive(float),
@@ -295,7 +297,7 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
     hook = load_hook(st.message_hook) if st.message_hook else None
     conflict_policies = config.policies(st, load_hook)
     if st.metrics_port:
-        metrics.serve(st.metrics_port, st)
+        metrics.serve(st.metrics_port, st, st.metrics_address)
     from .preflight import preflight_for_start
 
     preflight_for_start(st)

@@ -75,6 +75,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "json"] = "auto"
     metrics_port: Port | None = None
+    metrics_address: str = "0.0.0.0"  # all interfaces (a container's port mapping needs them)
     nice: Nice = 10  # CPU priority below the servers' (replicator/cli/priority.py); 0: unchanged
     # throttling (changeable while running: edit the file, then SIGHUP)
     max_rows_per_second: PositiveFloat | None = None
@@ -139,8 +140,10 @@ network_timeout = 30.0
 # otherwise), text or json.
 log_level = "info"
 log_format = "auto"
-# Serve Prometheus metrics on this port (all interfaces). Default: off.
+# Serve Prometheus metrics on this port. Default: off. metrics_address: the interface to listen on
+# (default 0.0.0.0, all of them; 127.0.0.1 keeps the endpoint on this machine).
 # metrics_port = 9187
+# metrics_address = "127.0.0.1"
 # CPU priority (nice value, 0-19) of the daemon: by default below the database servers', so that
 # on a shared host the walsender feeding pgferry and the source's clients get the CPU first. When
 # pgferry leads its own session (a service, setsid), its session's autogroup gets it too. 0: as

@@ -130,8 +130,8 @@ class DaemonCollector:
 _started = False
 
 
-def serve(port: int, settings: Settings) -> None:
-    """Start the HTTP endpoint (a daemon thread) on all interfaces."""
+def serve(port: int, settings: Settings, address: str = "0.0.0.0") -> None:
+    """Start the HTTP endpoint (a daemon thread) on `address`."""
     global _started, _histograms
     STATE.settings = settings
     if _started:
@@ -141,9 +141,9 @@ def serve(port: int, settings: Settings) -> None:
     from ..errors import UsageError
 
     try:
-        start_http_server(port)
-    except OSError as exc:
-        raise UsageError(f"--metrics-port {port}: {exc.strerror}") from None
+        start_http_server(port, addr=address)
+    except OSError as exc:  # in use, or an address this machine does not have
+        raise UsageError(f"--metrics-address {address} --metrics-port {port}: {exc.strerror or exc}") from None
     _histograms = (
         Histogram("pgferry_batch_rows", "Source row changes per committed target batch",
                   buckets=(1, 10, 100, 1_000, 5_000, 10_000, 50_000, 100_000, 500_000)),

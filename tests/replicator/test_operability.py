@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -73,12 +74,32 @@ def _metrics(port: int) -> dict[str, float]:
     return out
 
 
+def _listening(port: int) -> list[str]:
+    """The IPv4 addresses a socket listens on at `port` (/proc/net/tcp)."""
+    out = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, _, p = local.partition(":")
+        if state == "0A" and int(p, 16) == port:
+            out.append(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+    return out
+
+
+def test_a_metrics_address_the_machine_lacks_is_a_clear_error(pair):
+    src, dst = pair
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY)")
+    r = pgferry("start", "--no-copy", "--metrics-port", str(_free_port()), "--metrics-address", "192.0.2.1",
+                "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 2 and "--metrics-address 192.0.2.1" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_metrics_endpoint_reports_progress_rows_and_batches(pair, daemons):
     src, dst = pair
     publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY, v text)")
     port = _free_port()
-    d = Daemon(src, dst, "--metrics-port", str(port))
+    d = Daemon(src, dst, "--metrics-port", str(port), "--metrics-address", "127.0.0.1")
     daemons.append(d)
+    assert _listening(port) == ["127.0.0.1"]  # this machine only, as asked
     src.execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 300) g")
     src.execute("UPDATE t SET v = 'y' WHERE id <= 100")
     src.execute("DELETE FROM t WHERE id > 250")
