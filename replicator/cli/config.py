@@ -7,6 +7,7 @@ DSN, `PGPASSWORD` or `~/.pgpass`; pgferry never prints a DSN's password (see `ma
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from typing import Annotated, Any, Literal, get_args, get_type_hints
@@ -221,7 +222,19 @@ def _from_file(path: str) -> dict[str, Any]:
     return raw
 
 
+# PGFERRY_* variables that are not settings: the config file, the tools' and servers' locations,
+# the accelerators' switch, fault injection (tests), and PGFERRY_TEST_* (the tests' own)
+OTHER_ENV = re.compile(r"PGFERRY_(CONFIG|PG_DUMP|PG\d+_BINDIR|PURE_PYTHON|FAILPOINT|SOAK_SECONDS|TEST_\w+)")
+
+
 def _from_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+    known = {f"PGFERRY_{k.upper()}" for k in FIELDS if k not in NESTED}
+    unknown = sorted(n for n in environ if n.startswith("PGFERRY_") and n not in known and not OTHER_ENV.fullmatch(n))
+    if unknown:  # a misspelt setting would be ignored otherwise, as an unknown TOML key is not
+        close = {n: difflib.get_close_matches(n, sorted(known), 1) for n in unknown}
+        named = ", ".join(f"{n} (did you mean {c[0]}?)" if c else n for n, c in close.items())
+        raise UsageError(f"unknown environment variable(s) {named}: settings are PGFERRY_<KEY> for the keys of "
+                         "`pgferry config example`")
     out: dict[str, Any] = {}
     for key in FIELDS:
         if key in NESTED:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from replicator.errors import UsageError
 from tests.pgplugin import pgferry
 
 
@@ -80,3 +83,15 @@ def test_a_server_error_no_command_expected_is_one_line_and_exit_1(monkeypatch, 
     assert cli.main(["verify", "--source", "host=s", "--target", "host=t"]) == 1
     err = capsys.readouterr().err
     assert err == "pgferry: error: verify: server closed the connection unexpectedly\n", err
+
+
+def test_a_misspelt_environment_variable_is_refused_like_an_unknown_toml_key():
+    from replicator.cli import config
+
+    with pytest.raises(UsageError, match=r"PGFERRY_BATCH_ROW \(did you mean PGFERRY_BATCH_ROWS\?\)") as exc:
+        config.load(None, {}, environ={"PGFERRY_BATCH_ROW": "5"})
+    assert exc.value.exit_code == 2
+    # the variables that are not settings pass
+    st = config.load(None, {}, environ={"PGFERRY_BATCH_ROWS": "5", "PGFERRY_PG15_BINDIR": "/x", "PGFERRY_CONFIG": "",
+                                        "PGFERRY_PURE_PYTHON": "1", "PGFERRY_TEST_HOOK_FILE": "/tmp/x"})
+    assert st.batch_rows == 5
