@@ -443,15 +443,20 @@ def _die_with_parent() -> None:
         pass
 
 
-def table_sizes(src: Any, tables: list[TableCopy]) -> dict[str, int]:
-    """schema.table -> its heap size on the source (partitioned roots: the sum of their partitions)."""
+def table_sizes(src: Any, tables: list[TableCopy]) -> dict[str, tuple[int, int]]:
+    """schema.table -> (its heap size, heap and TOAST) on the source (partitioned roots: the sums
+    over their partitions). The heap sizes the block ranges; the data a table holds is both (a
+    table of large values is mostly TOAST)."""
     with src.cursor() as cur:
-        # pg_partition_tree() is empty for a plain table
-        cur.execute("""SELECT s || '.' || t, greatest(pg_relation_size(format('%%I.%%I', s, t)::regclass),
-                coalesce((SELECT sum(pg_relation_size(p.relid))
-                          FROM pg_partition_tree(format('%%I.%%I', s, t)::regclass) p), 0))
-            FROM unnest(%s::text[], %s::text[]) AS x(s, t)""",
+        # pg_partition_tree() is empty for a plain table: the table itself, and its partitions
+        cur.execute("""SELECT s || '.' || t, sum(pg_relation_size(c.oid)),
+                sum(pg_relation_size(c.oid) + coalesce(pg_relation_size(nullif(c.reltoastrelid, 0)), 0))
+            FROM unnest(%s::text[], %s::text[]) AS x(s, t)
+            CROSS JOIN LATERAL (SELECT format('%%I.%%I', s, t)::regclass) AS r(rel)
+            CROSS JOIN LATERAL (SELECT r.rel UNION SELECT relid FROM pg_partition_tree(r.rel)) AS p(relid)
+            JOIN pg_class c ON c.oid = p.relid
+            GROUP BY 1""",
                     ([t.schema for t in tables], [t.name for t in tables]))
-        sizes = {name: int(size) for name, size in cur.fetchall()}
+        sizes = {name: (int(heap), int(data)) for name, heap, data in cur.fetchall()}
     src.rollback()
     return sizes

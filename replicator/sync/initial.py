@@ -258,7 +258,7 @@ class InitialSync:
         finally:
             src.close()
         for t in tables:
-            t.bytes = sizes[t.display]
+            t.bytes, t.data_bytes = sizes.get(t.display, (0, 0))
         cur = self.target.cursor()  # one statement: a row per table was a round trip per table
         cur.execute(f"INSERT INTO {quote_ident(self.cfg.schema)}.tables (slot_name, schema_name, table_name) "
                     "SELECT %s, s, t FROM unnest(%s::text[], %s::text[]) AS x(s, t) ON CONFLICT DO NOTHING",
@@ -283,14 +283,14 @@ class InitialSync:
         if not tables:
             return
         started = time.monotonic()
-        sizes = {t.display: t.bytes for t in tables}
+        sizes = {t.display: t.data_bytes for t in tables}  # what the COPYs move: TOAST too
         progress = CopyProgress(self.cfg, sizes, len(tables))
         ticker = threading.Event()
         threading.Thread(target=progress.report_every, args=(ticker, 5.0), daemon=True).start()
         parts: list[tuple[TableCopy, list[str]]] = []
         split: dict[str, int] = {}
         merged = libpq.pump() is not None  # the C pump reads all ranges of a table into one target COPY
-        for t in sorted(tables, key=lambda t: -t.bytes):  # biggest first: shortest total time
+        for t in sorted(tables, key=lambda t: -t.data_bytes):  # biggest first: shortest total time
             ranges = block_ranges(t.bytes, self.cfg.jobs, merged)
             if merged:
                 parts.append((t, ranges))

@@ -26,7 +26,8 @@ class TableCopy:
     schema: str
     name: str
     rows: int = 0
-    bytes: int = 0
+    bytes: int = 0  # the heap on the source (block ranges are cut from it)
+    data_bytes: int = 0  # heap and TOAST: what the copy moves (progress, order, the summary)
 
     @property
     def qualified(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -499,3 +500,20 @@ def test_the_sync_reports_its_phases_in_order(pair, schema_copy):
                            schema="pgferry", schema_copy=schema_copy, jobs=1), on_phase=phases.append).run()
     assert phases == (["schema", "copy"] if schema_copy else ["copy"])
     assert_same_tables(src, dst, {"a": ["id", "x"]})
+
+
+def test_a_table_of_large_values_counts_its_toast_in_the_copy_summary(pair, caplog):
+    """The copy's size, progress and order count what the COPY moves: a table whose data is all
+    TOAST (a tiny heap) is not `0.0 MB`."""
+    src, dst = pair
+    src.execute("CREATE TABLE docs (id int PRIMARY KEY, body text); ALTER TABLE docs ALTER body SET STORAGE EXTERNAL; "
+                "INSERT INTO docs SELECT g, repeat(md5(g::text), 300) FROM generate_series(1, 200) g")
+    (toast,) = src.execute("SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE relname = 'docs'")[0]
+    assert toast > 1_000_000  # 200 values of 9.6 kB, stored out of line uncompressed
+    caplog.set_level(logging.INFO, logger="pgferry.sync")
+    InitialSync(SyncConfig(source=src.dsn, target=dst.dsn, publication="pgferry", slot="pgferry",
+                           schema="pgferry", jobs=1)).run()
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("copy: 1 tables"))
+    mb = float(re.search(r"([\d.]+) MB of source tables", summary).group(1))
+    assert mb >= toast / 1e6, summary
+    assert_same_tables(src, dst, {"docs": ["id", "body"]})
