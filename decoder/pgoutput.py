@@ -443,7 +443,12 @@ class PgOutputDecoder:
             msg = _accelerated(buf, self.in_stream)
             if msg is not None:
                 return msg  # never a Stream Start/Stop: the state below is unaffected
-        msg = decode_message(buf, self.in_stream)
+        return self.decode_py(buf)
+
+    def decode_py(self, buf: bytes | bytearray | memoryview) -> Message:
+        """`decode` without the C parser: for a message it declined (a caller that tried it first
+        does not parse the message a third time)."""
+        msg = decode_message_py(buf if type(buf) is bytes else bytes(buf), self.in_stream)
         t = type(msg)
         if t is StreamStart:
             if self.in_stream:

@@ -407,8 +407,8 @@ class Session:
                 and self.sink.apply_raw(payload)):  # type: ignore[union-attr]
             return  # the common case, parsed and folded in C (sink/_cfold.c)
         m: Message | None = decode_hot(payload, self.decoder.in_stream) if decode_hot is not None else None
-        if m is None:
-            m = self.decoder.decode(payload)
+        if m is None:  # not a hot message, or one the C parser declined: once more, in Python
+            m = self.decoder.decode_py(payload)
         t = type(m)
         if self.stream_xid is not None:
             if t is StreamStop:

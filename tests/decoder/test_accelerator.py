@@ -63,3 +63,24 @@ def test_non_bytes_and_other_tags_defer():
     assert cdecode.decode(bytearray(b"B" + bytes(20)), False) is None
     assert cdecode.decode(b"", False) is None
     assert cdecode.decode(b"R\x00", False) is None
+
+
+def test_the_c_parser_is_tried_once_per_message(monkeypatch):
+    """A message the C parser declines (a Relation, say) is parsed once more, in Python: not
+    handed to the C parser a second and third time on the way."""
+    calls = []
+    real = pgoutput._accelerated
+
+    def counting(buf: bytes, in_stream: bool):  # noqa: ANN202
+        calls.append(buf[:1])
+        return real(buf, in_stream)
+
+    monkeypatch.setattr(pgoutput, "_accelerated", counting)
+    dec = PgOutputDecoder()
+    seen = 0
+    for env in load(CAPTURES[0]).wal:
+        calls.clear()
+        dec.decode(env.data)
+        assert len(calls) == 1, (env.data[:1], calls)
+        seen += 1
+    assert seen
