@@ -71,7 +71,7 @@ def test_the_c_parser_is_tried_once_per_message(monkeypatch):
     calls = []
     real = pgoutput._accelerated
 
-    def counting(buf: bytes, in_stream: bool):  # noqa: ANN202
+    def counting(buf: bytes, in_stream: bool):
         calls.append(buf[:1])
         return real(buf, in_stream)
 
