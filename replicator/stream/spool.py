@@ -115,9 +115,6 @@ class Spool:
         t = self.txns.get(xid)
         return (0, 0) if t is None else (t.count, t.f.tell())
 
-    def bytes_on_disk(self) -> int:
-        return sum(t.f.tell() for t in self.txns.values())
-
     def reset(self) -> None:
         """Forget every open transaction (after a reconnect the server sends them again)."""
         for xid in list(self.txns):
@@ -130,10 +127,6 @@ class Spool:
 
     def __len__(self) -> int:
         return len(self.txns)
-
-
-def default_spool_dir() -> str | None:
-    return os.environ.get("PGFERRY_SPOOL_DIR") or None
 
 
 def _host_prefix() -> str:
