@@ -12,6 +12,7 @@ slots or publications. Set PGFERRY_PG15_BINDIR / PGFERRY_PG18_BINDIR to use othe
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from replicator.local.servers import LocalServer
+from replicator.local.servers import LocalServer, ServerError, find_bindir
 from tests.tcpproxy import TcpProxy
 
 _counter = itertools.count()
@@ -48,11 +49,37 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("source", versions, ids=[f"pg{v}" for v in versions], indirect=True)
 
 
+_MISSING: dict[int, str] = {}  # versions this machine lacks -> how to get them (the summary says)
+
+
+def _require(version: int) -> None:
+    """Skip a test whose server version this machine does not have, saying how to get it; in CI
+    (CI=true) a missing version fails instead: the README's test command (.ci/run) installs it."""
+    if version not in _MISSING:
+        try:
+            find_bindir(version)
+            _MISSING[version] = ""
+        except ServerError as exc:
+            _MISSING[version] = str(exc)
+    if _MISSING[version]:
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail(_MISSING[version])
+        pytest.skip(f"{_MISSING[version]} (or run the README's test command, bash .ci/run, which installs it)")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for version, why in sorted(_MISSING.items()):
+        if why:
+            terminalreporter.write_line(f"pgferry: the tests on PostgreSQL {version} were skipped: {why}; "
+                                        "`bash .ci/run` installs it and runs them all", yellow=True)
+
+
 class _Servers:
     def __init__(self) -> None:
         self.started: dict[tuple[int, str], LocalServer] = {}
 
     def get(self, version: int, role: str = "a") -> LocalServer:
+        _require(version)
         key = (version, role)
         if key not in self.started:
             self.started[key] = LocalServer(version, name=f"test-{role}-").start()
