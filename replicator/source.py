@@ -64,6 +64,15 @@ def connect(dsn: str, role: str = "source", **kwargs: object) -> psycopg2.extens
     return conn
 
 
+def query_one(conn: Any, sql: str, params: tuple = ()) -> Any:
+    """The first row of a query (None: no row), in a transaction of its own (rolled back)."""
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        row = cur.fetchone()
+    conn.rollback()
+    return row
+
+
 def max_protocol_version(server_version_num: int) -> int:
     """The highest pgoutput protocol version a server speaks (4 since 16, 3 since 15, 2 since 14)."""
     if server_version_num >= 160000:

@@ -18,7 +18,7 @@ from sink.relations import firing
 from sink.state import quote_ident
 
 from ..errors import ConnectError, SourceNotReady, UsageError, first_line
-from ..source import connect, describe_dsn
+from ..source import connect, describe_dsn, query_one
 from ..sync import holdback
 from ..sync.checks import Finding, replicability_findings
 from .config import Settings
@@ -64,13 +64,6 @@ def _open(dsn: str, role: str, findings: list[Finding], for_start: bool) -> Any:
         return None
 
 
-def _one(conn: Any, sql: str, args: tuple = ()) -> Any:
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        row = cur.fetchone()
-    conn.rollback()
-    return row
-
 
 def _source(src: Any, st: Settings) -> list[Finding]:
     out: list[Finding] = []
@@ -79,7 +72,7 @@ def _source(src: Any, st: Settings) -> list[Finding]:
     def add(severity: str, name: str, message: str, fix: str = "") -> None:
         out.append(Finding(severity=severity, side="source", check=name, message=message, fix=fix))  # type: ignore[arg-type]
 
-    version, user, db, wal_level, superuser, replication, client = _one(src, """
+    version, user, db, wal_level, superuser, replication, client = query_one(src, """
         SELECT current_setting('server_version'), current_user, current_database(), current_setting('wal_level'),
                r.rolsuper, r.rolreplication, coalesce(host(inet_client_addr()), 'local')
         FROM pg_roles r WHERE r.rolname = current_user""")
@@ -88,8 +81,8 @@ def _source(src: Any, st: Settings) -> list[Finding]:
         add("error", "wal_level", f"source {where} has wal_level = {wal_level}; logical decoding needs "
                                   "wal_level = logical",
             "postgresql.conf: wal_level = logical (or ALTER SYSTEM SET wal_level = logical), then restart the server")
-    slot_exists = bool(_one(src, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (st.slot,))[0])
-    slots_free, senders_free = _one(src, """
+    slot_exists = bool(query_one(src, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (st.slot,))[0])
+    slots_free, senders_free = query_one(src, """
         SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots),
                current_setting('max_wal_senders')::int - (SELECT count(*) FROM pg_stat_replication)""")
     # one slot for the stream, one temporary slot while a resumed copy takes a new snapshot
@@ -108,10 +101,10 @@ def _source(src: Any, st: Settings) -> list[Finding]:
     if not (superuser or replication):
         add("error", "privileges", f"role {user} on source {where} lacks the REPLICATION privilege",
             f"ALTER ROLE {user} WITH REPLICATION;  -- as a superuser")
-    pub = _one(src, "SELECT puballtables FROM pg_publication WHERE pubname = %s", (st.publication,))
+    pub = query_one(src, "SELECT puballtables FROM pg_publication WHERE pubname = %s", (st.publication,))
     if pub is None and st.copy and st.tables:
         names = [".".join(quote_ident(p) for p in t.split(".", 1)) for t in st.tables]  # as CREATE PUBLICATION
-        (found,) = _one(src, "SELECT array_agg(to_regclass(n) IS NOT NULL ORDER BY i) FROM unnest(%s::text[]) "
+        (found,) = query_one(src, "SELECT array_agg(to_regclass(n) IS NOT NULL ORDER BY i) FROM unnest(%s::text[]) "
                              "WITH ORDINALITY AS u(n, i)", (names,))
         missing = [t for t, ok in zip(st.tables, found, strict=True) if not ok]
         if missing:
@@ -146,13 +139,13 @@ def _source(src: Any, st: Settings) -> list[Finding]:
                 f"pg_hba.conf: host {db} {user} {client if client != 'local' else '127.0.0.1'}/32 scram-sha-256  "
                 "(a logical replication connection matches the database name, not the 'replication' keyword); "
                 "then SELECT pg_reload_conf()")
-    old = _one(src, f"""SELECT count(*), max(now() - xact_start)::text FROM pg_stat_activity
+    old = query_one(src, f"""SELECT count(*), max(now() - xact_start)::text FROM pg_stat_activity
         WHERE xact_start < now() - interval '{LONG_TRANSACTION}' AND pid <> pg_backend_pid()""")
     if old[0]:
         add("warning", "long transactions", f"{old[0]} transaction(s) open for over {LONG_TRANSACTION} (longest "
                                             f"{old[1]}): creating the slot waits until they end",
             "end them (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE ...) or wait")
-    (size,) = _one(src, "SELECT pg_database_size(current_database())")
+    (size,) = query_one(src, "SELECT pg_database_size(current_database())")
     add("info", "size", f"database {db} is {_size(size)}; plan about {_size(1.5 * size)} free on the target "
                         "(tables, indexes, WAL during the copy)")
     return out
@@ -203,11 +196,11 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
     def add(severity: str, name: str, message: str, fix: str = "") -> None:
         out.append(Finding(severity=severity, side="target", check=name, message=message, fix=fix))  # type: ignore[arg-type]
 
-    version, num, user, db, can_create = _one(tgt, """SELECT current_setting('server_version'),
+    version, num, user, db, can_create = query_one(tgt, """SELECT current_setting('server_version'),
         current_setting('server_version_num')::int, current_user, current_database(),
         has_database_privilege(current_database(), 'CREATE')""")
     add("info", "version", f"target {where}: PostgreSQL {version}, connected as {user}")
-    read_only, in_recovery, source = _one(tgt, """SELECT current_setting('transaction_read_only')::bool,
+    read_only, in_recovery, source = query_one(tgt, """SELECT current_setting('transaction_read_only')::bool,
         pg_is_in_recovery(), (SELECT source FROM pg_settings WHERE name = 'default_transaction_read_only')""")
     if in_recovery:
         add("error", "read-only", f"target {where} is a standby (in recovery): nothing can be written there",
@@ -218,12 +211,12 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
                                   "could not create its state, the tables or apply anything",
             f"ALTER ROLE {user} IN DATABASE {db} SET default_transaction_read_only = off;  (a role may set its own)")
     if src is not None:
-        (src_num,) = _one(src, "SELECT current_setting('server_version_num')::int")
+        (src_num,) = query_one(src, "SELECT current_setting('server_version_num')::int")
         if num // 10000 < src_num // 10000:
             add("warning", "version", f"the target's major version ({num // 10000}) is older than the source's "
                                       f"({src_num // 10000}): the schema may use what the target lacks",
                 "migrate to the same or a newer major version")
-    schema_exists = _one(tgt, "SELECT has_schema_privilege(n.oid, 'CREATE') FROM pg_namespace n WHERE nspname = %s",
+    schema_exists = query_one(tgt, "SELECT has_schema_privilege(n.oid, 'CREATE') FROM pg_namespace n WHERE nspname = %s",
                          (st.state_schema,))
     if not can_create and not (schema_exists and schema_exists[0]):
         add("error", "privileges", f"role {user} on target {where}: pgferry needs CREATE on the target database for "
@@ -246,7 +239,7 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
                                        "install", "install their packages on the target server first")
     forced = (_tables_where(src, "c.relrowsecurity AND c.relforcerowsecurity", _published(src, st))
               if src is not None and st.schema else [])
-    if forced and not _one(tgt, "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")[0]:
+    if forced and not query_one(tgt, "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")[0]:
         add("error", "row security", f"{', '.join(forced[:10])}{' ...' if len(forced) > 10 else ''} force row-level "
                                      f"security on their owner: on the target that is {user}, and the apply would "
                                      "stop at their first change",

@@ -24,7 +24,7 @@ import psycopg2
 from sink.state import pgferry_session, quote_ident
 
 from ..errors import first_line
-from ..source import connect, published_tables
+from ..source import connect, published_tables, query_one
 
 log = logging.getLogger("pgferry.verify")
 
@@ -57,26 +57,19 @@ def _columns(src: Any, qualified: str) -> tuple[list[str], list[tuple[str, str]]
     return cols, key
 
 
-def _one(conn: Any, sql: str, params: tuple = ()) -> tuple:
-    with conn.cursor() as cur:
-        cur.execute(sql, params)
-        row = cur.fetchone()
-    conn.rollback()
-    return row
-
 
 def verify_table(src: Any, dst: Any, schema: str, table: str, mode: str) -> TableResult:
     qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
     res = TableResult(f"{schema}.{table}")
     try:
-        (res.target_rows,) = _one(dst, f"SELECT count(*) FROM {qualified}")
+        (res.target_rows,) = query_one(dst, f"SELECT count(*) FROM {qualified}")
     except psycopg2.Error as exc:
         dst.rollback()
-        (res.source_rows,) = _one(src, f"SELECT count(*) FROM {qualified}")
+        (res.source_rows,) = query_one(src, f"SELECT count(*) FROM {qualified}")
         res.match = False
         res.differences.append(f"cannot read the target table: {first_line(exc)}")
         return res
-    (res.source_rows,) = _one(src, f"SELECT count(*) FROM {qualified}")
+    (res.source_rows,) = query_one(src, f"SELECT count(*) FROM {qualified}")
     if res.source_rows != res.target_rows:
         res.match = False
         res.differences.append(f"row count {res.source_rows} on the source, {res.target_rows} on the target")
@@ -90,7 +83,7 @@ def verify_table(src: Any, dst: Any, schema: str, table: str, mode: str) -> Tabl
         sql = (f"SELECT count(*), coalesce(sum(('x' || left(h, 16))::bit(64)::bigint), 0), "
                f"coalesce(sum(('x' || right(h, 16))::bit(64)::bigint), 0) FROM (SELECT {row} AS h "
                f"FROM {qualified}{where}) s")
-        return _one(src, sql, params), _one(dst, sql, params)
+        return query_one(src, sql, params), query_one(dst, sql, params)
 
     a, b = digest()
     if a == b:
