@@ -216,8 +216,8 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
             add("warning", "version", f"the target's major version ({num // 10000}) is older than the source's "
                                       f"({src_num // 10000}): the schema may use what the target lacks",
                 "migrate to the same or a newer major version")
-    schema_exists = query_one(tgt, "SELECT has_schema_privilege(n.oid, 'CREATE') FROM pg_namespace n WHERE nspname = %s",
-                         (st.state_schema,))
+    schema_exists = query_one(tgt, "SELECT has_schema_privilege(n.oid, 'CREATE') FROM pg_namespace n "
+                                   "WHERE nspname = %s", (st.state_schema,))
     if not can_create and not (schema_exists and schema_exists[0]):
         add("error", "privileges", f"role {user} on target {where}: pgferry needs CREATE on the target database for "
                                    f"its {st.state_schema!r} state schema and the tables",
@@ -237,6 +237,8 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
         if missing:
             add("error", "extensions", f"the source uses extension(s) {', '.join(missing)} that the target cannot "
                                        "install", "install their packages on the target server first")
+    if src is not None:
+        _xml(src, tgt, st, where, add)
     forced = (_tables_where(src, "c.relrowsecurity AND c.relforcerowsecurity", _published(src, st))
               if src is not None and st.schema else [])
     if forced and not query_one(tgt, "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")[0]:
@@ -246,6 +248,32 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
             f"ALTER ROLE {user} BYPASSRLS;  -- as a superuser")
     tgt.rollback()
     return out
+
+
+# a column of type xml: itself, an array of it or a domain over it
+_XML_COLUMN = """EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+      AND 'xml'::regtype IN (ty.oid, ty.typelem, ty.typbasetype))"""
+
+
+def _xml(src: Any, tgt: Any, st: Settings, where: str, add: Callable[..., None]) -> None:
+    """Tables with xml columns into a target server built without libxml: every xml value is
+    refused there (the copy would stop midway, its slot left holding WAL)."""
+    tables = _tables_where(src, _XML_COLUMN, _published(src, st))
+    if not tables:
+        return
+    with tgt.cursor() as cur:
+        try:
+            cur.execute("SELECT '<x/>'::xml")
+            supported = True
+        except psycopg2.errors.FeatureNotSupported:
+            supported = False
+    tgt.rollback()
+    if not supported:
+        add("error", "xml", f"{', '.join(tables[:10])}{' ...' if len(tables) > 10 else ''} have xml columns, and "
+                            f"target {where} was built without libxml: it refuses every xml value",
+            "a target server built with libxml (e.g. Debian's postgresql-NN packages), or leave these tables "
+            "out (--tables, or a publication without them)")
 
 
 def _fires_on_apply(tgt: Any, st: Settings, src: Any, user: str, add: Callable[..., None]) -> None:
