@@ -224,4 +224,21 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "sink._cfold", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__cfold(void) { return PyModule_Create(&moddef); }
+/* What this file relies on from the Python side, for tests/sink/test_cfold.py to check against
+   sink/netbatch.py's FOLD_CONTRACT: the op codes of a batch entry, an entry's length
+   ([op, row, lsn, xid]), the TargetTable attributes read, and TargetTable.key0's special values. */
+PyMODINIT_FUNC PyInit__cfold(void) {
+    PyObject *m = PyModule_Create(&moddef);
+    if (m == NULL) return NULL;
+    PyObject *contract = Py_BuildValue("{s:{s:i,s:i,s:i,s:i,s:i},s:i,s:(ssss),s:{s:i,s:i,s:i}}",
+        "ops", "INS", INS, "UPD", UPD, "DEL", DEL, "DEL_INS", DEL_INS, "APPEND", APPEND,
+        "entry_len", 4,
+        "table_attrs", "key0", "key", "snapshot_lsn", "counts",
+        "key0", "several_columns", -1, "whole_row", -2, "fires", -3);
+    if (contract == NULL || PyModule_AddObject(m, "CONTRACT", contract) < 0) {
+        Py_XDECREF(contract);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -16,9 +16,7 @@ The sink interface (what the stream loop relies on):
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +31,13 @@ from decoder.values import pg_epoch_to_datetime
 from . import failpoints, state
 from .conflicts import Policies
 from .direct import INSERT_ROWS, ChangeByChange, first_line_of
+from .durability import Durability
 from .errors import RETRYABLE, ApplyError
 from .netbatch import NetBatch
 from .relations import TargetTable, firing, map_relation
 from .resolve import Resolving
+from .stats import SinkStats
+from .writer import BackgroundWriter
 
 log = logging.getLogger("pgferry.sink")
 
@@ -66,12 +67,12 @@ class BatchLimits:
 class Sink(ChangeByChange, Resolving):
     def __init__(self, conn: psycopg2.extensions.connection, slot: str, schema: str = state.DEFAULT_SCHEMA,
                  limits: BatchLimits | None = None, policies: Policies | None = None,
-                 target_dsn: str | None = None) -> None:
+                 target_dsn: str | None = None, stats: SinkStats | None = None) -> None:
         self.conn = conn
         self.cur = conn.cursor()
         self.policies = policies or Policies()
         self.target_dsn = target_dsn  # for dead-letter rows that must outlive a rolled-back batch
-        self.conflict_counts: dict[tuple[str, str], int] = {}
+        self.stats = stats or SinkStats()
         self._precise = False
         self.skip_lsns: set[Lsn] = set()  # source transactions the operator skips (pgferry skip)
         self._skip_marked = False  # a skip mark is written in the open batch, its transaction not ended
@@ -82,10 +83,8 @@ class Sink(ChangeByChange, Resolving):
         self.snapshots: dict[tuple[str, str], Lsn] = {}  # table -> LSN its initial copy was taken at
         self.tables: dict[int, TargetTable] = {}  # mapped on first use
         self.stored = Lsn(0)  # progress as committed on the target
-        self.durable_lsn = Lsn(0)  # progress whose commit is flushed on the target
-        self._pending: deque[tuple[Lsn, Lsn]] = deque()  # (target WAL position, source progress)
+        self.durability = Durability(self.cur, self._end_read)  # what of it is flushed there
         self._progress_sql = state.progress_sql(schema)
-        self._last_poll = 0.0
         # After a failure, transactions up to this commit LSN are applied one per batch, so the
         # ones before the failing transaction commit and the failure stops exactly at it.
         self.isolate_until = Lsn(0)
@@ -113,15 +112,7 @@ class Sink(ChangeByChange, Resolving):
         self._exact = False  # the open source transaction is applied change by change, in order
         # A full batch is written and committed by a background thread while the stream loop
         # reads and folds the next one; anything else that needs the connection waits for it.
-        self._writer: threading.Thread | None = None
-        self._writer_error: BaseException | None = None
-        self.rows_applied = 0
-        self.missing_rows = 0
-        # for metrics: source changes received per (table, message type), and each committed
-        # batch's (row changes, seconds to write and commit) reported to `on_batch`
-        self.op_counts: dict[str, dict[type, int]] = {}  # table name -> message type -> count
-        self.on_batch: Callable[[int, float], None] | None = None
-        self.applied_commit_time: float | None = None  # unix time of the last applied source commit
+        self.writer = BackgroundWriter()
         # the open batch
         self._batch_rows = 0
         self._batch_bytes = 0
@@ -168,8 +159,13 @@ class Sink(ChangeByChange, Resolving):
         self.conn.commit()
         self._session_ready = True
         if stored is not None:
-            self.stored = self.durable_lsn = stored
+            self.stored = self.durability.durable_lsn = stored
         return stored
+
+    @property
+    def durable_lsn(self) -> Lsn:
+        """Progress whose commit is flushed on the target (what the source may be told)."""
+        return self.durability.durable_lsn
 
     def firing(self, tables: list[str]) -> list[str]:
         """What fires during apply without the replica role on `tables` (names as SQL), as
@@ -203,7 +199,7 @@ class Sink(ChangeByChange, Resolving):
                 log.warning("%s: %s fire(s) on the target during apply (no replica role): its changes are applied "
                             "one by one, in source order", table.display, ", ".join(table.fires))
             table.snapshot_lsn = self.snapshots.get((rel.namespace, rel.name), Lsn(0))
-            table.counts = self.op_counts.setdefault(table.name, {})
+            table.counts = self.stats.op_counts.setdefault(table.name, {})
         return table
 
     # -- source transactions -----------------------------------------------------------------
@@ -274,7 +270,7 @@ class Sink(ChangeByChange, Resolving):
             self._ins_rows.append(params)
             self._ins_meta.append((table, msg.new, self._commit_lsn, self._xid))  # type: ignore[union-attr]
             self._ins_xid, self._ins_lsn = self._xid, self._commit_lsn  # of the newest row: named on failure
-            self.rows_applied += 1
+            self.stats.rows_applied += 1
             self._batch_rows += 1
             self._batch_bytes += sum(len(p) for p in params if type(p) is str)
             return
@@ -296,7 +292,7 @@ class Sink(ChangeByChange, Resolving):
             if self._execute_change(table, sql, params, row) == 0:
                 self._precise = True
                 self.missing(table, kind, [(key, [t, row, self._commit_lsn, self._xid])])
-        self.rows_applied += 1
+        self.stats.rows_applied += 1
         self._batch_rows += 1
         self._batch_bytes += sum(len(p) for p in params if type(p) is str)
 
@@ -316,7 +312,7 @@ class Sink(ChangeByChange, Resolving):
         """Count a change folded into the batch (`size`: its message's bytes)."""
         self._net_lsn = self._commit_lsn
         self._net_xid = self._xid
-        self.rows_applied += 1
+        self.stats.rows_applied += 1
         self._batch_rows += 1
         self._batch_bytes += size
         self._net_rows += 1
@@ -417,7 +413,7 @@ class Sink(ChangeByChange, Resolving):
 
     def writing(self) -> bool:
         """A batch is being written in the background."""
-        return self._writer is not None
+        return self.writer.active
 
     def batch_open(self) -> bool:
         return self._batch_started is not None
@@ -451,9 +447,7 @@ class Sink(ChangeByChange, Resolving):
 
     def _background(self, write: Callable[..., None], *args: Any) -> None:
         """Run `write(*args)` on the batch-writer thread (the connection is its own until `_join`)."""
-        self._writer = threading.Thread(target=self._write_in_background, args=(write, *args), name="batch-writer",
-                                        daemon=True)
-        self._writer.start()
+        self.writer.start(write, *args)
 
     def _write_batch(self, net: NetBatch, net_lsn: Lsn | None, net_xid: int | None, end: Lsn,
                      commit_time: int | None, rows: int) -> None:
@@ -469,26 +463,14 @@ class Sink(ChangeByChange, Resolving):
         failpoints.hit("after_commit_before_feedback")
         self.stored = end
         if when is not None:
-            self.applied_commit_time = when.timestamp()
-        self._track_durability(end)
-        if self.on_batch is not None:
-            self.on_batch(rows, time.monotonic() - started)
-
-    def _write_in_background(self, write: Callable[..., None], *args: Any) -> None:
-        try:
-            write(*args)
-        except BaseException as exc:  # raised in the stream loop's thread by _join()
-            self._writer_error = exc
+            self.stats.applied_commit_time = when.timestamp()
+        self.durability.committed(end)
+        if self.stats.on_batch is not None:
+            self.stats.on_batch(rows, time.monotonic() - started)
 
     def _join(self) -> None:
         """Wait for the background batch; raise its error here, in the caller's thread."""
-        if self._writer is None:
-            return
-        self._writer.join()
-        self._writer = None
-        if self._writer_error is not None:
-            exc, self._writer_error = self._writer_error, None
-            raise exc
+        self.writer.join()
 
     def rollback(self) -> None:
         """Drop the open batch (e.g. on shutdown mid-transaction): the source resends it."""
@@ -518,40 +500,19 @@ class Sink(ChangeByChange, Resolving):
         self.cur.execute(self._progress_sql, (str(lsn), None, 0, self.slot))
         self.conn.commit()
         self.stored = lsn
-        self._track_durability(lsn)
+        self.durability.committed(lsn)
 
     # -- durability --------------------------------------------------------------------------
-    def _track_durability(self, progress: Lsn) -> None:
-        # Any position at or after our commit record will do: the current insert position is one.
-        insert, flushed = self._wal_positions("pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text")
-        self._pending.append((Lsn.parse(insert), progress))
-        self._release(Lsn.parse(flushed))
-
     def poll_durable(self) -> Lsn:
-        """Re-check the target's WAL flush position for asynchronously committed batches
-        (at most every 20 ms: the WAL writer flushes every wal_writer_delay anyway)."""
-        if self._writer is not None:
-            if self._writer.is_alive():
+        """Re-check the target's WAL flush position for asynchronously committed batches."""
+        if self.writer.active:
+            if self.writer.running():
                 return self.durable_lsn
             self._join()
-        now = time.monotonic()
-        if self._pending and now - self._last_poll >= 0.02:
-            self._last_poll = now
-            (flushed,) = self._wal_positions("pg_current_wal_flush_lsn()::text")
-            self._release(Lsn.parse(flushed))
-        return self.durable_lsn
+        return self.durability.poll()
 
-    def _wal_positions(self, select: str) -> tuple[str, ...]:
-        self.cur.execute(f"SELECT {select}")
-        row = self.cur.fetchone()
+    def _end_read(self) -> None:
         if self._batch_started is None and self._xid is None:
             # End the read's implicit transaction, but NEVER inside an open batch: that would
             # roll back applied changes whose progress the batch's commit then records.
             self.conn.rollback()
-        return row
-
-    def _release(self, flushed: Lsn) -> None:
-        while self._pending and self._pending[0][0] <= flushed:
-            _, progress = self._pending.popleft()
-            if progress > self.durable_lsn:
-                self.durable_lsn = progress

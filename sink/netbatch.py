@@ -32,6 +32,16 @@ from decoder import UNCHANGED, Delete, Insert, Update
 from .relations import TargetTable
 
 INS, UPD, DEL, DEL_INS, APPEND = range(5)  # APPEND: an insert into a table without a key
+# What sink/_cfold.c relies on (it folds into the same dicts as NetBatch.add): these op codes, an
+# entry [op, row, lsn, xid], the TargetTable attributes it reads, and the special values of
+# TargetTable.key0 (>= 0: the one key column). tests/sink/test_cfold.py checks the C side's
+# _cfold.CONTRACT against this.
+FOLD_CONTRACT = {
+    "ops": {"INS": INS, "UPD": UPD, "DEL": DEL, "DEL_INS": DEL_INS, "APPEND": APPEND},
+    "entry_len": 4,
+    "table_attrs": ("key0", "key", "snapshot_lsn", "counts"),
+    "key0": {"several_columns": -1, "whole_row": -2, "fires": -3},
+}
 PAGE = 5000  # rows per UPDATE / DELETE statement
 COPY_CHUNK = 1 << 20  # bytes per read when psycopg2 sends a COPY
 

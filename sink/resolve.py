@@ -27,13 +27,14 @@ from .conflicts import Conflict, Policies, Resolution, policy_resolution
 from .errors import ConflictError
 from .relations import TargetTable
 from .state import quote_ident
+from .stats import SinkStats
 
 log = logging.getLogger("pgferry.sink")
 
 
 class Resolving:
     """Mixed into Sink: needs self.cur, self.conn, self.schema, self.slot, self.policies,
-    self.target_dsn, self.conflict_counts."""
+    self.target_dsn, self.stats (conflict and missing-row counts)."""
 
     cur: Any
     conn: Any
@@ -41,8 +42,7 @@ class Resolving:
     slot: str
     policies: Policies
     target_dsn: str | None
-    conflict_counts: dict[tuple[str, str], int]
-    missing_rows: int
+    stats: SinkStats
     _precise: bool  # True on the change-by-change path: the transaction of each change is exact
 
     # -- the netbatch.Resolver protocol ------------------------------------------------------
@@ -69,7 +69,7 @@ class Resolving:
                     resolution = "skipped: the source did not send every column (unchanged TOAST)"
             dead.append((conflict, resolution))
         self._dead_letter(dead)
-        self.missing_rows += len(items)
+        self.stats.missing_rows += len(items)
         log.warning("%s: %d row(s) to %s not found on the target; %s (conflict %s, see %s.conflicts)",
                     table.display, len(items), kind.split("_")[0], dead[0][1], kind, self.schema)
 
@@ -131,7 +131,7 @@ class Resolving:
     # -- helpers -----------------------------------------------------------------------------
     def _count(self, conflict: Conflict) -> None:
         counted = (conflict.table, conflict.kind)
-        self.conflict_counts[counted] = self.conflict_counts.get(counted, 0) + 1
+        self.stats.conflict_counts[counted] = self.stats.conflict_counts.get(counted, 0) + 1
 
     def _decide(self, conflict: Conflict, policy: str) -> Resolution:
         self._count(conflict)

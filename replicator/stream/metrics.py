@@ -98,19 +98,19 @@ class DaemonCollector:
                                     "walsender (bytes)", value=source)
             yield GaugeMetricFamily("pgferry_lag_bytes", "Source WAL not yet applied", value=source - applied)
             lag = 0.0
-            if source > applied and sink.applied_commit_time is not None:
-                lag = max(0.0, time.time() - sink.applied_commit_time)
+            if source > applied and sink.stats.applied_commit_time is not None:
+                lag = max(0.0, time.time() - sink.stats.applied_commit_time)
             yield GaugeMetricFamily("pgferry_lag_seconds", "Age of the last applied source commit while behind "
                                     "(0 when caught up)", value=lag)
             rows = CounterMetricFamily("pgferry_rows_applied", "Source row changes applied, per table and "
                                        "operation", labels=["table", "op"])
-            for table, counts in list(sink.op_counts.items()):
+            for table, counts in list(sink.stats.op_counts.items()):
                 for op, n in list(counts.items()):
                     rows.add_metric([table, OPS.get(op, "other")], n)
             yield rows
             conflicts = CounterMetricFamily("pgferry_conflicts", "Conflicts (changes the target disagreed with), "
                                             "per table and kind", labels=["table", "kind"])
-            for (table, kind), n in list(sink.conflict_counts.items()):
+            for (table, kind), n in list(sink.stats.conflict_counts.items()):
                 conflicts.add_metric([table, kind], n)
             yield conflicts
         if STATE.throttle is not None:

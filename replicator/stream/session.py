@@ -61,6 +61,7 @@ from sink.apply import BatchLimits, Sink
 from sink.conflicts import Policies
 from sink.errors import SLOT_LOST, ApplyError, SinkError, retryable
 from sink.state import HANDOFF_PREFIX, readable_name
+from sink.stats import SinkStats
 
 from ..errors import ConnectError, FatalError, PgferryError, SessionRetry, UsageError, first_line
 from ..source import (
@@ -146,10 +147,11 @@ def prepare_slot(conn: psycopg2.extensions.connection, cfg: StreamConfig, stored
 class Session:
     """One connection pair and the loop over it."""
 
-    def __init__(self, cfg: StreamConfig, stop: StopFlag, spool: Spool) -> None:
+    def __init__(self, cfg: StreamConfig, stop: StopFlag, spool: Spool, stats: SinkStats | None = None) -> None:
         self.cfg = cfg
         self.stop = stop
         self.spool = spool
+        self.stats = stats or SinkStats()  # the daemon's: counts go on across reconnects
         self.sink: Sink | None = None
         self.repl: Any = None
         self.target: Any = None
@@ -175,7 +177,8 @@ class Session:
         cfg = self.cfg
         self.target = connect(cfg.target, "target", connection_factory=WatchedConnection, **NET_OPTIONS)
         self.watchdog = TargetWatchdog(self.target, cfg.target, cfg.network_timeout).start()
-        self.sink = Sink(self.target, cfg.slot, cfg.schema, cfg.limits, policies=cfg.policies, target_dsn=cfg.target)
+        self.sink = Sink(self.target, cfg.slot, cfg.schema, cfg.limits, policies=cfg.policies, target_dsn=cfg.target,
+                         stats=self.stats)
         try:
             stored = self.sink.open()
         except psycopg2.errors.InsufficientPrivilege as exc:
@@ -270,7 +273,7 @@ class Session:
                     log.info("cutover: handed off at %s; every transaction committed on the source up to there "
                              "is on the target. Stopping.", self.handed_off)
                     return
-                if throttled and not sink.in_transaction() and sink.rows_applied - self._paced_rows >= PACE_ROWS:
+                if throttled and not sink.in_transaction() and sink.stats.rows_applied - self._paced_rows >= PACE_ROWS:
                     break  # pace between transactions, so the batch can commit while we wait
             if n:
                 self.last_heard = time.monotonic()  # not `now`: handling the burst may have taken long
@@ -298,8 +301,8 @@ class Session:
         """Wait as long as the throttle says for what was applied since the last call, answering
         the walsender and committing due batches meanwhile."""
         assert self.sink is not None and self.cfg.throttle is not None
-        rows, nbytes = self.sink.rows_applied - self._paced_rows, self.bytes_read - self._paced_bytes
-        self._paced_rows, self._paced_bytes = self.sink.rows_applied, self.bytes_read
+        rows, nbytes = self.sink.stats.rows_applied - self._paced_rows, self.bytes_read - self._paced_bytes
+        self._paced_rows, self._paced_bytes = self.sink.stats.rows_applied, self.bytes_read
         until = time.monotonic() + self.cfg.throttle.pace(rows, nbytes)
         while not self.stop.set and not self.stop.reload:
             left = until - time.monotonic()
@@ -535,24 +538,18 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
                          name="wal-guard", daemon=True).start()
     backoff = 0.2
     isolate_until = Lsn(0)
-    op_counts: dict = {}
-    conflict_counts: dict = {}
-    missing_rows = 0
+    stats = SinkStats(on_batch=metrics.observe_batch)  # one for the daemon, across reconnects
     ever_connected = False
     last_reason = None  # the failure being retried (logged once, until the stream moves again)
     announced = False  # "reconnected after" was logged for it
     try:
         while not stop.set:
-            session = Session(cfg, stop, spool)
+            session = Session(cfg, stop, spool, stats)
             start: Lsn | None = None
             try:
                 session.open()
                 assert session.sink is not None
                 session.sink.isolate_until = isolate_until
-                session.sink.on_batch = metrics.observe_batch
-                session.sink.op_counts = op_counts  # metrics count across reconnects
-                session.sink.conflict_counts = conflict_counts
-                session.sink.missing_rows = missing_rows
                 metrics.STATE.session = session
                 ever_connected = True
                 start = session.sink.stored
@@ -591,7 +588,6 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
             finally:
                 if session.sink is not None:
                     session.sink.rollback()
-                    missing_rows = session.sink.missing_rows
                 session.close()
                 spool.reset()
             if session.sink is not None and start is not None and session.sink.stored > start:

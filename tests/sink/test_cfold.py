@@ -100,3 +100,27 @@ def test_changes_before_the_tables_copy_are_skipped_and_other_messages_declined(
     assert FOLD(full_delete, {1: t}, net.tables, net._appended, 260, 7) == 0
     assert isinstance(decode_message(ins), Insert) and isinstance(decode_message(message("U", ("1", "b", "c"))), Update)
     assert isinstance(decode_message(message("D", ("1", None, None))), Delete)
+
+
+def test_the_c_fold_relies_on_what_the_python_side_declares():
+    """sink/_cfold.c's CONTRACT (op codes, entry layout, TargetTable attributes it reads, key0's
+    special values) is netbatch.FOLD_CONTRACT, and TargetTable keeps it."""
+    from sink import _cfold  # type: ignore[attr-defined]
+    from sink.netbatch import FOLD_CONTRACT
+
+    assert _cfold.CONTRACT == {**FOLD_CONTRACT, "table_attrs": tuple(FOLD_CONTRACT["table_attrs"])}
+    one, several, full = _table(), _table(key=(0, 1)), _table(identity="f")
+    fires = _table()
+    fires.fires = ["trigger audit"]
+    fires.__post_init__()
+    for t in (one, several, full, fires):
+        for attr in FOLD_CONTRACT["table_attrs"]:
+            assert hasattr(t, attr), attr
+    special = FOLD_CONTRACT["key0"]
+    assert (one.key0, several.key0, full.key0, fires.key0) == (
+        0, special["several_columns"], special["whole_row"], special["fires"])
+    b = NetBatch()
+    assert b.add(one, Insert(xid=None, relation_oid=1, new=("1", "a", "b")), 7, 9)
+    (entry,) = b.tables[1][1].values()
+    assert len(entry) == FOLD_CONTRACT["entry_len"] and entry[0] == FOLD_CONTRACT["ops"]["INS"]
+    assert entry[2:] == [7, 9]
