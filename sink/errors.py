@@ -1,4 +1,4 @@
-"""Sink errors, classified by what to do (DESIGN.md §5.5). Each carries LSN, xid and table where known."""
+"""Sink errors, classified by what to do (docs/design.md, Errors). Each carries LSN, xid and table where known."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pgferry's state on the target (DESIGN.md §4): a schema, default `pgferry`.
+"""pgferry's state on the target (docs/design.md, the state schema): a schema, default `pgferry`.
 
 `progress` holds, per slot, the source position up to which every committed change is on the
 target (`applied_lsn`, the end LSN of the last applied source commit, or a later position the
@@ -154,8 +154,9 @@ def ensure_schema(cur: Any, schema: str) -> None:
         PRIMARY KEY (slot_name, schema_name, table_name))""")
 
 
-# The change-by-change path's statements (UPDATE/DELETE with their values inlined) run in ONE round
-# trip: this function executes them in order and returns each one's row count. On an error it
+# The change-by-change path's statements (UPDATE/DELETE: `EXECUTE` of a shape prepared on the
+# connection, with its values inlined) run in ONE round trip: this function executes them in order
+# and returns for each whether it touched its row. On an error it
 # returns the counts of those before the failing one, whose effects the block's subtransaction
 # undid; the caller re-runs those and names the failing change itself (sink/direct.py).
 APPLY_EACH = "apply_each_v2"

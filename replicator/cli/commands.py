@@ -1,4 +1,4 @@
-"""The `pgferry` command line (DESIGN.md §3).
+"""The `pgferry` command line (docs/commands.md).
 
 Exit codes: 0 ok, 1 the operation found a problem, 2 usage or configuration error. Expected
 failures print one line `pgferry: error: ...` (what failed, what to do) and never a traceback.

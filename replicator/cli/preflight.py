@@ -1,5 +1,5 @@
 """`pgferry preflight` (also run by `start`): everything that would stop or endanger a migration,
-checked before anything is created, each finding with its severity and exact fix (DESIGN.md §3).
+checked before anything is created, each finding with its severity and exact fix (docs/commands.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ stored in the target. Fatal problems (slot gone or invalidated, schema mismatch,
 target rejects) end the daemon with exit 1 and a message that says what to do.
 
 The loop is an explicit state machine; each turn does the first thing that applies, in this
-priority (DESIGN.md §5.6):
+priority (docs/design.md, the stream loop):
 
   1. shutdown requested    -> finish (commit a batch between transactions) or roll back, feedback, exit 0
   2. connection health     -> errors surface as exceptions from the calls below and end the session
@@ -258,11 +258,9 @@ class Session:
                 if msg is None:
                     if n:
                         # Catching up and the socket is drained: hand the lock to the batch writer,
-                        # without pausing. A pause let the walsender fill the socket and helped at
-                        # nice 0 (0.1 ms beat 0.5 ms; 2 ms was worse everywhere), but at the default
-                        # nice 10 (replicator/cli/priority.py) the scheduler already runs the walsender
-                        # first. bench/catchup.py, 0 against 0.1 ms, 15->18: hot 4.25 vs 4.61 s
-                        # (5 runs), oltp 2.28 vs 2.36, bulk 3.54 vs 3.63; 18->18 hot 4.09 vs 4.30.
+                        # without pausing. A pause let the walsender fill the socket at nice 0, but at
+                        # the default nice 10 (replicator/cli/priority.py) the scheduler runs the
+                        # walsender first anyway, and no pause was 2-8% faster (bench/HISTORY.md).
                         time.sleep(0)
                     break
                 handle(msg)
@@ -517,10 +515,9 @@ def tune_gc() -> None:
 
     A batch holds ~50,000 folded rows (a list and tuples each). With the default thresholds
     (700, 10, 10) the collector ran every 700 new objects and walked those live rows again and
-    again, never finding garbage: the apply path makes no reference cycles. Measured in process
-    (bench/apply.py), CPU s for a 1M-insert backlog / 500k one-row updates: defaults 3.9 / 2.3,
-    thresholds (50000, 20, 100) 1.66 / 1.39 (with the C fold), off 1.48 / 1.21. Objects alive at
-    start-up (modules, config) are frozen out of the periodic collections' walks."""
+    again, never finding garbage: the apply path makes no reference cycles. Off, the apply used
+    2-2.6x less CPU than with the defaults (bench/apply.py, in process). Objects alive at start-up
+    (modules, config) are frozen out of the periodic collections' walks."""
     gc.freeze()
     gc.disable()
 

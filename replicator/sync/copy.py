@@ -207,15 +207,13 @@ SPLIT_BYTES = 64 << 20  # tables above this are copied in block ranges (at least
 # ...but with the C pump only those above this. Its ranges all go into the one target COPY of the
 # table, read one after the other unless the source is the slower side (_cpump.c, merge), so they
 # only help a source that cannot keep up with one target backend (a slow disk, a long network
-# path); and a range costs the source more than reading the whole table: on PostgreSQL 15, the
-# TID range scan of half of pgbench_accounts (1M rows) took 58-60 ms against 49 ms for the seq scan
-# of all of it. Measured side by side (scale 10 / 20, PG15 -> PG18, 2 cores, 6 / 4 runs): the whole
-# initial sync 0.88-0.90 / 1.52-1.55 s with two ranges, 0.82-0.84 / 1.42-1.43 s with one.
+# path); and a range costs the source more than reading the whole table (a TID range scan of half
+# a table took longer than the seq scan of all of it): one range made the whole initial sync about
+# 7% faster on pgbench scale 10 and 20 (bench/HISTORY.md).
 PUMP_SPLIT_BYTES = 1 << 30
 FREEZE_MIN_BYTES = 8 << 20  # whole tables above this are truncated and written frozen (COPY FREEZE)
-# Rows go to the target in CopyData messages of up to this size, not one message per row: measured
-# on pgbench_accounts (2M rows, binary), the target backend's CPU 1.20 -> 1.12 s, the pump's 0.22
-# -> 0.18 s; 8 kB and 256 kB gave the same as 64 kB.
+# Rows go to the target in CopyData messages of up to this size, not one message per row: less CPU
+# on both the target backend and the pump (7% and 18% on pgbench_accounts); 8 kB to 256 kB alike.
 PUMP_CHUNK = 1 << 16
 
 
