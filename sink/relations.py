@@ -23,7 +23,7 @@ from typing import Any
 from decoder import UNCHANGED, Relation
 
 from .errors import SchemaMismatch
-from .state import quote_ident
+from .state import quote_ident, readable_name
 
 # Types without a default equality operator: FULL identity compares them as text.
 _NO_EQUALITY = frozenset({"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
@@ -97,7 +97,7 @@ class TargetTable:
     prepared: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.name = f"{self.rel.namespace}.{self.rel.name}"  # as `display`, computed once (metrics labels)
+        self.name = readable_name(self.rel.namespace, self.rel.name)  # as `display`, once (metrics labels)
         self.all_writable = all(self.writable)
         # what a set-based UPDATE may set: settable columns outside the key
         self.update_cols = tuple(i for i, ok in enumerate(self.settable) if ok and i not in self.key)
@@ -129,7 +129,8 @@ class TargetTable:
 
     @property
     def display(self) -> str:
-        return f"{self.rel.namespace}.{self.rel.name}"
+        """`schema.table` for messages, quoted where it must be (`public."My T"`)."""
+        return self.name
 
     @property
     def full_identity(self) -> bool:
@@ -262,7 +263,7 @@ def map_relation(cur: Any, rel: Relation, check_fires: bool = False) -> TargetTa
     `check_fires`: the session fires triggers and foreign keys (no replica role): look them up."""
     cur.execute(_TARGET_COLUMNS, (rel.namespace, rel.name))
     rows = cur.fetchall()
-    display = f"{rel.namespace}.{rel.name}"
+    display = readable_name(rel.namespace, rel.name)
     if not rows:
         raise SchemaMismatch(f"table {display} does not exist on the target: create it (same schema and name) "
                              "or remove it from the publication")

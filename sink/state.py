@@ -64,6 +64,12 @@ def readable_name(schema: str, table: str) -> str:
     return ".".join(i if re.fullmatch(r"[a-z_][a-z0-9_$]*", i) else quote_ident(i) for i in (schema, table))
 
 
+def readable_name_sql(schema: str, table: str) -> str:
+    """readable_name as an SQL expression over the columns `schema` and `table`."""
+    return " || '.' || ".join(f"CASE WHEN {c} ~ '^[a-z_][a-z0-9_$]*$' THEN {c}::text ELSE quote_ident({c}) END"
+                              for c in (schema, table))
+
+
 def ensure_schema(cur: Any, schema: str) -> None:
     """Create the state tables if missing (idempotent; the caller commits)."""
     s = quote_ident(schema)

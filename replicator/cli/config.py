@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, get_args, get_type_hints
 import msgspec
 
 from sink.apply import BatchLimits
+from sink.state import readable_name
 
 from ..errors import UsageError
 
@@ -295,7 +296,10 @@ def policies(st: Settings, load_hook: Any = None) -> Any:
     default = TablePolicy(insert_exists=c.insert_exists, update_missing=c.update_missing,
                           delete_missing=c.delete_missing, apply_error=c.apply_error, newer_column=c.newer_column)
     tables = {}
-    for name, t in c.tables.items():
+    for key, t in c.tables.items():
+        # as the sink names a table (readable_name): `public.accounts`, `public."My T"`; a key
+        # written without quotes (`public.My T`) means the same table
+        name = key if '"' in key or "." not in key else readable_name(*key.split(".", 1))
         tables[name] = TablePolicy(
             insert_exists=t.insert_exists or default.insert_exists,
             update_missing=t.update_missing or default.update_missing,

@@ -15,7 +15,7 @@ import psycopg2.errors
 import psycopg2.extras
 
 from sink.relations import firing
-from sink.state import quote_ident
+from sink.state import quote_ident, readable_name_sql
 
 from ..errors import ConnectError, SourceNotReady, UsageError, first_line
 from ..source import connect, describe_dsn, query_one
@@ -168,12 +168,12 @@ def _published(src: Any, st: Settings) -> list[str] | None:
 def _tables_where(src: Any, condition: str, tables: list[str] | None) -> list[str]:
     """The user tables among `tables` (None: all) for which `condition` (SQL on pg_class c) holds."""
     with src.cursor() as cur:
-        cur.execute(f"""SELECT n.nspname || '.' || c.relname
+        cur.execute(f"""SELECT {readable_name_sql("n.nspname", "c.relname")}
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
               AND n.nspname NOT LIKE 'pg_toast%%' AND {condition}
               AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[]) OR c.relname = ANY(%s::text[]))
-            ORDER BY 1""", (tables, tables, tables))
+            ORDER BY n.nspname, c.relname""", (tables, tables, tables))
         rows = [r[0] for r in cur.fetchall()]
     src.rollback()
     return rows

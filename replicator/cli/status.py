@@ -16,7 +16,7 @@ import msgspec
 import psycopg2
 
 from decoder import Lsn
-from sink.state import quote_ident
+from sink.state import quote_ident, readable_name
 
 from ..source import connect
 from ..sync import holdback
@@ -90,13 +90,14 @@ def collect(source: str, target: str, slot: str, schema: str,
                 cur.execute(f"SELECT phase FROM {s}.sync WHERE slot_name = %s", (slot,))
                 sync = cur.fetchone()
                 # rows of a table being copied: what its running COPYs have written so far
-                cur.execute(f"""SELECT t.schema_name || '.' || t.table_name, t.state,
+                cur.execute(f"""SELECT t.schema_name, t.table_name, t.state,
                         CASE WHEN t.state = 'copying' THEN (
                             SELECT sum(p.tuples_processed) FROM pg_stat_progress_copy p
                             JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
                             WHERE n.nspname = t.schema_name AND c.relname = t.table_name) ELSE t.rows END
-                    FROM {s}.tables t WHERE t.slot_name = %s ORDER BY 1""", (slot,))
-                tables = [TableStatus(n, st, None if r is None else int(r)) for n, st, r in cur.fetchall()]
+                    FROM {s}.tables t WHERE t.slot_name = %s ORDER BY 1, 2""", (slot,))
+                tables = [TableStatus(readable_name(n, t), st, None if r is None else int(r))
+                          for n, t, st, r in cur.fetchall()]
                 cur.execute(f"SELECT state, handoff_lsn::text FROM {s}.control WHERE slot_name = %s", (slot,))
                 control = cur.fetchone()
                 cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{s}.conflicts",))

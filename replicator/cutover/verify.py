@@ -21,7 +21,7 @@ from typing import IO, Any
 import msgspec
 import psycopg2
 
-from sink.state import pgferry_session, quote_ident
+from sink.state import pgferry_session, quote_ident, readable_name
 
 from ..errors import first_line
 from ..source import connect, published_tables, query_one
@@ -60,7 +60,7 @@ def _columns(src: Any, qualified: str) -> tuple[list[str], list[tuple[str, str]]
 
 def verify_table(src: Any, dst: Any, schema: str, table: str, mode: str) -> TableResult:
     qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
-    res = TableResult(f"{schema}.{table}")
+    res = TableResult(readable_name(schema, table))
     try:
         (res.target_rows,) = query_one(dst, f"SELECT count(*) FROM {qualified}")
     except psycopg2.Error as exc:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from sink.state import readable_name_sql
+
 from ..errors import CheckError
 from ..source import describe_dsn, published_tables
 
@@ -33,7 +35,7 @@ def replicability_findings(src: Any, tables: list[str] | None) -> list[Finding]:
     DELETE on it FAIL on the source, so that is an error when the source has updated or deleted rows
     in it, and a warning otherwise (insert-only tables are fine). `tables`: None for all."""
     with src.cursor() as cur:
-        cur.execute("""SELECT n.nspname || '.' || c.relname, c.relpersistence = 'u',
+        cur.execute(f"""SELECT {readable_name_sql("n.nspname", "c.relname")}, c.relpersistence = 'u',
                 c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (
                     SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)),
                 coalesce(s.n_tup_upd + s.n_tup_del, 0) > 0
@@ -43,7 +45,7 @@ def replicability_findings(src: Any, tables: list[str] | None) -> list[Finding]:
               AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
               AND (%s::text[] IS NULL OR n.nspname || '.' || c.relname = ANY(%s::text[])
                    OR c.relname = ANY(%s::text[]))
-            ORDER BY 1""", (tables, tables, tables))
+            ORDER BY n.nspname, c.relname""", (tables, tables, tables))
         rows = cur.fetchall()
         cur.execute("SELECT count(*) FROM pg_largeobject_metadata")
         (large_objects,) = cur.fetchone()

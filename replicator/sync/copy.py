@@ -22,7 +22,7 @@ import psycopg2.errors
 
 from decoder import Lsn
 from sink import failpoints
-from sink.state import SESSION, pgferry_session, quote_ident
+from sink.state import SESSION, pgferry_session, quote_ident, readable_name
 
 from ..errors import CopyError, PgferryError
 from ..source import ThreadConnections, connect
@@ -447,14 +447,14 @@ def table_sizes(src: Any, tables: list[TableCopy]) -> dict[str, tuple[int, int]]
     table of large values is mostly TOAST)."""
     with src.cursor() as cur:
         # pg_partition_tree() is empty for a plain table: the table itself, and its partitions
-        cur.execute("""SELECT s || '.' || t, sum(pg_relation_size(c.oid)),
+        cur.execute("""SELECT s, t, sum(pg_relation_size(c.oid)),
                 sum(pg_relation_size(c.oid) + coalesce(pg_relation_size(nullif(c.reltoastrelid, 0)), 0))
             FROM unnest(%s::text[], %s::text[]) AS x(s, t)
             CROSS JOIN LATERAL (SELECT format('%%I.%%I', s, t)::regclass) AS r(rel)
             CROSS JOIN LATERAL (SELECT r.rel UNION SELECT relid FROM pg_partition_tree(r.rel)) AS p(relid)
             JOIN pg_class c ON c.oid = p.relid
-            GROUP BY 1""",
+            GROUP BY 1, 2""",
                     ([t.schema for t in tables], [t.name for t in tables]))
-        sizes = {name: (int(heap), int(data)) for name, heap, data in cur.fetchall()}
+        sizes = {readable_name(s, t): (int(heap), int(data)) for s, t, heap, data in cur.fetchall()}
     src.rollback()
     return sizes

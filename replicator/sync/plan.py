@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from sink.state import quote_ident
+from sink.state import quote_ident, readable_name
 
 
 @dataclass
@@ -35,4 +35,5 @@ class TableCopy:
 
     @property
     def display(self) -> str:
-        return f"{self.schema}.{self.name}"
+        """`schema.table` for messages, quoted where it must be (`public."My T"`)."""
+        return readable_name(self.schema, self.name)

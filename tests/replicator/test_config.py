@@ -95,3 +95,16 @@ def test_a_misspelt_environment_variable_is_refused_like_an_unknown_toml_key():
     st = config.load(None, {}, environ={"PGFERRY_BATCH_ROWS": "5", "PGFERRY_PG15_BINDIR": "/x", "PGFERRY_CONFIG": "",
                                         "PGFERRY_PURE_PYTHON": "1", "PGFERRY_TEST_HOOK_FILE": "/tmp/x"})
     assert st.batch_rows == 5
+
+
+def test_conflict_settings_per_table_name_it_as_the_sink_does(tmp_path):
+    """`[conflicts.tables."public.My T"]` and `[conflicts.tables.'public."My T"']` are one table,
+    named as every message names it: public."My T"."""
+    from replicator.cli import config
+
+    for key in ('"public.My T"', "'public.\"My T\"'"):
+        f = tmp_path / "c.toml"
+        f.write_text(f'[conflicts.tables.{key}]\ninsert_exists = "skip"\n')
+        policies = config.policies(config.load(str(f), {}, environ={}))
+        assert list(policies.tables) == ['public."My T"'], key
+        assert policies.for_table('public."My T"').insert_exists == "skip"

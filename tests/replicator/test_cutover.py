@@ -221,3 +221,20 @@ def test_verify_outlasts_the_servers_timeouts(pair):
             db.execute(f"ALTER DATABASE {db.name} SET transaction_timeout = '50ms'")
     r = pgferry("verify", "--source", src.dsn, "--target", dst.dsn)
     assert r.returncode == 0 and "canceling" not in r.stderr + r.stdout, r.stdout + r.stderr
+
+
+def test_names_are_quoted_where_they_must_be_in_status_and_the_receipt(pair, daemons):
+    """`my.schema.we"ird` could be two tables; every name pgferry prints is quoted only where it
+    must be: `public.plain`, `"my.schema"."we""ird"`."""
+    src, dst = pair
+    src.psql('CREATE SCHEMA "my.schema"; CREATE TABLE "my.schema"."we""ird" (id int PRIMARY KEY, v text); '
+             "INSERT INTO \"my.schema\".\"we\"\"ird\" VALUES (1, 'a'); CREATE TABLE plain (id int PRIMARY KEY);")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    wait_for(lambda: _status(src, dst)["phase"] == "streaming" or not d.running(), 60, "streaming")
+    weird = '"my.schema"."we""ird"'
+    assert sorted(t["name"] for t in _status(src, dst)["tables"]) == [weird, "public.plain"]
+    r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--fence", "none", "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr + d.output()
+    assert sorted(t["name"] for t in json.loads(r.stdout)["tables"]) == [weird, "public.plain"]
+    assert d.wait_exit(timeout=30) == 0, d.output()
