@@ -25,12 +25,12 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from decoder import UNCHANGED, Delete, Insert, Lsn, Relation, Truncate, Update, accel
+from decoder import INVALID_LSN, UNCHANGED, Delete, Insert, Lsn, Relation, Truncate, Update, accel
 from decoder.values import pg_epoch_to_datetime
 
 from . import failpoints, state
 from .conflicts import Policies
-from .direct import INSERT_ROWS, ChangeByChange, first_line_of
+from .direct import ChangeByChange, InsertRun, first_line_of
 from .durability import Durability
 from .errors import RETRYABLE, ApplyError
 from .netbatch import NetBatch
@@ -67,7 +67,8 @@ class BatchLimits:
 class Sink(ChangeByChange, Resolving):
     def __init__(self, conn: psycopg2.extensions.connection, slot: str, schema: str = state.DEFAULT_SCHEMA,
                  limits: BatchLimits | None = None, policies: Policies | None = None,
-                 target_dsn: str | None = None, stats: SinkStats | None = None) -> None:
+                 target_dsn: str | None = None, stats: SinkStats | None = None,
+                 isolate_until: Lsn = INVALID_LSN) -> None:
         self.conn = conn
         self.cur = conn.cursor()
         self.policies = policies or Policies()
@@ -87,15 +88,8 @@ class Sink(ChangeByChange, Resolving):
         self._progress_sql = state.progress_sql(schema)
         # After a failure, transactions up to this commit LSN are applied one per batch, so the
         # ones before the failing transaction commit and the failure stops exactly at it.
-        self.isolate_until = Lsn(0)
-        # a run of inserts into one table with the same columns, sent as one statement
-        self._ins_head: str | None = None
-        self._ins_template = ""
-        self._ins_table = ""
-        self._ins_rows: list[list[Any]] = []
-        self._ins_meta: list[tuple[TargetTable, tuple, Lsn | None, int | None]] = []  # per row: for conflicts
-        self._ins_xid: int | None = None
-        self._ins_lsn: Lsn | None = None
+        self.isolate_until = isolate_until
+        self.inserts = InsertRun()  # a run of inserts into one table with the same columns, one statement
         # updates and deletes of the change-by-change path, sent together (direct.py: _flush_each)
         self._each_sql: str | None = None
         self._each_meta: list[tuple] = []
@@ -264,12 +258,10 @@ class Sink(ChangeByChange, Resolving):
             if self._each_meta:
                 self._flush_each()  # the updates and deletes before it come first
             head, template, params = table.insert(msg.new)  # type: ignore[union-attr]
-            if head is not self._ins_head or len(self._ins_rows) >= INSERT_ROWS:
+            if not self.inserts.fits(head):
                 self._flush_inserts()
-                self._ins_head, self._ins_template, self._ins_table = head, template, table.display
-            self._ins_rows.append(params)
-            self._ins_meta.append((table, msg.new, self._commit_lsn, self._xid))  # type: ignore[union-attr]
-            self._ins_xid, self._ins_lsn = self._xid, self._commit_lsn  # of the newest row: named on failure
+                self.inserts.start(head, template, table.display)
+            self.inserts.add(params, table, msg.new, self._commit_lsn, self._xid)  # type: ignore[union-attr]
             self.stats.rows_applied += 1
             self._batch_rows += 1
             self._batch_bytes += sum(len(p) for p in params if type(p) is str)
@@ -478,8 +470,7 @@ class Sink(ChangeByChange, Resolving):
             self._join()
         except Exception:  # the batch is dropped either way: the caller already failed or stops
             pass
-        self._ins_rows = []
-        self._ins_meta = []
+        self.inserts.take()
         self._skip_marked = False
         self._each_meta, self._each_bytes = [], 0
         self.net = NetBatch()

@@ -9,6 +9,7 @@ under savepoints so the conflicting row is found and resolved (sink/resolve.py).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psycopg2
@@ -37,19 +38,43 @@ def first_line_of(exc: psycopg2.Error) -> str:
     return text.splitlines()[0] if text else repr(exc)
 
 
+@dataclass
+class InsertRun:
+    """A run of inserts into one table with the same columns, sent as one multi-row INSERT."""
+
+    head: str | None = None  # `INSERT INTO ... VALUES %s` of the run (identity: same table and columns)
+    template: str = ""
+    table: str = ""  # its name, for messages
+    rows: list[list[Any]] = field(default_factory=list)
+    meta: list[tuple[TargetTable, tuple, Lsn | None, int | None]] = field(default_factory=list)  # for conflicts
+    lsn: Lsn | None = None  # of the newest row's transaction: named on failure
+    xid: int | None = None
+
+    def fits(self, head: str) -> bool:
+        """May a row of statement `head` join the run (else: flush it first)?"""
+        return head is self.head and len(self.rows) < INSERT_ROWS
+
+    def start(self, head: str, template: str, table: str) -> None:
+        self.head, self.template, self.table = head, template, table
+
+    def add(self, params: list[Any], table: TargetTable, row: tuple, lsn: Lsn | None, xid: int | None) -> None:
+        self.rows.append(params)
+        self.meta.append((table, row, lsn, xid))
+        self.lsn, self.xid = lsn, xid
+
+    def take(self) -> tuple[list[list[Any]], list[tuple[TargetTable, tuple, Lsn | None, int | None]]]:
+        rows, meta = self.rows, self.meta
+        self.rows, self.meta = [], []
+        return rows, meta
+
+
 class ChangeByChange:
-    """Needs from Sink: cur, policies, the insert buffer (_ins_*), _exact, _precise, _current,
-    _commit_lsn, _xid, _join(), _apply_error(), and Resolving's insert_exists() and apply_error()."""
+    """Needs from Sink: cur, policies, the insert run, _exact, _precise, _current, _commit_lsn,
+    _xid, _join(), _apply_error(), and Resolving's insert_exists() and apply_error()."""
 
     cur: Any
     policies: Any
-    _ins_rows: list[list[Any]]
-    _ins_meta: list[tuple[TargetTable, tuple, Lsn | None, int | None]]
-    _ins_head: str | None
-    _ins_template: str
-    _ins_table: str
-    _ins_lsn: Lsn | None
-    _ins_xid: int | None
+    inserts: InsertRun
     _exact: bool
     _precise: bool
     _current: str | None
@@ -183,24 +208,23 @@ class ChangeByChange:
         """Send the buffered run of inserts (same table and columns) as one multi-row INSERT.
         Change by change (exact mode), a failure is retried row by row to find and resolve the
         conflicting rows."""
-        if not self._ins_rows:
+        run = self.inserts
+        if not run.rows:
             return
         self._join()
-        rows, self._ins_rows = self._ins_rows, []
-        meta, self._ins_meta = self._ins_meta, []
-        self._current = self._ins_table
+        rows, meta = run.take()
+        self._current = run.table
         try:
             if self._exact:
                 self.cur.execute("SAVEPOINT pgferry_ins")
-            psycopg2.extras.execute_values(self.cur, self._ins_head, rows, template=self._ins_template,
-                                           page_size=INSERT_ROWS)
+            psycopg2.extras.execute_values(self.cur, run.head, rows, template=run.template, page_size=INSERT_ROWS)
             if self._exact:
                 self.cur.execute("RELEASE SAVEPOINT pgferry_ins")
         except RETRYABLE:
             raise
         except psycopg2.Error as exc:
             if not self._exact:
-                raise self._apply_error(exc, self._ins_lsn, self._ins_xid) from None
+                raise self._apply_error(exc, run.lsn, run.xid) from None
             self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_ins")
             for params, (table, row, lsn, xid) in zip(rows, meta, strict=True):
                 self._insert_one(table, params, row, lsn, xid)

@@ -37,6 +37,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from decoder import (
+    INVALID_LSN,
     Begin,
     Commit,
     Delete,
@@ -147,11 +148,13 @@ def prepare_slot(conn: psycopg2.extensions.connection, cfg: StreamConfig, stored
 class Session:
     """One connection pair and the loop over it."""
 
-    def __init__(self, cfg: StreamConfig, stop: StopFlag, spool: Spool, stats: SinkStats | None = None) -> None:
+    def __init__(self, cfg: StreamConfig, stop: StopFlag, spool: Spool, stats: SinkStats | None = None,
+                 isolate_until: Lsn = INVALID_LSN) -> None:
         self.cfg = cfg
         self.stop = stop
         self.spool = spool
         self.stats = stats or SinkStats()  # the daemon's: counts go on across reconnects
+        self.isolate_until = isolate_until  # a failed batch: its transactions one per batch up to here
         self.sink: Sink | None = None
         self.repl: Any = None
         self.target: Any = None
@@ -178,7 +181,7 @@ class Session:
         self.target = connect(cfg.target, "target", connection_factory=WatchedConnection, **NET_OPTIONS)
         self.watchdog = TargetWatchdog(self.target, cfg.target, cfg.network_timeout).start()
         self.sink = Sink(self.target, cfg.slot, cfg.schema, cfg.limits, policies=cfg.policies, target_dsn=cfg.target,
-                         stats=self.stats)
+                         stats=self.stats, isolate_until=self.isolate_until)
         try:
             stored = self.sink.open()
         except psycopg2.errors.InsufficientPrivilege as exc:
@@ -541,12 +544,11 @@ def run_stream(cfg: StreamConfig, stop: StopFlag | None = None) -> int:
     announced = False  # "reconnected after" was logged for it
     try:
         while not stop.set:
-            session = Session(cfg, stop, spool, stats)
+            session = Session(cfg, stop, spool, stats, isolate_until)
             start: Lsn | None = None
             try:
                 session.open()
                 assert session.sink is not None
-                session.sink.isolate_until = isolate_until
                 metrics.STATE.session = session
                 ever_connected = True
                 start = session.sink.stored
