@@ -38,7 +38,7 @@ import psycopg2.extras
 
 from decoder import Lsn
 from sink import failpoints, state
-from sink.state import quote_ident
+from sink.state import quote_ident, readable_name
 
 from ..errors import PgferryError, SyncError, first_line
 from ..source import check_logical_source, completed_or_cancel, connect, describe_dsn, published_tables
@@ -260,9 +260,19 @@ class InitialSync:
         for t in tables:
             t.bytes, t.data_bytes = sizes.get(t.display, (0, 0))
         cur = self.target.cursor()  # one statement: a row per table was a round trip per table
-        cur.execute(f"INSERT INTO {quote_ident(self.cfg.schema)}.tables (slot_name, schema_name, table_name) "
+        s = quote_ident(self.cfg.schema)
+        names = ([t.schema for t in tables], [t.name for t in tables])
+        cur.execute(f"INSERT INTO {s}.tables (slot_name, schema_name, table_name) "
                     "SELECT %s, s, t FROM unnest(%s::text[], %s::text[]) AS x(s, t) ON CONFLICT DO NOTHING",
-                    (self.cfg.slot, [t.schema for t in tables], [t.name for t in tables]))
+                    (self.cfg.slot, *names))
+        # resuming: a table not copied yet that is no longer published (dropped from the source or
+        # the publication since) is not pending any more
+        cur.execute(f"DELETE FROM {s}.tables WHERE slot_name = %s AND state <> 'copied' AND (schema_name, table_name) "
+                    "NOT IN (SELECT * FROM unnest(%s::text[], %s::text[])) RETURNING schema_name, table_name",
+                    (self.cfg.slot, *names))
+        gone = [readable_name(n, t) for n, t in cur.fetchall()]
+        if gone:
+            log.info("no longer published, so not copied: %s", ", ".join(gone))
         self.target.commit()
         return tables
 

@@ -17,7 +17,15 @@ from replicator.local.servers import find_bindir
 from replicator.sync import copy, libpq, postdata
 from replicator.sync import initial as sync
 from replicator.sync.initial import InitialSync, SyncConfig, copy_sequences
-from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, pgferry, slow_inserts_under_a_timeout, wait_for
+from tests.pgplugin import (
+    ROOT,
+    Daemon,
+    Db,
+    assert_same_tables,
+    pgferry,
+    slow_inserts_under_a_timeout,
+    wait_for,
+)
 
 pytestmark = pytest.mark.pg
 
@@ -517,3 +525,23 @@ def test_a_table_of_large_values_counts_its_toast_in_the_copy_summary(pair, capl
     mb = float(re.search(r"([\d.]+) MB of source tables", summary).group(1))
     assert mb >= toast / 1e6, summary
     assert_same_tables(src, dst, {"docs": ["id", "body"]})
+
+
+def test_a_table_dropped_on_the_source_before_the_copy_resumes_is_no_longer_pending(pair, daemons):
+    """A copy that stopped on a table (here: the target refuses its rows) and the user drops that
+    table from the source: the resumed start no longer lists it pending, and streams."""
+    src, dst = pair
+    src.execute(TABLE_A + "; CREATE TABLE bad (id int PRIMARY KEY, v int); INSERT INTO bad VALUES (1, 1)")
+    dst.execute("CREATE TABLE a (id int PRIMARY KEY, x text); "
+                "CREATE TABLE bad (id int PRIMARY KEY, v int CHECK (v > 1))")
+    d = Daemon(src, dst, "--no-schema", "--jobs", "1", copy=True, ready=False)
+    daemons.append(d)
+    assert d.wait_exit(timeout=120) == 1, d.output()
+    assert "bad" in {t for (t,) in dst.execute("SELECT table_name FROM pgferry.tables WHERE state <> 'copied'")}
+    src.execute("DROP TABLE bad")  # the publication (FOR ALL TABLES) loses it with it
+    d.start().wait_ready()
+    names = [t["name"] for t in json.loads(pgferry("status", "--json", "--source", src.dsn, "--target",
+                                                   dst.dsn).stdout)["tables"]]
+    assert names == ["public.a"], names
+    assert "no longer published, so not copied: public.bad" in d.output(), d.output()
+    assert_same_tables(src, dst, {"a": ["id", "x"]})
