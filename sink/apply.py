@@ -30,7 +30,7 @@ from decoder.values import pg_epoch_to_datetime
 
 from . import failpoints, state
 from .conflicts import Policies
-from .direct import ChangeByChange, InsertRun, first_line_of
+from .direct import ChangeByChange, InsertRun, StatementBuffer, first_line_of
 from .durability import Durability
 from .errors import RETRYABLE, ApplyError
 from .netbatch import NetBatch
@@ -91,10 +91,7 @@ class Sink(ChangeByChange, Resolving):
         self.isolate_until = isolate_until
         self.inserts = InsertRun()  # a run of inserts into one table with the same columns, one statement
         # updates and deletes of the change-by-change path, sent together (direct.py: _flush_each)
-        self._each_sql: str | None = None
-        self._each_meta: list[tuple] = []
-        self._each_bytes = 0
-        self._prepared_count = 0
+        self.each = StatementBuffer()
         self.replica_role = False
         self._session_ready = False  # the session settings are set and the state schema exists
         # net changes of the batch, applied set-based (on tables where nothing fires: no foreign-key
@@ -142,7 +139,7 @@ class Sink(ChangeByChange, Resolving):
             state.pgferry_session(cur)  # committed with the state below
             state.ensure_schema(cur, self.schema)
             if state.ensure_apply_function(cur, self.schema):
-                self._each_sql = f"SELECT {state.quote_ident(self.schema)}.{state.APPLY_EACH}(%s::text[])"
+                self.each.sql = f"SELECT {state.quote_ident(self.schema)}.{state.APPLY_EACH}(%s::text[])"
         if initial is not None:
             state.init_progress(cur, self.schema, self.slot, initial, created_slot)
         stored = state.read_progress(cur, self.schema, self.slot)
@@ -255,7 +252,7 @@ class Sink(ChangeByChange, Resolving):
             if self.net:
                 self._flush_net()  # what is pending comes first: source order
         if t is Insert:
-            if self._each_meta:
+            if self.each.statements:
                 self._flush_each()  # the updates and deletes before it come first
             head, template, params = table.insert(msg.new)  # type: ignore[union-attr]
             if not self.inserts.fits(head):
@@ -472,7 +469,7 @@ class Sink(ChangeByChange, Resolving):
             pass
         self.inserts.take()
         self._skip_marked = False
-        self._each_meta, self._each_bytes = [], 0
+        self.each.take()
         self.net = NetBatch()
         self._net_rows = self._net_bytes = 0
         try:

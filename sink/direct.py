@@ -68,9 +68,36 @@ class InsertRun:
         return rows, meta
 
 
+# per buffered statement, what a conflict names: (table, kind, key, [message type, row, lsn, xid],
+# sql, params, row for apply_error)
+Buffered = tuple[TargetTable, str, tuple, list[Any], str, list[Any], Any]
+
+
+@dataclass
+class StatementBuffer:
+    """UPDATE/DELETE statements of the change-by-change path waiting to go in one round trip
+    (state.APPLY_EACH), and the statement shapes prepared on this connection."""
+
+    sql: str | None = None  # `SELECT <state>.apply_each_v2(%s::text[])`, or None: one round trip each
+    statements: list[Buffered] = field(default_factory=list)
+    bytes: int = 0
+    prepared: int = 0  # shapes prepared on the connection so far (PREPARED_MAX at most)
+
+    def add(self, statement: Buffered) -> bool:
+        """Buffer one; True when the buffer is full (send it)."""
+        self.statements.append(statement)
+        self.bytes += len(statement[4]) + sum(len(p) for p in statement[5] if type(p) is str)
+        return len(self.statements) >= EACH_STATEMENTS or self.bytes >= EACH_BYTES
+
+    def take(self) -> list[Buffered]:
+        out, self.statements, self.bytes = self.statements, [], 0
+        return out
+
+
 class ChangeByChange:
-    """Needs from Sink: cur, policies, the insert run, _exact, _precise, _current, _commit_lsn,
-    _xid, _join(), _apply_error(), and Resolving's insert_exists() and apply_error()."""
+    """Needs from Sink: cur, policies, its insert run and statement buffer, _exact, _precise,
+    _current, _commit_lsn, _xid, _join(), _apply_error(), and Resolving's insert_exists() and
+    apply_error() (declared below for the type checker)."""
 
     cur: Any
     policies: Any
@@ -80,12 +107,7 @@ class ChangeByChange:
     _current: str | None
     _commit_lsn: Lsn | None
     _xid: int | None
-    _each_sql: str | None  # `SELECT <state>.apply_each_v2(%s::text[])`, or None: one round trip each
-    # buffered UPDATE/DELETE statements and, per statement, what a conflict names:
-    # (table, kind, key, [message type, row, lsn, xid], sql, params, row for apply_error)
-    _each_meta: list[tuple[TargetTable, str, tuple, list[Any], str, list[Any], Any]]
-    _each_bytes: int
-    _prepared_count: int  # statement shapes prepared on this connection (_prepare)
+    each: StatementBuffer  # buffered UPDATE/DELETE statements (what a conflict names, per statement)
 
     if TYPE_CHECKING:  # what Sink and Resolving provide (the contract above, checked by mypy)
         def _join(self) -> None: ...
@@ -101,7 +123,7 @@ class ChangeByChange:
         """May this UPDATE/DELETE wait in the buffer? Only where nothing but its own row count
         matters in between: no hook, apply_error stops, and a row not found is skipped or stops
         (an `overwrite` insert would have to come before the statements after it)."""
-        if self._each_sql is None or self.policies.hook is not None:
+        if self.each.sql is None or self.policies.hook is not None:
             return False
         policy = self.policies.for_table(table.name)
         return policy.apply_error == "error" and policy.for_kind(kind) in ("skip", "error")
@@ -110,9 +132,7 @@ class ChangeByChange:
                        entry: list[Any], row: Any) -> None:
         """Queue one UPDATE/DELETE of the change-by-change path; sent with the others in one
         round trip (`_flush_each`) before anything else touches the target."""
-        self._each_meta.append((table, kind, key, entry, sql, params, row))
-        self._each_bytes += len(sql) + sum(len(p) for p in params if type(p) is str)
-        if len(self._each_meta) >= EACH_STATEMENTS or self._each_bytes >= EACH_BYTES:
+        if self.each.add((table, kind, key, entry, sql, params, row)):
             self._flush_each()
 
     def _each_text(self, table: TargetTable, sql: str, params: list[Any]) -> str:
@@ -132,7 +152,7 @@ class ChangeByChange:
     def _prepare(self, sql: str) -> str:
         """PREPARE a statement shape (its %s placeholders as $n) in a savepoint; its name, or ""
         when the target refused it or this connection holds PREPARED_MAX already."""
-        if self._prepared_count >= PREPARED_MAX:
+        if self.each.prepared >= PREPARED_MAX:
             return ""
         n = 0
 
@@ -141,8 +161,8 @@ class ChangeByChange:
             n += 1
             return f"${n}"
 
-        self._prepared_count += 1
-        name = f"pgferry_each{self._prepared_count}"
+        self.each.prepared += 1
+        name = f"pgferry_each{self.each.prepared}"
         body = _PLACEHOLDER.sub(number, sql)
         try:
             self.cur.execute(f"SAVEPOINT pgferry_prep; PREPARE {name} AS {body} RETURNING 1; "
@@ -158,11 +178,10 @@ class ChangeByChange:
         """Run the buffered statements in order, in one round trip per EACH_STATEMENTS; rows they
         did not find go to the conflict policies. A statement the target rejects is run on its own
         after the ones before it, so the error names its change exactly."""
-        if not self._each_meta:
+        if not self.each.statements:
             return
         self._join()
-        meta, self._each_meta = self._each_meta, []
-        self._each_bytes = 0
+        meta = self.each.take()
         texts = [self._each_text(table, sql, params) for table, _, _, _, sql, params, _ in meta]
         done = 0
         while done < len(texts):
@@ -186,7 +205,7 @@ class ChangeByChange:
 
     def _run_each(self, texts: list[str]) -> list[int]:
         try:
-            self.cur.execute(self._each_sql, (texts,))
+            self.cur.execute(self.each.sql, (texts,))
             return self.cur.fetchone()[0] or []
         except RETRYABLE:
             raise
