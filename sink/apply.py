@@ -64,6 +64,19 @@ class BatchLimits:
     seconds: float = 0.5
 
 
+@dataclass(slots=True)
+class OpenBatch:
+    """The batch being built: complete source transactions (and the open one) not yet committed
+    on the target. It commits at the limits (BatchLimits), at its deadline, or when the stream
+    is idle."""
+
+    rows: int = 0  # row changes in it
+    bytes: int = 0  # their size
+    started: float | None = None  # monotonic time of its first transaction (None: no batch)
+    end: Lsn | None = None  # end LSN of its last complete transaction: the progress it commits
+    commit_time: int | None = None  # that transaction's commit time
+
+
 class Sink(ChangeByChange, Resolving):
     def __init__(self, conn: psycopg2.extensions.connection, slot: str, schema: str = state.DEFAULT_SCHEMA,
                  limits: BatchLimits | None = None, policies: Policies | None = None,
@@ -105,11 +118,7 @@ class Sink(ChangeByChange, Resolving):
         # reads and folds the next one; anything else that needs the connection waits for it.
         self.writer = BackgroundWriter()
         # the open batch
-        self._batch_rows = 0
-        self._batch_bytes = 0
-        self._batch_started: float | None = None
-        self._batch_end: Lsn | None = None
-        self._batch_time: int | None = None
+        self.batch = OpenBatch()
         # the open source transaction
         self._xid: int | None = None
         self._commit_lsn: Lsn | None = None
@@ -203,8 +212,8 @@ class Sink(ChangeByChange, Resolving):
             log.warning("skipping source transaction xid %s committed at %s (pgferry skip)", xid, commit_lsn)
             self.cur.execute(f"UPDATE {state.quote_ident(self.schema)}.skip SET done_at = now() WHERE slot_name = %s "
                              "AND lsn = %s::pg_lsn", (self.slot, str(commit_lsn)))
-            if self._batch_started is None:
-                self._batch_started = time.monotonic()
+            if self.batch.started is None:
+                self.batch.started = time.monotonic()
             self._skip_marked = True  # the mark commits with this batch: end_skipped ends it here
             self.skip_lsns.discard(commit_lsn)
             return False
@@ -212,8 +221,8 @@ class Sink(ChangeByChange, Resolving):
         # Without the replica role, set-based apply is still exact where nothing fires: the tables
         # where something does are applied one by one (TargetTable.fires).
         self._exact = commit_lsn <= self.isolate_until
-        if self._batch_started is None:
-            self._batch_started = time.monotonic()
+        if self.batch.started is None:
+            self.batch.started = time.monotonic()
         return True
 
     def end_skipped(self, end_lsn: Lsn, commit_time: int) -> None:
@@ -222,9 +231,9 @@ class Sink(ChangeByChange, Resolving):
         else follows (a batch with no rows was rolled back, and the mark with it)."""
         if self._skip_marked:
             self._skip_marked = False
-            self._batch_end = end_lsn
-            self._batch_time = commit_time
-            if self._batch_rows >= self._max_rows or self._batch_bytes >= self._max_bytes:
+            self.batch.end = end_lsn
+            self.batch.commit_time = commit_time
+            if self.batch.rows >= self._max_rows or self.batch.bytes >= self._max_bytes:
                 self.flush(wait=False)
 
     def apply(self, msg: Insert | Update | Delete | Truncate, size: int = 0) -> None:
@@ -260,8 +269,8 @@ class Sink(ChangeByChange, Resolving):
                 self.inserts.start(head, template, table.display)
             self.inserts.add(params, table, msg.new, self._commit_lsn, self._xid)  # type: ignore[union-attr]
             self.stats.rows_applied += 1
-            self._batch_rows += 1
-            self._batch_bytes += sum(len(p) for p in params if type(p) is str)
+            self.batch.rows += 1
+            self.batch.bytes += sum(len(p) for p in params if type(p) is str)
             return
         self._flush_inserts()
         if t is Update:
@@ -282,8 +291,8 @@ class Sink(ChangeByChange, Resolving):
                 self._precise = True
                 self.missing(table, kind, [(key, [t, row, self._commit_lsn, self._xid])])
         self.stats.rows_applied += 1
-        self._batch_rows += 1
-        self._batch_bytes += sum(len(p) for p in params if type(p) is str)
+        self.batch.rows += 1
+        self.batch.bytes += sum(len(p) for p in params if type(p) is str)
 
     def apply_raw(self, payload: bytes) -> bool:
         """The hot path for an Insert/Update/Delete message of the open transaction (outside a
@@ -302,8 +311,8 @@ class Sink(ChangeByChange, Resolving):
         self._net_lsn = self._commit_lsn
         self._net_xid = self._xid
         self.stats.rows_applied += 1
-        self._batch_rows += 1
-        self._batch_bytes += size
+        self.batch.rows += 1
+        self.batch.bytes += size
         self._net_rows += 1
         self._net_bytes += size
         if self._net_rows >= self._net_max_rows or self._net_bytes >= self._net_max_bytes:
@@ -358,36 +367,36 @@ class Sink(ChangeByChange, Resolving):
             sql += " CASCADE"
         self._current = ", ".join(names)
         self._execute(sql, [])
-        self._batch_rows += 1
+        self.batch.rows += 1
 
     def _apply_error(self, exc: psycopg2.Error, lsn: Lsn | None = None, xid: int | None = None) -> ApplyError:
         err = ApplyError(f"the target rejected a change: {first_line_of(exc)}", lsn=lsn or self._commit_lsn,
                          xid=xid if lsn else self._xid, table=self._current)
         # With earlier transactions in the batch (or buffered inserts from them), the failure is
         # re-run one transaction per batch to pin it on exactly one transaction.
-        err.batch_has_earlier = self._batch_end is not None
+        err.batch_has_earlier = self.batch.end is not None
         return err
 
     def commit(self, end_lsn: Lsn, commit_time: int, hold: bool = False) -> None:
         """The source transaction is complete. The batch commits when a limit is reached, unless
         `hold` (the caller commits it itself, e.g. with a cutover claim: `handoff`)."""
         single = self._commit_lsn is not None and self._commit_lsn <= self.isolate_until
-        self._batch_end = end_lsn
-        self._batch_time = commit_time
+        self.batch.end = end_lsn
+        self.batch.commit_time = commit_time
         self._xid = self._commit_lsn = None
         if hold:
             return
         if single:
             self.flush()
-        elif self._batch_rows >= self._max_rows or self._batch_bytes >= self._max_bytes:
+        elif self.batch.rows >= self._max_rows or self.batch.bytes >= self._max_bytes:
             self.flush(wait=False)
 
     def handoff(self, cutover_id: str) -> bool:
         """The handoff marker's transaction is complete: claim the cutover in this batch and commit.
         True when this daemon now owns the handoff (it must stop); False if the cutover gave up."""
-        assert self._batch_end is not None
+        assert self.batch.end is not None
         self._flush_net()
-        self.cur.execute(state.handoff_sql(self.schema), (str(self._batch_end), self.slot, cutover_id))
+        self.cur.execute(state.handoff_sql(self.schema), (str(self.batch.end), self.slot, cutover_id))
         claimed = self.cur.rowcount == 1
         if claimed:
             self.cur.execute(f"UPDATE {state.quote_ident(self.schema)}.sync SET phase = 'done' WHERE slot_name = %s",
@@ -405,30 +414,30 @@ class Sink(ChangeByChange, Resolving):
         return self.writer.active
 
     def batch_open(self) -> bool:
-        return self._batch_started is not None
+        return self.batch.started is not None
 
     def deadline(self) -> float | None:
         """When the open batch must commit (monotonic time), or None."""
-        if self._batch_started is None:
+        if self.batch.started is None:
             return None
-        return self._batch_started + self.limits.seconds
+        return self.batch.started + self.limits.seconds
 
     def flush(self, wait: bool = True) -> None:
         """Commit the open batch (complete source transactions only) with its progress row.
         `wait=False`: write and commit it in the background; the next use of the connection
         waits for it (and raises its error, if any)."""
         self._join()
-        if self._batch_end is None:
-            if self._batch_started is not None and self._xid is None:
+        if self.batch.end is None:
+            if self.batch.started is not None and self._xid is None:
                 self.conn.rollback()
-                self._batch_started = None
+                self.batch.started = None
             return
         assert self._xid is None, "flush inside a source transaction"
         self._flush_direct()  # statements already sent in this batch stay on this thread
-        args = (self.net, self._net_lsn, self._net_xid, self._batch_end, self._batch_time, self._batch_rows)
+        args = (self.net, self._net_lsn, self._net_xid, self.batch.end, self.batch.commit_time, self.batch.rows)
         self.net = NetBatch()
-        self._batch_rows = self._batch_bytes = self._net_rows = self._net_bytes = 0
-        self._batch_started = self._batch_end = self._batch_time = None
+        self.batch.rows = self.batch.bytes = self._net_rows = self._net_bytes = 0
+        self.batch.started = self.batch.end = self.batch.commit_time = None
         if wait:
             self._write_batch(*args)
         else:
@@ -476,13 +485,13 @@ class Sink(ChangeByChange, Resolving):
             self.conn.rollback()
         except psycopg2.Error:
             pass
-        self._batch_rows = self._batch_bytes = 0
-        self._batch_started = self._batch_end = self._batch_time = None
+        self.batch.rows = self.batch.bytes = 0
+        self.batch.started = self.batch.end = self.batch.commit_time = None
         self._xid = self._commit_lsn = None
 
     def advance_idle(self, lsn: Lsn) -> None:
         """Record that the source has nothing pending up to `lsn` (no open transaction or batch)."""
-        if lsn <= self.stored or self._batch_started is not None or self._xid is not None:
+        if lsn <= self.stored or self.batch.started is not None or self._xid is not None:
             return
         self._join()
         self.cur.execute(self._progress_sql, (str(lsn), None, 0, self.slot))
@@ -500,7 +509,7 @@ class Sink(ChangeByChange, Resolving):
         return self.durability.poll()
 
     def _end_read(self) -> None:
-        if self._batch_started is None and self._xid is None:
+        if self.batch.started is None and self._xid is None:
             # End the read's implicit transaction, but NEVER inside an open batch: that would
             # roll back applied changes whose progress the batch's commit then records.
             self.conn.rollback()
