@@ -35,7 +35,7 @@ from .durability import Durability
 from .errors import RETRYABLE, ApplyError
 from .netbatch import NetBatch
 from .relations import TargetTable, firing, map_relation
-from .resolve import Resolving
+from .resolve import ConflictResolver
 from .stats import SinkStats
 from .writer import BackgroundWriter
 
@@ -77,7 +77,7 @@ class OpenBatch:
     commit_time: int | None = None  # that transaction's commit time
 
 
-class Sink(ChangeByChange, Resolving):
+class Sink(ChangeByChange):
     def __init__(self, conn: psycopg2.extensions.connection, slot: str, schema: str = state.DEFAULT_SCHEMA,
                  limits: BatchLimits | None = None, policies: Policies | None = None,
                  target_dsn: str | None = None, stats: SinkStats | None = None,
@@ -87,7 +87,7 @@ class Sink(ChangeByChange, Resolving):
         self.policies = policies or Policies()
         self.target_dsn = target_dsn  # for dead-letter rows that must outlive a rolled-back batch
         self.stats = stats or SinkStats()
-        self._precise = False
+        self.resolver = ConflictResolver(self.cur, schema, slot, self.policies, target_dsn, self.stats)
         self.skip_lsns: set[Lsn] = set()  # source transactions the operator skips (pgferry skip)
         self._skip_marked = False  # a skip mark is written in the open batch, its transaction not ended
         self.slot = slot
@@ -288,8 +288,8 @@ class Sink(ChangeByChange, Resolving):
         else:
             self._flush_each()
             if self._execute_change(table, sql, params, row) == 0:
-                self._precise = True
-                self.missing(table, kind, [(key, [t, row, self._commit_lsn, self._xid])])
+                self.resolver.precise = True
+                self.resolver.missing(table, kind, [(key, [t, row, self._commit_lsn, self._xid])])
         self.stats.rows_applied += 1
         self.batch.rows += 1
         self.batch.bytes += sum(len(p) for p in params if type(p) is str)
@@ -338,8 +338,8 @@ class Sink(ChangeByChange, Resolving):
         if not net:
             return
         try:
-            self._precise = False
-            net.write(self.cur, self)
+            self.resolver.precise = False
+            net.write(self.cur, self.resolver)
         except RETRYABLE:
             raise
         except ApplyError:

@@ -24,6 +24,7 @@ from .relations import TargetTable
 
 if TYPE_CHECKING:
     from .errors import ApplyError
+    from .resolve import ConflictResolver
 
 INSERT_ROWS = 1000  # rows per multi-row INSERT
 EACH_STATEMENTS = 1000  # buffered UPDATE/DELETE statements per round trip (state.APPLY_EACH)...
@@ -95,29 +96,24 @@ class StatementBuffer:
 
 
 class ChangeByChange:
-    """Needs from Sink: cur, policies, its insert run and statement buffer, _exact, _precise,
-    _current, _commit_lsn, _xid, _join(), _apply_error(), and Resolving's insert_exists() and
-    apply_error() (declared below for the type checker)."""
+    """Needs from Sink: cur, policies, its insert run, statement buffer and conflict resolver,
+    _exact, _current, _commit_lsn, _xid, _join() and _apply_error() (declared below for the type
+    checker)."""
 
     cur: Any
     policies: Any
     inserts: InsertRun
+    each: StatementBuffer  # buffered UPDATE/DELETE statements (what a conflict names, per statement)
+    resolver: ConflictResolver
     _exact: bool
-    _precise: bool
     _current: str | None
     _commit_lsn: Lsn | None
     _xid: int | None
-    each: StatementBuffer  # buffered UPDATE/DELETE statements (what a conflict names, per statement)
 
-    if TYPE_CHECKING:  # what Sink and Resolving provide (the contract above, checked by mypy)
+    if TYPE_CHECKING:  # what Sink provides (checked by mypy; at run time Sink's own methods)
         def _join(self) -> None: ...
         def _apply_error(self, exc: psycopg2.Error, lsn: Lsn | None = None,
                          xid: int | None = None) -> ApplyError: ...
-        def missing(self, table: TargetTable, kind: str, items: list[tuple]) -> None: ...
-        def insert_exists(self, table: TargetTable, items: list[tuple]) -> None: ...
-        def apply_error(self, table: TargetTable, row: Any, lsn: Any, xid: int | None, detail: str) -> bool: ...
-
-    # (no method stubs here: in Sink's MRO they would shadow the real ones from Sink and Resolving)
 
     def _can_buffer(self, table: TargetTable, kind: str) -> bool:
         """May this UPDATE/DELETE wait in the buffer? Only where nothing but its own row count
@@ -215,8 +211,8 @@ class ChangeByChange:
     def _missing_each(self, meta: list[tuple], counts: list[int]) -> None:
         for (table, kind, key, entry, *_), n in zip(meta, counts, strict=True):
             if n == 0:
-                self._precise = True
-                self.missing(table, kind, [(key, entry)])
+                self.resolver.precise = True
+                self.resolver.missing(table, kind, [(key, entry)])
 
     def _flush_direct(self) -> None:
         """Send whatever the change-by-change path holds (a buffer at a time is ever non-empty)."""
@@ -258,15 +254,15 @@ class ChangeByChange:
             raise
         except psycopg2.Error as exc:
             self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_row")
-            self._precise = True
+            self.resolver.precise = True
             keyed = bool(table.key) and not table.full_identity
             if keyed and isinstance(exc, psycopg2.errors.UniqueViolation):
                 key = tuple(row[i] for i in table.key)
                 found = existing_rows(self.cur, table, [key])
                 if found:
-                    self.insert_exists(table, [(key, [INS, row, lsn, xid], found[0])])
+                    self.resolver.insert_exists(table, [(key, [INS, row, lsn, xid], found[0])])
                     return
-            if not self.apply_error(table, row, lsn, xid, first_line_of(exc)):
+            if not self.resolver.apply_error(table, row, lsn, xid, first_line_of(exc)):
                 raise self._apply_error(exc, lsn, xid) from None
             return
         self.cur.execute("RELEASE SAVEPOINT pgferry_row")
@@ -294,8 +290,8 @@ class ChangeByChange:
         except psycopg2.Error as exc:
             if guard:
                 self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_row")
-                self._precise = True
-                if self.apply_error(table, row, lsn, xid, first_line_of(exc)):
+                self.resolver.precise = True
+                if self.resolver.apply_error(table, row, lsn, xid, first_line_of(exc)):
                     return None
             raise self._apply_error(exc, lsn, xid) from None
 

@@ -32,18 +32,22 @@ from .stats import SinkStats
 log = logging.getLogger("pgferry.sink")
 
 
-class Resolving:
-    """Mixed into Sink: needs self.cur, self.conn, self.schema, self.slot, self.policies,
-    self.target_dsn, self.stats (conflict and missing-row counts)."""
+class ConflictResolver:
+    """The sink's conflict resolution (netbatch.Resolver): rows an update or delete did not find,
+    inserts whose key exists, changes the target rejected. Each goes by its table's policy (or the
+    hook), is counted in `stats` and recorded in the dead-letter table; `error` stops the daemon."""
 
-    cur: Any
-    conn: Any
-    schema: str
-    slot: str
-    policies: Policies
-    target_dsn: str | None
-    stats: SinkStats
-    _precise: bool  # True on the change-by-change path: the transaction of each change is exact
+    def __init__(self, cur: Any, schema: str, slot: str, policies: Policies, target_dsn: str | None,
+                 stats: SinkStats) -> None:
+        self.cur = cur  # the sink's target cursor: resolutions are part of the batch
+        self.schema = schema
+        self.slot = slot
+        self.policies = policies
+        self.target_dsn = target_dsn  # for dead-letter rows that must outlive a rolled-back batch
+        self.stats = stats
+        # True on the change-by-change path, where the transaction of each change is exact (a
+        # conflict under `error` stops there); False in a set-based batch (it is re-run precisely)
+        self.precise = False
 
     # -- the netbatch.Resolver protocol ------------------------------------------------------
     def missing(self, table: TargetTable, kind: str, items: list[tuple]) -> None:
@@ -150,7 +154,7 @@ class Resolving:
 
     def _stop(self, conflict: Conflict, res: Resolution) -> None:
         why = res.message or f"policy error for {conflict.kind}"
-        if not self._precise:
+        if not self.precise:
             err = ConflictError(f"conflict {conflict.kind} in a batch ({why})", lsn=_lsn(conflict), xid=conflict.xid,
                                 table=conflict.table)
             err.batch_has_earlier = True  # re-run change by change: the conflict comes back, precisely
