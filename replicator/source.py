@@ -14,7 +14,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from sink.state import pgferry_session
+from sink.state import pgferry_session, quote_ident
 
 from .errors import ConnectError, SourceNotReady, UsageError, first_line
 
@@ -116,6 +116,12 @@ def completed_or_cancel(futures: Iterable[Future[Any]]) -> Iterator[Future[Any]]
                 other.cancel()
         f.result()
         yield f
+
+
+def table_spec_sql(spec: str) -> str:
+    """A `--tables` entry (`schema.table` or `table`, as typed) as SQL: what CREATE PUBLICATION
+    ... FOR TABLE names, and to_regclass finds."""
+    return ".".join(quote_ident(p) for p in spec.split(".", 1))
 
 
 def published_tables(src: Any, publication: str, only: list[str] | None = None) -> list[tuple[str, str]]:

@@ -233,8 +233,12 @@ class Sink(ChangeByChange):
             self._skip_marked = False
             self.batch.end = end_lsn
             self.batch.commit_time = commit_time
-            if self.batch.rows >= self._max_rows or self.batch.bytes >= self._max_bytes:
+            if self._batch_full():
                 self.flush(wait=False)
+
+    def _batch_full(self) -> bool:
+        """The open batch reached its row or byte limit (commit it, in the background)."""
+        return self.batch.rows >= self._max_rows or self.batch.bytes >= self._max_bytes
 
     def apply(self, msg: Insert | Update | Delete | Truncate, size: int = 0) -> None:
         """Apply one change of the open source transaction. `size`: its message's length in
@@ -388,7 +392,7 @@ class Sink(ChangeByChange):
             return
         if single:
             self.flush()
-        elif self.batch.rows >= self._max_rows or self.batch.bytes >= self._max_bytes:
+        elif self._batch_full():
             self.flush(wait=False)
 
     def handoff(self, cutover_id: str) -> bool:

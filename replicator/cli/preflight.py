@@ -15,10 +15,10 @@ import psycopg2.errors
 import psycopg2.extras
 
 from sink.relations import firing
-from sink.state import quote_ident, readable_name_sql
+from sink.state import readable_name_sql
 
 from ..errors import ConnectError, SourceNotReady, UsageError, first_line
-from ..source import connect, describe_dsn, query_one
+from ..source import connect, describe_dsn, query_one, table_spec_sql
 from ..sync import holdback
 from ..sync.checks import Finding, replicability_findings
 from .config import Settings
@@ -103,7 +103,7 @@ def _source(src: Any, st: Settings) -> list[Finding]:
             f"ALTER ROLE {user} WITH REPLICATION;  -- as a superuser")
     pub = query_one(src, "SELECT puballtables FROM pg_publication WHERE pubname = %s", (st.publication,))
     if pub is None and st.copy and st.tables:
-        names = [".".join(quote_ident(p) for p in t.split(".", 1)) for t in st.tables]  # as CREATE PUBLICATION
+        names = [table_spec_sql(t) for t in st.tables]  # as CREATE PUBLICATION names them
         (found,) = query_one(src, "SELECT array_agg(to_regclass(n) IS NOT NULL ORDER BY i) FROM unnest(%s::text[]) "
                              "WITH ORDINALITY AS u(n, i)", (names,))
         missing = [t for t, ok in zip(st.tables, found, strict=True) if not ok]

@@ -41,7 +41,14 @@ from sink import failpoints, state
 from sink.state import quote_ident, readable_name
 
 from ..errors import PgferryError, SyncError, first_line
-from ..source import check_logical_source, completed_or_cancel, connect, describe_dsn, published_tables
+from ..source import (
+    check_logical_source,
+    completed_or_cancel,
+    connect,
+    describe_dsn,
+    published_tables,
+    table_spec_sql,
+)
 from . import holdback, libpq
 from .checks import check_extensions, check_replicability, check_target_schema
 from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_copied, table_sizes, truncate_target
@@ -379,7 +386,7 @@ def ensure_publication(src: psycopg2.extensions.connection, cfg: SyncConfig) -> 
             return False
         what = "FOR ALL TABLES"
         if cfg.tables:
-            what = "FOR TABLE " + ", ".join(".".join(quote_ident(p) for p in t.split(".", 1)) for t in cfg.tables)
+            what = "FOR TABLE " + ", ".join(table_spec_sql(t) for t in cfg.tables)
         try:
             cur.execute(f"CREATE PUBLICATION {quote_ident(cfg.publication)} {what}")
         except psycopg2.Error as exc:
