@@ -30,7 +30,7 @@ from decoder.values import pg_epoch_to_datetime
 
 from . import failpoints, state
 from .conflicts import Policies
-from .direct import ChangeByChange, InsertRun, StatementBuffer, first_line_of
+from .direct import DirectPath, first_line_of
 from .durability import Durability
 from .errors import RETRYABLE, ApplyError
 from .netbatch import NetBatch
@@ -77,7 +77,7 @@ class OpenBatch:
     commit_time: int | None = None  # that transaction's commit time
 
 
-class Sink(ChangeByChange):
+class Sink:
     def __init__(self, conn: psycopg2.extensions.connection, slot: str, schema: str = state.DEFAULT_SCHEMA,
                  limits: BatchLimits | None = None, policies: Policies | None = None,
                  target_dsn: str | None = None, stats: SinkStats | None = None,
@@ -102,9 +102,8 @@ class Sink(ChangeByChange):
         # After a failure, transactions up to this commit LSN are applied one per batch, so the
         # ones before the failing transaction commit and the failure stops exactly at it.
         self.isolate_until = isolate_until
-        self.inserts = InsertRun()  # a run of inserts into one table with the same columns, one statement
-        # updates and deletes of the change-by-change path, sent together (direct.py: _flush_each)
-        self.each = StatementBuffer()
+        # what cannot be set-based: inserts as multi-row INSERTs, updates and deletes buffered
+        self.direct = DirectPath(self, self.cur, self.policies, self.resolver)
         self.replica_role = False
         self._session_ready = False  # the session settings are set and the state schema exists
         # net changes of the batch, applied set-based (on tables where nothing fires: no foreign-key
@@ -148,7 +147,7 @@ class Sink(ChangeByChange):
             state.pgferry_session(cur)  # committed with the state below
             state.ensure_schema(cur, self.schema)
             if state.ensure_apply_function(cur, self.schema):
-                self.each.sql = f"SELECT {state.quote_ident(self.schema)}.{state.APPLY_EACH}(%s::text[])"
+                self.direct.each.sql = f"SELECT {state.quote_ident(self.schema)}.{state.APPLY_EACH}(%s::text[])"
         if initial is not None:
             state.init_progress(cur, self.schema, self.slot, initial, created_slot)
         stored = state.read_progress(cur, self.schema, self.slot)
@@ -265,18 +264,18 @@ class Sink(ChangeByChange):
             if self.net:
                 self._flush_net()  # what is pending comes first: source order
         if t is Insert:
-            if self.each.statements:
-                self._flush_each()  # the updates and deletes before it come first
+            if self.direct.each.statements:
+                self.direct.flush_each()  # the updates and deletes before it come first
             head, template, params = table.insert(msg.new)  # type: ignore[union-attr]
-            if not self.inserts.fits(head):
-                self._flush_inserts()
-                self.inserts.start(head, template, table.display)
-            self.inserts.add(params, table, msg.new, self._commit_lsn, self._xid)  # type: ignore[union-attr]
+            if not self.direct.inserts.fits(head):
+                self.direct.flush_inserts()
+                self.direct.inserts.start(head, template, table.display)
+            self.direct.inserts.add(params, table, msg.new, self._commit_lsn, self._xid)  # type: ignore[union-attr]
             self.stats.rows_applied += 1
             self.batch.rows += 1
             self.batch.bytes += sum(len(p) for p in params if type(p) is str)
             return
-        self._flush_inserts()
+        self.direct.flush_inserts()
         if t is Update:
             sql, params = table.update(msg.old, msg.new)  # type: ignore[union-attr]
             row = msg.new  # type: ignore[union-attr]
@@ -287,11 +286,11 @@ class Sink(ChangeByChange):
         self._current = table.display
         kind = "update_missing" if t is Update else "delete_missing"
         key = tuple(ident[i] for i in table.key)
-        if self._can_buffer(table, kind):  # sent with the next ones, one round trip for many
-            self._buffer_change(table, kind, sql, params, key, [t, row, self._commit_lsn, self._xid], row)
+        if self.direct.can_buffer(table, kind):  # sent with the next ones, one round trip for many
+            self.direct.buffer(table, kind, sql, params, key, [t, row, self._commit_lsn, self._xid], row)
         else:
-            self._flush_each()
-            if self._execute_change(table, sql, params, row) == 0:
+            self.direct.flush_each()
+            if self.direct.execute_change(table, sql, params, row) == 0:
                 self.resolver.precise = True
                 self.resolver.missing(table, kind, [(key, [t, row, self._commit_lsn, self._xid])])
         self.stats.rows_applied += 1
@@ -330,7 +329,7 @@ class Sink(ChangeByChange):
         """Write the pending net changes (after any buffered direct inserts, which came first);
         `wait=False`: in the background (the next use of the connection waits for it)."""
         self._join()
-        self._flush_direct()
+        self.direct.flush()
         net, self.net = self.net, NetBatch()
         self._net_rows = self._net_bytes = 0
         if wait:
@@ -370,7 +369,7 @@ class Sink(ChangeByChange):
         if msg.cascade:
             sql += " CASCADE"
         self._current = ", ".join(names)
-        self._execute(sql, [])
+        self.direct.execute(sql, [])
         self.batch.rows += 1
 
     def _apply_error(self, exc: psycopg2.Error, lsn: Lsn | None = None, xid: int | None = None) -> ApplyError:
@@ -437,7 +436,7 @@ class Sink(ChangeByChange):
                 self.batch.started = None
             return
         assert self._xid is None, "flush inside a source transaction"
-        self._flush_direct()  # statements already sent in this batch stay on this thread
+        self.direct.flush()  # statements already sent in this batch stay on this thread
         args = (self.net, self._net_lsn, self._net_xid, self.batch.end, self.batch.commit_time, self.batch.rows)
         self.net = NetBatch()
         self.batch.rows = self.batch.bytes = self._net_rows = self._net_bytes = 0
@@ -480,9 +479,9 @@ class Sink(ChangeByChange):
             self._join()
         except Exception:  # the batch is dropped either way: the caller already failed or stops
             pass
-        self.inserts.take()
+        self.direct.inserts.take()
         self._skip_marked = False
-        self.each.take()
+        self.direct.each.take()
         self.net = NetBatch()
         self._net_rows = self._net_bytes = 0
         try:

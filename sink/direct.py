@@ -3,14 +3,14 @@ change, a FULL-identity update or delete, a table where a trigger or foreign key
 while a failed batch is re-applied in exact source order (`Sink.isolate_until`).
 
 Inserts are buffered into multi-row INSERTs; in exact mode a failing one is retried row by row
-under savepoints so the conflicting row is found and resolved (sink/resolve.py). Mixed into Sink.
+under savepoints so the conflicting row is found and resolved (sink/resolve.py).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg2
 import psycopg2.errors
@@ -95,27 +95,36 @@ class StatementBuffer:
         return out
 
 
-class ChangeByChange:
-    """Needs from Sink: cur, policies, its insert run, statement buffer and conflict resolver,
-    _exact, _current, _commit_lsn, _xid, _join() and _apply_error() (declared below for the type
-    checker)."""
+class DirectHost(Protocol):
+    """What the change-by-change path reads from the sink that owns it: the open source
+    transaction (`_exact`, `_commit_lsn`, `_xid`), the table being applied (`_current`, named in
+    errors), waiting for the background batch (`_join`) and the error it raises."""
 
-    cur: Any
-    policies: Any
-    inserts: InsertRun
-    each: StatementBuffer  # buffered UPDATE/DELETE statements (what a conflict names, per statement)
-    resolver: ConflictResolver
     _exact: bool
     _current: str | None
     _commit_lsn: Lsn | None
     _xid: int | None
 
-    if TYPE_CHECKING:  # what Sink provides (checked by mypy; at run time Sink's own methods)
-        def _join(self) -> None: ...
-        def _apply_error(self, exc: psycopg2.Error, lsn: Lsn | None = None,
-                         xid: int | None = None) -> ApplyError: ...
+    def _join(self) -> None: ...
 
-    def _can_buffer(self, table: TargetTable, kind: str) -> bool:
+    def _apply_error(self, exc: psycopg2.Error, lsn: Lsn | None = None,
+                     xid: int | None = None) -> ApplyError: ...
+
+
+class DirectPath:
+    """The change-by-change path: a run of inserts sent as one multi-row INSERT, UPDATE/DELETE
+    statements buffered into one round trip, and single statements, each failure resolved by the
+    conflict policies. One per Sink (`Sink.direct`), on the sink's target cursor."""
+
+    def __init__(self, host: DirectHost, cur: Any, policies: Any, resolver: ConflictResolver) -> None:
+        self.host = host
+        self.cur = cur
+        self.policies = policies
+        self.resolver = resolver
+        self.inserts = InsertRun()  # a run of inserts into one table with the same columns
+        self.each = StatementBuffer()  # buffered UPDATE/DELETE statements
+
+    def can_buffer(self, table: TargetTable, kind: str) -> bool:
         """May this UPDATE/DELETE wait in the buffer? Only where nothing but its own row count
         matters in between: no hook, apply_error stops, and a row not found is skipped or stops
         (an `overwrite` insert would have to come before the statements after it)."""
@@ -124,12 +133,12 @@ class ChangeByChange:
         policy = self.policies.for_table(table.name)
         return policy.apply_error == "error" and policy.for_kind(kind) in ("skip", "error")
 
-    def _buffer_change(self, table: TargetTable, kind: str, sql: str, params: list[Any], key: tuple,
+    def buffer(self, table: TargetTable, kind: str, sql: str, params: list[Any], key: tuple,
                        entry: list[Any], row: Any) -> None:
         """Queue one UPDATE/DELETE of the change-by-change path; sent with the others in one
         round trip (`_flush_each`) before anything else touches the target."""
         if self.each.add((table, kind, key, entry, sql, params, row)):
-            self._flush_each()
+            self.flush_each()
 
     def _each_text(self, table: TargetTable, sql: str, params: list[Any]) -> str:
         """One buffered statement as state.APPLY_EACH runs it: `EXECUTE` of its shape prepared on
@@ -170,13 +179,13 @@ class ChangeByChange:
             return ""
         return name
 
-    def _flush_each(self) -> None:
+    def flush_each(self) -> None:
         """Run the buffered statements in order, in one round trip per EACH_STATEMENTS; rows they
         did not find go to the conflict policies. A statement the target rejects is run on its own
         after the ones before it, so the error names its change exactly."""
         if not self.each.statements:
             return
-        self._join()
+        self.host._join()
         meta = self.each.take()
         texts = [self._each_text(table, sql, params) for table, _, _, _, sql, params, _ in meta]
         done = 0
@@ -190,8 +199,8 @@ class ChangeByChange:
                     assert len(counts) == ok, "statements that ran before failed on their re-run"
                 self._missing_each(meta[done:done + ok], counts)
                 table, _, _, entry, sql, params, row = meta[done + ok]
-                self._current = table.display
-                touched = self._execute_change(table, sql, params, row, entry[2], entry[3])  # raises
+                self.host._current = table.display
+                touched = self.execute_change(table, sql, params, row, entry[2], entry[3])  # raises
                 if touched == 0:
                     self._missing_each([meta[done + ok]], [0])
                 done += ok + 1
@@ -206,7 +215,7 @@ class ChangeByChange:
         except RETRYABLE:
             raise
         except psycopg2.Error as exc:  # the call itself failed (the function was dropped?)
-            raise self._apply_error(exc) from None
+            raise self.host._apply_error(exc) from None
 
     def _missing_each(self, meta: list[tuple], counts: list[int]) -> None:
         for (table, kind, key, entry, *_), n in zip(meta, counts, strict=True):
@@ -214,32 +223,32 @@ class ChangeByChange:
                 self.resolver.precise = True
                 self.resolver.missing(table, kind, [(key, entry)])
 
-    def _flush_direct(self) -> None:
+    def flush(self) -> None:
         """Send whatever the change-by-change path holds (a buffer at a time is ever non-empty)."""
-        self._flush_each()
-        self._flush_inserts()
+        self.flush_each()
+        self.flush_inserts()
 
-    def _flush_inserts(self) -> None:
+    def flush_inserts(self) -> None:
         """Send the buffered run of inserts (same table and columns) as one multi-row INSERT.
         Change by change (exact mode), a failure is retried row by row to find and resolve the
         conflicting rows."""
         run = self.inserts
         if not run.rows:
             return
-        self._join()
+        self.host._join()
         rows, meta = run.take()
-        self._current = run.table
+        self.host._current = run.table
         try:
-            if self._exact:
+            if self.host._exact:
                 self.cur.execute("SAVEPOINT pgferry_ins")
             psycopg2.extras.execute_values(self.cur, run.head, rows, template=run.template, page_size=INSERT_ROWS)
-            if self._exact:
+            if self.host._exact:
                 self.cur.execute("RELEASE SAVEPOINT pgferry_ins")
         except RETRYABLE:
             raise
         except psycopg2.Error as exc:
-            if not self._exact:
-                raise self._apply_error(exc, run.lsn, run.xid) from None
+            if not self.host._exact:
+                raise self.host._apply_error(exc, run.lsn, run.xid) from None
             self.cur.execute("ROLLBACK TO SAVEPOINT pgferry_ins")
             for params, (table, row, lsn, xid) in zip(rows, meta, strict=True):
                 self._insert_one(table, params, row, lsn, xid)
@@ -263,19 +272,19 @@ class ChangeByChange:
                     self.resolver.insert_exists(table, [(key, [INS, row, lsn, xid], found[0])])
                     return
             if not self.resolver.apply_error(table, row, lsn, xid, first_line_of(exc)):
-                raise self._apply_error(exc, lsn, xid) from None
+                raise self.host._apply_error(exc, lsn, xid) from None
             return
         self.cur.execute("RELEASE SAVEPOINT pgferry_row")
 
-    def _execute_change(self, table: TargetTable, sql: str, params: list[Any], row: Any, lsn: Lsn | None = None,
+    def execute_change(self, table: TargetTable, sql: str, params: list[Any], row: Any, lsn: Lsn | None = None,
                         xid: int | None = None) -> int | None:
         """One UPDATE or DELETE (change-by-change path): the rows it touched, or None when the
         target rejected it and the apply_error policy skipped it. `lsn`, `xid`: of its
         transaction when it is not the open one (a buffered statement)."""
-        self._join()
+        self.host._join()
         if lsn is None:
-            lsn, xid = self._commit_lsn, self._xid
-        guard = self._exact and (self.policies.hook is not None or
+            lsn, xid = self.host._commit_lsn, self.host._xid
+        guard = self.host._exact and (self.policies.hook is not None or
                                  self.policies.for_table(table.name).apply_error != "error")
         try:
             if guard:
@@ -293,13 +302,13 @@ class ChangeByChange:
                 self.resolver.precise = True
                 if self.resolver.apply_error(table, row, lsn, xid, first_line_of(exc)):
                     return None
-            raise self._apply_error(exc, lsn, xid) from None
+            raise self.host._apply_error(exc, lsn, xid) from None
 
-    def _execute(self, sql: str, params: list[Any]) -> None:
-        self._join()
+    def execute(self, sql: str, params: list[Any]) -> None:
+        self.host._join()
         try:
             self.cur.execute(sql, params)
         except RETRYABLE:
             raise
         except psycopg2.Error as exc:
-            raise self._apply_error(exc) from None
+            raise self.host._apply_error(exc) from None
