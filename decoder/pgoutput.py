@@ -140,32 +140,29 @@ def _xid(buf: bytes, pos: int, blen: int, tag: str, in_stream: bool) -> tuple[in
 
 
 # -- the change messages (hot path) ------------------------------------------------------------
-def _insert(buf: bytes, blen: int, in_stream: bool) -> Insert:
+def _change_head(buf: bytes, blen: int, in_stream: bool, tag: str) -> tuple[int | None, int, int, int]:
+    """A change message's start: (xid or None, relation oid, tuple marker, position after it)."""
     if in_stream:
-        xid, pos = _xid(buf, 1, blen, "I", in_stream)
+        xid, pos = _xid(buf, 1, blen, tag, in_stream)
     else:
         xid, pos = None, 1
     if pos + 5 > blen:
-        raise short("I", pos, 5, blen - pos, "relation oid and tuple marker")
-    (rel,) = _u32(buf, pos)
-    if buf[pos + 4] != _N:
-        raise DecodeError(f"expected 'N' (new tuple), got {chr(buf[pos + 4])!r}", tag="I", offset=pos + 4)
-    new, pos = _tuple_fast(buf, pos + 5, blen, "I")
+        raise short(tag, pos, 5, blen - pos, "relation oid and tuple marker")
+    return xid, _u32(buf, pos)[0], buf[pos + 4], pos + 5
+
+
+def _insert(buf: bytes, blen: int, in_stream: bool) -> Insert:
+    xid, rel, marker, pos = _change_head(buf, blen, in_stream, "I")
+    if marker != _N:
+        raise DecodeError(f"expected 'N' (new tuple), got {chr(marker)!r}", tag="I", offset=pos - 1)
+    new, pos = _tuple_fast(buf, pos, blen, "I")
     if pos != blen:
         S.expect_end(pos, blen, "I")
     return Insert(xid, rel, new)
 
 
 def _update(buf: bytes, blen: int, in_stream: bool) -> Update:
-    if in_stream:
-        xid, pos = _xid(buf, 1, blen, "U", in_stream)
-    else:
-        xid, pos = None, 1
-    if pos + 5 > blen:
-        raise short("U", pos, 5, blen - pos, "relation oid and tuple marker")
-    (rel,) = _u32(buf, pos)
-    marker = buf[pos + 4]
-    pos += 5
+    xid, rel, marker, pos = _change_head(buf, blen, in_stream, "U")
     old_kind = None
     old = None
     if marker == _K or marker == _O:
@@ -184,17 +181,10 @@ def _update(buf: bytes, blen: int, in_stream: bool) -> Update:
 
 
 def _delete(buf: bytes, blen: int, in_stream: bool) -> Delete:
-    if in_stream:
-        xid, pos = _xid(buf, 1, blen, "D", in_stream)
-    else:
-        xid, pos = None, 1
-    if pos + 5 > blen:
-        raise short("D", pos, 5, blen - pos, "relation oid and tuple marker")
-    (rel,) = _u32(buf, pos)
-    marker = buf[pos + 4]
+    xid, rel, marker, pos = _change_head(buf, blen, in_stream, "D")
     if marker != _K and marker != _O:
-        raise DecodeError(f"expected 'K' or 'O' tuple marker, got {chr(marker)!r}", tag="D", offset=pos + 4)
-    old, pos = _tuple_fast(buf, pos + 5, blen, "D")
+        raise DecodeError(f"expected 'K' or 'O' tuple marker, got {chr(marker)!r}", tag="D", offset=pos - 1)
+    old, pos = _tuple_fast(buf, pos, blen, "D")
     if pos != blen:
         S.expect_end(pos, blen, "D")
     return Delete(xid, rel, "K" if marker == _K else "O", old)

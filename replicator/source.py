@@ -6,9 +6,9 @@ Every failure here becomes a PgferryError whose message names what failed and th
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, as_completed
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.extensions
@@ -17,6 +17,8 @@ import psycopg2.extras
 from sink.state import pgferry_session, quote_ident
 
 from .errors import ConnectError, SourceNotReady, UsageError, first_line
+
+T = TypeVar("T")
 
 
 def describe_dsn(dsn: str) -> str:
@@ -62,6 +64,22 @@ def connect(dsn: str, role: str = "source", **kwargs: object) -> psycopg2.extens
         with conn.cursor() as cur:
             pgferry_session(cur)
     return conn
+
+
+def read_state(target: str, schema: str, read: Callable[[Any, str], T]) -> T | None:
+    """Run `read(cursor, quoted schema)` on the target in a read-only moment and close; None
+    when pgferry's state tables are not there (never started, or cleaned up)."""
+    dst = connect(target, "target")
+    try:
+        with dst.cursor() as cur:
+            try:
+                return read(cur, quote_ident(schema))
+            except (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName):
+                return None
+            finally:
+                dst.rollback()
+    finally:
+        dst.close()
 
 
 def query_one(conn: Any, sql: str, params: tuple = ()) -> Any:

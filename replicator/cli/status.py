@@ -13,12 +13,11 @@ from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
-import psycopg2
 
 from decoder import Lsn
 from sink.state import quote_ident, readable_name
 
-from ..source import connect
+from ..source import connect, read_state
 from ..sync import holdback
 from ..sync.holdback import HeldBack
 
@@ -79,42 +78,36 @@ def collect(source: str, target: str, slot: str, schema: str,
             (copying_walsender,) = cur.fetchone()
     finally:
         src.close()
-    dst = connect(target, "target")
-    s = quote_ident(schema)
-    try:
-        with dst.cursor() as cur:
-            try:
-                cur.execute(f"SELECT applied_lsn::text, rows_applied, updated_at, source_commit_time "
-                            f"FROM {s}.progress WHERE slot_name = %s", (slot,))
-                progress = cur.fetchone()
-                cur.execute(f"SELECT phase FROM {s}.sync WHERE slot_name = %s", (slot,))
-                sync = cur.fetchone()
-                # rows of a table being copied: what its running COPYs have written so far
-                cur.execute(f"""SELECT t.schema_name, t.table_name, t.state,
-                        CASE WHEN t.state = 'copying' THEN (
-                            SELECT sum(p.tuples_processed) FROM pg_stat_progress_copy p
-                            JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-                            WHERE n.nspname = t.schema_name AND c.relname = t.table_name) ELSE t.rows END
-                    FROM {s}.tables t WHERE t.slot_name = %s ORDER BY 1, 2""", (slot,))
-                tables = [TableStatus(readable_name(n, t), st, None if r is None else int(r))
-                          for n, t, st, r in cur.fetchall()]
-                cur.execute(f"SELECT state, handoff_lsn::text FROM {s}.control WHERE slot_name = %s", (slot,))
-                control = cur.fetchone()
-                cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{s}.conflicts",))
-                conflicts = []
-                if cur.fetchone()[0]:
-                    cur.execute(f"SELECT table_name, kind, count(*) FROM {s}.conflicts WHERE slot_name = %s "
-                                "GROUP BY 1, 2 ORDER BY 1, 2", (slot,))
-                    conflicts = [ConflictCount(t, k, int(n)) for t, k, n in cur.fetchall()]
-                cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{s}.held_back",))
-                held = holdback.listing(cur, schema, slot) if cur.fetchone()[0] else []
-            except psycopg2.errors.UndefinedTable:
-                progress = sync = control = None
-                tables = []
-                conflicts = []
-                held = []
-    finally:
-        dst.close()
+
+    def read(cur: Any, s: str) -> tuple:
+        cur.execute(f"SELECT applied_lsn::text, rows_applied, updated_at, source_commit_time "
+                    f"FROM {s}.progress WHERE slot_name = %s", (slot,))
+        progress = cur.fetchone()
+        cur.execute(f"SELECT phase FROM {s}.sync WHERE slot_name = %s", (slot,))
+        sync = cur.fetchone()
+        # rows of a table being copied: what its running COPYs have written so far
+        cur.execute(f"""SELECT t.schema_name, t.table_name, t.state,
+                CASE WHEN t.state = 'copying' THEN (
+                    SELECT sum(p.tuples_processed) FROM pg_stat_progress_copy p
+                    JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE n.nspname = t.schema_name AND c.relname = t.table_name) ELSE t.rows END
+            FROM {s}.tables t WHERE t.slot_name = %s ORDER BY 1, 2""", (slot,))
+        tables = [TableStatus(readable_name(n, t), st, None if r is None else int(r))
+                  for n, t, st, r in cur.fetchall()]
+        cur.execute(f"SELECT state, handoff_lsn::text FROM {s}.control WHERE slot_name = %s", (slot,))
+        control = cur.fetchone()
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{s}.conflicts",))
+        conflicts = []
+        if cur.fetchone()[0]:
+            cur.execute(f"SELECT table_name, kind, count(*) FROM {s}.conflicts WHERE slot_name = %s "
+                        "GROUP BY 1, 2 ORDER BY 1, 2", (slot,))
+            conflicts = [ConflictCount(t, k, int(n)) for t, k, n in cur.fetchall()]
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{s}.held_back",))
+        held = holdback.listing(cur, schema, slot) if cur.fetchone()[0] else []
+        return progress, sync, tables, control, conflicts, held
+
+    found = read_state(target, schema, read)
+    progress, sync, tables, control, conflicts, held = found if found is not None else (None, None, [], None, [], [])
     running = bool(slot_row and slot_row[0]) or bool(copying_walsender and sync is not None and sync[0] != "streaming")
     if sync is not None and sync[0] == "done":
         phase = "done"

@@ -8,31 +8,25 @@ The slot is dropped only if pgferry created it, the publication only if pgferry 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import psycopg2
 
 from sink.state import quote_ident
 
 from ..errors import PgferryError, first_line
-from ..source import connect, describe_dsn
+from ..source import connect, describe_dsn, read_state
 from ..sync import holdback
 
 
 def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bool) -> int:
-    dst = connect(target, "target")
-    s = quote_ident(schema)
-    try:
-        with dst.cursor() as cur:
-            try:
-                cur.execute(f"SELECT p.slot_created_by_pgferry, y.publication_created, y.publication "
-                            f"FROM {s}.progress p LEFT JOIN {s}.sync y USING (slot_name) WHERE p.slot_name = %s",
-                            (slot,))
-                row = cur.fetchone()
-            except (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName):
-                row = None
-        dst.rollback()
-    finally:
-        dst.close()
+    def read(cur: Any, s: str) -> Any:
+        cur.execute(f"SELECT p.slot_created_by_pgferry, y.publication_created, y.publication "
+                    f"FROM {s}.progress p LEFT JOIN {s}.sync y USING (slot_name) WHERE p.slot_name = %s",
+                    (slot,))
+        return cur.fetchone()
+
+    row = read_state(target, schema, read)
     if row is None:
         raise PgferryError(f"no pgferry state for slot {slot!r} on target {describe_dsn(target)}: nothing to clean up")
     slot_created, pub_created, publication = row
@@ -67,7 +61,7 @@ def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bo
     if drop_state:
         dst = connect(target, "target")
         try:
-            dst.cursor().execute(f"DROP SCHEMA {s} CASCADE")
+            dst.cursor().execute(f"DROP SCHEMA {quote_ident(schema)} CASCADE")
             dst.commit()
             dropped.append(f"state schema {schema}")
         finally:

@@ -32,11 +32,7 @@ def test_a_locked_target_table_makes_pgferry_wait_not_fail(pair, daemons):
     try:
         with locker.cursor() as cur:
             cur.execute("LOCK TABLE acct IN ACCESS EXCLUSIVE MODE")
-        w = wl.Workload(src, seed=12)
-        try:
-            w.run(100)
-        finally:
-            w.close()
+        wl.write(src, 100, seed=12)
         # pgferry is blocked on the lock: its session waits (wait_event_type Lock), nothing fails
         wait_for(lambda: dst.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgferry' "
                                      "AND wait_event_type = 'Lock'")[0][0] == 1, 30, "pgferry to wait on the lock")
@@ -112,11 +108,7 @@ def test_a_streamed_transaction_cut_off_at_the_source_is_discarded(pair, daemons
              "pgferry to spool part of it", interval=0.1)
     src.execute("SELECT pg_terminate_backend(%s)", (pid,))
     th.join(30)
-    w = wl.Workload(src, seed=13)
-    try:
-        w.run(50)
-    finally:
-        w.close()
+    wl.write(src, 50, seed=13)
     d.wait_caught_up()
     assert_same_tables(src, dst, wl.TABLES)
     assert dst.execute("SELECT count(*) FROM nokey WHERE b = 'doomed'") == [(0,)]

@@ -160,11 +160,7 @@ def test_target_without_replica_role_keeps_what_fires_only_when_told(pair, daemo
         assert "foreign key ledger_acct_fkey on public.ledger" in r.stderr and "--keep-constraints" in r.stderr
         d = Daemon(src, dst, "--keep-constraints", target_dsn=dst.server.dsn(dst.name, user=role))
         daemons.append(d)
-        w = wl.Workload(src, seed=5)
-        try:
-            w.run(200)
-        finally:
-            w.close()
+        wl.write(src, 200, seed=5)
         d.wait_caught_up()
         assert_same_tables(src, dst, wl.TABLES)
         assert d.stop() == 0
@@ -185,11 +181,7 @@ def test_asynchronous_commit_target_still_equal_and_feedback_moves(pair, daemons
     dst.execute(f"ALTER DATABASE {dst.name} SET synchronous_commit = off")
     d = Daemon(src, dst)
     daemons.append(d)
-    w = wl.Workload(src, seed=6)
-    try:
-        w.run(300)
-    finally:
-        w.close()
+    wl.write(src, 300, seed=6)
     d.wait_caught_up()
     assert_same_tables(src, dst, wl.TABLES)
     applied = d.progress()

@@ -31,11 +31,7 @@ def test_randomized_workload_arrives_exactly_once(role_pair, daemons):
     wl.setup(src, dst)
     d = Daemon(src, dst, *hold_flags(dst), source_dsn=src.dsn + SMALL_WORK_MEM)
     daemons.append(d)
-    w = wl.Workload(src, seed=1)
-    try:
-        w.run(300, big_every=100)
-    finally:
-        w.close()
+    wl.write(src, 300, big_every=100, seed=1)
     d.wait_caught_up()
     assert_same_tables(src, dst, wl.TABLES)
     assert d.stop() == 0, d.output()

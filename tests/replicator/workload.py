@@ -223,3 +223,12 @@ def current_ids(db: Db) -> tuple[list[int], int]:
     """The acct ids a new Workload on an existing database should know about."""
     ids = [r[0] for r in db.execute("SELECT id FROM acct ORDER BY id")]
     return ids, (max(ids) + 1 if ids else 1)
+
+
+def write(db: Db, transactions: int, big_every: int = 0, seed: int = 0) -> None:
+    """Run `transactions` workload transactions on `db` (see Workload.run) and close."""
+    w = Workload(db, seed)
+    try:
+        w.run(transactions, big_every)
+    finally:
+        w.close()

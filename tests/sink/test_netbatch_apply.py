@@ -21,11 +21,7 @@ def test_a_folded_backlog_equals_the_source(role_pair, daemons):
     d = Daemon(src, dst, *BIG_BATCHES, *hold_flags(dst))
     daemons.append(d)
     assert d.stop() == 0
-    w = wl.Workload(src, seed=7)
-    try:
-        w.run(400, big_every=0)
-    finally:
-        w.close()
+    wl.write(src, 400, big_every=0, seed=7)
     d.start().wait_ready()
     d.wait_caught_up()
     assert_same_tables(src, dst, wl.TABLES)
