@@ -30,6 +30,7 @@ from decoder.values import pg_epoch_to_datetime
 
 from . import failpoints, state
 from .conflicts import Policies
+from .ddl import DdlCommand, SchemaChanges
 from .direct import DirectPath, first_line_of
 from .durability import Durability
 from .errors import RETRYABLE, ApplyError
@@ -102,6 +103,9 @@ class Sink:
         # After a failure, transactions up to this commit LSN are applied one per batch, so the
         # ones before the failing transaction commit and the failure stops exactly at it.
         self.isolate_until = isolate_until
+        # captured schema changes, applied where they happened (sink/ddl.py)
+        self.schema_changes = SchemaChanges(self.cur, schema, slot, self.policies, self.resolver, self.stats)
+        self._ddl_in_txn = False  # the open source transaction changed the target's schema
         # what cannot be set-based: inserts as multi-row INSERTs, updates and deletes buffered
         self.direct = DirectPath(self, self.cur, self.policies, self.resolver)
         self.replica_role = False
@@ -184,6 +188,17 @@ class Sink:
                   rel.replica_identity, len(rel.columns))
         self.relations[rel.oid] = rel
         self.tables.pop(rel.oid, None)
+
+    def schema_change(self, cmd: DdlCommand) -> None:
+        """A schema change captured on the source, at its place in the open source transaction:
+        the changes before it are written first; its transaction's batch commits right after it
+        (nothing folds across it), and the target's tables are mapped again."""
+        self._flush_net()
+        self._join()
+        isolated = self._commit_lsn is not None and self._commit_lsn <= self.isolate_until
+        if self.schema_changes.apply(cmd, self._commit_lsn, self._xid, isolated or self.batch.end is None):
+            self.tables.clear()
+            self._ddl_in_txn = True
 
     def _table(self, oid: int) -> TargetTable:
         table = self.tables.get(oid)
@@ -383,7 +398,8 @@ class Sink:
     def commit(self, end_lsn: Lsn, commit_time: int, hold: bool = False) -> None:
         """The source transaction is complete. The batch commits when a limit is reached, unless
         `hold` (the caller commits it itself, e.g. with a cutover claim: `handoff`)."""
-        single = self._commit_lsn is not None and self._commit_lsn <= self.isolate_until
+        single = (self._commit_lsn is not None and self._commit_lsn <= self.isolate_until) or self._ddl_in_txn
+        self._ddl_in_txn = False
         self.batch.end = end_lsn
         self.batch.commit_time = commit_time
         self._xid = self._commit_lsn = None
@@ -482,6 +498,8 @@ class Sink:
         self.direct.inserts.take()
         self._skip_marked = False
         self.direct.each.take()
+        self._ddl_in_txn = False
+        self.schema_changes.volatile.clear()
         self.net = NetBatch()
         self._net_rows = self._net_bytes = 0
         try:

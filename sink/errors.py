@@ -47,6 +47,10 @@ class SinkError(Exception):
         return f"{base} ({', '.join(where)})" if where else base
 
 
+class DdlStop(SinkError):
+    """Fatal: a schema change pgferry will not apply (ddl = stop, or one it cannot replay as it was)."""
+
+
 class SchemaMismatch(SinkError):
     """Fatal: the target's tables do not fit what the source sends. Fix the schema, then start again."""
 

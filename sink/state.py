@@ -148,6 +148,19 @@ def ensure_schema(cur: Any, schema: str) -> None:
         held_at timestamptz NOT NULL DEFAULT now(),
         restored_at timestamptz,
         PRIMARY KEY (slot_name, kind, table_name, name))""")
+    # Schema changes captured on the source (sink/ddl.py), each recorded in the transaction that
+    # applied (or skipped) it: what `status` counts.
+    cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.ddl (
+        id bigserial PRIMARY KEY,
+        slot_name text NOT NULL,
+        lsn pg_lsn,
+        xid bigint,
+        tag text NOT NULL,
+        query text NOT NULL,
+        search_path text,
+        result text NOT NULL,
+        detail text,
+        at timestamptz NOT NULL DEFAULT now())""")
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.tables (
         slot_name text NOT NULL,
         schema_name text NOT NULL,

@@ -17,5 +17,6 @@ class SinkStats:
     # TargetTable.counts is one of them)
     op_counts: dict[str, dict[type, int]] = field(default_factory=dict)
     conflict_counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (table, kind) -> count
+    ddl_counts: dict[str, int] = field(default_factory=dict)  # schema changes: applied, skipped, rejected
     applied_commit_time: float | None = None  # unix time of the last applied source commit
     on_batch: Callable[[int, float], None] | None = None  # (row changes, seconds) of each committed batch

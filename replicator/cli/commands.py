@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="... or keep them: they fire during apply, their tables are applied one by one")
     start.add_argument("--tables", default=None,
                        help="comma-separated tables to publish when pgferry creates the publication (default: all)")
+    start.add_argument("--ddl", choices=["apply", "stop", "skip"], default=None,
+                       help="schema changes made on the source while migrating: apply them on the target where "
+                            "they happened (default), stop before one, or skip them")
+    start.add_argument("--no-ddl-capture", action="store_true", default=None,
+                       help="do not install pgferry's event trigger on the source (schema changes are then "
+                            "followed only as far as the stream shows them: added and dropped columns, new tables)")
     start.add_argument("--jobs", type=_positive(int), default=None,
                        help="tables copied at once (default: the number of CPUs, at most 4)")
     start.add_argument("--batch-rows", type=_positive(int),
@@ -213,6 +219,8 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
         flags["copy"] = False
     if flags.pop("no_schema", None):
         flags["schema"] = False
+    if flags.pop("no_ddl_capture", None):
+        flags["ddl_capture"] = False
     if isinstance(flags.get("tables"), str):
         flags["tables"] = [t.strip() for t in flags["tables"].split(",") if t.strip()]
     if args.command == "verify":
@@ -301,6 +309,10 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
     from .preflight import preflight_for_start
 
     preflight_for_start(st)
+    if st.ddl_capture:  # before the slot's snapshot: every schema change after it is captured
+        from ..ddl.capture import install_for_start
+
+        install_for_start(st.source, st.state_schema)
     if st.copy:
         from ..sync.initial import InitialSync, SyncConfig
 
@@ -333,7 +345,7 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
     cfg = StreamConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
                        schema=st.state_schema, spool_dir=st.spool_dir, message_hook=hook,
                        network_timeout=st.network_timeout, policies=conflict_policies, limits=_limits(st),
-                       throttle=throttle, reload=reload)
+                       throttle=throttle, reload=reload, ddl=st.ddl)
     metrics.STATE.phase = "streaming"
     return run_stream(cfg)
 

@@ -58,6 +58,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     slot: str = "pgferry"
     state_schema: str = "pgferry"
     tables: list[str] | None = None
+    # schema changes on the source while migrating (sink/ddl.py): apply, stop before one, or skip;
+    # captured by an event trigger pgferry installs on the source (a superuser's), else followed as
+    # far as the stream shows them
+    ddl: Literal["apply", "stop", "skip"] = "apply"
+    ddl_capture: bool = True
     # initial sync
     copy: bool = True
     schema: bool = True
@@ -111,6 +116,14 @@ state_schema = "pgferry"
 # Publish only these tables (schema.table or table) when pgferry creates the publication.
 # Default: all tables.
 # tables = ["public.accounts", "public.orders"]
+
+# Schema changes made on the source while migrating: "apply" them on the target at the
+# position they happened, "stop" before one, or "skip" them. They are captured by an event
+# trigger pgferry installs in the source database (it takes a superuser; `pgferry cleanup`
+# removes it); without it, pgferry follows what the stream shows: added and dropped columns and
+# new tables.
+ddl = "apply"
+ddl_capture = true
 
 # Initial sync: copy the data (false: the target already holds it as of the slot's creation)
 # and the schema (false: the tables were made by hand; they are checked).

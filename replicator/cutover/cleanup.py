@@ -14,6 +14,7 @@ import psycopg2
 
 from sink.state import quote_ident
 
+from ..ddl import capture
 from ..errors import PgferryError, first_line
 from ..source import connect, describe_dsn, read_state
 from ..sync import holdback
@@ -47,6 +48,8 @@ def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bo
             if pub_created and publication:
                 cur.execute(f"DROP PUBLICATION IF EXISTS {quote_ident(publication)}")
                 dropped.append(f"publication {publication}")
+        if capture.remove(src, schema):
+            dropped.append("the schema-change capture (event triggers)")
     except psycopg2.Error as exc:
         raise PgferryError(f"cleanup on source {describe_dsn(source)} failed after dropping "
                            f"{', '.join(dropped) or 'nothing'}: {first_line(exc)}") from None

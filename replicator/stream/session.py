@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
@@ -60,6 +61,8 @@ from decoder import (
 from decoder.pgoutput import decode_hot
 from sink.apply import BatchLimits, Sink
 from sink.conflicts import Policies
+from sink.ddl import PREFIX as DDL_PREFIX
+from sink.ddl import parse as parse_ddl
 from sink.errors import SLOT_LOST, ApplyError, SinkError, retryable
 from sink.state import HANDOFF_PREFIX, readable_name
 from sink.stats import SinkStats
@@ -71,6 +74,7 @@ from ..source import (
     describe_dsn,
     max_protocol_version,
     published_tables,
+    query_one,
     replication_connection,
 )
 from . import metrics
@@ -109,6 +113,7 @@ class StreamConfig:
     policies: Policies | None = None  # conflict policies (sink/conflicts.py)
     throttle: Throttle | None = None
     reload: Callable[[], tuple[Any, BatchLimits]] | None = None  # SIGHUP: fresh budgets and batch limits
+    ddl: str = "apply"  # captured schema changes: apply | stop | skip (sink/ddl.py)
 
 
 def prepare_slot(conn: psycopg2.extensions.connection, cfg: StreamConfig, stored: Lsn | None) -> tuple[Lsn, bool]:
@@ -193,8 +198,13 @@ class Session:
             proto = min(max_protocol_version(src.server_version), 4)
             confirmed, created = prepare_slot(src, cfg, stored)
             published = [readable_name(n, t) for n, t in published_tables(src, cfg.publication)]
+            all_tables = query_one(src, "SELECT puballtables FROM pg_publication WHERE pubname = %s",
+                                   (cfg.publication,))
         finally:
             src.close()
+        self.sink.schema_changes.policy = cfg.ddl
+        if not (all_tables and all_tables[0]):  # schema changes to other tables are not applied
+            self.sink.schema_changes.tables = {n.replace('"', "") for n in published}
         if stored is None:
             stored = self.sink.open(initial=confirmed, created_slot=created)
             log.info("first start: streaming slot %s from %s", cfg.slot, stored)
@@ -450,6 +460,9 @@ class Session:
             if m.prefix == HANDOFF_PREFIX:  # type: ignore[union-attr]
                 if m.transactional and not self.skip:  # type: ignore[union-attr]
                     self.handoff = m.content.decode()  # type: ignore[union-attr]
+            elif m.prefix == DDL_PREFIX:  # type: ignore[union-attr]
+                if m.transactional and not self.skip:  # type: ignore[union-attr]
+                    self.schema_change(m)  # type: ignore[arg-type]
             elif self.cfg.message_hook is not None and not (m.transactional and self.skip):  # type: ignore[union-attr]
                 self.cfg.message_hook(m)  # type: ignore[arg-type]
         elif t is Type or t is Origin:
@@ -480,11 +493,24 @@ class Session:
                 if c.prefix == HANDOFF_PREFIX:  # type: ignore[union-attr]
                     if c.transactional:  # type: ignore[union-attr]
                         self.handoff = c.content.decode()  # type: ignore[union-attr]
+                elif c.prefix == DDL_PREFIX:  # type: ignore[union-attr]
+                    if c.transactional:  # type: ignore[union-attr]
+                        self.schema_change(c)  # type: ignore[arg-type]
                 elif hook is not None:
                     hook(c)  # type: ignore[arg-type]
             self.keep_alive()
         self.commit(m.end_lsn, m.commit_time)
         self.received_data = True
+
+    def schema_change(self, m: LogicalMessage) -> None:
+        """A schema change captured on the source (replicator/ddl/capture.py)."""
+        try:
+            cmd = parse_ddl(m.content)
+        except msgspec.DecodeError as exc:
+            raise FatalError(f"a schema-change message at {m.lsn} is not pgferry's ({exc}): is another tool "
+                             f"emitting messages with the prefix {DDL_PREFIX!r}?") from None
+        assert self.sink is not None
+        self.sink.schema_change(cmd)
 
     def commit(self, end_lsn: Lsn, commit_time: int) -> None:
         """A source transaction (streamed or not) ends. One that carried a handoff marker is

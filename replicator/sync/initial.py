@@ -158,7 +158,7 @@ class InitialSync:
         state.init_progress(cur, cfg.schema, cfg.slot, consistent, True)
         self.target.commit()
         log.info("slot %s created at %s; copying in snapshot %s", cfg.slot, consistent, snapshot)
-        schema = SchemaDump(cfg.source, snapshot) if cfg.schema_copy else None
+        schema = SchemaDump(cfg.source, snapshot, cfg.schema) if cfg.schema_copy else None
         tables = self._register_tables()  # while pg_dump runs
         self._schema_pre(schema)
         with self._post_data(schema, False) as post:
@@ -183,7 +183,7 @@ class InitialSync:
         consistent, snapshot = self._export_snapshot(f"{cfg.slot}_resync_{os.getpid()}", temporary=True)
         schema = None
         if cfg.schema_copy and not (row["pre_data_done"] and row["post_data_done"]):
-            schema = SchemaDump(cfg.source, snapshot)
+            schema = SchemaDump(cfg.source, snapshot, cfg.schema)
         tables = self._register_tables()
         if not row["pre_data_done"]:
             self._schema_pre(schema)

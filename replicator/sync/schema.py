@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import SyncError
@@ -20,13 +22,17 @@ class SchemaDump:
     and runs in the background (the tables are registered meanwhile); its failure is raised by the
     first `section`."""
 
-    def __init__(self, dsn: str, snapshot: str | None) -> None:
+    def __init__(self, dsn: str, snapshot: str | None, own_schema: str | None = None) -> None:
+        """`own_schema`: pgferry's schema on the source (the schema-change capture), left out with
+        its event triggers."""
         self.dsn = dsn
         # --encoding: the dump is in the database's encoding otherwise (a LATIN1 source's é is not UTF-8)
         cmd = [find_pg_dump(), "--schema-only", "--format=custom", "--no-publications", "--no-subscriptions",
                "--no-comments", "--encoding=UTF8"]
         if snapshot:
             cmd.insert(1, f"--snapshot={snapshot}")
+        if own_schema:
+            cmd.append(f"--exclude-schema={own_schema}")
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg_dump")
         self._dump = pool.submit(subprocess.run, cmd, capture_output=True, check=False, env=libpq_env(dsn))
         pool.shutdown(wait=False)  # its thread ends with pg_dump
@@ -39,9 +45,31 @@ class SchemaDump:
             raise SyncError(f"pg_dump --schema-only of source {describe_dsn(self.dsn)} failed: {_last_line(res)}")
         return res.stdout
 
+    @functools.cached_property
+    def _listing(self) -> str:
+        """The archive's table of contents without pgferry's event triggers (its capture's)."""
+        from ..ddl.capture import DROP_TRIGGER, TRIGGER
+
+        with tempfile.NamedTemporaryFile("wb", delete=False, suffix=".dump") as f:
+            f.write(self.archive)
+        try:
+            res = subprocess.run([find_client("pg_restore"), "--list", f.name], capture_output=True, check=False)
+        finally:
+            os.unlink(f.name)
+        if res.returncode != 0:
+            raise SyncError(f"pg_restore --list of the schema dumped from source {describe_dsn(self.dsn)} failed: "
+                            f"{_last_line(res)}")
+        own = (f"EVENT TRIGGER - {TRIGGER} ", f"EVENT TRIGGER - {DROP_TRIGGER} ")
+        lines = [line for line in res.stdout.decode().splitlines() if not any(o in line + " " for o in own)]
+        return "\n".join(lines) + "\n"
+
     def section(self, name: str) -> str:
-        res = subprocess.run([find_client("pg_restore"), f"--section={name}", "--no-owner", "--no-privileges",
-                              "--file=-"], input=self.archive, capture_output=True, check=False)
+        with tempfile.NamedTemporaryFile("w", suffix=".list") as listing:
+            listing.write(self._listing)
+            listing.flush()
+            res = subprocess.run([find_client("pg_restore"), f"--section={name}", "--no-owner", "--no-privileges",
+                                  f"--use-list={listing.name}", "--file=-"], input=self.archive, capture_output=True,
+                                 check=False)
         if res.returncode != 0:
             raise SyncError(f"pg_restore --section={name} of the schema dumped from source {describe_dsn(self.dsn)} "
                             f"failed: {_last_line(res)}")

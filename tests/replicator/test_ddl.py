@@ -1,0 +1,206 @@
+"""Schema changes during the migration: captured on the source by pgferry's event trigger and
+applied on the target where they happened in the stream (sink/ddl.py), under load, across kills."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+
+import pytest
+
+from replicator.sync.pgtools import find_pg_dump, libpq_env
+from tests.pgplugin import Daemon, Db, assert_same_tables, pgferry, wait_for
+from tests.replicator import workload as wl
+
+SMALL_WORK_MEM = " options='-c logical_decoding_work_mem=64kB'"
+
+# A web framework's migrations, each with the data changes an application makes around it. A step
+# is a list of statements run in one transaction, or a string run alone (in autocommit).
+MIGRATIONS: list[list[str] | str] = [
+    ["CREATE TABLE app_user (id bigserial PRIMARY KEY, email text NOT NULL)",
+     "INSERT INTO app_user (email) SELECT 'u' || g || '@x' FROM generate_series(1, 50) g"],
+    ["ALTER TABLE app_user ADD COLUMN name text",
+     "UPDATE app_user SET name = 'n' || id WHERE id % 2 = 0",
+     "INSERT INTO app_user (email, name) VALUES ('new@x', 'New')"],
+    "CREATE INDEX CONCURRENTLY app_user_email ON app_user (email)",
+    ["ALTER TABLE app_user RENAME COLUMN name TO full_name",
+     "UPDATE app_user SET full_name = coalesce(full_name, '') || '!' WHERE id < 10"],
+    ["ALTER TABLE app_user ALTER COLUMN email TYPE varchar(200)",
+     "INSERT INTO app_user (email) VALUES ('typed@x')"],
+    ["ALTER TABLE app_user ALTER COLUMN full_name SET DEFAULT 'anon'",
+     "INSERT INTO app_user (email) VALUES ('defaulted@x')"],
+    ["UPDATE app_user SET full_name = 'x' WHERE full_name IS NULL",
+     "ALTER TABLE app_user ALTER COLUMN full_name SET NOT NULL"],
+    "ALTER TABLE app_user ALTER COLUMN full_name DROP NOT NULL; ALTER TABLE app_user ALTER COLUMN full_name "
+    "DROP DEFAULT",  # two statements in one query string
+    ["CREATE TYPE app_mood AS ENUM ('ok', 'sad')",
+     "ALTER TABLE app_user ADD COLUMN mood app_mood",
+     "UPDATE app_user SET mood = 'sad' WHERE id % 3 = 0"],
+    "ALTER TYPE app_mood ADD VALUE 'happy'",
+    ["UPDATE app_user SET mood = 'happy' WHERE id < 5"],
+    ["CREATE SEQUENCE invoice_no START 1000",
+     "CREATE TABLE invoice (id int PRIMARY KEY DEFAULT nextval('invoice_no'), user_id bigint REFERENCES "
+     "app_user (id), total numeric CHECK (total >= 0))",
+     "INSERT INTO invoice (user_id, total) SELECT id, id * 10 FROM app_user WHERE id <= 20"],
+    ["ALTER TABLE invoice ADD CONSTRAINT invoice_total_max CHECK (total < 1000000)",
+     "CREATE VIEW big_invoices AS SELECT * FROM invoice WHERE total > 100",
+     "CREATE FUNCTION invoice_total(u bigint) RETURNS numeric LANGUAGE sql AS $$ SELECT sum(total) FROM invoice "
+     "WHERE user_id = u; $$"],
+    ["ALTER TABLE invoice RENAME TO bill",
+     "INSERT INTO bill (user_id, total) VALUES (1, 5)"],
+    ["DROP INDEX app_user_email",
+     "ALTER TABLE app_user DROP COLUMN mood",
+     "DELETE FROM bill WHERE total > 150"],
+    # larger than logical_decoding_work_mem: streamed while in progress, the DDL inside it
+    ["CREATE TABLE events (id int PRIMARY KEY, payload text)",
+     "INSERT INTO events SELECT g, repeat('e', 200) FROM generate_series(1, 3000) g",
+     "ALTER TABLE events ADD COLUMN kind text",
+     "INSERT INTO events SELECT g, 'late', 'k' || g FROM generate_series(3001, 3100) g",
+     "UPDATE events SET kind = 'early' WHERE id <= 10"],
+    ["CREATE TABLE scratch (id int PRIMARY KEY)", "INSERT INTO scratch VALUES (1)"],
+    ["ALTER TABLE scratch RENAME TO scratch_old", "DROP TABLE scratch_old"],
+]
+KILL_AFTER = {2, 6, 10, 15}  # SIGKILL pgferry after these steps (then start it again)
+APP_TABLES = {
+    "app_user": ["id", "email", "full_name"],
+    "bill": ["id", "user_id", "total"],
+    "events": ["id", "payload", "kind"],
+}
+
+
+def run_step(db: Db, step: list[str] | str) -> None:
+    if isinstance(step, str):
+        db.execute(step)
+    else:
+        db.psql("BEGIN;\n" + ";\n".join(step) + ";\nCOMMIT;")
+
+
+def schema_of(db: Db) -> list[str]:
+    """`pg_dump --schema-only` of the database without pgferry's own objects, normalised: no
+    comments, settings, ownership or blank lines."""
+    res = subprocess.run([find_pg_dump(), "--schema-only", "--no-owner", "--no-privileges", "--no-publications",
+                          "--exclude-schema=pgferry", "-d", db.dsn], capture_output=True, text=True, check=True,
+                         env=libpq_env(db.dsn))
+    out = []
+    for line in res.stdout.splitlines():
+        if (not line.strip() or line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\"))
+                or "EVENT TRIGGER" in line):
+            continue
+        out.append(line)
+    text = "\n".join(out)
+    # pgferry's capture on the source: its event triggers' lines are left out above
+    text = re.sub(r"CREATE EVENT TRIGGER[^;]*;", "", text)
+    return text.splitlines()
+
+
+def _writer(src: Db, stop: threading.Event, errors: list[BaseException]) -> None:
+    try:
+        w = wl.Workload(src, seed=22)
+        try:
+            w.run(1_000_000, big_every=50, stop=stop)
+        finally:
+            w.close()
+    except BaseException as exc:  # surfaced by the test
+        errors.append(exc)
+
+
+@pytest.fixture
+def capture_pair(owner_pair):
+    src, dst = owner_pair
+    src.psql(wl.SOURCE_SCHEMA + "CREATE PUBLICATION pgferry FOR ALL TABLES;")
+    return src, dst
+
+
+def test_migrations_under_load_are_applied_in_order_across_kills(capture_pair, daemons):
+    src, dst = capture_pair
+    d = Daemon(src, dst, copy=True, ready=False, source_dsn=src.dsn + SMALL_WORK_MEM)
+    daemons.append(d)
+    wait_for(lambda: d.progress() > 0 or not d.running(), 90, "the copy to finish")
+    assert d.running(), d.output()
+    assert "schema changes on source" in d.output() and "are captured" in d.output(), d.output()
+    stop, errors = threading.Event(), []
+    th = threading.Thread(target=_writer, args=(src, stop, errors), daemon=True)
+    th.start()
+    try:
+        for n, step in enumerate(MIGRATIONS):
+            run_step(src, step)
+            if n in KILL_AFTER:
+                d.wait_caught_up(timeout=90)
+                d.kill()
+                d.start()
+    finally:
+        stop.set()
+        th.join(60)
+    assert not errors, errors
+    d.wait_caught_up(timeout=120)
+    assert_same_tables(src, dst, {**wl.TABLES, **APP_TABLES})
+    assert dst.execute("SELECT enum_range(NULL::app_mood)::text") == [("{ok,sad,happy}",)]
+    assert dst.execute("SELECT invoice_total(1)") == src.execute("SELECT invoice_total(1)")
+    # exactly once: each captured change applied one time, in source order
+    applied = dst.execute("SELECT tag, result FROM pgferry.ddl ORDER BY lsn, id")
+    assert ("ALTER TYPE", "applied") in applied and all(r == "applied" for _, r in applied), applied
+    assert len([t for t, _ in applied if t == "CREATE INDEX"]) == 1, applied
+    out = d.output()
+    assert "Traceback" not in out and "applying streamed transaction" in out, out
+    # the cutover hands over with every schema change before it, and restores what it held back
+    r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
+    assert r.returncode == 0, r.stdout + r.stderr + d.output()
+    assert json.loads(r.stdout)["ok"]
+    assert d.wait_exit(timeout=30) == 0, d.output()
+    assert schema_of(dst) == schema_of(src)
+    r = pgferry("cleanup", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 0 and "schema-change capture" in r.stderr, r.stderr
+    assert src.execute("SELECT count(*) FROM pg_event_trigger") == [(0,)]
+    assert src.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'") == [(0,)]
+
+
+def test_a_change_the_target_rejects_stops_at_it_in_the_dead_letter_table(pair, daemons):
+    src, dst = pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE INDEX t_v ON t (v)")
+    d = Daemon(src, dst)
+    daemons.append(d)
+    src.execute("INSERT INTO t VALUES (1, 'before')")
+    d.wait_caught_up()
+    src.execute("CREATE INDEX t_v ON t (v)")  # exists on the target already
+    assert d.wait_exit() == 1, d.output()
+    out = d.output()
+    assert 'the target rejected a schema change CREATE INDEX (CREATE INDEX t_v ON t (v)): relation "t_v" already ' \
+           "exists" in out and "commit LSN" in out and "Traceback" not in out, out
+    (kind, new_row) = dst.execute("SELECT kind, new_row FROM pgferry.conflicts")[0]
+    assert kind == "ddl_rejected" and new_row["query"] == "CREATE INDEX t_v ON t (v)", new_row
+
+
+def test_ddl_stop_and_skip(pair, daemons):
+    src, dst = pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    d = Daemon(src, dst, "--ddl", "stop")
+    daemons.append(d)
+    src.execute("INSERT INTO t VALUES (1)")
+    src.psql("BEGIN; ALTER TABLE t ADD COLUMN note text; INSERT INTO t VALUES (2, 'x'); COMMIT;")
+    assert d.wait_exit() == 1, d.output()
+    out = d.output()
+    assert "a schema change arrived and ddl = stop: ALTER TABLE (ALTER TABLE t ADD COLUMN note text)" in out, out
+    assert dst.execute("SELECT id FROM t") == [(1,)]  # stopped before that transaction
+    d = Daemon(src, dst)  # ddl = apply: the change, then its rows
+    daemons.append(d)
+    d.wait_caught_up()
+    assert dst.execute("SELECT id, note FROM t ORDER BY id") == [(1, None), (2, "x")]
+    assert d.stop() == 0
+
+
+def test_a_column_filled_on_the_source_is_not_replayed_differently(pair, daemons):
+    src, dst = pair
+    src.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    d = Daemon(src, dst)
+    daemons.append(d)
+    src.execute("INSERT INTO t SELECT generate_series(1, 10)")
+    src.execute("ALTER TABLE t ADD COLUMN r double precision DEFAULT random()")
+    assert d.wait_exit() == 1, d.output()
+    out = d.output()
+    assert "filled public.t with values computed on the source" in out and "random()" in out, out
+    assert dst.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 't'") == [(1,)]
