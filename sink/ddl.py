@@ -192,27 +192,32 @@ def _short(text: str, limit: int = 120) -> str:
     return one if len(one) <= limit else one[:limit - 3] + "..."
 
 
+def tables_of(objects: list[DdlObject]) -> list[str]:
+    """The tables (names as SQL) that `objects` are, or belong to (an index, a constraint, a
+    trigger, a column)."""
+    out = []
+    for o in objects:
+        if not o.identity:
+            continue
+        if o.type == "table":
+            out.append(o.identity)
+        elif o.type == "index" and o.table:
+            out.append(o.table)
+        elif o.type in ("table constraint", "trigger") and " on " in o.identity:
+            out.append(o.identity.split(" on ", 1)[1])
+        elif o.type == "table column":
+            out.append(o.identity.rsplit(".", 1)[0])
+    return out
+
+
 def touches(cmd: DdlCommand, tables: set[str] | None) -> bool:
     """With `--tables` (the migrated tables as schema.table), does the command concern them? A
     command on other tables (or their indexes) is not replayed; one on no table (a type, a
     function, a view) is."""
     if tables is None:
         return True
-    rels = [o for o in [*cmd.objects, *cmd.dropped] if o.type in ("table", "index", "table column",
-                                                                   "table constraint", "trigger")]
-    if not rels:
-        return True
-    for o in rels:
-        name = o.table if o.type == "index" and o.table else o.identity or ""
-        if o.type in ("table column", "table constraint", "trigger") and o.identity:
-            name = o.identity.rsplit(".", 1)[0] if o.type == "table column" else o.identity.split(" on ", 1)[-1]
-        if _normal(name) in tables:
-            return True
-    return False
-
-
-def _normal(name: str) -> str:
-    return name.replace('"', "")
+    named = tables_of([*cmd.objects, *cmd.dropped])
+    return not named or any(n.replace('"', "") in tables for n in named)
 
 
 def describe(cmd: DdlCommand) -> str:
@@ -240,6 +245,9 @@ class SchemaChanges:
         self.tables: set[str] | None = None  # with --tables: the migrated ones (schema.table); None: all
         self.volatile: list[str] = []  # tables to re-copy once this transaction is committed
         self.can_resync = False  # the stream loop re-copies `volatile` tables (else such a change stops)
+        # without the replica role: holds back what a change makes fire, and keeps what is held
+        # back in step with renames (replicator/sync/holdback.py: StreamHold), in the open transaction
+        self.hold: Any = None
 
     def apply(self, cmd: DdlCommand, lsn: Any, xid: int | None, isolated: bool) -> bool:
         """Apply `cmd` (the caller wrote the changes before it). True when the target's schema
@@ -271,10 +279,17 @@ class SchemaChanges:
         (own_path,) = cur.fetchone()
         cur.execute("SAVEPOINT pgferry_ddl")
         try:
+            if self.hold is not None:
+                self.hold.before(cur)
             cur.execute("SELECT set_config('search_path', %s, true)", (cmd.search_path or own_path,))
             for stmt in plan.statements:
                 cur.execute(stmt)
             cur.execute("SELECT set_config('search_path', %s, true)", (own_path,))
+            if self.hold is not None:  # what the change made fire (a foreign key...): held back too
+                held = self.hold.after(cur, tables_of(cmd.objects))
+                if held:
+                    log.info("held back until cutover (they would fire during apply): %s",
+                             ", ".join(f"{i.kind} {i.name} on {i.table}" for i in held))
             cur.execute("RELEASE SAVEPOINT pgferry_ddl")
         except RETRYABLE:
             raise

@@ -345,7 +345,8 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
     cfg = StreamConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
                        schema=st.state_schema, spool_dir=st.spool_dir, message_hook=hook,
                        network_timeout=st.network_timeout, policies=conflict_policies, limits=_limits(st),
-                       throttle=throttle, reload=reload, ddl=st.ddl)
+                       throttle=throttle, reload=reload, ddl=st.ddl,
+                       keep_constraints=st.keep_constraints)
     metrics.STATE.phase = "streaming"
     return run_stream(cfg)
 

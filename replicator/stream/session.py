@@ -114,6 +114,7 @@ class StreamConfig:
     throttle: Throttle | None = None
     reload: Callable[[], tuple[Any, BatchLimits]] | None = None  # SIGHUP: fresh budgets and batch limits
     ddl: str = "apply"  # captured schema changes: apply | stop | skip (sink/ddl.py)
+    keep_constraints: bool = False  # what a schema change makes fire stays (else it is held back)
 
 
 def prepare_slot(conn: psycopg2.extensions.connection, cfg: StreamConfig, stored: Lsn | None) -> tuple[Lsn, bool]:
@@ -203,6 +204,10 @@ class Session:
         finally:
             src.close()
         self.sink.schema_changes.policy = cfg.ddl
+        if not self.sink.replica_role and not cfg.keep_constraints:
+            from ..sync import holdback
+
+            self.sink.schema_changes.hold = holdback.StreamHold(cfg.schema, cfg.slot)
         if not (all_tables and all_tables[0]):  # schema changes to other tables are not applied
             self.sink.schema_changes.tables = {n.replace('"', "") for n in published}
         if stored is None:

@@ -181,28 +181,45 @@ def hold_existing(target: str, schema: str, slot: str, tables: list[str]) -> lis
     try:
         cur = conn.cursor()
         ensure_schema(cur, schema)
-        cur.execute("SELECT set_config('search_path', '', true)")  # every name in the definitions qualified
-        cur.execute(_CATALOG, (tables,))
-        items = [Held(*row) for row in cur.fetchall()]
+        try:
+            items = hold_in(cur, schema, slot, tables)
+        except psycopg2.Error as exc:
+            conn.rollback()
+            i = getattr(exc, "held", None)
+            what = f"{i.kind} {i.name} on {i.table}" if i is not None else "the foreign keys and triggers"
+            raise UsageError(f"cannot hold back {what} on target {describe_dsn(target)}: "
+                             f"{first_line(exc)}. pgferry's target role must own the table; or let it set "
+                             "session_replication_role (GRANT SET ON PARAMETER session_replication_role TO "
+                             "...), or pass --keep-constraints. Nothing was held back") from None
         if not items:
             conn.rollback()
             return []
-        record(cur, schema, slot, items)
-        for i in items:
-            try:
-                cur.execute("SAVEPOINT pgferry_hold")
-                cur.execute(_DROP[i.kind].format(table=i.table, name=quote_ident(i.name)))
-                cur.execute("RELEASE SAVEPOINT pgferry_hold")
-            except psycopg2.Error as exc:
-                conn.rollback()
-                raise UsageError(f"cannot hold back {i.kind} {i.name} on {i.table} on target {describe_dsn(target)}: "
-                                 f"{first_line(exc)}. pgferry's target role must own the table; or let it set "
-                                 "session_replication_role (GRANT SET ON PARAMETER session_replication_role TO "
-                                 "...), or pass --keep-constraints. Nothing was held back") from None
         conn.commit()
     finally:
         conn.close()
     log.info("held back until cutover: %s", ", ".join(f"{i.kind} {i.name} on {i.table}" for i in items))
+    return items
+
+
+def hold_in(cur: Any, schema: str, slot: str, tables: list[str]) -> list[Held]:
+    """Record, then drop, what fires on `tables` (names as SQL), in the caller's transaction; a
+    failure to drop one is raised with the item as `exc.held`. (Also after a schema change the
+    stream applied: sink/ddl.py.)"""
+    cur.execute("SELECT current_setting('search_path')")
+    (path,) = cur.fetchone()
+    cur.execute("SELECT set_config('search_path', '', true)")  # every name in the definitions qualified
+    cur.execute(_CATALOG, (tables,))
+    items = [Held(*row) for row in cur.fetchall()]
+    cur.execute("SELECT set_config('search_path', %s, true)", (path,))
+    record(cur, schema, slot, items)
+    for i in items:
+        try:
+            cur.execute("SAVEPOINT pgferry_hold")
+            cur.execute(_DROP[i.kind].format(table=i.table, name=quote_ident(i.name)))
+            cur.execute("RELEASE SAVEPOINT pgferry_hold")
+        except psycopg2.Error as exc:
+            exc.held = i
+            raise
     return items
 
 
@@ -344,3 +361,58 @@ def restore(target: str, schema: str, slot: str) -> Restored:
     finally:
         conn.close()
     return Restored(objects=objects, created_s=round(created, 3), validated_s=round(validated, 3))
+
+
+_NAMED = re.compile(rf"\bREFERENCES\s+(?P<ref>{_IDENT}(?:\.{_IDENT})?)\s*\(", re.I)
+
+
+class StreamHold:
+    """What a schema change applied by the stream means for what is held back (sink/ddl.py,
+    SchemaChanges.hold), in the stream's target transaction: a foreign key or trigger it creates
+    on a migrated table is held back too, and a held-back definition follows its tables' renames
+    (it names them as they were when it was held)."""
+
+    def __init__(self, schema: str, slot: str) -> None:
+        self.schema, self.slot = schema, slot
+        self._oids: dict[str, int] = {}
+
+    def before(self, cur: Any) -> None:
+        """The tables the held-back definitions name, as the target knows them now (by oid)."""
+        cur.execute(f"SELECT table_name, definition FROM {quote_ident(self.schema)}.held_back "
+                    "WHERE slot_name = %s AND state <> 'validated'", (self.slot,))
+        names = set()
+        for table, definition in cur.fetchall():
+            names.add(table)
+            names.update(m.group("ref") for m in _NAMED.finditer(definition))
+        self._oids = {}
+        if names:
+            cur.execute("SELECT n, to_regclass(n)::oid FROM unnest(%s::text[]) AS u(n)", (sorted(names),))
+            self._oids = {n: oid for n, oid in cur.fetchall() if oid is not None}
+
+    def after(self, cur: Any, tables: list[str]) -> list[Held]:
+        """Follow renames, then hold back what now fires on `tables`."""
+        if self._oids:
+            cur.execute("SELECT current_setting('search_path')")
+            (path,) = cur.fetchone()
+            cur.execute("SELECT set_config('search_path', '', true)")
+            cur.execute("SELECT n, o::regclass::text FROM unnest(%s::text[], %s::oid[]) AS u(n, o) "
+                        "WHERE o::regclass::text <> n", (list(self._oids), list(self._oids.values())))
+            renamed = dict(cur.fetchall())
+            cur.execute("SELECT n FROM unnest(%s::text[], %s::oid[]) AS u(n, o) WHERE NOT EXISTS "
+                        "(SELECT 1 FROM pg_class WHERE oid = o)", (list(self._oids), list(self._oids.values())))
+            gone = [r[0] for r in cur.fetchall()]
+            cur.execute("SELECT set_config('search_path', %s, true)", (path,))
+            s = quote_ident(self.schema)
+            if gone:  # dropped by the change: what was held back on it goes with it
+                cur.execute(f"DELETE FROM {s}.held_back WHERE slot_name = %s AND table_name = ANY(%s)",
+                            (self.slot, gone))
+            for old, new in renamed.items():
+                cur.execute(f"UPDATE {s}.held_back SET table_name = CASE WHEN table_name = %s THEN %s ELSE table_name "
+                            "END, definition = regexp_replace(regexp_replace(definition, %s, %s), %s, %s, 'g') "
+                            "WHERE slot_name = %s",
+                            (old, new, "^(ALTER TABLE (ONLY )?)" + re.escape(old) + " ", "\\1" + new + " ",
+                             "REFERENCES " + re.escape(old) + "\\(", "REFERENCES " + new + "(", self.slot))
+                cur.execute(f"UPDATE {s}.held_back SET definition = regexp_replace(definition, %s, %s) "
+                            "WHERE slot_name = %s AND kind <> 'foreign key'",
+                            (" ON " + re.escape(old) + " ", " ON " + new + " ", self.slot))
+        return hold_in(cur, self.schema, self.slot, tables) if tables else []

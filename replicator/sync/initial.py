@@ -159,7 +159,7 @@ class InitialSync:
         self.target.commit()
         log.info("slot %s created at %s; copying in snapshot %s", cfg.slot, consistent, snapshot)
         schema = SchemaDump(cfg.source, snapshot, cfg.schema) if cfg.schema_copy else None
-        tables = self._register_tables()  # while pg_dump runs
+        tables = self._register_tables(snapshot)  # while pg_dump runs
         self._schema_pre(schema)
         with self._post_data(schema, False) as post:
             self._copy_all(tables, snapshot, consistent, post)
@@ -184,7 +184,7 @@ class InitialSync:
         schema = None
         if cfg.schema_copy and not (row["pre_data_done"] and row["post_data_done"]):
             schema = SchemaDump(cfg.source, snapshot, cfg.schema)
-        tables = self._register_tables()
+        tables = self._register_tables(snapshot)
         if not row["pre_data_done"]:
             self._schema_pre(schema)
         cur = self.target.cursor()
@@ -256,11 +256,19 @@ class InitialSync:
                     (self.cfg.slot,))
         self.target.commit()
 
-    def _register_tables(self) -> list[TableCopy]:
-        """The published tables, with their sizes on the source, recorded in `<state>.tables`."""
+    def _register_tables(self, snapshot: str) -> list[TableCopy]:
+        """The published tables that exist in the copy's `snapshot`, with their sizes on the
+        source, recorded in `<state>.tables`. A table created after the snapshot is not copied:
+        its creation and every row of it come through the stream."""
         src = connect(self.cfg.source, "source")
         try:
-            tables = [TableCopy(n, t) for n, t in published_tables(src, self.cfg.publication)]
+            src.set_session(isolation_level="REPEATABLE READ", readonly=True)
+            with src.cursor() as cur:
+                cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+                # (the publication's listing reads the newest catalog; a plain query, the snapshot's)
+                cur.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace")
+                visible = set(cur.fetchall())
+            tables = [TableCopy(n, t) for n, t in published_tables(src, self.cfg.publication) if (n, t) in visible]
             sizes = table_sizes(src, tables)
         finally:
             src.close()

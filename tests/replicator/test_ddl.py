@@ -45,11 +45,11 @@ MIGRATIONS: list[list[str] | str] = [
      "app_user (id), total numeric CHECK (total >= 0))",
      "INSERT INTO invoice (user_id, total) SELECT id, id * 10 FROM app_user WHERE id <= 20"],
     ["ALTER TABLE invoice ADD CONSTRAINT invoice_total_max CHECK (total < 1000000)",
-     "CREATE VIEW big_invoices AS SELECT * FROM invoice WHERE total > 100",
-     "CREATE FUNCTION invoice_total(u bigint) RETURNS numeric LANGUAGE sql AS $$ SELECT sum(total) FROM invoice "
-     "WHERE user_id = u; $$"],
+     "CREATE VIEW big_invoices AS SELECT * FROM invoice WHERE total > 100"],
     ["ALTER TABLE invoice RENAME TO bill",
-     "INSERT INTO bill (user_id, total) VALUES (1, 5)"],
+     "INSERT INTO bill (user_id, total) VALUES (1, 5)",
+     "CREATE FUNCTION invoice_total(u bigint) RETURNS numeric LANGUAGE sql AS $$ SELECT sum(total) FROM bill "
+     "WHERE user_id = u; $$"],
     ["DROP INDEX app_user_email",
      "ALTER TABLE app_user DROP COLUMN mood",
      "DELETE FROM bill WHERE total > 150"],
@@ -83,15 +83,13 @@ def schema_of(db: Db) -> list[str]:
     res = subprocess.run([find_pg_dump(), "--schema-only", "--no-owner", "--no-privileges", "--no-publications",
                           "--exclude-schema=pgferry", "-d", db.dsn], capture_output=True, text=True, check=True,
                          env=libpq_env(db.dsn))
-    out = []
-    for line in res.stdout.splitlines():
-        if (not line.strip() or line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\"))
-                or "EVENT TRIGGER" in line):
-            continue
-        out.append(line)
-    text = "\n".join(out)
-    # pgferry's capture on the source: its event triggers' lines are left out above
-    text = re.sub(r"CREATE EVENT TRIGGER[^;]*;", "", text)
+    # pgferry's capture on the source; NOT NULL constraints as PostgreSQL 18 names them (15 does not)
+    text = re.sub(r"CREATE EVENT TRIGGER[^;]*;", "", res.stdout)
+    text = re.sub(r"CONSTRAINT \w+_not_null NOT NULL", "NOT NULL", text)
+    # and view bodies: 15 qualifies their columns with the table's name, 16+ do not
+    text = re.sub(r"CREATE VIEW [^;]*;", lambda m: re.sub(r"\b\w+\.(?=\w+\b(?!\s+AS\b))", "", m.group(0)), text)
+    text = "\n".join(line for line in text.splitlines()
+                     if line.strip() and not line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\")))
     return text.splitlines()
 
 
@@ -115,6 +113,8 @@ def capture_pair(owner_pair):
 
 def test_migrations_under_load_are_applied_in_order_across_kills(capture_pair, daemons):
     src, dst = capture_pair
+    if (src.version, dst.version) == (15, 15):
+        pytest.skip("runs on 15 -> 18 and 18 -> 18")
     d = Daemon(src, dst, copy=True, ready=False, source_dsn=src.dsn + SMALL_WORK_MEM)
     daemons.append(d)
     wait_for(lambda: d.progress() > 0 or not d.running(), 90, "the copy to finish")
