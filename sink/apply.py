@@ -34,6 +34,7 @@ from .ddl import DdlCommand, SchemaChanges
 from .direct import DirectPath, first_line_of
 from .durability import Durability
 from .errors import RETRYABLE, ApplyError
+from .evolve import Follower
 from .netbatch import NetBatch
 from .relations import TargetTable, firing, map_relation
 from .resolve import ConflictResolver
@@ -106,6 +107,8 @@ class Sink:
         # captured schema changes, applied where they happened (sink/ddl.py)
         self.schema_changes = SchemaChanges(self.cur, schema, slot, self.policies, self.resolver, self.stats)
         self._ddl_in_txn = False  # the open source transaction changed the target's schema
+        # without capture: what the stream's table descriptions show changed (sink/evolve.py)
+        self.follower: Follower | None = None
         # what cannot be set-based: inserts as multi-row INSERTs, updates and deletes buffered
         self.direct = DirectPath(self, self.cur, self.policies, self.resolver)
         self.replica_role = False
@@ -200,6 +203,31 @@ class Sink:
             self.tables.clear()
             self._ddl_in_txn = True
 
+    def _follow(self, rel: Relation) -> None:
+        """Without capture: bring the target's table in line with the source's description of it
+        (sink/evolve.py), in this batch, after the changes before."""
+        f = self.follower
+        assert f is not None
+        before = f.known(self.schema, self.slot, rel)
+        cols = {c.name for c in rel.columns}
+        self.cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
+                         "AND NOT attisdropped", (f"{state.quote_ident(rel.namespace)}.{state.quote_ident(rel.name)}",))
+        target = {r[0] for r in self.cur.fetchall()}
+        missing = [c for c in cols if c not in target]
+        if before is not None or missing:
+            if self.net or self.direct.inserts.rows or self.direct.each.statements:
+                self._flush_net()
+                self._join()
+            f.changed(before, rel)
+            if missing:
+                f.add_missing(rel, missing, exists=bool(target))
+        f.remember(self.schema, self.slot, rel)
+
+    def type(self, oid: int, namespace: str, name: str) -> None:
+        """A Type message: the name of a user type the next Relation's columns may have."""
+        if self.follower is not None:
+            self.follower.types[oid] = (namespace, name)
+
     def _table(self, oid: int) -> TargetTable:
         table = self.tables.get(oid)
         if table is None:
@@ -208,6 +236,8 @@ class Sink:
                 raise ApplyError(f"change for relation oid {oid} before its Relation message",
                                  lsn=self._commit_lsn, xid=self._xid)
             self._join()
+            if self.follower is not None:
+                self._follow(rel)
             table = self.tables[oid] = map_relation(self.cur, rel, check_fires=not self.replica_role)
             if table.fires:
                 log.warning("%s: %s fire(s) on the target during apply (no replica role): its changes are applied "

@@ -161,6 +161,14 @@ def ensure_schema(cur: Any, schema: str) -> None:
         result text NOT NULL,
         detail text,
         at timestamptz NOT NULL DEFAULT now())""")
+    # Without schema-change capture: each table's columns as the source last described them, to
+    # tell what changed in the next description (sink/evolve.py)
+    cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.source_columns (
+        slot_name text NOT NULL,
+        schema_name text NOT NULL,
+        table_name text NOT NULL,
+        columns jsonb NOT NULL,
+        PRIMARY KEY (slot_name, schema_name, table_name))""")
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.tables (
         slot_name text NOT NULL,
         schema_name text NOT NULL,

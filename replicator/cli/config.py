@@ -63,6 +63,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # far as the stream shows them
     ddl: Literal["apply", "stop", "skip"] = "apply"
     ddl_capture: bool = True
+    dropped_columns: Literal["keep", "drop"] = "keep"  # without capture: a column dropped on the source
     # initial sync
     copy: bool = True
     schema: bool = True
@@ -124,6 +125,9 @@ state_schema = "pgferry"
 # new tables.
 ddl = "apply"
 ddl_capture = true
+# Without capture, a column dropped on the source is kept on the target (made nullable), or
+# "drop"ped there too.
+dropped_columns = "keep"
 
 # Initial sync: copy the data (false: the target already holds it as of the slot's creation)
 # and the schema (false: the tables were made by hand; they are checked).

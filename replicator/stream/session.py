@@ -64,9 +64,11 @@ from sink.conflicts import Policies
 from sink.ddl import PREFIX as DDL_PREFIX
 from sink.ddl import parse as parse_ddl
 from sink.errors import SLOT_LOST, ApplyError, SinkError, retryable
+from sink.evolve import Follower
 from sink.state import HANDOFF_PREFIX, readable_name
 from sink.stats import SinkStats
 
+from ..ddl import capture
 from ..errors import ConnectError, FatalError, PgferryError, SessionRetry, UsageError, first_line
 from ..source import (
     check_logical_source,
@@ -115,6 +117,7 @@ class StreamConfig:
     reload: Callable[[], tuple[Any, BatchLimits]] | None = None  # SIGHUP: fresh budgets and batch limits
     ddl: str = "apply"  # captured schema changes: apply | stop | skip (sink/ddl.py)
     keep_constraints: bool = False  # what a schema change makes fire stays (else it is held back)
+    dropped_columns: str = "keep"  # without capture, a column dropped on the source: keep | drop
 
 
 def prepare_slot(conn: psycopg2.extensions.connection, cfg: StreamConfig, stored: Lsn | None) -> tuple[Lsn, bool]:
@@ -201,9 +204,16 @@ class Session:
             published = [readable_name(n, t) for n, t in published_tables(src, cfg.publication)]
             all_tables = query_one(src, "SELECT puballtables FROM pg_publication WHERE pubname = %s",
                                    (cfg.publication,))
+            with src.cursor() as cur:
+                captured = capture.installed(cur)
+            src.rollback()
         finally:
             src.close()
         self.sink.schema_changes.policy = cfg.ddl
+        if not captured and cfg.ddl == "apply":  # follow what the stream shows (sink/evolve.py)
+            self.sink.follower = Follower(self.sink.cur, cfg.dropped_columns)
+            log.info("schema changes on the source are not captured: added and dropped columns and new tables are "
+                     "followed from the stream; other changes stop pgferry or must be made on the target by hand")
         if not self.sink.replica_role and not cfg.keep_constraints:
             from ..sync import holdback
 
@@ -470,8 +480,10 @@ class Session:
                     self.schema_change(m)  # type: ignore[arg-type]
             elif self.cfg.message_hook is not None and not (m.transactional and self.skip):  # type: ignore[union-attr]
                 self.cfg.message_hook(m)  # type: ignore[arg-type]
-        elif t is Type or t is Origin:
-            pass  # text-mode values need no type catalog; origins are not filtered
+        elif t is Type:
+            sink.type(m.oid, m.namespace, m.name)  # type: ignore[union-attr]
+        elif t is Origin:
+            pass  # origins are not filtered
         else:
             raise FatalError(f"unexpected {type(m).__name__} message at {Lsn(raw.data_start)}: two-phase "
                              "decoding is not enabled by pgferry")
@@ -494,6 +506,8 @@ class Session:
                 sink.apply(c)  # type: ignore[arg-type]
             elif t is Relation:
                 sink.relation(c)  # type: ignore[arg-type]
+            elif t is Type:
+                sink.type(c.oid, c.namespace, c.name)  # type: ignore[union-attr]
             elif t is LogicalMessage:
                 if c.prefix == HANDOFF_PREFIX:  # type: ignore[union-attr]
                     if c.transactional:  # type: ignore[union-attr]
