@@ -17,6 +17,7 @@ import psycopg2.extras
 from sink.relations import firing
 from sink.state import readable_name_sql
 
+from ..ddl.capture import can_capture
 from ..errors import ConnectError, SourceNotReady, UsageError, first_line
 from ..source import connect, describe_dsn, query_one, table_spec_sql
 from ..sync import holdback
@@ -145,6 +146,19 @@ def _source(src: Any, st: Settings) -> list[Finding]:
         add("warning", "long transactions", f"{old[0]} transaction(s) open for over {LONG_TRANSACTION} (longest "
                                             f"{old[1]}): creating the slot waits until they end",
             "end them (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE ...) or wait")
+    if st.ddl_capture:
+        with src.cursor() as cur:
+            why = can_capture(cur)
+        if why is None:
+            add("info", "schema changes", "schema changes on the source are captured (pgferry installs an event "
+                                          "trigger in the source database; `pgferry cleanup` removes it) and applied "
+                                          f"on the target where they happen (ddl = {st.ddl})")
+        else:
+            add("warning", "schema changes", f"schema changes on source {where} cannot be captured: {why}. Other "
+                                             "changes (a rename, a type change) stop pgferry, naming what it saw; "
+                                             "indexes, constraints, defaults, views, functions and types must be "
+                                             "made on the target by hand",
+                "connect as a superuser on the source, or make schema changes on both sides by hand")
     (size,) = query_one(src, "SELECT pg_database_size(current_database())")
     add("info", "size", f"database {db} is {_size(size)}; plan about {_size(1.5 * size)} free on the target "
                         "(tables, indexes, WAL during the copy)")

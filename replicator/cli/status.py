@@ -57,6 +57,8 @@ class Status(msgspec.Struct):
     wal_guard: str | None = None  # why the slot is in danger (max_retained_wal / min_safe_wal), or None
     # foreign keys, triggers and rules held back until cutover (replicator/sync/holdback.py), and their state
     held_back: list[HeldBack] = []
+    # schema changes captured on the source, by what became of them (applied, skipped, rejected, not migrated)
+    ddl: dict[str, int] = {}
 
 
 def collect(source: str, target: str, slot: str, schema: str,
@@ -104,10 +106,16 @@ def collect(source: str, target: str, slot: str, schema: str,
             conflicts = [ConflictCount(t, k, int(n)) for t, k, n in cur.fetchall()]
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{s}.held_back",))
         held = holdback.listing(cur, schema, slot) if cur.fetchone()[0] else []
-        return progress, sync, tables, control, conflicts, held
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{s}.ddl",))
+        ddl: dict[str, int] = {}
+        if cur.fetchone()[0]:
+            cur.execute(f"SELECT result, count(*) FROM {s}.ddl WHERE slot_name = %s GROUP BY 1 ORDER BY 1", (slot,))
+            ddl = {r: int(n) for r, n in cur.fetchall()}
+        return progress, sync, tables, control, conflicts, held, ddl
 
     found = read_state(target, schema, read)
-    progress, sync, tables, control, conflicts, held = found if found is not None else (None, None, [], None, [], [])
+    progress, sync, tables, control, conflicts, held, ddl = (found if found is not None
+                                                              else (None, None, [], None, [], [], {}))
     running = bool(slot_row and slot_row[0]) or bool(copying_walsender and sync is not None and sync[0] != "streaming")
     if sync is not None and sync[0] == "done":
         phase = "done"
@@ -133,7 +141,8 @@ def collect(source: str, target: str, slot: str, schema: str,
         slot_safe_wal_size=int(slot_row[3]) if slot_row and slot_row[3] is not None else None,
         last_source_commit=progress[3].isoformat() if progress and progress[3] else None,
         cutover=f"{control[0]} at {control[1]}" if control and control[1] else (control[0] if control else None),
-        tables=tables, conflicts_by_table=conflicts, wal_guard=_guard(slot_row, guard), held_back=held)
+        tables=tables, conflicts_by_table=conflicts, wal_guard=_guard(slot_row, guard), held_back=held,
+        ddl=ddl)
 
 
 def _guard(slot_row: Any, guard: tuple[int | None, int | None]) -> str | None:
@@ -163,6 +172,8 @@ def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, 
         f"{_mb(st.slot_retained_wal_bytes)}" + (f", safe_wal_size {_mb(st.slot_safe_wal_size)}"
                                                 if st.slot_safe_wal_size is not None else ""),
     ]
+    if st.ddl:
+        lines.append("schema changes " + ", ".join(f"{n} {r}" for r, n in sorted(st.ddl.items())))
     if st.cutover:
         lines.append(f"cutover       {st.cutover}")
     if st.wal_guard:

@@ -113,6 +113,11 @@ class DaemonCollector:
             for (table, kind), n in list(sink.stats.conflict_counts.items()):
                 conflicts.add_metric([table, kind], n)
             yield conflicts
+            ddl = CounterMetricFamily("pgferry_schema_changes", "Schema changes captured on the source, by what "
+                                      "became of them (applied, skipped, rejected, not migrated)", labels=["result"])
+            for result, n in list(sink.stats.ddl_counts.items()):
+                ddl.add_metric([result], n)
+            yield ddl
         if STATE.throttle is not None:
             raised = 1.0 if STATE.throttle.wal_danger else 0.0
             yield GaugeMetricFamily("pgferry_wal_guard", "1 while the slot retains more WAL than allowed "

@@ -144,6 +144,8 @@ def test_migrations_under_load_are_applied_in_order_across_kills(capture_pair, d
     assert len([t for t, _ in applied if t == "CREATE INDEX"]) == 1, applied
     out = d.output()
     assert "Traceback" not in out and "applying streamed transaction" in out, out
+    st = json.loads(pgferry("status", "--source", src.dsn, "--target", dst.dsn, "--json").stdout)
+    assert st["ddl"] == {"applied": len(applied)}, st
     # the cutover hands over with every schema change before it, and restores what it held back
     r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
     assert r.returncode == 0, r.stdout + r.stderr + d.output()
@@ -223,6 +225,8 @@ def test_without_capture_added_and_dropped_columns_and_new_tables_are_followed(u
     src, dst, repl = uncaptured
     src.execute("CREATE TABLE t (id int PRIMARY KEY, a text NOT NULL); CREATE PUBLICATION pgferry FOR ALL TABLES")
     dst.execute("CREATE TABLE t (id int PRIMARY KEY, a text NOT NULL)")
+    r = pgferry("preflight", "--source", repl.dsn, "--target", dst.dsn)
+    assert "schema changes on source" in r.stdout + r.stderr and "cannot be captured" in r.stdout + r.stderr, r
     d = Daemon(src, dst, source_dsn=repl.dsn)
     daemons.append(d)
     out = d.output()
