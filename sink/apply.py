@@ -223,6 +223,14 @@ class Sink:
                 f.add_missing(rel, missing, exists=bool(target))
         f.remember(self.schema, self.slot, rel)
 
+    def resynced(self, table: tuple[str, str], lsn: Lsn) -> None:
+        """`table` (schema, name) was re-copied in a snapshot at `lsn`: its changes committed
+        before that are in the copy."""
+        self.snapshots[table] = lsn
+        for oid, t in list(self.tables.items()):
+            if (t.rel.namespace, t.rel.name) == table:
+                del self.tables[oid]
+
     def type(self, oid: int, namespace: str, name: str) -> None:
         """A Type message: the name of a user type the next Relation's columns may have."""
         if self.follower is not None:

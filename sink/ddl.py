@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import psycopg2
 
-from .state import quote_ident
+from .state import quote_ident, request_resync
 
 log = logging.getLogger("pgferry.sink")
 
@@ -244,7 +244,7 @@ class SchemaChanges:
         self.policy = policy  # apply | stop | skip
         self.tables: set[str] | None = None  # with --tables: the migrated ones (schema.table); None: all
         self.volatile: list[str] = []  # tables to re-copy once this transaction is committed
-        self.can_resync = False  # the stream loop re-copies `volatile` tables (else such a change stops)
+        self.can_resync = True  # the stream loop re-copies `volatile` tables (else such a change stops)
         # without the replica role: holds back what a change makes fire, and keeps what is held
         # back in step with renames (replicator/sync/holdback.py: StreamHold), in the open transaction
         self.hold: Any = None
@@ -316,6 +316,10 @@ class SchemaChanges:
                              "apply_error = skip)", table=table, **where) from None
         log.info("applied schema change at commit LSN %s: %s", lsn, describe(cmd))
         self._record(cmd, lsn, xid, "applied", None)
+        for table in plan.volatile:  # re-copied once this transaction commits (replicator/sync/resync.py)
+            log.warning("%s now holds values the source computed and the WAL does not carry: it is re-copied",
+                        table)
+            request_resync(cur, self.schema, self.slot, table, f"schema change at {lsn}: {describe(cmd)}")
         self.volatile.extend(plan.volatile)
         return True
 

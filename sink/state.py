@@ -169,6 +169,19 @@ def ensure_schema(cur: Any, schema: str) -> None:
         table_name text NOT NULL,
         columns jsonb NOT NULL,
         PRIMARY KEY (slot_name, schema_name, table_name))""")
+    # Tables to re-copy while streaming (replicator/sync/resync.py): asked by `pgferry resync`, or
+    # recorded with a schema change whose values only the source computed (sink/ddl.py)
+    cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.resync (
+        id bigserial PRIMARY KEY,
+        slot_name text NOT NULL,
+        table_name text NOT NULL,
+        reason text,
+        requested_at timestamptz NOT NULL DEFAULT now(),
+        done_at timestamptz,
+        snapshot_lsn pg_lsn,
+        rows bigint)""")
+    cur.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS resync_pending ON {s}.resync (slot_name, table_name) "
+                "WHERE done_at IS NULL")
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.tables (
         slot_name text NOT NULL,
         schema_name text NOT NULL,
@@ -242,6 +255,12 @@ def snapshot_lsns(cur: Any, schema: str, slot: str) -> dict[tuple[str, str], Lsn
     cur.execute(f"SELECT schema_name, table_name, snapshot_lsn::text FROM {quote_ident(schema)}.tables "
                 "WHERE slot_name = %s AND snapshot_lsn IS NOT NULL", (slot,))
     return {(n, t): Lsn.parse(lsn) for n, t, lsn in cur.fetchall()}
+
+
+def request_resync(cur: Any, schema: str, slot: str, table: str, reason: str) -> None:
+    """Ask for `table` (schema.table as SQL) to be re-copied while streaming (the caller commits)."""
+    cur.execute(f"INSERT INTO {quote_ident(schema)}.resync (slot_name, table_name, reason) VALUES (%s, %s, %s) "
+                "ON CONFLICT (slot_name, table_name) WHERE done_at IS NULL DO NOTHING", (slot, table, reason))
 
 
 def progress_sql(schema: str) -> str:

@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(skip)
     skip.add_argument("--lsn", required=True, help="the commit LSN the stop named, e.g. 0/16B3748")
 
+    resync = sub.add_parser("resync", help="re-copy one table while streaming: a fresh snapshot of it, its "
+                                           "earlier stream changes skipped (the running daemon does it)")
+    common(resync)
+    resync.add_argument("table", help="the table, as schema.table (or table, in the search path)")
+    resync.add_argument("--timeout", type=_positive(float), default=600.0,
+                        help="seconds to wait for the daemon to finish it (default 600)")
+    resync.add_argument("--no-wait", action="store_true", help="ask for it and return")
+
     preflight = sub.add_parser("preflight", help="check source and target before a migration; each finding "
                                                  "with its fix; exit 1 on any error")
     common(preflight)
@@ -191,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tail(settings.source, settings.publication, args.slot)
         if args.command == "start":
             return _start(settings, args)
-        if args.command in ("status", "verify", "cutover", "cleanup", "preflight", "skip"):
+        if args.command in ("status", "verify", "cutover", "cleanup", "preflight", "skip", "resync"):
             return _admin(args, settings)
     except PgferryError as exc:
         print(f"pgferry: error: {exc}", file=sys.stderr)
@@ -247,13 +255,16 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
         if args.print_setup_sql:
             return print_setup_sql(settings)
         return run_preflight(settings, args.json)
-    for role in ("target",) if args.command == "skip" else ("source", "target"):
+    for role in ("target",) if args.command in ("skip", "resync") else ("source", "target"):
         if not getattr(settings, role):
             raise UsageError(f"no {role} given: pass --{role} DSN or set PGFERRY_{role.upper()}")
     src, dst, slot, schema = settings.source, settings.target, settings.slot, settings.state_schema
     if args.command == "skip":
         from .status import request_skip
         return request_skip(dst, slot, schema, args.lsn)
+    if args.command == "resync":
+        from ..sync.resync import run_resync
+        return run_resync(dst, slot, schema, args.table, None if args.no_wait else args.timeout)
     if args.command == "status":
         from .status import run_status, watch_status
         if args.watch:

@@ -79,6 +79,7 @@ from ..source import (
     query_one,
     replication_connection,
 )
+from ..sync import resync
 from . import metrics
 from .spool import Spool
 from .stopflag import StopFlag
@@ -183,6 +184,8 @@ class Session:
         self.watchdog: TargetWatchdog | None = None
         self.bytes_read = 0  # payload bytes handled (the throttle's byte budget)
         self._paced_rows = self._paced_bytes = 0
+        self.next_resync_check = 0.0  # monotonic time of the next look for tables to re-copy
+        self.poll: Any = None  # a second target connection (autocommit) for that look
 
     # -- set-up ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -250,7 +253,7 @@ class Session:
     def close(self) -> None:
         if self.watchdog is not None:
             self.watchdog.stop()
-        for c in (self.repl, self.target):
+        for c in (self.repl, self.target, self.poll):
             if c is not None:
                 try:
                     c.close()
@@ -279,6 +282,9 @@ class Session:
             if deadline is not None and now >= deadline and not sink.in_transaction():
                 sink.flush(wait=False)
                 continue
+            if now >= self.next_resync_check and not sink.in_transaction():
+                self.next_resync_check = now + RESYNC_POLL
+                self.resync_pending()
             n = 0
             throttled = self.cfg.throttle is not None and self.cfg.throttle.active
             while n < BURST:
@@ -322,6 +328,29 @@ class Session:
             if sink.writing():
                 timeout = min(timeout, 0.002)  # confirm the batch as soon as it is durable
             select.select(fds, [], [], timeout)
+
+    def resync_pending(self) -> None:
+        """Re-copy the tables whose re-copy is asked (replicator/sync/resync.py), between two
+        source transactions: the batch commits first."""
+        sink = self.sink
+        assert sink is not None
+        if self.poll is None:
+            self.poll = connect(self.cfg.target, "target", **NET_OPTIONS)
+            self.poll.autocommit = True
+        with self.poll.cursor() as cur:
+            tables = resync.pending(cur, self.cfg.schema, self.cfg.slot)
+        if not tables:
+            return
+        sink.flush()
+        sink.conn.rollback()  # (nothing is open: the batch just committed)
+        for table in tables:
+            log.info("re-copying %s while streaming (the stream waits)", table)
+            started = time.monotonic()
+            lsn, rows, name = resync.resync_table(self.cfg.source, sink.conn, self.cfg.schema, self.cfg.slot, table,
+                                                  self.keep_alive)
+            sink.resynced(name, lsn)
+            log.info("re-copied %s: %d rows in %.1f s, in a snapshot at %s (its changes before that are skipped)",
+                     table, rows, time.monotonic() - started, lsn)
 
     def pace(self) -> None:
         """Wait as long as the throttle says for what was applied since the last call, answering
@@ -537,6 +566,9 @@ class Session:
         sink = self.sink
         assert sink is not None
         sink.commit(end_lsn, commit_time, hold=self.handoff is not None)
+        if sink.schema_changes.volatile:  # a table to re-copy: look at once
+            sink.schema_changes.volatile.clear()
+            self.next_resync_check = 0.0
         if self.handoff is not None:
             cutover_id, self.handoff = self.handoff, None
             if sink.handoff(cutover_id):
@@ -554,6 +586,7 @@ class Session:
             self.cur.send_feedback(force=True)
 
 
+RESYNC_POLL = 2.0  # seconds between looks for tables to re-copy (pgferry resync)
 GC_EVERY = 10.0  # seconds between the stream loop's own runs of the cycle collector
 
 

@@ -194,18 +194,50 @@ def test_ddl_stop_and_skip(pair, daemons):
     assert d.stop() == 0
 
 
-def test_a_column_filled_on_the_source_is_not_replayed_differently(pair, daemons):
+def test_a_column_filled_on_the_source_is_re_copied_not_replayed_differently(pair, daemons):
     src, dst = pair
-    src.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
+    dst.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     d = Daemon(src, dst)
     daemons.append(d)
-    src.execute("INSERT INTO t SELECT generate_series(1, 10)")
-    src.execute("ALTER TABLE t ADD COLUMN r double precision DEFAULT random()")
-    assert d.wait_exit() == 1, d.output()
+    src.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 200) g")
+    # values the source's rewrite computed (the WAL carries none), then changes on top of them
+    src.psql("BEGIN; ALTER TABLE t ADD COLUMN r double precision DEFAULT random(); UPDATE t SET v = 'in' "
+             "WHERE id = 1; COMMIT;")
+    src.execute("UPDATE t SET r = 0.5, v = 'after' WHERE id <= 3")
+    src.execute("INSERT INTO t (id, v) VALUES (201, 'late')")
+    d.wait_caught_up()
+    wait_for(lambda: dst.execute("SELECT count(*) FROM pgferry.resync WHERE done_at IS NOT NULL") == [(1,)]
+             or not d.running(), 60, "the re-copy")
+    d.wait_caught_up()
+    assert_same_tables(src, dst, {"t": ["id", "v", "r"]})
     out = d.output()
-    assert "filled public.t with values computed on the source" in out and "random()" in out, out
-    assert dst.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 't'") == [(1,)]
+    assert "now holds values the source computed" in out and "re-copied public.t: 201 rows" in out, out
+    assert d.stop() == 0
+
+
+def test_resync_command_under_load_ends_equal(pair, daemons):
+    src, dst = pair
+    wl.setup(src, dst)
+    d = Daemon(src, dst)
+    daemons.append(d)
+    stop, errors = threading.Event(), []
+    th = threading.Thread(target=_writer, args=(src, stop, errors), daemon=True)
+    th.start()
+    try:
+        wait_for(lambda: dst.execute("SELECT count(*) FROM acct")[0][0] > 20 or not d.running(), 60, "rows")
+        dst.execute("UPDATE acct SET note = 'drift' WHERE id % 2 = 0")  # the target drifted: the re-copy repairs it
+        r = pgferry("resync", "acct", "--target", dst.dsn, "--timeout", "120")
+        assert r.returncode == 0 and "re-copied public.acct:" in r.stdout, r.stdout + r.stderr + d.output()
+    finally:
+        stop.set()
+        th.join(60)
+    assert not errors, errors
+    d.wait_caught_up()
+    assert_same_tables(src, dst, wl.TABLES)
+    r = pgferry("resync", "nosuch", "--target", dst.dsn)
+    assert r.returncode == 2 and "no table nosuch on target" in r.stderr, r.stderr
+    assert d.stop() == 0
 
 
 @pytest.fixture
