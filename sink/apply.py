@@ -107,6 +107,7 @@ class Sink:
         # captured schema changes, applied where they happened (sink/ddl.py)
         self.schema_changes = SchemaChanges(self.cur, schema, slot, self.policies, self.resolver, self.stats)
         self._ddl_in_txn = False  # the open source transaction changed the target's schema
+        self.resync_due = False  # a table waits to be re-copied (pgferry resync): the stream loop does it
         # without capture: what the stream's table descriptions show changed (sink/evolve.py)
         self.follower: Follower | None = None
         # what cannot be set-based: inserts as multi-row INSERTs, updates and deletes buffered
@@ -162,6 +163,7 @@ class Sink:
         cur.execute(f"SELECT lsn::text FROM {state.quote_ident(self.schema)}.skip WHERE slot_name = %s "
                     "AND done_at IS NULL", (self.slot,))
         self.skip_lsns = {Lsn.parse(r[0]) for r in cur.fetchall()}
+        self.resync_due = bool(state.pending_resyncs(cur, self.schema, self.slot))
         self.conn.commit()
         self._session_ready = True
         if stored is not None:
@@ -222,6 +224,14 @@ class Sink:
             if missing:
                 f.add_missing(rel, missing, exists=bool(target))
         f.remember(self.schema, self.slot, rel)
+
+    def pending_resyncs(self) -> list[str]:
+        """The tables waiting to be re-copied (with no batch open: commits nothing)."""
+        self._join()
+        tables = state.pending_resyncs(self.cur, self.schema, self.slot)
+        self.conn.rollback()
+        self.resync_due = bool(tables)
+        return tables
 
     def resynced(self, table: tuple[str, str], lsn: Lsn) -> None:
         """`table` (schema, name) was re-copied in a snapshot at `lsn`: its changes committed
@@ -513,6 +523,8 @@ class Sink:
         if self.cur.rowcount != 1:
             raise ApplyError(f"progress row for slot {self.slot} is missing in {self.schema}.progress "
                              "(was the state schema dropped while pgferry ran?)")
+        if self.cur.fetchone()[0]:
+            self.resync_due = True
         failpoints.hit("after_apply_before_commit")
         self.conn.commit()
         failpoints.hit("after_commit_before_feedback")
@@ -554,7 +566,10 @@ class Sink:
             return
         self._join()
         self.cur.execute(self._progress_sql, (str(lsn), None, 0, self.slot))
+        row = self.cur.fetchone()
         self.conn.commit()
+        if row and row[0]:
+            self.resync_due = True
         self.stored = lsn
         self.durability.committed(lsn)
 

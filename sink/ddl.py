@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 import psycopg2
+import psycopg2.errors
 
 from .state import quote_ident, request_resync
 
@@ -228,6 +229,23 @@ def as_row(cmd: DdlCommand) -> dict[str, Any]:
     return {"tag": cmd.tag, "query": cmd.query, "search_path": cmd.search_path, "role": cmd.role}
 
 
+# What the target says when a statement's effect is there already: the object (table, column,
+# index, type, function, constraint, schema) exists, or, for a DROP, is gone.
+_ALREADY = (psycopg2.errors.DuplicateTable, psycopg2.errors.DuplicateObject, psycopg2.errors.DuplicateColumn,
+            psycopg2.errors.DuplicateSchema, psycopg2.errors.DuplicateFunction, psycopg2.errors.UndefinedTable,
+            psycopg2.errors.UndefinedObject, psycopg2.errors.UndefinedColumn, psycopg2.errors.UndefinedFunction)
+
+
+def _already_done(stmt: str, exc: psycopg2.Error) -> bool:
+    """Is `exc` the target saying `stmt`'s effect is there already (not a real rejection)?"""
+    word = _first_word(stmt)
+    missing = isinstance(exc, (psycopg2.errors.UndefinedTable, psycopg2.errors.UndefinedObject,
+                               psycopg2.errors.UndefinedColumn, psycopg2.errors.UndefinedFunction))
+    if missing:  # gone already: only for what drops it
+        return word == "drop" or bool(re.match(r"\s*alter\s+table\b.*\bdrop\b", stmt, re.I | re.S))
+    return word in ("create", "alter", "comment")
+
+
 class SchemaChanges:
     """Applies captured schema changes in the sink's open target transaction, where they
     happened in the stream, and records each in the state's `ddl` table in that transaction: a
@@ -282,8 +300,18 @@ class SchemaChanges:
             if self.hold is not None:
                 self.hold.before(cur)
             cur.execute("SELECT set_config('search_path', %s, true)", (cmd.search_path or own_path,))
+            already = []
             for stmt in plan.statements:
-                cur.execute(stmt)
+                cur.execute("SAVEPOINT pgferry_ddl_stmt")
+                try:
+                    cur.execute(stmt)
+                except _ALREADY as exc:  # made on the target by hand already (after ddl = stop, say)
+                    if not _already_done(stmt, exc):
+                        raise
+                    cur.execute("ROLLBACK TO SAVEPOINT pgferry_ddl_stmt")
+                    already.append(exc.diag.message_primary or stmt)
+                    continue
+                cur.execute("RELEASE SAVEPOINT pgferry_ddl_stmt")
             cur.execute("SELECT set_config('search_path', %s, true)", (own_path,))
             if self.hold is not None:  # what the change made fire (a foreign key...): held back too
                 held = self.hold.after(cur, tables_of(cmd.objects))
@@ -296,15 +324,16 @@ class SchemaChanges:
         except psycopg2.Error as exc:
             cur.execute("ROLLBACK TO SAVEPOINT pgferry_ddl")  # (and the search_path with it)
             detail = exc.diag.message_primary or (exc.pgerror or str(exc)).strip().splitlines()[0]
-            table = next((o.table or o.identity for o in cmd.objects if o.identity), None) or cmd.tag
-            skip = self.policies.for_table(table).apply_error == "skip" if self.policies else False
+            table = next((o.table or o.identity for o in cmd.objects if o.identity), None)
+            skip = self.policies.for_table(table or "").apply_error == "skip" if self.policies else False
             if not skip and not isolated:
                 # with earlier transactions in the batch: they commit first, this one fails alone
                 err = ApplyError(f"the target rejected a schema change {describe(cmd)}: {detail}", table=table,
                                  **where)
                 err.batch_has_earlier = True
                 raise err from None
-            self._dead_letter(cmd, lsn, xid, table, detail, "skipped" if skip else "stopped", separate=not skip)
+            self._dead_letter(cmd, lsn, xid, table or cmd.tag, detail, "skipped" if skip else "stopped",
+                              separate=not skip)
             self.stats.ddl_counts["rejected"] = self.stats.ddl_counts.get("rejected", 0) + 1
             if skip:
                 log.warning("the target rejected a schema change, skipped (apply_error = skip): %s: %s",
@@ -314,8 +343,14 @@ class SchemaChanges:
             raise ApplyError(f"the target rejected a schema change {describe(cmd)}: {detail}. It is in the "
                              f"{self.schema}.conflicts table; fix the target and start again (or set "
                              "apply_error = skip)", table=table, **where) from None
-        log.info("applied schema change at commit LSN %s: %s", lsn, describe(cmd))
-        self._record(cmd, lsn, xid, "applied", None)
+        if already and len(already) == len(plan.statements):
+            log.warning("schema change at commit LSN %s is on the target already (%s), not made again: %s", lsn,
+                        "; ".join(already), describe(cmd))
+            self._record(cmd, lsn, xid, "already there", "; ".join(already))
+        else:
+            log.info("applied schema change at commit LSN %s: %s%s", lsn, describe(cmd),
+                     f" (on the target already: {'; '.join(already)})" if already else "")
+            self._record(cmd, lsn, xid, "applied", "; ".join(already) or None)
         for table in plan.volatile:  # re-copied once this transaction commits (replicator/sync/resync.py)
             log.warning("%s now holds values the source computed and the WAL does not carry: it is re-copied",
                         table)

@@ -257,6 +257,13 @@ def snapshot_lsns(cur: Any, schema: str, slot: str) -> dict[tuple[str, str], Lsn
     return {(n, t): Lsn.parse(lsn) for n, t, lsn in cur.fetchall()}
 
 
+def pending_resyncs(cur: Any, schema: str, slot: str) -> list[str]:
+    """The tables waiting to be re-copied, oldest request first."""
+    cur.execute(f"SELECT table_name FROM {quote_ident(schema)}.resync WHERE slot_name = %s AND done_at IS NULL "
+                "ORDER BY requested_at", (slot,))
+    return [r[0] for r in cur.fetchall()]
+
+
 def request_resync(cur: Any, schema: str, slot: str, table: str, reason: str) -> None:
     """Ask for `table` (schema.table as SQL) to be re-copied while streaming (the caller commits)."""
     cur.execute(f"INSERT INTO {quote_ident(schema)}.resync (slot_name, table_name, reason) VALUES (%s, %s, %s) "
@@ -265,9 +272,12 @@ def request_resync(cur: Any, schema: str, slot: str, table: str, reason: str) ->
 
 def progress_sql(schema: str) -> str:
     """The statement a batch runs last, inside its transaction. GREATEST: progress never moves back."""
-    return (f"UPDATE {quote_ident(schema)}.progress SET applied_lsn = GREATEST(applied_lsn, %s::pg_lsn), "
+    s = quote_ident(schema)
+    # RETURNING: whether a table waits to be re-copied (pgferry resync): noticed at the next batch
+    return (f"UPDATE {s}.progress SET applied_lsn = GREATEST(applied_lsn, %s::pg_lsn), "
             "source_commit_time = COALESCE(%s, source_commit_time), rows_applied = rows_applied + %s, "
-            "updated_at = now() WHERE slot_name = %s")
+            f"updated_at = now() WHERE slot_name = %s RETURNING EXISTS (SELECT 1 FROM {s}.resync r "
+            "WHERE r.slot_name = progress.slot_name AND r.done_at IS NULL)")
 
 
 HANDOFF_PREFIX = "pgferry-handoff"

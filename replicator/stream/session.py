@@ -184,8 +184,7 @@ class Session:
         self.watchdog: TargetWatchdog | None = None
         self.bytes_read = 0  # payload bytes handled (the throttle's byte budget)
         self._paced_rows = self._paced_bytes = 0
-        self.next_resync_check = 0.0  # monotonic time of the next look for tables to re-copy
-        self.poll: Any = None  # a second target connection (autocommit) for that look
+        self.next_resync_check = 0.0  # monotonic time of the next look for tables to re-copy, when idle
 
     # -- set-up ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -253,7 +252,7 @@ class Session:
     def close(self) -> None:
         if self.watchdog is not None:
             self.watchdog.stop()
-        for c in (self.repl, self.target, self.poll):
+        for c in (self.repl, self.target):
             if c is not None:
                 try:
                     c.close()
@@ -282,8 +281,7 @@ class Session:
             if deadline is not None and now >= deadline and not sink.in_transaction():
                 sink.flush(wait=False)
                 continue
-            if now >= self.next_resync_check and not sink.in_transaction():
-                self.next_resync_check = now + RESYNC_POLL
+            if sink.resync_due and not sink.in_transaction():  # (seen with the last batch's progress)
                 self.resync_pending()
             n = 0
             throttled = self.cfg.throttle is not None and self.cfg.throttle.active
@@ -316,6 +314,10 @@ class Session:
                 sink.flush(wait=False)  # nothing more to read right now: no reason to wait for the deadline
                 continue
             self.check_alive(now)
+            if now >= self.next_resync_check and not sink.batch_open() and not sink.in_transaction():
+                self.next_resync_check = now + RESYNC_POLL  # idle: no batch tells of a request
+                if sink.pending_resyncs():
+                    continue
             if (not sink.batch_open() and not sink.in_transaction() and now - self.last_idle >= IDLE_PROGRESS_EVERY):
                 self.last_idle = now
                 wal_end = Lsn(cur.wal_end)
@@ -334,23 +336,20 @@ class Session:
         source transactions: the batch commits first."""
         sink = self.sink
         assert sink is not None
-        if self.poll is None:
-            self.poll = connect(self.cfg.target, "target", **NET_OPTIONS)
-            self.poll.autocommit = True
-        with self.poll.cursor() as cur:
-            tables = resync.pending(cur, self.cfg.schema, self.cfg.slot)
-        if not tables:
-            return
         sink.flush()
-        sink.conn.rollback()  # (nothing is open: the batch just committed)
+        tables = sink.pending_resyncs()
         for table in tables:
             log.info("re-copying %s while streaming (the stream waits)", table)
             started = time.monotonic()
-            lsn, rows, name = resync.resync_table(self.cfg.source, sink.conn, self.cfg.schema, self.cfg.slot, table,
-                                                  self.keep_alive)
+            done = resync.resync_table(self.cfg.source, sink.conn, self.cfg.schema, self.cfg.slot, table,
+                                       self.keep_alive)
+            if done is None:
+                continue
+            lsn, rows, name = done
             sink.resynced(name, lsn)
             log.info("re-copied %s: %d rows in %.1f s, in a snapshot at %s (its changes before that are skipped)",
                      table, rows, time.monotonic() - started, lsn)
+        sink.resync_due = False
 
     def pace(self) -> None:
         """Wait as long as the throttle says for what was applied since the last call, answering
@@ -566,9 +565,9 @@ class Session:
         sink = self.sink
         assert sink is not None
         sink.commit(end_lsn, commit_time, hold=self.handoff is not None)
-        if sink.schema_changes.volatile:  # a table to re-copy: look at once
+        if sink.schema_changes.volatile:  # a table to re-copy: once this batch is committed
             sink.schema_changes.volatile.clear()
-            self.next_resync_check = 0.0
+            sink.resync_due = True
         if self.handoff is not None:
             cutover_id, self.handoff = self.handoff, None
             if sink.handoff(cutover_id):

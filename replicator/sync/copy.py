@@ -93,6 +93,17 @@ class CopyConnections(ThreadConnections):
             have.append(src)
         return have[:n]
 
+    def renew(self, sources: list[Any]) -> None:
+        """End the source transactions of a copied table and enter the snapshot again in new ones.
+        A transaction holds its table locks to its end: kept open across tables, a copied table's
+        lock blocks the application's `TRUNCATE a, b` (or `ALTER TABLE`) on it while that statement
+        already holds a table this thread copies next, and the two wait for each other forever
+        (client-side, so the server sees no deadlock)."""
+        for src in sources:
+            src.rollback()
+            with src.cursor() as cur:
+                cur.execute("SET TRANSACTION SNAPSHOT %s", (self.snapshot,))
+
     def target(self) -> Any:
         """This thread's target connection (named for the progress reporter)."""
         dst = self.mine.__dict__.get("target")
@@ -334,6 +345,7 @@ def copy_table(cfg: SyncConfig, t: TableCopy, conns: CopyConnections, snapshot_l
                                    conns.replica_role)
             if mark is not None:  # psql committed the mark; the row count is known only now
                 _record_rows(cfg, t, rows, dst)
+        conns.renew(sources)
     except BaseException:
         conns.reset_thread()
         raise

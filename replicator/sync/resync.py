@@ -44,16 +44,17 @@ def pending(cur: Any, schema: str, slot: str) -> list[str]:
 
 
 def resync_table(source: str, target_conn: Any, schema: str, slot: str, table: str,
-                 keep_alive: Callable[[], None]) -> tuple[Lsn, int, tuple[str, str]]:
+                 keep_alive: Callable[[], None]) -> tuple[Lsn, int, tuple[str, str]] | None:
     """Re-copy `table` into the target on `target_conn` (committed there). Returns (the snapshot
-    LSN, rows, (schema, name)). `keep_alive` is called while the copy runs (the stream's feedback)."""
+    LSN, rows, (schema, name)); None when the table is gone (the request is closed, said so).
+    `keep_alive` is called while the copy runs (the stream's feedback)."""
     cur = target_conn.cursor()
     cur.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE c.oid = to_regclass(%s)", (table,))
     found = cur.fetchone()
     if found is None:
-        target_conn.rollback()
-        raise FatalError(f"cannot re-copy {table}: no such table on the target")
+        _gone(target_conn, schema, slot, table, "no such table on the target")
+        return None
     nsp, name = found
     qualified = f"{quote_ident(nsp)}.{quote_ident(name)}"
     repl = connect(source, "source", connection_factory=psycopg2.extras.LogicalReplicationConnection)
@@ -74,7 +75,8 @@ def resync_table(source: str, target_conn: Any, schema: str, slot: str, table: s
                      "AND NOT attisdropped AND attgenerated = ''", (qualified,))
         source_cols = [r[0] for r in scur.fetchall()]
         if not source_cols:
-            raise FatalError(f"cannot re-copy {table}: no such table on source {describe_dsn(source)}")
+            _gone(target_conn, schema, slot, table, f"no such table on source {describe_dsn(source)}")
+            return None
         cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
                     "AND NOT attisdropped AND attgenerated = ''", (qualified,))
         target_cols = {r[0] for r in cur.fetchall()}
@@ -109,6 +111,15 @@ def resync_table(source: str, target_conn: Any, schema: str, slot: str, table: s
         if src is not None:
             src.close()
         repl.close()  # the temporary slot goes with it
+
+
+def _gone(target_conn: Any, schema: str, slot: str, table: str, why: str) -> None:
+    target_conn.rollback()
+    log.warning("not re-copying %s: %s (dropped since it was asked?)", table, why)
+    target_conn.cursor().execute(f"UPDATE {quote_ident(schema)}.resync SET done_at = now(), reason = "
+                                 "coalesce(reason, '') || %s WHERE slot_name = %s AND table_name = %s "
+                                 "AND done_at IS NULL", (f" (not done: {why})", slot, table))
+    target_conn.commit()
 
 
 def _in_thread(work: Callable[[], object], keep_alive: Callable[[], None]) -> None:

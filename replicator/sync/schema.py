@@ -26,6 +26,7 @@ class SchemaDump:
         """`own_schema`: pgferry's schema on the source (the schema-change capture), left out with
         its event triggers."""
         self.dsn = dsn
+        self._toc: str | None = None
         # --encoding: the dump is in the database's encoding otherwise (a LATIN1 source's é is not UTF-8)
         cmd = [find_pg_dump(), "--schema-only", "--format=custom", "--no-publications", "--no-subscriptions",
                "--no-comments", "--encoding=UTF8"]
@@ -45,27 +46,28 @@ class SchemaDump:
             raise SyncError(f"pg_dump --schema-only of source {describe_dsn(self.dsn)} failed: {_last_line(res)}")
         return res.stdout
 
-    @functools.cached_property
-    def _listing(self) -> str:
+    def _listing(self, section: str) -> str:
         """The archive's table of contents without pgferry's event triggers (its capture's)."""
         from ..ddl.capture import DROP_TRIGGER, TRIGGER
 
-        with tempfile.NamedTemporaryFile("wb", delete=False, suffix=".dump") as f:
-            f.write(self.archive)
-        try:
-            res = subprocess.run([find_client("pg_restore"), "--list", f.name], capture_output=True, check=False)
-        finally:
-            os.unlink(f.name)
-        if res.returncode != 0:
-            raise SyncError(f"pg_restore --list of the schema dumped from source {describe_dsn(self.dsn)} failed: "
-                            f"{_last_line(res)}")
-        own = (f"EVENT TRIGGER - {TRIGGER} ", f"EVENT TRIGGER - {DROP_TRIGGER} ")
-        lines = [line for line in res.stdout.decode().splitlines() if not any(o in line + " " for o in own)]
-        return "\n".join(lines) + "\n"
+        if self._toc is None:
+            with tempfile.NamedTemporaryFile("wb", delete=False, suffix=".dump") as f:
+                f.write(self.archive)
+            try:
+                res = subprocess.run([find_client("pg_restore"), "--list", f.name], capture_output=True, check=False)
+            finally:
+                os.unlink(f.name)
+            if res.returncode != 0:
+                raise SyncError(f"pg_restore --section={section} of the schema dumped from source "
+                                f"{describe_dsn(self.dsn)} failed (listing it): {_last_line(res)}")
+            own = (f"EVENT TRIGGER - {TRIGGER} ", f"EVENT TRIGGER - {DROP_TRIGGER} ")
+            lines = [line for line in res.stdout.decode().splitlines() if not any(o in line + " " for o in own)]
+            self._toc = "\n".join(lines) + "\n"
+        return self._toc
 
     def section(self, name: str) -> str:
         with tempfile.NamedTemporaryFile("w", suffix=".list") as listing:
-            listing.write(self._listing)
+            listing.write(self._listing(name))
             listing.flush()
             res = subprocess.run([find_client("pg_restore"), f"--section={name}", "--no-owner", "--no-privileges",
                                   f"--use-list={listing.name}", "--file=-"], input=self.archive, capture_output=True,

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from replicator.sync.pgtools import find_pg_dump, libpq_env
-from tests.pgplugin import Daemon, Db, assert_same_tables, pgferry, wait_for
+from tests.pgplugin import Daemon, Db, assert_same_tables, pgferry, publish_same_table, wait_for
 from tests.replicator import workload as wl
 
 SMALL_WORK_MEM = " options='-c logical_decoding_work_mem=64kB'"
@@ -160,25 +160,32 @@ def test_migrations_under_load_are_applied_in_order_across_kills(capture_pair, d
 
 def test_a_change_the_target_rejects_stops_at_it_in_the_dead_letter_table(pair, daemons):
     src, dst = pair
-    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE INDEX t_v ON t (v)")
-    d = Daemon(src, dst)
-    daemons.append(d)
-    src.execute("INSERT INTO t VALUES (1, 'before')")
-    d.wait_caught_up()
-    src.execute("CREATE INDEX t_v ON t (v)")  # exists on the target already
-    assert d.wait_exit() == 1, d.output()
-    out = d.output()
-    assert 'the target rejected a schema change CREATE INDEX (CREATE INDEX t_v ON t (v)): relation "t_v" already ' \
-           "exists" in out and "commit LSN" in out and "Traceback" not in out, out
-    (kind, new_row) = dst.execute("SELECT kind, new_row FROM pgferry.conflicts")[0]
-    assert kind == "ddl_rejected" and new_row["query"] == "CREATE INDEX t_v ON t (v)", new_row
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    dst.execute("CREATE INDEX t_v ON t (v)")  # made by hand already: not an error, said so
+    role = f"reader_{src.name}"  # a role only the source's server has
+    src.execute(f"CREATE ROLE {role}")
+    try:
+        d = Daemon(src, dst)
+        daemons.append(d)
+        src.execute("INSERT INTO t VALUES (1, 'before')")
+        src.execute("CREATE INDEX t_v ON t (v)")
+        src.execute(f"GRANT SELECT ON t TO {role}")
+        assert d.wait_exit() == 1, d.output()
+        out = d.output()
+        assert "t_v" in out and "already exists), not made again: CREATE INDEX (CREATE INDEX t_v ON t (v))" in out, out
+        assert f"the target rejected a schema change GRANT (GRANT SELECT ON t TO {role}): role " in out, out
+        assert "does not exist" in out and "commit LSN" in out and "Traceback" not in out, out
+        (kind, new_row) = dst.execute("SELECT kind, new_row FROM pgferry.conflicts")[0]
+        assert kind == "ddl_rejected" and new_row["query"] == f"GRANT SELECT ON t TO {role}", new_row
+        assert dst.execute("SELECT tag, result FROM pgferry.ddl") == [("CREATE INDEX", "already there")]
+        assert dst.execute("SELECT * FROM t") == [(1, "before")]
+    finally:
+        src.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 def test_ddl_stop_and_skip(pair, daemons):
     src, dst = pair
-    src.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY)")
     d = Daemon(src, dst, "--ddl", "stop")
     daemons.append(d)
     src.execute("INSERT INTO t VALUES (1)")
@@ -196,8 +203,7 @@ def test_ddl_stop_and_skip(pair, daemons):
 
 def test_a_column_filled_on_the_source_is_re_copied_not_replayed_differently(pair, daemons):
     src, dst = pair
-    src.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY, v text)")
     d = Daemon(src, dst)
     daemons.append(d)
     src.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 200) g")
@@ -255,8 +261,7 @@ def uncaptured(owner_pair):
 
 def test_without_capture_added_and_dropped_columns_and_new_tables_are_followed(uncaptured, daemons):
     src, dst, repl = uncaptured
-    src.execute("CREATE TABLE t (id int PRIMARY KEY, a text NOT NULL); CREATE PUBLICATION pgferry FOR ALL TABLES")
-    dst.execute("CREATE TABLE t (id int PRIMARY KEY, a text NOT NULL)")
+    publish_same_table(src, dst, "CREATE TABLE t (id int PRIMARY KEY, a text NOT NULL)")
     r = pgferry("preflight", "--source", repl.dsn, "--target", dst.dsn)
     assert "schema changes on source" in r.stdout + r.stderr and "cannot be captured" in r.stdout + r.stderr, r
     d = Daemon(src, dst, source_dsn=repl.dsn)
@@ -286,3 +291,25 @@ def test_without_capture_added_and_dropped_columns_and_new_tables_are_followed(u
     out = d.output()
     assert "column(s) b of public.t disappeared and amount appeared in the same change" in out, out
     assert "Traceback" not in out and dst.execute("SELECT count(*) FROM t WHERE id = 23") == [(0,)]
+
+
+def test_with_some_tables_published_only_their_schema_changes_are_applied(pair, daemons):
+    src, dst = pair
+    both = "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)"
+    src.execute(both + "; CREATE PUBLICATION pgferry FOR TABLE a")
+    dst.execute(both)
+    d = Daemon(src, dst)
+    daemons.append(d)
+    src.execute("ALTER TABLE a ADD COLUMN x int")
+    src.execute("ALTER TABLE b ADD COLUMN y int")  # not migrated: the target's b is not pgferry's to change
+    src.execute("CREATE INDEX b_id ON b (id)")
+    src.execute("CREATE TYPE e AS ENUM ('p')")  # on no table: applied
+    src.execute("INSERT INTO a VALUES (1, 2)")
+    d.wait_caught_up()
+    assert dst.execute("SELECT * FROM a") == [(1, 2)]
+    assert dst.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'b'") == [(1,)]
+    assert dst.execute("SELECT to_regclass('b_id') IS NULL, to_regtype('e') IS NOT NULL") == [(True, True)]
+    assert dst.execute("SELECT tag, result FROM pgferry.ddl ORDER BY id") == [
+        ("ALTER TABLE", "applied"), ("ALTER TABLE", "not migrated"), ("CREATE INDEX", "not migrated"),
+        ("CREATE TYPE", "applied")]
+    assert d.stop() == 0
