@@ -21,7 +21,7 @@ import msgspec
 import psycopg2
 import psycopg2.errors
 
-from .state import quote_ident, request_resync
+from .state import quote_ident, readable_name, request_resync
 
 log = logging.getLogger("pgferry.sink")
 
@@ -260,6 +260,7 @@ class SchemaChanges:
         self.resolver = resolver
         self.stats = stats
         self.policy = policy  # apply | stop | skip
+        self.table_policies: dict[str, str] = {}  # per table (readable name), over `policy`
         self.tables: set[str] | None = None  # with --tables: the migrated ones (schema.table); None: all
         self.volatile: list[str] = []  # tables to re-copy once this transaction is committed
         self.can_resync = True  # the stream loop re-copies `volatile` tables (else such a change stops)
@@ -278,11 +279,12 @@ class SchemaChanges:
             log.info("schema change on tables not migrated, not applied: %s", describe(cmd))
             self._record(cmd, lsn, xid, "not migrated", None)
             return False
-        if self.policy == "skip":
+        policy = self.policy_for(cmd)
+        if policy == "skip":
             log.warning("schema change not applied (ddl = skip): %s at commit LSN %s", describe(cmd), lsn)
             self._record(cmd, lsn, xid, "skipped", "ddl = skip")
             return False
-        if self.policy == "stop":
+        if policy == "stop":
             raise DdlStop(f"a schema change arrived and ddl = stop: {describe(cmd)}. Apply it on the target, or "
                           "start with ddl = apply", **where)
         plan = replay(cmd)
@@ -357,6 +359,17 @@ class SchemaChanges:
             request_resync(cur, self.schema, self.slot, table, f"schema change at {lsn}: {describe(cmd)}")
         self.volatile.extend(plan.volatile)
         return True
+
+    def policy_for(self, cmd: DdlCommand) -> str:
+        """The ddl policy for `cmd`: that of the first table it names with one of its own, else
+        the global one."""
+        if self.table_policies:
+            for name in tables_of([*cmd.objects, *cmd.dropped]):
+                own = self.table_policies.get(readable_name(*name.replace('"', "").split(".", 1))
+                                              if "." in name else name)
+                if own is not None:
+                    return own
+        return self.policy
 
     def _record(self, cmd: DdlCommand, lsn: Any, xid: int | None, result: str, detail: str | None) -> None:
         self.stats.ddl_counts[result] = self.stats.ddl_counts.get(result, 0) + 1

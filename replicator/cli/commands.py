@@ -357,7 +357,8 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
                        schema=st.state_schema, spool_dir=st.spool_dir, message_hook=hook,
                        network_timeout=st.network_timeout, policies=conflict_policies, limits=_limits(st),
                        throttle=throttle, reload=reload, ddl=st.ddl,
-                       keep_constraints=st.keep_constraints, dropped_columns=st.dropped_columns)
+                       keep_constraints=st.keep_constraints, dropped_columns=st.dropped_columns,
+                       ddl_tables=config.ddl_tables(st))
     metrics.STATE.phase = "streaming"
     return run_stream(cfg)
 

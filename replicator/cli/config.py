@@ -64,6 +64,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ddl: Literal["apply", "stop", "skip"] = "apply"
     ddl_capture: bool = True
     dropped_columns: Literal["keep", "drop"] = "keep"  # without capture: a column dropped on the source
+    # [ddl_tables] "schema.table" = "skip" (file only): the ddl policy for changes to that table
+    ddl_tables: dict[str, Literal["apply", "stop", "skip"]] = {}
     # initial sync
     copy: bool = True
     schema: bool = True
@@ -96,7 +98,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 FIELDS = Settings.__struct_fields__
-NESTED = ("conflicts",)  # sections: from the config file only
+NESTED = ("conflicts", "ddl_tables")  # sections: from the config file only
 
 EXAMPLE = f"""\
 # pgferry configuration. Precedence: command-line flags > environment variables
@@ -303,6 +305,12 @@ def as_dict(settings: Settings) -> dict[str, Any]:
     for key in ("source", "target"):
         out[key] = masked(out[key])
     return out
+
+
+def ddl_tables(st: Settings) -> dict[str, str]:
+    """[ddl_tables] with its keys as the sink names tables (readable_name)."""
+    return {(k if '"' in k or "." not in k else readable_name(*k.split(".", 1))): v
+            for k, v in st.ddl_tables.items()}
 
 
 def policies(st: Settings, load_hook: Any = None) -> Any:

@@ -119,6 +119,7 @@ class StreamConfig:
     ddl: str = "apply"  # captured schema changes: apply | stop | skip (sink/ddl.py)
     keep_constraints: bool = False  # what a schema change makes fire stays (else it is held back)
     dropped_columns: str = "keep"  # without capture, a column dropped on the source: keep | drop
+    ddl_tables: dict[str, str] = field(default_factory=dict)  # table (readable name) -> its ddl policy
 
 
 def prepare_slot(conn: psycopg2.extensions.connection, cfg: StreamConfig, stored: Lsn | None) -> tuple[Lsn, bool]:
@@ -212,6 +213,7 @@ class Session:
         finally:
             src.close()
         self.sink.schema_changes.policy = cfg.ddl
+        self.sink.schema_changes.table_policies = cfg.ddl_tables
         if not captured and cfg.ddl == "apply":  # follow what the stream shows (sink/evolve.py)
             self.sink.follower = Follower(self.sink.cur, cfg.dropped_columns)
             log.info("schema changes on the source are not captured: added and dropped columns and new tables are "

@@ -313,3 +313,20 @@ def test_with_some_tables_published_only_their_schema_changes_are_applied(pair, 
         ("ALTER TABLE", "applied"), ("ALTER TABLE", "not migrated"), ("CREATE INDEX", "not migrated"),
         ("CREATE TYPE", "applied")]
     assert d.stop() == 0
+
+
+def test_a_table_can_have_its_own_ddl_policy(pair, daemons, tmp_path):
+    src, dst = pair
+    publish_same_table(src, dst, "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    conf = tmp_path / "pgferry.toml"
+    conf.write_text('[ddl_tables]\n"public.b" = "skip"\n')
+    d = Daemon(src, dst, "--config", str(conf))
+    daemons.append(d)
+    src.execute("ALTER TABLE b ADD COLUMN y int")  # b's own policy: not applied
+    src.execute("ALTER TABLE a ADD COLUMN x int")
+    src.execute("INSERT INTO a VALUES (1, 2)")
+    d.wait_caught_up()
+    assert dst.execute("SELECT * FROM a") == [(1, 2)]
+    assert dst.execute("SELECT tag, result FROM pgferry.ddl ORDER BY id") == [
+        ("ALTER TABLE", "skipped"), ("ALTER TABLE", "applied")]
+    assert d.stop() == 0
