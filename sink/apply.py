@@ -465,9 +465,6 @@ class Sink:
         self._flush_net()
         self.cur.execute(state.handoff_sql(self.schema), (str(self.batch.end), self.slot, cutover_id))
         claimed = self.cur.rowcount == 1
-        if claimed:
-            self.cur.execute(f"UPDATE {state.quote_ident(self.schema)}.sync SET phase = 'done' WHERE slot_name = %s",
-                             (self.slot,))
         self.flush()
         return claimed
 

@@ -81,10 +81,13 @@ def ensure_schema(cur: Any, schema: str) -> None:
         updated_at timestamptz NOT NULL DEFAULT now(),
         slot_created_by_pgferry boolean NOT NULL DEFAULT false)""")
     cur.execute(f"ALTER TABLE {s}.progress ADD COLUMN IF NOT EXISTS rows_applied bigint NOT NULL DEFAULT 0")
-    # Cutover: `pgferry cutover` requests a handoff (state 'requested', an id it also sends through
-    # the source's WAL as a logical message); the daemon that applies that message's transaction
-    # sets state 'done' and the handoff LSN in the same target transaction, then stops. A cutover
-    # that gives up sets 'cancelled' first, so exactly one of the two wins.
+    # Cutover (replicator/cutover/control.py): `pgferry cutover` requests a handoff (state
+    # 'requested', an id it also sends through the source's WAL as a logical message); the daemon
+    # that applies that message's transaction sets state 'handed_off' and the handoff LSN in the
+    # same target transaction, then stops. A cutover that gives up first sets 'cancelled', so
+    # exactly one of the two wins. The cutover sets 'done' once the application has moved, or
+    # 'undone' when it lifted the fence after the handoff. What it must undo if it is killed (the
+    # fence, PgBouncer's pause and entry) is recorded here before it is changed.
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.control (
         slot_name text PRIMARY KEY,
         cutover_id text,
@@ -92,6 +95,9 @@ def ensure_schema(cur: Any, schema: str) -> None:
         requested_at timestamptz,
         handoff_lsn pg_lsn,
         done_at timestamptz)""")
+    cur.execute(f"ALTER TABLE {s}.control ADD COLUMN IF NOT EXISTS step text, "
+                "ADD COLUMN IF NOT EXISTS fence text, ADD COLUMN IF NOT EXISTS pgbouncer jsonb, "
+                "ADD COLUMN IF NOT EXISTS receipt jsonb, ADD COLUMN IF NOT EXISTS updated_at timestamptz")
     # Initial sync, per slot: the phase (schema -> copy -> streaming) and per table its state and
     # the snapshot LSN its copy was taken at. Stream changes to a table that commit before its
     # snapshot LSN are already in the copy and are skipped (PostgreSQL's table sync does the same).
@@ -285,5 +291,5 @@ HANDOFF_PREFIX = "pgferry-handoff"
 
 def handoff_sql(schema: str) -> str:
     """Run by the daemon in the batch that applies the handoff marker's transaction."""
-    return (f"UPDATE {quote_ident(schema)}.control SET state = 'done', handoff_lsn = %s::pg_lsn, done_at = now() "
-            "WHERE slot_name = %s AND cutover_id = %s AND state = 'requested'")
+    return (f"UPDATE {quote_ident(schema)}.control SET state = 'handed_off', handoff_lsn = %s::pg_lsn, "
+            "step = 'handed off', updated_at = now() WHERE slot_name = %s AND cutover_id = %s AND state = 'requested'")

@@ -133,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(cutover)
     cutover.add_argument("--publication", help="default: pgferry")
     cutover.add_argument("--fence", choices=["read-only", "none"], default="read-only",
-                         help="read-only (default): the source database refuses writes for every role and open "
-                              "sessions are ended; none: you stopped the writers yourself")
+                         help="read-only (default): every published table refuses writes from every session but "
+                              "pgferry's (a trigger no role or setting bypasses; lifted on failure); none: you "
+                              "stopped the writers yourself")
+    cutover.add_argument("--fence-wait", type=_positive(float), default=5.0,
+                         help="seconds the fence waits for writes in flight before it ends the sessions holding "
+                              "them (default 5)")
     cutover.add_argument("--timeout", type=_positive(float), default=60.0,
                          help="seconds to wait for the daemon to apply up to the handoff (default 60)")
     cutover.add_argument("--receipt", default=None, help="also write the JSON receipt to this file")
@@ -142,6 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
                          help="how the tables are compared after the handoff, while the source is still fenced: "
                               "checksum (default) reads every row on both sides; count only counts them, for a "
                               "shorter write downtime on a big database")
+    cutover.add_argument("--pgbouncer", metavar="DSN", default=None,
+                         help="the admin console of the PgBouncer the application reaches the source through "
+                              "(e.g. 'host=10.0.0.5 port=6432 user=pgbouncer'): PAUSE it, then repoint its database "
+                              "entry to the target and RESUME, so clients see a pause, not an error")
+    cutover.add_argument("--pgbouncer-database", metavar="NAME", default=None,
+                         help="PgBouncer's database entry to move (default: the source DSN's dbname)")
+    cutover.add_argument("--pgbouncer-config", metavar="FILE", default=None,
+                         help="PgBouncer's config file with that entry (default: the one it runs with, SHOW CONFIG)")
+    cutover.add_argument("--pgbouncer-target", metavar="CONNINFO", default=None,
+                         help="the entry's new settings, e.g. 'host=new port=5432 dbname=app user=app' (default: "
+                              "host, port and dbname of --target; the entry's other settings stay)")
+    cutover.add_argument("--switch-command", metavar="CMD", default=None,
+                         help="a shell command that moves the application (DNS, a proxy, a flag), run once the "
+                              "target verified, with PGFERRY_HANDOFF_LSN, PGFERRY_CUTOVER_ID and PGFERRY_TARGET_DSN "
+                              "set; a failure undoes the cutover like a failed verify")
+    cutover.add_argument("--switch-timeout", type=_positive(float), default=60.0,
+                         help="seconds the switch command may take (default 60)")
+    cutover.add_argument("--undo", action="store_true",
+                         help="undo an interrupted or failed cutover: PgBouncer's entry and pause, the fence, the "
+                              "handoff (refused once the application has moved)")
 
     cleanup = sub.add_parser("cleanup", help="drop the slot and publication pgferry created")
     common(cleanup)
@@ -277,9 +301,13 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
         results = verify(src, dst, settings.publication, tables, args.mode)
         return print_results(results, args.json)
     if args.command == "cutover":
-        from ..cutover.handoff import run_cutover
-        return run_cutover(src, dst, settings.publication, slot, schema, args.fence, args.timeout, args.receipt,
-                           verify_mode=args.verify)
+        from ..cutover.handoff import CutoverOptions, run_cutover
+        opts = CutoverOptions(fence=args.fence, timeout=args.timeout, receipt_path=args.receipt,
+                              verify_mode=args.verify, fence_wait=args.fence_wait, pgbouncer=args.pgbouncer,
+                              pgbouncer_database=args.pgbouncer_database, pgbouncer_config=args.pgbouncer_config,
+                              pgbouncer_target=args.pgbouncer_target, switch_command=args.switch_command,
+                              switch_timeout=args.switch_timeout)
+        return run_cutover(src, dst, settings.publication, slot, schema, opts, undo=args.undo)
     from ..cutover.cleanup import run_cleanup
     return run_cleanup(src, dst, slot, schema, args.drop_state)
 

@@ -31,21 +31,28 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
 
 import msgspec
 import psycopg2
+import psycopg2.extensions
 
 from sink.state import HANDOFF_PREFIX, ensure_schema, pgferry_session, quote_ident
 
-from ..errors import PgferryError, first_line
+from ..errors import PgferryError
 from ..source import connect, describe_dsn, published_tables
 from ..sync import holdback
 from ..sync.sequences import copy_sequences
+from . import control, fence
+from .fence import Fence
+from .pgbouncer import Bouncer, Entry, target_settings
 from .verify import verify
 
 log = logging.getLogger("pgferry.cutover")
@@ -55,163 +62,338 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-class Fence:
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self.on = False
+@dataclass
+class CutoverOptions:
+    fence: str = "read-only"
+    timeout: float = 60.0
+    receipt_path: str | None = None
+    verify_mode: str = "checksum"
+    fence_wait: float = 5.0
+    pgbouncer: str | None = None  # the admin console's DSN
+    pgbouncer_database: str | None = None  # default: the source DSN's dbname
+    pgbouncer_config: str | None = None
+    pgbouncer_target: str | None = None
+    switch_command: str | None = None
+    switch_timeout: float = 60.0
 
-    def raise_(self) -> None:
-        conn = connect(self.dsn, "source")
-        conn.autocommit = True
+
+class Cutover:
+    """One `pgferry cutover` run: a fresh one, or the end of one killed after its handoff."""
+
+    def __init__(self, source: str, target: str, publication: str, slot: str, schema: str,
+                 opts: CutoverOptions, out: IO[str]) -> None:
+        self.source, self.target, self.publication = source, target, publication
+        self.slot, self.schema, self.opts, self.out = slot, schema, opts, out
+        self.cutover_id = uuid.uuid4().hex
+        self.receipt: dict[str, Any] = {}
+        self.bouncer: Bouncer | None = None
+        self.entry: Entry | None = None
+        self.pb: dict[str, Any] = {}  # the record of what was done to PgBouncer (control.pgbouncer)
+        self.fenced = 0.0  # monotonic time the write downtime started (the pause, or the fence)
+        self.paused_at: float | None = None
+        self.switched = False  # the application may now write on the target: no undo past this
+
+    def record(self, **cols: Any) -> None:
+        control.update(self.target, self.schema, self.slot, self.cutover_id, **cols)
+
+    # -- 1. before anything changes -------------------------------------------------------------
+    def prepare(self) -> None:
+        o = self.opts
+        if o.pgbouncer:
+            database = o.pgbouncer_database or psycopg2.extensions.parse_dsn(self.source).get("dbname") or ""
+            self.bouncer = Bouncer(o.pgbouncer, database, o.pgbouncer_config)
+            self.entry = self.bouncer.inspect()
+            if self.entry.paused:
+                raise PgferryError(f"PgBouncer at {self.bouncer.where} has {database!r} paused already: RESUME it "
+                                   "(or run `pgferry cutover --undo` if an earlier cutover paused it)")
+            self.pb = {"admin": _without_password(o.pgbouncer), "database": database, "conffile": self.entry.conffile,
+                       "line": self.entry.line, "paused": False, "repointed": False, "resumed": False,
+                       "new": target_settings(self.target, o.pgbouncer_target)}
+        self.receipt = {"cutover_id": self.cutover_id, "fence": o.fence, "fenced_at": None,
+                        "analyzed": analyze_tables_without_statistics(self.source, self.target, self.publication)}
+        dst = connect(self.target, "target")
         try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT current_database()")
-                (db,) = cur.fetchone()
-                try:
-                    cur.execute(f"ALTER DATABASE {quote_ident(db)} SET default_transaction_read_only = on")
-                except psycopg2.Error as exc:
-                    raise PgferryError(f"cannot fence source {describe_dsn(self.dsn)}: "
-                                       f"{first_line(exc)} (ALTER DATABASE needs the database "
-                                       "owner or a superuser; or use --fence none and stop the writers yourself)"
-                                       ) from None
-                self.on = True
-                cur.execute("""SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                    WHERE datname = current_database() AND pid <> pg_backend_pid()
-                      AND backend_type = 'client backend'""")
-                (ended,) = cur.fetchone()
-            log.info("source fenced: read-only for new sessions, %d open session(s) ended", ended)
+            cur = dst.cursor()
+            ensure_schema(cur, self.schema)
+            cur.execute(f"SELECT 1 FROM {quote_ident(self.schema)}.progress WHERE slot_name = %s", (self.slot,))
+            if cur.fetchone() is None:
+                raise PgferryError(f"target {describe_dsn(self.target)} has no pgferry progress for slot "
+                                   f"{self.slot!r}: run `pgferry start` first")
+            cur.execute(f"INSERT INTO {quote_ident(self.schema)}.control (slot_name, cutover_id, state, requested_at, "
+                        "step, fence, pgbouncer, receipt, updated_at) VALUES (%s, %s, 'requested', now(), 'requested', "
+                        "%s, %s, NULL, now()) ON CONFLICT (slot_name) DO UPDATE SET cutover_id = excluded.cutover_id, "
+                        "state = 'requested', requested_at = now(), handoff_lsn = NULL, done_at = NULL, step = "
+                        "excluded.step, fence = excluded.fence, pgbouncer = excluded.pgbouncer, receipt = NULL, "
+                        "updated_at = now()", (self.slot, self.cutover_id, o.fence,
+                                               json.dumps(self.pb) if self.pb else None))
+            dst.commit()
         finally:
-            conn.close()
+            dst.close()
 
-    def lift(self) -> None:
-        if not self.on:
-            return
-        db = "<database>"
-        try:
-            conn = connect(self.dsn, "source")
-            conn.autocommit = True
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("SET default_transaction_read_only = off")  # new sessions are fenced too
-                    cur.execute("SELECT current_database()")
-                    (db,) = cur.fetchone()
-                    cur.execute(f"ALTER DATABASE {quote_ident(db)} RESET default_transaction_read_only")
-            finally:
-                conn.close()
-        except (psycopg2.Error, PgferryError) as exc:
-            raise PgferryError(f"could not lift the fence on source {describe_dsn(self.dsn)} ({exc}): the source "
-                               f"still refuses writes. Lift it by hand: ALTER DATABASE {db} RESET "
-                               "default_transaction_read_only") from None
-        self.on = False
-        log.info("fence lifted: the source takes writes again")
-
-
-def _control(target: str, schema: str, slot: str) -> dict[str, Any] | None:
-    conn = connect(target, "target")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"SELECT c.cutover_id, c.state, c.handoff_lsn::text, p.applied_lsn::text "
-                        f"FROM {quote_ident(schema)}.control c JOIN {quote_ident(schema)}.progress p USING (slot_name) "
-                        "WHERE c.slot_name = %s", (slot,))
-            row = cur.fetchone()
-        if row is None:
-            return None
-        return {"id": row[0], "state": row[1], "handoff_lsn": row[2], "applied_lsn": row[3]}
-    finally:
-        conn.close()
-
-
-def run_cutover(source: str, target: str, publication: str, slot: str, schema: str, fence_mode: str,
-                timeout: float, receipt_path: str | None, out: IO[str] = sys.stdout,
-                verify_mode: str = "checksum") -> int:
-    cutover_id = uuid.uuid4().hex
-    analyzed = analyze_tables_without_statistics(source, target, publication)
-    dst = connect(target, "target")
-    try:
-        cur = dst.cursor()
-        ensure_schema(cur, schema)
-        cur.execute(f"SELECT 1 FROM {quote_ident(schema)}.progress WHERE slot_name = %s", (slot,))
-        if cur.fetchone() is None:
-            raise PgferryError(f"target {describe_dsn(target)} has no pgferry progress for slot {slot!r}: "
-                               "run `pgferry start` first")
-        cur.execute(f"INSERT INTO {quote_ident(schema)}.control (slot_name, cutover_id, state, requested_at) "
-                    "VALUES (%s, %s, 'requested', now()) ON CONFLICT (slot_name) DO UPDATE SET "
-                    "cutover_id = excluded.cutover_id, state = 'requested', requested_at = now(), "
-                    "handoff_lsn = NULL, done_at = NULL", (slot, cutover_id))
-        dst.commit()
-    finally:
-        dst.close()
-
-    fence = Fence(source)
-    receipt: dict[str, Any] = {"cutover_id": cutover_id, "fence": fence_mode, "fenced_at": None,
-                               "analyzed": analyzed}
-    try:
-        if fence_mode == "read-only":
-            fence.raise_()
-        receipt["fenced_at"] = _now()
-        fenced = time.monotonic()
-        src = connect(source, "source")
+    # -- 2. pause, fence, hand off ---------------------------------------------------------------
+    def hand_off(self) -> dict[str, Any]:
+        o = self.opts
+        if self.bouncer is not None:
+            self.pb["paused"] = True
+            self.record(step="pausing PgBouncer", pgbouncer=self.pb)  # before: a kill leaves it to undo
+            self.paused_at = time.monotonic()
+            self.bouncer.pause(min(o.timeout, 30.0))
+            log.info("PgBouncer paused %s: new transactions wait there", self.pb["database"])
+        if o.fence == "read-only":
+            self.record(step="fencing")
+            f = Fence(self.source, self.publication, self.schema, self.cutover_id, o.fence_wait, o.timeout)
+            tables = f.raise_()
+            self.receipt["fenced_tables"] = len(tables)
+            self.receipt["sessions_ended"] = len(f.ended)
+        self.fenced = self.paused_at if self.paused_at is not None else time.monotonic()
+        self.receipt["fenced_at"] = _now()
+        src = connect(self.source, "source")
         try:
             with src.cursor() as c:
-                c.execute("SET default_transaction_read_only = off")
-                c.execute("SELECT pg_logical_emit_message(true, %s, %s)::text", (HANDOFF_PREFIX, cutover_id))
+                c.execute("SET default_transaction_read_only = off")  # (a source read-only by default)
+                c.execute("SELECT pg_logical_emit_message(true, %s, %s)::text", (HANDOFF_PREFIX, self.cutover_id))
                 (marker,) = c.fetchone()
             src.commit()
         finally:
             src.close()
-        log.info("handoff marker written at %s; waiting for the daemon (timeout %.0f s)", marker, timeout)
-        deadline = time.monotonic() + timeout
+        self.record(step="waiting for the daemon")
+        log.info("handoff marker written at %s; waiting for the daemon (timeout %.0f s)", marker, o.timeout)
+        deadline = time.monotonic() + o.timeout
         while True:
-            ctl = _control(target, schema, slot)
-            if ctl is not None and ctl["id"] == cutover_id and ctl["state"] == "done":
+            rec = control.read(self.target, self.schema, self.slot)
+            if rec is not None and rec.cutover_id == self.cutover_id and rec.state == "handed_off":
                 break
             if time.monotonic() > deadline:
-                if _cancel(target, schema, slot, cutover_id):
-                    raise PgferryError(f"cutover timed out after {timeout:.0f} s: the daemon did not apply up to the "
-                                       f"handoff marker at {marker} (is `pgferry start` running and caught up?). "
-                                       "The fence is lifted; nothing was handed off")
+                if control.cancel_or_undo(self.target, self.schema, self.slot, self.cutover_id) == "cancelled":
+                    raise PgferryError(f"cutover timed out after {o.timeout:.0f} s: the daemon did not apply up to "
+                                       f"the handoff marker at {marker} (is `pgferry start` running and caught up?). "
+                                       "Nothing was handed off" + self._undo_said())
                 continue  # the daemon claimed it just now
-            time.sleep(0.1)
-        receipt["handoff_lsn"] = ctl["handoff_lsn"]
-        receipt["applied_lsn"] = ctl["applied_lsn"]
-        receipt["handed_off_after_s"] = round(time.monotonic() - fenced, 3)
-        receipt["sequences"] = [{"name": n, "value": v} for n, v in copy_sequences(source, target)]
-        receipt["verify"] = verify_mode
-        results = verify(source, target, publication, None, verify_mode)
-        receipt["tables"] = [{"name": r.name, "source_rows": r.source_rows, "target_rows": r.target_rows,
-                              "match": r.match, "differences": r.differences} for r in results]
-        receipt["ok"] = all(r.match for r in results) and ctl["handoff_lsn"] == ctl["applied_lsn"]
-        if receipt["ok"]:  # the foreign keys, triggers and rules held back: before the application moves
-            receipt["held_back_created_s"] = round(holdback.create(target, schema, slot), 3)
-        receipt["finished_at"] = _now()
-        receipt["write_downtime_s"] = round(time.monotonic() - fenced, 3)
-    except BaseException:
-        fence.lift()
-        raise
-    if not receipt["ok"]:
-        _write_receipt(receipt, out, receipt_path)
-        fence.lift()
-        bad = [t["name"] for t in receipt["tables"] if not t["match"]]
-        raise PgferryError(f"cutover verification failed ({', '.join(bad) or 'handoff LSN mismatch'}): the fence is "
-                           "lifted and the source takes writes again; investigate, then `pgferry start` to resume")
-    log.info("cutover done at %s: point the application at the target", receipt["handoff_lsn"])
-    # Foreign keys came back NOT VALID; validating them scans, but lets the application write.
-    receipt["constraints_validated_s"] = round(holdback.validate(target, schema, slot), 3)
-    conn = connect(target, "target")
-    try:
-        held = holdback.listing(conn.cursor(), schema, slot)
-    finally:
-        conn.close()
-    receipt["held_back"] = [msgspec.to_builtins(h) for h in held]
-    invalid = [h for h in held if h.state == "invalid"]
-    receipt["constraints_ok"] = not invalid
-    _write_receipt(receipt, out, receipt_path)
-    if invalid:
-        raise PgferryError("cutover done (the handoff stands), but " + "; ".join(
-            f"foreign key {h.name} on {h.table} is NOT VALID: {h.detail}" for h in invalid)
-            + ". Fix those rows on the target, then ALTER TABLE ... VALIDATE CONSTRAINT ...")
-    return 0
+            time.sleep(0.05)
+        self.receipt["handed_off_after_s"] = round(time.monotonic() - self.fenced, 3)
+        return {"handoff_lsn": rec.handoff_lsn, "applied_lsn": rec.applied_lsn}
 
+    def _undo_said(self) -> str:
+        parts = []
+        if self.opts.fence == "read-only":
+            parts.append("the fence is lifted")
+        if self.bouncer is not None:
+            parts.append("PgBouncer resumed on the source")
+        return "; " + " and ".join(parts) if parts else " (no fence was raised: --fence none)"
+
+    # -- 3. with the source fenced: sequences, verify, held-back objects ----------------------------
+    def check(self, handoff: dict[str, Any]) -> bool:
+        r = self.receipt
+        r["handoff_lsn"], r["applied_lsn"] = handoff["handoff_lsn"], handoff["applied_lsn"]
+        self.record(step="copying sequences")
+        r["sequences"] = [{"name": n, "value": v} for n, v in copy_sequences(self.source, self.target)]
+        self.record(step="verifying")
+        r["verify"] = self.opts.verify_mode
+        results = verify(self.source, self.target, self.publication, None, self.opts.verify_mode)
+        r["tables"] = [{"name": t.name, "source_rows": t.source_rows, "target_rows": t.target_rows,
+                        "match": t.match, "differences": t.differences} for t in results]
+        r["ok"] = all(t.match for t in results) and handoff["handoff_lsn"] == handoff["applied_lsn"]
+        if r["ok"]:  # the foreign keys, triggers and rules held back: before the application moves
+            self.record(step="creating what was held back")
+            r["held_back_created_s"] = round(holdback.create(self.target, self.schema, self.slot), 3)
+        return bool(r["ok"])
+
+    # -- 4. move the application -------------------------------------------------------------------
+    def switch(self) -> None:
+        o, r = self.opts, self.receipt
+        if o.switch_command:
+            self.record(step="running the switch command")
+            r["switch_command"] = run_switch_command(o.switch_command, r["handoff_lsn"], self.cutover_id,
+                                                     self.target, o.switch_timeout)
+        if self.bouncer is not None and self.entry is not None:
+            self.pb["repointed"] = True
+            self.record(step="repointing PgBouncer", pgbouncer=self.pb)
+            line = self.bouncer.repoint(self.entry, self.pb["new"])
+            waiting, longest = self.bouncer.waiting()
+            self.pb["resumed"] = True
+            self.record(pgbouncer=self.pb)
+            self.switched = True  # from here on the application may write on the target
+            self.bouncer.resume()
+            assert self.paused_at is not None
+            r["client_pause_s"] = round(time.monotonic() - self.paused_at, 3)
+            r["clients_waiting"] = waiting
+            r["longest_client_wait_s"] = round(longest, 3)
+            r["pgbouncer"] = {"database": self.pb["database"], "entry": line}
+            log.info("PgBouncer sends %s to the target now (%d client(s) waited, the longest %.2f s)",
+                     self.pb["database"], waiting, longest)
+        self.switched = True
+
+    def undo(self) -> list[str]:
+        """Put back what this run changed (it failed before the application moved)."""
+        did: list[str] = []
+        if self.bouncer is not None and self.entry is not None:
+            if self.pb.get("repointed"):
+                self.bouncer.write_line(self.entry, self.entry.line)
+                did.append("PgBouncer's entry restored")
+            if self.pb.get("paused") and self.bouncer.resume():
+                did.append("PgBouncer resumed on the source")
+        if self.opts.fence == "read-only" and fence.lift(self.source, self.schema):
+            did.append("the fence is lifted")
+        state = control.cancel_or_undo(self.target, self.schema, self.slot, self.cutover_id)
+        if self.pb:
+            self.pb.update(paused=False, repointed=False)
+            self.record(pgbouncer=self.pb, step=f"undone after a failure ({state})")
+        return did
+
+    def finish(self) -> int:
+        r = self.receipt
+        conn = connect(self.source, "source")
+        try:
+            r["refused_writes"] = fence.refused(conn.cursor(), self.schema)
+        finally:
+            conn.close()
+        r["client_errors"] = bool(r.get("refused_writes") or r.get("sessions_ended"))
+        r["write_downtime_s"] = round(time.monotonic() - self.fenced, 3)
+        r["finished_at"] = _now()
+        dst = connect(self.target, "target")
+        try:
+            with dst.cursor() as cur:
+                s = quote_ident(self.schema)
+                cur.execute(f"UPDATE {s}.control SET state = 'done', step = 'done', done_at = now(), receipt = %s, "
+                            "updated_at = now() WHERE slot_name = %s AND cutover_id = %s",
+                            (json.dumps(r), self.slot, self.cutover_id))
+                cur.execute(f"UPDATE {s}.sync SET phase = 'done' WHERE slot_name = %s", (self.slot,))
+            dst.commit()
+        finally:
+            dst.close()
+        log.info("cutover done at %s: %s", r["handoff_lsn"], "the application is on the target"
+                 if self.bouncer is not None or self.opts.switch_command else "point the application at the target")
+        # Foreign keys came back NOT VALID; validating them scans, but lets the application write.
+        r["constraints_validated_s"] = round(holdback.validate(self.target, self.schema, self.slot), 3)
+        conn = connect(self.target, "target")
+        try:
+            held = holdback.listing(conn.cursor(), self.schema, self.slot)
+        finally:
+            conn.close()
+        r["held_back"] = [msgspec.to_builtins(h) for h in held]
+        invalid = [h for h in held if h.state == "invalid"]
+        r["constraints_ok"] = not invalid
+        _write_receipt(r, self.out, self.opts.receipt_path)
+        if invalid:
+            raise PgferryError("cutover done (the handoff stands), but " + "; ".join(
+                f"foreign key {h.name} on {h.table} is NOT VALID: {h.detail}" for h in invalid)
+                + ". Fix those rows on the target, then ALTER TABLE ... VALIDATE CONSTRAINT ...")
+        return 0
+
+    # -- the whole run ---------------------------------------------------------------------------
+    def run(self, resume: control.Record | None = None) -> int:
+        if resume is None:
+            self.prepare()
+            try:
+                handoff = self.hand_off()
+            except BaseException:
+                self.undo()
+                raise
+        else:  # a cutover killed after its handoff: the source is still fenced, carry on from there
+            handoff = self._adopt(resume)
+        try:
+            ok = self.check(handoff)
+            if ok:
+                self.switch()
+        except BaseException as exc:
+            if self.switched:
+                raise
+            did = self.undo()
+            if isinstance(exc, PgferryError):
+                if self.receipt.get("switch_command", {}).get("ok") is False:
+                    self.receipt["ok"] = False
+                    _write_receipt(self.receipt, self.out, self.opts.receipt_path)
+                raise PgferryError(f"{exc}. The cutover is undone ({', '.join(did) or 'nothing to put back'}); "
+                                   "the source takes writes again: `pgferry start` to stream, then cut over again"
+                                   ) from None
+            raise
+        if not ok:
+            _write_receipt(self.receipt, self.out, self.opts.receipt_path)
+            did = self.undo()
+            bad = [t["name"] for t in self.receipt["tables"] if not t["match"]]
+            raise PgferryError(f"cutover verification failed ({', '.join(bad) or 'handoff LSN mismatch'}): "
+                               f"{', '.join(did) or 'nothing to put back'}; the source takes writes again. "
+                               "Investigate, then `pgferry start` to resume streaming")
+        return self.finish()
+
+    def _adopt(self, rec: control.Record) -> dict[str, Any]:
+        self.cutover_id = rec.cutover_id
+        log.warning("cutover %s was interrupted after its handoff at %s (last step: %s): finishing it",
+                    rec.cutover_id, rec.handoff_lsn, rec.step)
+        self.receipt = dict(rec.receipt or {}) or {"cutover_id": rec.cutover_id, "fence": rec.fence,
+                                                   "fenced_at": None}
+        self.receipt["resumed_after_interruption"] = True
+        self.opts.fence = rec.fence or self.opts.fence
+        if self.opts.fence == "read-only" and not fence.source_fenced(self.source):
+            log.warning("the fence of cutover %s is gone from the source: verify will tell whether anything was "
+                        "written there since the handoff", rec.cutover_id)
+        found = control.bouncer_of(rec, self.opts.pgbouncer)
+        if found is not None:
+            self.bouncer, stored = found
+            self.pb = dict(rec.pgbouncer or {})
+            self.entry = self.bouncer.inspect()
+            self.entry.line = stored.line  # the line as it was before the cutover, to put back
+            if not self.pb.get("paused"):
+                self.pb["paused"] = True
+                self.bouncer.pause(min(self.opts.timeout, 30.0))
+            self.paused_at = time.monotonic()
+        self.fenced = time.monotonic()
+        return {"handoff_lsn": rec.handoff_lsn, "applied_lsn": rec.applied_lsn}
+
+
+def run_switch_command(command: str, handoff_lsn: str, cutover_id: str, target: str,
+                       timeout: float) -> dict[str, Any]:
+    """Run the operator's `--switch-command` (through the shell) with the handoff in its
+    environment; a failure (exit code, timeout) raises, like a failed verify."""
+    env = {**os.environ, "PGFERRY_HANDOFF_LSN": handoff_lsn, "PGFERRY_CUTOVER_ID": cutover_id,
+           "PGFERRY_TARGET_DSN": target}
+    started = time.monotonic()
+    try:
+        res = subprocess.run(command, shell=True, env=env, capture_output=True, text=True, timeout=timeout,
+                             check=False)
+    except subprocess.TimeoutExpired:
+        raise PgferryError(f"the switch command did not finish within {timeout:.0f} s: {command}") from None
+    took = round(time.monotonic() - started, 3)
+    for line in (res.stdout + res.stderr).splitlines()[-20:]:
+        log.info("switch command: %s", line)
+    if res.returncode != 0:
+        tail = (res.stderr.strip() or res.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise PgferryError(f"the switch command failed (exit {res.returncode}: {tail[0]})")
+    return {"command": command, "exit_code": 0, "seconds": took, "ok": True}
+
+
+def _without_password(dsn: str) -> str:
+    try:
+        p = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return ""
+    p.pop("password", None)
+    return " ".join(f"{k}={v}" for k, v in p.items())
+
+
+def run_cutover(source: str, target: str, publication: str, slot: str, schema: str, opts: CutoverOptions,
+                out: IO[str] = sys.stdout, undo: bool = False) -> int:
+    rec = control.read(target, schema, slot)
+    if undo:
+        if rec is None:
+            lifted = fence.lift(source, schema)
+            print("pgferry cutover --undo: " + (f"the fence is lifted ({len(lifted)} table(s))" if lifted
+                                                else "no cutover to undo"), file=sys.stderr)
+            return 0
+        did = control.undo(source, target, schema, slot, rec, opts.pgbouncer)
+        print(f"pgferry cutover --undo: cutover {rec.cutover_id}: " + ("; ".join(did) or "nothing to undo"),
+              file=sys.stderr)
+        return 0
+    if rec is not None and rec.state == "done":
+        raise PgferryError(f"cutover {rec.cutover_id} finished at {rec.handoff_lsn}: the application is on the target. "
+                           "Nothing to do (`pgferry cleanup` removes what pgferry left on the source)")
+    if rec is not None and rec.state == "handed_off":
+        return Cutover(source, target, publication, slot, schema, opts, out).run(resume=rec)
+    if (rec is not None and rec.state == "requested") or fence.source_fenced(source):
+        did = (control.undo(source, target, schema, slot, rec, opts.pgbouncer) if rec is not None
+               else [f"the fence is lifted ({len(fence.lift(source, schema))} table(s))"])
+        log.warning("an earlier cutover was interrupted before its handoff; undone first: %s", "; ".join(did))
+    return Cutover(source, target, publication, slot, schema, opts, out).run()
 
 def _write_receipt(receipt: dict[str, Any], out: IO[str], path: str | None) -> None:
     text = json.dumps(receipt, indent=2)
@@ -264,16 +446,3 @@ def analyze_tables_without_statistics(source: str, target: str, publication: str
                     ", ".join(name for oid, _, name in todo if oid in skipped))
     return done
 
-
-def _cancel(target: str, schema: str, slot: str, cutover_id: str) -> bool:
-    """Withdraw the request unless the daemon claimed it first. True: withdrawn."""
-    conn = connect(target, "target")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"UPDATE {quote_ident(schema)}.control SET state = 'cancelled' WHERE slot_name = %s "
-                        "AND cutover_id = %s AND state = 'requested'", (slot, cutover_id))
-            withdrawn = cur.rowcount == 1
-        conn.commit()
-        return withdrawn
-    finally:
-        conn.close()
