@@ -348,6 +348,9 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
     from .preflight import preflight_for_start
 
     preflight_for_start(st)
+    from ..cutover.control import check_start
+
+    check_start(st.source, st.target, st.state_schema, st.slot)
     if st.ddl_capture:  # before the slot's snapshot: every schema change after it is captured
         from ..ddl.capture import install_for_start
 

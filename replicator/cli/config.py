@@ -245,7 +245,8 @@ def _from_file(path: str) -> dict[str, Any]:
 # PGFERRY_* variables that are not settings: the config file, the tools' and servers' locations,
 # the accelerators' switch, fault injection (tests), PGFERRY_TEST_* (the tests' own), and what a
 # cutover's --switch-command is given (so it may run pgferry itself)
-OTHER_ENV = re.compile(r"PGFERRY_(HANDOFF_LSN|CUTOVER_ID|TARGET_DSN|CONFIG|PG_DUMP|PG\d+_BINDIR|PURE_PYTHON|FAILPOINT|SOAK_SECONDS|TEST_\w+)")
+OTHER_ENV = re.compile(r"PGFERRY_(HANDOFF_LSN|CUTOVER_ID|TARGET_DSN|CONFIG|PG_DUMP|PG\d+_BINDIR|PURE_PYTHON|FAILPOINT"
+                       r"|SOAK_SECONDS|TEST_\w+)")
 
 
 def _from_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import psycopg2.extras
 from sink.relations import firing
 from sink.state import readable_name_sql
 
+from ..cutover import fence
 from ..ddl.capture import can_capture
 from ..errors import ConnectError, SourceNotReady, UsageError, first_line
 from ..source import connect, describe_dsn, query_one, table_spec_sql
@@ -133,6 +134,19 @@ def _source(src: Any, st: Settings) -> list[Finding]:
                                      "them", f"ALTER ROLE {user} BYPASSRLS;  -- as a superuser (or copy as the "
                                              "tables' owner, where the policies are not forced)")
     out += replicability_findings(src, tables)
+    notowned = [] if superuser else _tables_where(src, "NOT pg_has_role(c.relowner, 'USAGE')", tables)
+    if notowned:
+        add("warning", "cutover fence", f"role {user} does not own {', '.join(notowned[:10])}"
+                                        f"{' ...' if len(notowned) > 10 else ''}: `pgferry cutover` cannot fence them "
+                                        "(the fence is a trigger on each published table)",
+            f"run the cutover as their owner or a superuser, or GRANT <owner> TO {user}; or cut over with "
+            "--fence none once the writers are stopped")
+    fenced = fence.fenced_tables(src.cursor())
+    src.rollback()
+    if fenced:
+        add("warning", "cutover fence", f"{len(fenced)} table(s) of source {where} refuse writes: a cutover's fence "
+                                        "is still up (an interrupted or failed cutover)",
+            "pgferry cutover --undo  (lifts it), or pgferry cutover (tries again)")
     if superuser or replication:
         problem = _replication_connection(st.source)
         if problem:
@@ -372,7 +386,8 @@ GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO pgferry;  -- sequences are cop
 CREATE ROLE pgferry WITH LOGIN PASSWORD 'change-me';
 GRANT CREATE ON DATABASE <dbname> TO pgferry;            -- the state schema and the copied tables
 GRANT SET ON PARAMETER session_replication_role TO pgferry;  -- PostgreSQL 15+: apply like native replication
--- `pgferry cutover` fences the source with ALTER DATABASE ... SET default_transaction_read_only:
--- run it as the source database's owner or a superuser, or use --fence none.""")
+-- `pgferry cutover` fences the source with a trigger on each published table (writes refused
+-- for every role and session): run it as the tables' owner (GRANT <owner> TO pgferry) or a
+-- superuser, or use --fence none.""")
     return 0
 

@@ -17,6 +17,8 @@ import msgspec
 from decoder import Lsn
 from sink.state import quote_ident, readable_name
 
+from ..cutover import control as cutover_control
+from ..cutover import fence
 from ..source import connect, read_state
 from ..sync import holdback
 from ..sync.holdback import HeldBack
@@ -59,6 +61,11 @@ class Status(msgspec.Struct):
     held_back: list[HeldBack] = []
     # schema changes captured on the source, by what became of them (applied, skipped, rejected, not migrated)
     ddl: dict[str, int] = {}
+    # the cutover's state (requested, cancelled, handed_off, done, undone), the source tables a
+    # pgferry fence is up on, and what to run when a cutover was interrupted
+    cutover_state: str | None = None
+    fenced_tables: int = 0
+    action: str | None = None
 
 
 def collect(source: str, target: str, slot: str, schema: str,
@@ -78,6 +85,7 @@ def collect(source: str, target: str, slot: str, schema: str,
             cur.execute("SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'walsender' "
                         "AND application_name = 'pgferry' AND datname = current_database()")
             (copying_walsender,) = cur.fetchone()
+            fenced = fence.fenced_tables(cur)
     finally:
         src.close()
 
@@ -117,7 +125,8 @@ def collect(source: str, target: str, slot: str, schema: str,
     progress, sync, tables, control, conflicts, held, ddl = (found if found is not None
                                                               else (None, None, [], None, [], [], {}))
     running = bool(slot_row and slot_row[0]) or bool(copying_walsender and sync is not None and sync[0] != "streaming")
-    if sync is not None and sync[0] == "done":
+    record = cutover_control.read(target, schema, slot) if control else None
+    if sync is not None and sync[0] == "done" and (record is None or record.state == "done"):
         phase = "done"
     elif progress is None:
         phase = "preflight"
@@ -142,7 +151,8 @@ def collect(source: str, target: str, slot: str, schema: str,
         last_source_commit=progress[3].isoformat() if progress and progress[3] else None,
         cutover=f"{control[0]} at {control[1]}" if control and control[1] else (control[0] if control else None),
         tables=tables, conflicts_by_table=conflicts, wal_guard=_guard(slot_row, guard), held_back=held,
-        ddl=ddl)
+        ddl=ddl, cutover_state=control[0] if control else None, fenced_tables=len(fenced),
+        action=cutover_control.advice(record, fenced))
 
 
 def _guard(slot_row: Any, guard: tuple[int | None, int | None]) -> str | None:
@@ -176,6 +186,10 @@ def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, 
         lines.append("schema changes " + ", ".join(f"{n} {r}" for r, n in sorted(st.ddl.items())))
     if st.cutover:
         lines.append(f"cutover       {st.cutover}")
+    if st.fenced_tables:
+        lines.append(f"fence         up: {st.fenced_tables} source table(s) refuse writes")
+    if st.action:
+        lines.append(f"TO DO         {st.action}")
     if st.wal_guard:
         lines.append(f"WAL GUARD     {st.wal_guard}")
     for c in st.conflicts_by_table:
@@ -243,6 +257,10 @@ def _view(st: Status, prev: tuple[float, Status] | None, now: float) -> Renderab
                  + (f", safe_wal_size {_mb(st.slot_safe_wal_size)}" if st.slot_safe_wal_size is not None else ""))
     if st.cutover:
         head.add_row("cutover", st.cutover)
+    if st.fenced_tables:
+        head.add_row("fence", f"up: {st.fenced_tables} source table(s) refuse writes")
+    if st.action:
+        head.add_row("to do", f"[bold red]{st.action}[/]")
     parts: list[RenderableType] = [head]
     if st.tables:
         tables = Table(title="tables" + (f" (copying {copy_rate:,.0f} rows/s)" if copy_rate else ""),

@@ -1,5 +1,6 @@
 """`pgferry cleanup [--drop-state]`: drop what pgferry created on the source, as its state records,
-and create again on the target what it held back there (foreign keys, triggers, rules).
+and create again on the target what it held back there (foreign keys, triggers, rules). The
+cutover's fence on the source goes too: clean up once the application has left the source.
 
 The slot is dropped only if pgferry created it, the publication only if pgferry created it; with
 --drop-state the state schema on the target goes too. Refused while the daemon runs (slot active).
@@ -18,6 +19,7 @@ from ..ddl import capture
 from ..errors import PgferryError, first_line
 from ..source import connect, describe_dsn, read_state
 from ..sync import holdback
+from . import fence
 
 
 def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bool) -> int:
@@ -36,7 +38,7 @@ def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bo
     src.autocommit = True
     try:
         with src.cursor() as cur:
-            # after a cutover the source database is fenced read-only; this session is pgferry's own
+            # a source made read-only by default (by its operator, or by a pgferry before 0.4)
             cur.execute("SET default_transaction_read_only = off")
             cur.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,))
             found = cur.fetchone()
@@ -48,6 +50,9 @@ def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bo
             if pub_created and publication:
                 cur.execute(f"DROP PUBLICATION IF EXISTS {quote_ident(publication)}")
                 dropped.append(f"publication {publication}")
+        lifted = fence.lift(source, schema)
+        if lifted:
+            dropped.append(f"the cutover's fence ({len(lifted)} source table(s) take writes again)")
         if capture.remove(src, schema):
             dropped.append("the schema-change capture (event triggers)")
     except psycopg2.Error as exc:

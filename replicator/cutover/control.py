@@ -156,3 +156,21 @@ def advice(rec: Record | None, fenced: list[str]) -> str | None:
         return (f"the source is fenced ({len(fenced)} table(s) refuse writes) though no cutover is under way: "
                 "run `pgferry cutover --undo` to lift it")
     return None
+
+
+def check_start(source: str, target: str, schema: str, slot: str) -> None:
+    """`pgferry start`: refuse to stream after a handoff that stands; say so when the source is
+    still fenced by an interrupted cutover."""
+    rec = read(target, schema, slot)
+    if rec is not None and rec.state == "done":
+        raise PgferryError(f"the migration is done: cutover {rec.cutover_id} handed off at {rec.handoff_lsn} and the "
+                           "application moved to the target. Nothing to stream (`pgferry cleanup` removes what "
+                           "pgferry left on the source)")
+    if rec is not None and rec.state == "handed_off":
+        raise PgferryError(f"cutover {rec.cutover_id} handed off at {rec.handoff_lsn} and did not finish: run "
+                           "`pgferry cutover` to finish it, or `pgferry cutover --undo` to lift the fence; then "
+                           "start streams again")
+    fenced = fence.source_fenced(source)
+    if fenced:
+        log.warning("the source is fenced (%d table(s) refuse writes) by a cutover that did not finish: run "
+                    "`pgferry cutover --undo` to lift it, or `pgferry cutover` to try again", len(fenced))

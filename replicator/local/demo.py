@@ -6,10 +6,13 @@
 3. keep an application-like write load running on the source;
 4. run `pgferry preflight`, then `pgferry start`: initial sync (schema, parallel copy, exact handoff)
    then streaming;
-5. `pgferry cutover` while the application still writes: the source is fenced (its writes now
-   fail), the daemon applies up to the handoff LSN and stops, sequences are copied, every table is
-   verified; print the receipt and a summary (rows, time, the write-downtime window), stop the
-   servers.
+5. `pgferry cutover` while the application still writes: the application writes through a
+   PgBouncer the demo starts (when pgbouncer is installed), which the cutover pauses; the source is
+   fenced, the daemon applies up to the handoff LSN and stops, sequences are copied, every table is
+   verified, PgBouncer is repointed to the target and resumed, so the application writes on there
+   without an error; print the receipt and a summary (rows, the clients' pause, failed
+   transactions: 0), stop the servers. Without PgBouncer the application writes on the source
+   directly and is refused at the fence.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -29,6 +33,7 @@ import psycopg2
 import psycopg2.errors
 
 from ..errors import PgferryError, first_line
+from .pgbouncer import LocalPgBouncer, find_pgbouncer
 from .servers import LocalServer, ServerError
 
 SAMPLE_SCHEMA = """
@@ -55,10 +60,12 @@ FROM generate_series(1, 50000) g;
 
 
 
-def _writer(dsn: str, stop: threading.Event, counter: list[int], refused: list[str]) -> None:
+def _writer(dsn: str, stop: threading.Event, counter: list[int], refused: list[str], failed: list[str],
+            through_bouncer: bool) -> None:
     """An application: transfers between accounts, new accounts, event rows, invoice numbers. Like a
-    real one it reconnects when its session is ended; it stops at the first write the source refuses
-    (the cutover's fence) and records why."""
+    real one it reconnects when its session is ended. Straight on the source it stops at the first
+    write the source refuses (the cutover's fence) and records why; through PgBouncer it writes on
+    to the end (after the cutover on the target) and records any transaction that failed."""
     rnd = random.Random(1)
     conn = None
     while not stop.is_set():
@@ -68,8 +75,14 @@ def _writer(dsn: str, stop: threading.Event, counter: list[int], refused: list[s
             _one_transaction(conn, conn.cursor(), rnd, counter)
         except psycopg2.errors.ReadOnlySqlTransaction as exc:
             refused.append(first_line(exc))
-            break
-        except psycopg2.OperationalError:
+            if not through_bouncer:
+                break
+            failed.append(first_line(exc))
+            conn.rollback()
+        except psycopg2.Error as exc:
+            failed.append(first_line(exc))
+            if conn is not None and not conn.closed:
+                conn.close()
             conn = None  # session ended: reconnect
             time.sleep(0.05)
             continue
@@ -107,10 +120,10 @@ def _scalar(dsn: str, sql: str) -> object:
         conn.close()
 
 
-def _wait(cond: object, timeout: float, what: str, daemon: subprocess.Popen) -> None:
+def _wait(cond: object, timeout: float, what: str, daemon: subprocess.Popen, running: bool = True) -> None:
     deadline = time.monotonic() + timeout
     while not cond():  # type: ignore[operator]
-        if daemon.poll() is not None:
+        if running and daemon.poll() is not None:
             raise PgferryError(f"demo: pgferry exited with {daemon.returncode} while waiting for {what}")
         if time.monotonic() > deadline:
             raise PgferryError(f"demo: timed out after {timeout:.0f} s waiting for {what}")
@@ -137,8 +150,11 @@ def run_demo(write_seconds: float = 10.0, out: IO[str] = sys.stdout) -> int:
         say("source loaded: 20,000 accounts (some with TOASTed notes), 100,000 transfers, 50,000 events "
             "in a partitioned table, a sequence")
 
-        stop, counter, refused = threading.Event(), [0], list[str]()
-        writer = threading.Thread(target=_writer, args=(src, stop, counter, refused), daemon=True)
+        bouncer = _start_pgbouncer(src_server, say)
+        app = bouncer.dsn("shop") if bouncer is not None else src
+        stop, counter, refused, failed = threading.Event(), [0], list[str](), list[str]()
+        writer = threading.Thread(target=_writer, args=(app, stop, counter, refused, failed, bouncer is not None),
+                                  daemon=True)
         writer.start()
         root = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": str(root)}
@@ -166,13 +182,19 @@ def run_demo(write_seconds: float = 10.0, out: IO[str] = sys.stdout) -> int:
                 f"writes. Cutover in {write_seconds:.0f} s...")
             time.sleep(write_seconds)
             say(f"`pgferry cutover` now, with the application still writing ({counter[0]} transactions so far)")
+            moving = ["--pgbouncer", bouncer.admin_dsn] if bouncer is not None else []
             cut = subprocess.run([sys.executable, "-m", "replicator.cli", "cutover", "--source", src, "--target", dst,
-                                  "--timeout", "120"], cwd=root, env=env, capture_output=True, text=True, check=False)
+                                  "--timeout", "120", *moving], cwd=root, env=env, capture_output=True, text=True,
+                                 check=False)
             for line in cut.stderr.splitlines():
                 print("  | " + line.rstrip().split(": ", 1)[-1], file=out, flush=True)
             if cut.returncode != 0:
                 raise PgferryError(f"demo: cutover failed (exit {cut.returncode})")
             rc = daemon.wait(timeout=60)
+            if bouncer is not None and cut.returncode == 0:
+                before = counter[0]
+                _wait(lambda: counter[0] >= before + 200, 60, "the application's writes on the target", daemon,
+                      running=False)
         finally:
             stop.set()
             if daemon.poll() is None:
@@ -185,11 +207,43 @@ def run_demo(write_seconds: float = 10.0, out: IO[str] = sys.stdout) -> int:
         print("receipt:", file=out)
         print(cut.stdout.rstrip(), file=out)
         rows = sum(t["target_rows"] for t in receipt["tables"])
-        say(f"the application's writes after the fence were refused: {refused[0] if refused else '(none tried)'}")
-        say(f"summary: {len(receipt['tables'])} tables, {rows:,} rows on the target, all equal: {receipt['ok']}; "
-            f"handoff at {receipt['handoff_lsn']}; write downtime (fence to receipt) {receipt['write_downtime_s']} s; "
+        if bouncer is None:
+            say("the application's writes after the fence were refused: "
+                f"{refused[0] if refused else '(none tried)'}")
+            say(f"summary: {len(receipt['tables'])} tables, {rows:,} rows on the target, all equal: {receipt['ok']}; "
+                f"handoff at {receipt['handoff_lsn']}; write downtime (fence to receipt) "
+                f"{receipt['write_downtime_s']} s; total {time.monotonic() - started:.1f} s")
+            return 0 if receipt["ok"] else 1
+        # every transfer the application committed is one row: the initial 100,000 and its own
+        on_target = _scalar(dst, "SELECT count(*) FROM transfers")
+        say(f"the application went on through PgBouncer, on the target since the cutover: {counter[0]} "
+            f"transactions committed, {len(failed)} failed{' (' + failed[0] + ')' if failed else ''}; the target "
+            f"has {on_target:,} transfers (100,000 + {counter[0]})")
+        say(f"summary: {len(receipt['tables'])} tables, {rows:,} rows at the handoff, all equal: {receipt['ok']}; "
+            f"handoff at {receipt['handoff_lsn']}; the clients paused {receipt['client_pause_s']} s "
+            f"({receipt['clients_waiting']} waiting, the longest {receipt['longest_client_wait_s']} s); "
             f"total {time.monotonic() - started:.1f} s")
-        return 0 if receipt["ok"] else 1
+        return 0 if receipt["ok"] and not failed and on_target == 100000 + counter[0] else 1
     finally:
+        if bouncer is not None:
+            bouncer.cleanup()
         for s in servers:
             s.cleanup()
+
+
+def _start_pgbouncer(server: LocalServer, say: Callable[[str], None]) -> LocalPgBouncer | None:
+    """The demo's application writes through a PgBouncer, which the cutover moves to the target;
+    without pgbouncer installed it writes on the source straight (and is refused at the fence)."""
+    if find_pgbouncer() is None:
+        say("PgBouncer is not installed (apt-get install pgbouncer): the application writes on the source "
+            "directly, and the cutover leaves moving it to you")
+        return None
+    try:
+        bouncer = LocalPgBouncer({"shop": f"host={server.host} port={server.port} dbname=shop user={server.user}"})
+        bouncer.start()
+    except ServerError as exc:
+        say(f"PgBouncer did not start ({exc}): the application writes on the source directly")
+        return None
+    say(f"the application connects through PgBouncer (127.0.0.1:{bouncer.port}, transaction pooling): the cutover "
+        "pauses it, repoints it to the target and resumes it")
+    return bouncer
