@@ -21,6 +21,7 @@ from typing import Any
 import psycopg2
 import pytest
 
+from replicator.local.pgbouncer import LocalPgBouncer, find_pgbouncer
 from replicator.local.servers import LocalServer, ServerError, find_bindir
 from tests.tcpproxy import TcpProxy
 
@@ -332,6 +333,29 @@ class Daemon:
     def close(self) -> None:
         if self.running():
             self.stop(9)
+
+
+@pytest.fixture
+def pgbouncer() -> Iterator[Callable[..., LocalPgBouncer]]:
+    """`make(db, pool_mode="transaction")`: a PgBouncer (Debian's package) with one database entry,
+    named like `db`, in front of it; stopped after the test. Without pgbouncer installed the test
+    skips, and fails under CI=true (.ci/run installs it)."""
+    started: list[LocalPgBouncer] = []
+
+    def make(db: Db, pool_mode: str = "transaction", pool_size: int = 10) -> LocalPgBouncer:
+        if find_pgbouncer() is None:
+            why = "pgbouncer is not installed (Debian: apt-get install pgbouncer)"
+            if os.environ.get("CI", "").lower() in ("1", "true"):
+                pytest.fail(why)
+            pytest.skip(f"{why}; bash .ci/run installs it")
+        b = LocalPgBouncer({db.name: f"host={db.server.host} port={db.server.port} dbname={db.name} "
+                                     f"user={db.user or db.server.user}"}, pool_mode=pool_mode, pool_size=pool_size)
+        started.append(b.start())
+        return b
+
+    yield make
+    for b in started:
+        b.cleanup()
 
 
 @pytest.hookimpl(hookwrapper=True)

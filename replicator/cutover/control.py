@@ -128,11 +128,11 @@ def undo(source: str, target: str, schema: str, slot: str, rec: Record, admin_ds
                                    "cutover` to finish it")
             b.write_line(entry, entry.line)
             did.append(f"PgBouncer's entry for {entry.database} points at the source again")
-        if pb.get("paused") and b.resume():
-            did.append(f"PgBouncer resumed {entry.database} (on the source)")
-    lifted = fence.lift(source, schema)
+    lifted = fence.lift(source, schema)  # before the resume: the clients let through may write
     if lifted:
         did.append(f"the fence is lifted ({len(lifted)} table(s) take writes again)")
+    if found is not None and (rec.pgbouncer or {}).get("paused") and found[0].resume():
+        did.append(f"PgBouncer resumed {found[1].database} (on the source)")
     state = cancel_or_undo(target, schema, slot, rec.cutover_id) if rec.unfinished else rec.state
     if state == "cancelled":
         did.append("the handoff is withdrawn (the daemon streams on)")

@@ -183,7 +183,8 @@ class Fence:
         cur.execute("""SELECT DISTINCT l.pid, pg_terminate_backend(l.pid) FROM pg_locks l
             JOIN pg_stat_activity a USING (pid)
             WHERE l.relation = ANY(%s::oid[]) AND l.granted AND l.mode = ANY(%s) AND l.pid <> pg_backend_pid()
-              AND a.backend_type = 'client backend'""", ([o for o, _ in relations], list(_WRITE_LOCKS)))
+              AND a.backend_type = 'client backend' AND a.xact_start < now() - make_interval(secs => %s)""",
+                    ([o for o, _ in relations], list(_WRITE_LOCKS), self.fence_wait))
         pids = [p for p, ok in cur.fetchall() if ok]
         cur.connection.rollback()
         if pids:

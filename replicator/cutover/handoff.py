@@ -44,6 +44,7 @@ import msgspec
 import psycopg2
 import psycopg2.extensions
 
+from sink import failpoints
 from sink.state import HANDOFF_PREFIX, ensure_schema, pgferry_session, quote_ident
 
 from ..errors import PgferryError
@@ -92,8 +93,16 @@ class Cutover:
         self.fenced = 0.0  # monotonic time the write downtime started (the pause, or the fence)
         self.paused_at: float | None = None
         self.switched = False  # the application may now write on the target: no undo past this
+        self._step: tuple[str, float] | None = None
 
     def record(self, **cols: Any) -> None:
+        """Store the run's progress (a step begins: the time the last one took goes in the receipt)."""
+        if "step" in cols:
+            now = time.monotonic()
+            if self._step is not None:
+                steps = self.receipt.setdefault("steps_s", {})
+                steps[self._step[0]] = round(steps.get(self._step[0], 0) + now - self._step[1], 3)
+            self._step = (cols["step"], now)
         control.update(self.target, self.schema, self.slot, self.cutover_id, **cols)
 
     # -- 1. before anything changes -------------------------------------------------------------
@@ -145,6 +154,7 @@ class Cutover:
             tables = f.raise_()
             self.receipt["fenced_tables"] = len(tables)
             self.receipt["sessions_ended"] = len(f.ended)
+            failpoints.hit("cutover_after_fence")
         self.fenced = self.paused_at if self.paused_at is not None else time.monotonic()
         self.receipt["fenced_at"] = _now()
         src = connect(self.source, "source")
@@ -171,6 +181,7 @@ class Cutover:
                 continue  # the daemon claimed it just now
             time.sleep(0.05)
         self.receipt["handed_off_after_s"] = round(time.monotonic() - self.fenced, 3)
+        failpoints.hit("cutover_after_handoff")
         return {"handoff_lsn": rec.handoff_lsn, "applied_lsn": rec.applied_lsn}
 
     def _undo_said(self) -> str:
@@ -209,6 +220,7 @@ class Cutover:
             self.pb["repointed"] = True
             self.record(step="repointing PgBouncer", pgbouncer=self.pb)
             line = self.bouncer.repoint(self.entry, self.pb["new"])
+            failpoints.hit("cutover_after_repoint")
             waiting, longest = self.bouncer.waiting()
             self.pb["resumed"] = True
             self.record(pgbouncer=self.pb)
@@ -226,14 +238,13 @@ class Cutover:
     def undo(self) -> list[str]:
         """Put back what this run changed (it failed before the application moved)."""
         did: list[str] = []
-        if self.bouncer is not None and self.entry is not None:
-            if self.pb.get("repointed"):
-                self.bouncer.write_line(self.entry, self.entry.line)
-                did.append("PgBouncer's entry restored")
-            if self.pb.get("paused") and self.bouncer.resume():
-                did.append("PgBouncer resumed on the source")
+        if self.bouncer is not None and self.entry is not None and self.pb.get("repointed"):
+            self.bouncer.write_line(self.entry, self.entry.line)
+            did.append("PgBouncer's entry restored")
         if self.opts.fence == "read-only" and fence.lift(self.source, self.schema):
             did.append("the fence is lifted")
+        if self.bouncer is not None and self.pb.get("paused") and self.bouncer.resume():
+            did.append("PgBouncer resumed on the source")  # after the lift: its clients may write
         state = control.cancel_or_undo(self.target, self.schema, self.slot, self.cutover_id)
         if self.pb:
             self.pb.update(paused=False, repointed=False)
@@ -247,6 +258,7 @@ class Cutover:
             r["refused_writes"] = fence.refused(conn.cursor(), self.schema)
         finally:
             conn.close()
+        self.record(step="done")
         r["client_errors"] = bool(r.get("refused_writes") or r.get("sessions_ended"))
         r["write_downtime_s"] = round(time.monotonic() - self.fenced, 3)
         r["finished_at"] = _now()
