@@ -335,6 +335,16 @@ class Daemon:
             self.stop(9)
 
 
+def require_pgbouncer() -> None:
+    """Skip a test that needs Debian's pgbouncer where it is not installed; under CI=true fail
+    instead (.ci/run installs it)."""
+    if find_pgbouncer() is None:
+        why = "pgbouncer is not installed (Debian: apt-get install pgbouncer)"
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail(why)
+        pytest.skip(f"{why}; bash .ci/run installs it")
+
+
 @pytest.fixture
 def pgbouncer() -> Iterator[Callable[..., LocalPgBouncer]]:
     """`make(db, pool_mode="transaction")`: a PgBouncer (Debian's package) with one database entry,
@@ -343,11 +353,7 @@ def pgbouncer() -> Iterator[Callable[..., LocalPgBouncer]]:
     started: list[LocalPgBouncer] = []
 
     def make(db: Db, pool_mode: str = "transaction", pool_size: int = 10) -> LocalPgBouncer:
-        if find_pgbouncer() is None:
-            why = "pgbouncer is not installed (Debian: apt-get install pgbouncer)"
-            if os.environ.get("CI", "").lower() in ("1", "true"):
-                pytest.fail(why)
-            pytest.skip(f"{why}; bash .ci/run installs it")
+        require_pgbouncer()
         b = LocalPgBouncer({db.name: f"host={db.server.host} port={db.server.port} dbname={db.name} "
                                      f"user={db.user or db.server.user}"}, pool_mode=pool_mode, pool_size=pool_size)
         started.append(b.start())

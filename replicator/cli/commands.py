@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="migrate sample data between two embedded servers under live writes")
     demo.add_argument("--write-seconds", type=_positive(float), default=10.0,
                       help="how long the application keeps writing once streaming runs (default 10)")
+    demo.add_argument("--no-pgbouncer", action="store_true",
+                      help="the application writes on the source directly, without the PgBouncer the demo "
+                           "starts when pgbouncer is installed (the cutover then leaves moving it to you)")
     return parser
 
 
@@ -214,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             from ..local.demo import run_demo
-            return run_demo(args.write_seconds)
+            return run_demo(args.write_seconds, use_pgbouncer=not args.no_pgbouncer)
         settings = config.load(args.config, _flags(args))
         if args.command == "config":
             return _config(args, settings)

@@ -78,7 +78,8 @@ def _writer(dsn: str, stop: threading.Event, counter: list[int], refused: list[s
             if not through_bouncer:
                 break
             failed.append(first_line(exc))
-            conn.rollback()
+            if conn is not None and not conn.closed:
+                conn.rollback()
         except psycopg2.Error as exc:
             failed.append(first_line(exc))
             if conn is not None and not conn.closed:
@@ -130,12 +131,13 @@ def _wait(cond: object, timeout: float, what: str, daemon: subprocess.Popen, run
         time.sleep(0.2)
 
 
-def run_demo(write_seconds: float = 10.0, out: IO[str] = sys.stdout) -> int:
+def run_demo(write_seconds: float = 10.0, out: IO[str] = sys.stdout, use_pgbouncer: bool = True) -> int:
     def say(text: str) -> None:
         print(f"pgferry demo: {text}", file=out, flush=True)
 
     say("starting two embedded PostgreSQL 18 servers (source and target)...")
     servers: list[LocalServer] = []
+    bouncer: LocalPgBouncer | None = None
     try:
         try:
             servers.append(LocalServer(18, name="demo-src-").start())
@@ -150,7 +152,10 @@ def run_demo(write_seconds: float = 10.0, out: IO[str] = sys.stdout) -> int:
         say("source loaded: 20,000 accounts (some with TOASTed notes), 100,000 transfers, 50,000 events "
             "in a partitioned table, a sequence")
 
-        bouncer = _start_pgbouncer(src_server, say)
+        bouncer = _start_pgbouncer(src_server, say) if use_pgbouncer else None
+        if not use_pgbouncer:
+            say("--no-pgbouncer: the application writes on the source directly, and the cutover leaves moving it "
+                "to you")
         app = bouncer.dsn("shop") if bouncer is not None else src
         stop, counter, refused, failed = threading.Event(), [0], list[str](), list[str]()
         writer = threading.Thread(target=_writer, args=(app, stop, counter, refused, failed, bouncer is not None),

@@ -85,6 +85,9 @@ def schema_of(db: Db) -> list[str]:
                          env=libpq_env(db.dsn))
     # pgferry's capture on the source; NOT NULL constraints as PostgreSQL 18 names them (15 does not)
     text = re.sub(r"CREATE EVENT TRIGGER[^;]*;", "", res.stdout)
+    # the cutover's fence, which stays on the source after the handoff
+    text = re.sub(r"(CREATE TRIGGER pgferry_fence|ALTER TABLE [^;]* ENABLE ALWAYS TRIGGER pgferry_fence)[^;]*;", "",
+                  text)
     text = re.sub(r"CONSTRAINT \w+_not_null NOT NULL", "NOT NULL", text)
     # and view bodies: 15 qualifies their columns with the table's name, 16+ do not
     text = re.sub(r"CREATE VIEW [^;]*;", lambda m: re.sub(r"\b\w+\.(?=\w+\b(?!\s+AS\b))", "", m.group(0)), text)

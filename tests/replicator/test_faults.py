@@ -69,7 +69,9 @@ def test_a_full_target_disk_makes_pgferry_wait_then_finish(pair, daemons):
         wait_for(lambda: "No space left on device" in d.output(), 60, "the target to run out of space")
         time.sleep(3)  # pgferry waits with backoff: still running, a handful of attempts
         assert d.running(), d.output()
-        assert d.output().count("No space left on device") <= 3, d.output()
+        # logged once per incident, not per attempt; a new incident when a batch got through meanwhile
+        # (autovacuum frees the space of the aborted attempts' rows), or a file name changed in the message
+        assert d.output().count("No space left on device") <= 6, d.output()
         subprocess.run(["mount", "-o", "remount,size=64M", str(space)], check=True)
         d.wait_caught_up(timeout=120)
         assert_same_tables(src, dst, {"big": ["id", "pad"]})
