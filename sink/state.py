@@ -97,7 +97,8 @@ def ensure_schema(cur: Any, schema: str) -> None:
         done_at timestamptz)""")
     cur.execute(f"ALTER TABLE {s}.control ADD COLUMN IF NOT EXISTS step text, "
                 "ADD COLUMN IF NOT EXISTS fence text, ADD COLUMN IF NOT EXISTS pgbouncer jsonb, "
-                "ADD COLUMN IF NOT EXISTS receipt jsonb, ADD COLUMN IF NOT EXISTS updated_at timestamptz")
+                "ADD COLUMN IF NOT EXISTS receipt jsonb, ADD COLUMN IF NOT EXISTS updated_at timestamptz, "
+                "ADD COLUMN IF NOT EXISTS fallback jsonb")  # the way back (replicator/cutover/fallback.py)
     # Initial sync, per slot: the phase (schema -> copy -> streaming) and per table its state and
     # the snapshot LSN its copy was taken at. Stream changes to a table that commit before its
     # snapshot LSN are already in the copy and are skipped (PostgreSQL's table sync does the same).

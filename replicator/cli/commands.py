@@ -7,9 +7,11 @@ failures print one line `pgferry: error: ...` (what failed, what to do) and neve
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import psycopg2
 
@@ -17,6 +19,11 @@ from sink.apply import BatchLimits
 
 from ..errors import EXIT_PROBLEM, EXIT_USAGE, PgferryError, UsageError, first_line
 from . import config
+
+if TYPE_CHECKING:
+    from ..cutover.fallback import Reverse
+
+log = logging.getLogger("pgferry")
 
 
 # Options that are also settings (replicator/cli/config.py) default to None here: None means "not
@@ -129,43 +136,56 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--mode", choices=["count", "checksum"], default="checksum")
     verify.add_argument("--json", action="store_true", help="one JSON object")
 
+    def handoff_flags(p: argparse.ArgumentParser) -> None:
+        common(p)
+        p.add_argument("--publication", help="default: pgferry")
+        p.add_argument("--fence", choices=["read-only", "none"], default="read-only",
+                       help="read-only (default): every published table refuses writes from every session but "
+                            "pgferry's (a trigger no role or setting bypasses; lifted on failure); none: you "
+                            "stopped the writers yourself")
+        p.add_argument("--fence-wait", type=_positive(float), default=5.0,
+                       help="seconds the fence waits for writes in flight before it ends the sessions holding "
+                            "them (default 5)")
+        p.add_argument("--timeout", type=_positive(float), default=60.0,
+                       help="seconds to wait for the daemon to apply up to the handoff (default 60)")
+        p.add_argument("--receipt", default=None, help="also write the JSON receipt to this file")
+        p.add_argument("--verify", choices=["checksum", "count"], default="checksum",
+                       help="how the tables are compared after the handoff, while the source is still fenced: "
+                            "checksum (default) reads every row on both sides; count only counts them, for a "
+                            "shorter write downtime on a big database")
+        p.add_argument("--pgbouncer", metavar="DSN", default=None,
+                       help="the admin console of the PgBouncer the application reaches the source through "
+                            "(e.g. 'host=10.0.0.5 port=6432 user=pgbouncer'): PAUSE it, then repoint its database "
+                            "entry to the target and RESUME, so clients see a pause, not an error")
+        p.add_argument("--pgbouncer-database", metavar="NAME", default=None,
+                       help="PgBouncer's database entry to move (default: the source DSN's dbname)")
+        p.add_argument("--pgbouncer-config", metavar="FILE", default=None,
+                       help="PgBouncer's config file with that entry (default: the one it runs with, SHOW CONFIG)")
+        p.add_argument("--pgbouncer-target", metavar="CONNINFO", default=None,
+                       help="the entry's new settings, e.g. 'host=new port=5432 dbname=app user=app' (default: "
+                            "host, port and dbname of --target; the entry's other settings stay)")
+        p.add_argument("--switch-command", metavar="CMD", default=None,
+                       help="a shell command that moves the application (DNS, a proxy, a flag), run once the "
+                            "target verified, with PGFERRY_HANDOFF_LSN, PGFERRY_CUTOVER_ID and PGFERRY_TARGET_DSN "
+                            "set; a failure undoes the cutover like a failed verify")
+        p.add_argument("--switch-timeout", type=_positive(float), default=60.0,
+                       help="seconds the switch command may take (default 60)")
+        p.add_argument("--undo", action="store_true",
+                       help="undo an interrupted or failed cutover: PgBouncer's entry and pause, the fence, the "
+                            "handoff (refused once the application has moved)")
+
     cutover = sub.add_parser("cutover", help="fence the source, hand off at one LSN, copy sequences, verify")
-    common(cutover)
-    cutover.add_argument("--publication", help="default: pgferry")
-    cutover.add_argument("--fence", choices=["read-only", "none"], default="read-only",
-                         help="read-only (default): every published table refuses writes from every session but "
-                              "pgferry's (a trigger no role or setting bypasses; lifted on failure); none: you "
-                              "stopped the writers yourself")
-    cutover.add_argument("--fence-wait", type=_positive(float), default=5.0,
-                         help="seconds the fence waits for writes in flight before it ends the sessions holding "
-                              "them (default 5)")
-    cutover.add_argument("--timeout", type=_positive(float), default=60.0,
-                         help="seconds to wait for the daemon to apply up to the handoff (default 60)")
-    cutover.add_argument("--receipt", default=None, help="also write the JSON receipt to this file")
-    cutover.add_argument("--verify", choices=["checksum", "count"], default="checksum",
-                         help="how the tables are compared after the handoff, while the source is still fenced: "
-                              "checksum (default) reads every row on both sides; count only counts them, for a "
-                              "shorter write downtime on a big database")
-    cutover.add_argument("--pgbouncer", metavar="DSN", default=None,
-                         help="the admin console of the PgBouncer the application reaches the source through "
-                              "(e.g. 'host=10.0.0.5 port=6432 user=pgbouncer'): PAUSE it, then repoint its database "
-                              "entry to the target and RESUME, so clients see a pause, not an error")
-    cutover.add_argument("--pgbouncer-database", metavar="NAME", default=None,
-                         help="PgBouncer's database entry to move (default: the source DSN's dbname)")
-    cutover.add_argument("--pgbouncer-config", metavar="FILE", default=None,
-                         help="PgBouncer's config file with that entry (default: the one it runs with, SHOW CONFIG)")
-    cutover.add_argument("--pgbouncer-target", metavar="CONNINFO", default=None,
-                         help="the entry's new settings, e.g. 'host=new port=5432 dbname=app user=app' (default: "
-                              "host, port and dbname of --target; the entry's other settings stay)")
-    cutover.add_argument("--switch-command", metavar="CMD", default=None,
-                         help="a shell command that moves the application (DNS, a proxy, a flag), run once the "
-                              "target verified, with PGFERRY_HANDOFF_LSN, PGFERRY_CUTOVER_ID and PGFERRY_TARGET_DSN "
-                              "set; a failure undoes the cutover like a failed verify")
-    cutover.add_argument("--switch-timeout", type=_positive(float), default=60.0,
-                         help="seconds the switch command may take (default 60)")
-    cutover.add_argument("--undo", action="store_true",
-                         help="undo an interrupted or failed cutover: PgBouncer's entry and pause, the fence, the "
-                              "handoff (refused once the application has moved)")
+    handoff_flags(cutover)
+    cutover.add_argument("--fallback", action="store_true",
+                         help="keep a way back: before the application is let onto the target, create a slot "
+                              "there, and stream its writes back into the (still fenced) source")
+    rollback = sub.add_parser("rollback", help="after a cutover with --fallback: hand back to the old source at "
+                                               "one LSN (the cutover in reverse)")
+    handoff_flags(rollback)
+    fallback = sub.add_parser("fallback", help="`fallback stop`: the migration is confirmed; drop the reverse slot")
+    fallback.add_argument("action", choices=["stop"])
+    common(fallback)
+    fallback.add_argument("--publication", help="default: pgferry")
 
     cleanup = sub.add_parser("cleanup", help="drop the slot and publication pgferry created")
     common(cleanup)
@@ -226,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tail(settings.source, settings.publication, args.slot)
         if args.command == "start":
             return _start(settings, args)
-        if args.command in ("status", "verify", "cutover", "cleanup", "preflight", "skip", "resync"):
+        if args.command in ("status", "verify", "cutover", "rollback", "fallback", "cleanup", "preflight", "skip",
+                            "resync"):
             return _admin(args, settings)
     except PgferryError as exc:
         print(f"pgferry: error: {exc}", file=sys.stderr)
@@ -303,14 +324,19 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
         tables = [t.strip() for t in args.tables.split(",")] if args.tables else None
         results = verify(src, dst, settings.publication, tables, args.mode)
         return print_results(results, args.json)
-    if args.command == "cutover":
-        from ..cutover.handoff import CutoverOptions, run_cutover
+    if args.command in ("cutover", "rollback"):
+        from ..cutover.handoff import CutoverOptions, run_cutover, run_rollback
         opts = CutoverOptions(fence=args.fence, timeout=args.timeout, receipt_path=args.receipt,
                               verify_mode=args.verify, fence_wait=args.fence_wait, pgbouncer=args.pgbouncer,
                               pgbouncer_database=args.pgbouncer_database, pgbouncer_config=args.pgbouncer_config,
                               pgbouncer_target=args.pgbouncer_target, switch_command=args.switch_command,
-                              switch_timeout=args.switch_timeout)
+                              switch_timeout=args.switch_timeout, fallback=getattr(args, "fallback", False))
+        if args.command == "rollback":
+            return run_rollback(src, dst, settings.publication, slot, schema, opts, undo=args.undo)
         return run_cutover(src, dst, settings.publication, slot, schema, opts, undo=args.undo)
+    if args.command == "fallback":
+        from ..cutover.fallback import run_fallback_stop
+        return run_fallback_stop(src, dst, schema, slot)
     from ..cutover.cleanup import run_cleanup
     return run_cleanup(src, dst, slot, schema, args.drop_state)
 
@@ -334,7 +360,6 @@ def load_hook(spec: str, what: str = "--message-hook") -> Callable[..., object]:
 
 def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
     from ..stream import metrics
-    from ..stream.session import StreamConfig, run_stream
     from . import logs
     from .priority import lower_priority
 
@@ -344,15 +369,19 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
         raise UsageError("no target given: pass --target DSN or set PGFERRY_TARGET")
     if not st.source:
         raise UsageError("no source given: pass --source DSN or set PGFERRY_SOURCE")
-    hook = load_hook(st.message_hook) if st.message_hook else None
-    conflict_policies = config.policies(st, load_hook)
+    if st.message_hook:  # a bad hook or conflict setting: an error before anything starts
+        load_hook(st.message_hook)
+    config.policies(st, load_hook)
     if st.metrics_port:
         metrics.serve(st.metrics_port, st, st.metrics_address)
+    from ..cutover import fallback
+    from ..cutover.control import check_start
     from .preflight import preflight_for_start
 
+    reverse = fallback.reverse_of(st.source, st.target, st.state_schema, st.slot)
+    if reverse is not None:  # after a cutover with --fallback: the new server's writes, back to the old
+        return _stream(st, args, reverse)
     preflight_for_start(st)
-    from ..cutover.control import check_start
-
     check_start(st.source, st.target, st.state_schema, st.slot)
     if st.ddl_capture:  # before the slot's snapshot: every schema change after it is captured
         from ..ddl.capture import install_for_start
@@ -379,20 +408,46 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
         from ..sync.holdback import hold_migrated
 
         hold_migrated(st.source, st.target, st.state_schema, st.slot, st.publication, st.tables)
+    return _stream(st, args, None)
+
+
+def _stream(st: config.Settings, args: argparse.Namespace | None, reverse: Reverse | None) -> int:
+    """Stream forward, or in reverse after a cutover with --fallback; a forward daemon whose handoff
+    comes with a fallback turns around once the cutover has made the reverse slot."""
+    from ..cutover import fallback
+    from ..stream import metrics
+    from ..stream.session import StreamConfig, run_stream
+    from ..stream.stopflag import StopFlag
+    from ..stream.throttle import Throttle
+
+    hook = load_hook(st.message_hook) if st.message_hook else None
+
     def reload() -> tuple[object, BatchLimits]:
         """SIGHUP: the settings again (file, env, the same flags): budgets and batch limits."""
         fresh = config.load(args.config, _flags(args)) if args is not None else st
         return config.budgets(fresh), _limits(fresh)
 
-    from ..stream.throttle import Throttle
-
-    throttle = metrics.STATE.throttle = Throttle(config.budgets(st))
-    cfg = StreamConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
-                       schema=st.state_schema, spool_dir=st.spool_dir, message_hook=hook,
-                       network_timeout=st.network_timeout, policies=conflict_policies, limits=_limits(st),
-                       throttle=throttle, reload=reload, ddl=st.ddl,
-                       keep_constraints=st.keep_constraints, dropped_columns=st.dropped_columns,
-                       ddl_tables=config.ddl_tables(st))
-    metrics.STATE.phase = "streaming"
-    return run_stream(cfg)
+    stop = StopFlag()
+    stop.install()
+    while True:
+        source, target, publication, slot = ((st.source, st.target, st.publication, st.slot) if reverse is None
+                                             else (reverse.source, reverse.target, reverse.publication, reverse.slot))
+        throttle = metrics.STATE.throttle = Throttle(config.budgets(st))
+        cfg = StreamConfig(source=source, target=target, publication=publication, slot=slot,
+                           schema=st.state_schema, spool_dir=st.spool_dir, message_hook=hook,
+                           network_timeout=st.network_timeout, policies=config.policies(st, load_hook),
+                           limits=_limits(st), throttle=throttle, reload=reload, ddl=st.ddl,
+                           keep_constraints=st.keep_constraints, dropped_columns=st.dropped_columns,
+                           ddl_tables=config.ddl_tables(st))
+        metrics.STATE.phase = "streaming"
+        metrics.STATE.direction = "forward" if reverse is None else "reverse"
+        metrics.STATE.streaming = (source, slot)
+        if reverse is not None:
+            log.info("streaming back: the new server's writes (slot %s) into the old source (fallback)", slot)
+        rc = run_stream(cfg, stop)
+        if rc != 0 or stop.set or reverse is not None:
+            return rc
+        reverse = fallback.await_reverse(st.source, st.target, st.state_schema, st.slot, stop)
+        if reverse is None:
+            return 0
 

@@ -18,7 +18,7 @@ from decoder import Lsn
 from sink.state import quote_ident, readable_name
 
 from ..cutover import control as cutover_control
-from ..cutover import fence
+from ..cutover import fallback, fence
 from ..source import connect, read_state
 from ..sync import holdback
 from ..sync.holdback import HeldBack
@@ -66,6 +66,10 @@ class Status(msgspec.Struct):
     cutover_state: str | None = None
     fenced_tables: int = 0
     action: str | None = None
+    # "reverse" once a cutover with --fallback is done: the new server streams back into the old
+    # source; `fallback`: its state, slot, applied LSN, lag and the WAL the slot keeps on the new server
+    direction: str = "forward"
+    fallback: dict[str, Any] | None = None
 
 
 def collect(source: str, target: str, slot: str, schema: str,
@@ -152,7 +156,10 @@ def collect(source: str, target: str, slot: str, schema: str,
         cutover=f"{control[0]} at {control[1]}" if control and control[1] else (control[0] if control else None),
         tables=tables, conflicts_by_table=conflicts, wal_guard=_guard(slot_row, guard), held_back=held,
         ddl=ddl, cutover_state=control[0] if control else None, fenced_tables=len(fenced),
-        action=cutover_control.advice(record, fenced))
+        action=cutover_control.advice(record, fenced),
+        direction="reverse" if record is not None and record.state == "done" and record.fallback
+        and record.fallback.get("state") == "active" else "forward",
+        fallback=fallback.status(source, target, schema, record.fallback) if record and record.fallback else None)
 
 
 def _guard(slot_row: Any, guard: tuple[int | None, int | None]) -> str | None:
@@ -188,6 +195,12 @@ def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, 
         lines.append(f"cutover       {st.cutover}")
     if st.fenced_tables:
         lines.append(f"fence         up: {st.fenced_tables} source table(s) refuse writes")
+    if st.fallback:
+        fb = st.fallback
+        daemon = "streaming back" if fb.get("streaming") else "not running"
+        lines.append(f"fallback      {fb['state']}" + (
+            f": {fb['slot']} on the target, applied {fb.get('applied_lsn') or '-'}, lag {_mb(fb.get('lag_bytes'))}, "
+            f"retains {_mb(fb.get('retained_wal_bytes'))} (daemon {daemon})" if fb["state"] == "active" else ""))
     if st.action:
         lines.append(f"TO DO         {st.action}")
     if st.wal_guard:

@@ -42,6 +42,7 @@ class Record:
     pgbouncer: dict[str, Any] | None
     receipt: dict[str, Any] | None
     requested_at: Any = None
+    fallback: dict[str, Any] | None = None  # the reverse direction (cutover/fallback.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -52,7 +53,7 @@ class Record:
 def read(target: str, schema: str, slot: str) -> Record | None:
     def q(cur: Any, s: str) -> Any:
         cur.execute(f"SELECT c.cutover_id, c.state, c.handoff_lsn::text, p.applied_lsn::text, c.step, c.fence, "
-                    f"c.pgbouncer, c.receipt, c.requested_at FROM {s}.control c "
+                    f"c.pgbouncer, c.receipt, c.requested_at, c.fallback FROM {s}.control c "
                     f"LEFT JOIN {s}.progress p USING (slot_name) WHERE c.slot_name = %s", (slot,))
         return cur.fetchone()
 
@@ -66,7 +67,8 @@ def read(target: str, schema: str, slot: str) -> Record | None:
 def update(target: str, schema: str, slot: str, cutover_id: str, **cols: Any) -> None:
     """Set columns of this cutover's row (committed before the step it prepares)."""
     sets = ", ".join(f"{k} = %s" for k in cols) + ", updated_at = now()"
-    values = [json.dumps(v) if k in ("pgbouncer", "receipt") and v is not None else v for k, v in cols.items()]
+    values = [json.dumps(v) if k in ("pgbouncer", "receipt", "fallback") and v is not None else v
+              for k, v in cols.items()]
     conn = connect(target, "target")
     try:
         with conn.cursor() as cur:
@@ -128,6 +130,11 @@ def undo(source: str, target: str, schema: str, slot: str, rec: Record, admin_ds
                                    "cutover` to finish it")
             b.write_line(entry, entry.line)
             did.append(f"PgBouncer's entry for {entry.database} points at the source again")
+    fb = rec.fallback or {}
+    if fb.get("state") == "active" and rec.unfinished:  # made before the application moved: of no use now
+        from .fallback import drop
+
+        did.extend(f"dropped the fallback's {what}" for what in drop(target, fb))
     lifted = fence.lift(source, schema)  # before the resume: the clients let through may write
     if lifted:
         did.append(f"the fence is lifted ({len(lifted)} table(s) take writes again)")

@@ -23,6 +23,14 @@ are not migrated either.
 
 The trigger function counts each refused statement in a sequence (nextval is not rolled back with
 the refused transaction): the receipt's `refused_writes`.
+
+pgferry's own sessions pass: after a cutover with `--fallback` the daemon applies the new server's
+writes to the fenced old source. The fence lets through a session whose `pgferry.fence_key`
+setting equals a random key kept as the value of a sequence in the state schema that only its
+owner (pgferry's source role) may read; the trigger function, SECURITY DEFINER, reads it. A
+sequence, not a table: a publication FOR ALL TABLES would stream a table's row to the target.
+A client would have to read that sequence first: the fence keeps out applications, not pgferry's
+own role.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ log = logging.getLogger("pgferry.cutover")
 TRIGGER = "pgferry_fence"
 FUNCTION = "pgferry_fence"
 COUNTER = "pgferry_fence_refused"
+KEY_TABLE = "fence_key"
+KEY_SETTING = "pgferry.fence_key"
 # conflicts with SHARE ROW EXCLUSIVE: a write (RowExclusive) or stronger, held by another session
 _WRITE_LOCKS = ("RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
                 "ExclusiveLock", "AccessExclusiveLock")
@@ -54,6 +64,9 @@ def _function_sql(schema: str, cutover_id: str) -> str:
     return f"""CREATE OR REPLACE FUNCTION {s}.{FUNCTION}() RETURNS trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog AS $pgferry$
 BEGIN
+    IF current_setting('{KEY_SETTING}', true) = (SELECT last_value::text FROM {s}.{KEY_TABLE}) THEN
+        RETURN NULL;  -- pgferry's own apply (a fallback); a statement trigger's result is ignored
+    END IF;
     PERFORM nextval('{s}.{COUNTER}');
     RAISE EXCEPTION 'pgferry: table %.% is fenced: this database is being handed over to another server '
                     '(cutover {cutover_id}); writes are refused here',
@@ -144,6 +157,11 @@ class Fence:
                 try:
                     cur.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
                     cur.execute(f"CREATE SEQUENCE IF NOT EXISTS {s}.{COUNTER}")
+                    cur.execute("SELECT to_regclass(%s) IS NULL", (f"{s}.{KEY_TABLE}",))
+                    if cur.fetchone()[0]:
+                        cur.execute(f"CREATE SEQUENCE {s}.{KEY_TABLE} MINVALUE 1 MAXVALUE 9000000000000000000")
+                        cur.execute(f"REVOKE ALL ON {s}.{KEY_TABLE} FROM PUBLIC")
+                        cur.execute(f"SELECT setval('{s}.{KEY_TABLE}', 1 + floor(random() * 8.9e18)::bigint)")
                     cur.execute(_function_sql(self.schema, self.cutover_id))
                     for _, name in relations:
                         cur.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {name}")
@@ -225,6 +243,7 @@ def lift(dsn: str, schema: str, deadline_s: float = 60.0) -> list[str]:
                     if cur.fetchone()[0]:
                         cur.execute(f"DROP FUNCTION IF EXISTS {s}.{FUNCTION}()")
                         cur.execute(f"DROP SEQUENCE IF EXISTS {s}.{COUNTER}")
+                        cur.execute(f"DROP SEQUENCE IF EXISTS {s}.{KEY_TABLE}")
                     conn.commit()
                     break
                 except psycopg2.errors.LockNotAvailable:
@@ -241,6 +260,21 @@ def lift(dsn: str, schema: str, deadline_s: float = 60.0) -> list[str]:
     if tables:
         log.info("fence lifted: %d source table(s) take writes again", len(tables))
     return tables
+
+
+def pass_through(conn: Any, schema: str) -> bool:
+    """Let this session (pgferry's apply into a fenced server) through the fence, if one is up
+    there; commits. True when a fence key was found."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", (f"{quote_ident(schema)}.{KEY_TABLE}",))
+        if cur.fetchone()[0] is None:
+            conn.commit()
+            return False
+        cur.execute(f"SELECT set_config(%s, last_value::text, false) FROM {quote_ident(schema)}.{KEY_TABLE}",
+                    (KEY_SETTING,))
+        found = cur.fetchone() is not None
+    conn.commit()
+    return found
 
 
 def source_fenced(dsn: str) -> list[str]:

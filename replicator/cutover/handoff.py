@@ -1,30 +1,69 @@
-"""`pgferry cutover`: fence the source, hand off at one LSN, copy sequences, verify, receipt.
+"""`pgferry cutover`: fence the source, hand off at one LSN, copy sequences, verify, move the
+application, receipt.
+
+Before anything changes:
 
 0. ANALYZE the published tables (and the partitioned tables above them, the partitions below)
    never analyzed on the target (planner statistics for the application's first queries; before
-   the fence: no downtime).
-1. Register the cutover on the target (`control`: state 'requested', a fresh id).
-2. Fence (`--fence read-only`, default): `ALTER DATABASE ... SET default_transaction_read_only =
-   on` makes every new session of every role read-only, and the sessions still open are ended
-   (pgferry's own walsender is not a client backend and keeps running). `--fence none` leaves
-   that to the operator.
-3. Write the handoff marker through the source's WAL: a transactional logical message carrying
-   the cutover id, from a session that overrides the read-only default. Everything committed
-   before the fence is before the marker in commit order.
-4. The daemon applies every transaction up to and including the marker's, claims the cutover in
-   that same target transaction (state 'done', handoff LSN = the marker's commit end LSN, which is
-   also the stored progress) and stops. So the handoff LSN equals the applied LSN by construction.
-5. Copy sequence values (the source is fenced: they are final), verify every table (`--verify`:
-   checksum, or count for a shorter write downtime).
-6. Create what was held back (replicator/sync/holdback.py): triggers, rules and foreign keys NOT VALID,
-   in one transaction, before the application moves. Then validate the foreign keys (the
-   application's writes go on) and write the receipt: a key the data breaks is named with its
-   rows, and the exit code is 1, but the handoff stands.
+   the fence: no downtime). With `--pgbouncer`, look at its entry first (SHOW DATABASES, SHOW
+   CONFIG, the config file's line): a missing entry, session pooling, a config file pgferry cannot
+   read or write, or an entry paused already is refused here (pgbouncer.py), when there is
+   nothing to put back.
+1. Register the cutover on the target (`control`: state 'requested', a fresh id, the fence mode,
+   and for PgBouncer the admin DSN without its password, the config file and the entry's line as
+   it is). Each step below is recorded in `control.step` before it starts, and what it is about to
+   change (paused, repointed, resumed) before it changes it: a cutover killed anywhere leaves what
+   `pgferry cutover --undo`, the next `pgferry cutover` and `status` need (control.py).
 
-On a timeout the cutover first cancels its request (an UPDATE that races the daemon's claim
-through the same row: exactly one wins), then lifts the fence and exits 1: the daemon keeps
-streaming and will ignore the marker. If verification fails after the handoff, the fence is
-lifted too (the target is not ready) and the exit code is 1; run `pgferry start` to stream again.
+The write downtime:
+
+2. `--pgbouncer`: `PAUSE` its database. Transactions in flight finish, new ones queue inside
+   PgBouncer, its server connections close (within min(--timeout, 30) s, else it is resumed and
+   nothing was changed). From here on clients wait; they are not refused.
+3. Fence (`--fence read-only`, default; fence.py): in one source transaction, LOCK the published
+   tables (with the partitions and partitioned tables around them) IN SHARE ROW EXCLUSIVE MODE,
+   which waits for the writers in flight (a client session still holding a write open after
+   --fence-wait seconds is ended: its transaction never commits), then create the statement-level
+   trigger `pgferry_fence` on each, ENABLE ALWAYS. Every later INSERT, UPDATE, DELETE, TRUNCATE
+   or COPY on them fails with SQLSTATE 25006, whatever the role or session settings; reads go on.
+   `--fence none` leaves stopping the writers to the operator.
+4. Write the handoff marker through the source's WAL: a transactional logical message carrying
+   the cutover id, committed on its own. Everything committed on the published tables before the
+   fence is before the marker in commit order, and nothing can commit on them after it.
+5. The daemon applies every transaction up to and including the marker's, claims the cutover in
+   that same target transaction (state 'handed_off', handoff LSN = the marker's commit end LSN,
+   which is also the stored progress) and stops. So the handoff LSN equals the applied LSN by
+   construction.
+6. Copy sequence values, then verify every table (`--verify`: checksum, or count for a shorter
+   write downtime). The source is fenced, so neither side moves while they are compared.
+7. If every table matched: create what was held back (replicator/sync/holdback.py): triggers,
+   rules and foreign keys NOT VALID, in one transaction, before the application moves.
+8. Move the application: run `--switch-command` (through the shell, with PGFERRY_HANDOFF_LSN,
+   PGFERRY_CUTOVER_ID and PGFERRY_TARGET_DSN set, within --switch-timeout); then, with
+   `--pgbouncer`, rewrite its entry to the target in the config file, RELOAD, check SHOW DATABASES
+   runs it there, and RESUME: the queued clients go on on the target. From the RESUME on the
+   application may write on the target, so nothing is undone after it.
+9. Mark the cutover 'done' (with the receipt, in `control`), validate the foreign keys (the
+   application's writes go on) and write the receipt: a key the data breaks is named with its
+   rows, and the exit code is 1, but the handoff stands. The fence stays up: the old server keeps
+   refusing writes until `pgferry cleanup`.
+
+Undo. Any failure before the application moved puts back what this run changed, in this order:
+PgBouncer's entry (if it was rewritten), the fence (dropped, so writers on the source go on),
+PgBouncer's pause (resumed after the fence is gone, so the clients it lets through may write),
+and the request (an UPDATE that races the daemon's claim through the same row: 'cancelled' when
+the daemon had not claimed it, and it will ignore the marker; 'undone' after the handoff, when
+the daemon has stopped: `pgferry start` streams again). That covers a timeout waiting for the
+daemon, a failed verify (the receipt is printed with ok false), a failing or slow switch command
+and a PgBouncer that does not take the new entry; exit 1. What the switch command itself changed
+is not undone.
+
+Killed part-way (SIGKILL, a lost machine): the next `pgferry cutover` reads `control`. Before
+the handoff ('requested', or a fence left up) it undoes the earlier run, then cuts over afresh;
+after it ('handed_off') it finishes that cutover: the PgBouncer on record paused again if need
+be, sequences, verify, the switch (the --switch-command given to this run: it may run a second
+time), receipt with resumed_after_interruption. `pgferry cutover --undo` undoes instead; it is
+refused once the application moved.
 """
 
 from __future__ import annotations
@@ -36,6 +75,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -47,11 +87,11 @@ import psycopg2.extensions
 from sink import failpoints
 from sink.state import HANDOFF_PREFIX, ensure_schema, pgferry_session, quote_ident
 
-from ..errors import PgferryError
+from ..errors import PgferryError, UsageError
 from ..source import connect, describe_dsn, published_tables
 from ..sync import holdback
 from ..sync.sequences import copy_sequences
-from . import control, fence
+from . import control, fallback, fence
 from .fence import Fence
 from .pgbouncer import Bouncer, Entry, target_settings
 from .verify import verify
@@ -76,6 +116,7 @@ class CutoverOptions:
     pgbouncer_target: str | None = None
     switch_command: str | None = None
     switch_timeout: float = 60.0
+    fallback: bool = False  # keep a way back (cutover/fallback.py)
 
 
 class Cutover:
@@ -94,6 +135,12 @@ class Cutover:
         self.paused_at: float | None = None
         self.switched = False  # the application may now write on the target: no undo past this
         self._step: tuple[str, float] | None = None
+        self.fallback: dict[str, Any] | None = None  # the reverse slot once made (--fallback)
+        # a rollback (the cutover in reverse): the old source's fence comes down before the
+        # application moves back, and goes up again if the rollback fails after that
+        self.old_source: tuple[str, str] | None = None  # (its DSN, the forward publication)
+        self.old_fence_lifted = False
+        self.forward: tuple[str, str] | None = None  # (the new server's DSN, the forward slot)
 
     def record(self, **cols: Any) -> None:
         """Store the run's progress (a step begins: the time the last one took goes in the receipt)."""
@@ -108,6 +155,8 @@ class Cutover:
     # -- 1. before anything changes -------------------------------------------------------------
     def prepare(self) -> None:
         o = self.opts
+        if o.fallback:
+            fallback.check_ready(self.source, self.target, self.schema, self.slot)
         if o.pgbouncer:
             database = o.pgbouncer_database or psycopg2.extensions.parse_dsn(self.source).get("dbname") or ""
             self.bouncer = Bouncer(o.pgbouncer, database, o.pgbouncer_config)
@@ -118,8 +167,11 @@ class Cutover:
             self.pb = {"admin": _without_password(o.pgbouncer), "database": database, "conffile": self.entry.conffile,
                        "line": self.entry.line, "paused": False, "repointed": False, "resumed": False,
                        "new": target_settings(self.target, o.pgbouncer_target)}
-        self.receipt = {"cutover_id": self.cutover_id, "fence": o.fence, "fenced_at": None,
+        self.receipt = {"cutover_id": self.cutover_id, "direction": "reverse" if self.old_source else "forward",
+                        "fence": o.fence, "fenced_at": None,
                         "analyzed": analyze_tables_without_statistics(self.source, self.target, self.publication)}
+        fb_slot, fb_pub = fallback.names(self.slot, self.publication)
+        requested = {"state": "requested", "slot": fb_slot, "publication": fb_pub} if o.fallback else None
         dst = connect(self.target, "target")
         try:
             cur = dst.cursor()
@@ -129,12 +181,13 @@ class Cutover:
                 raise PgferryError(f"target {describe_dsn(self.target)} has no pgferry progress for slot "
                                    f"{self.slot!r}: run `pgferry start` first")
             cur.execute(f"INSERT INTO {quote_ident(self.schema)}.control (slot_name, cutover_id, state, requested_at, "
-                        "step, fence, pgbouncer, receipt, updated_at) VALUES (%s, %s, 'requested', now(), 'requested', "
-                        "%s, %s, NULL, now()) ON CONFLICT (slot_name) DO UPDATE SET cutover_id = excluded.cutover_id, "
-                        "state = 'requested', requested_at = now(), handoff_lsn = NULL, done_at = NULL, step = "
-                        "excluded.step, fence = excluded.fence, pgbouncer = excluded.pgbouncer, receipt = NULL, "
-                        "updated_at = now()", (self.slot, self.cutover_id, o.fence,
-                                               json.dumps(self.pb) if self.pb else None))
+                        "step, fence, pgbouncer, receipt, updated_at, fallback) VALUES (%s, %s, 'requested', now(), "
+                        "'requested', %s, %s, NULL, now(), %s) ON CONFLICT (slot_name) DO UPDATE SET cutover_id = "
+                        "excluded.cutover_id, state = 'requested', requested_at = now(), handoff_lsn = NULL, done_at = "
+                        "NULL, step = excluded.step, fence = excluded.fence, pgbouncer = excluded.pgbouncer, receipt = "
+                        "NULL, updated_at = now(), fallback = excluded.fallback",
+                        (self.slot, self.cutover_id, o.fence, json.dumps(self.pb) if self.pb else None,
+                         json.dumps(requested) if requested else None))
             dst.commit()
         finally:
             dst.close()
@@ -209,9 +262,20 @@ class Cutover:
             r["held_back_created_s"] = round(holdback.create(self.target, self.schema, self.slot), 3)
         return bool(r["ok"])
 
-    # -- 4. move the application -------------------------------------------------------------------
+    # -- 4. a way back, then move the application ------------------------------------------------
+    def make_fallback(self) -> None:
+        """--fallback: the reverse slot, while nothing writes on the target yet (cutover/fallback.py)."""
+        self.record(step="creating the fallback")
+        self.fallback = fallback.establish(self.source, self.target, self.publication, self.slot, self.schema)
+        self.record(fallback=self.fallback)
+        self.receipt["fallback"] = dict(self.fallback)
+
     def switch(self) -> None:
         o, r = self.opts, self.receipt
+        if self.old_source is not None:  # a rollback: the old source takes the application's writes again
+            self.record(step="lifting the old source's fence")
+            self.old_fence_lifted = True
+            r["old_source_fence_lifted"] = len(fence.lift(self.old_source[0], self.schema))
         if o.switch_command:
             self.record(step="running the switch command")
             r["switch_command"] = run_switch_command(o.switch_command, r["handoff_lsn"], self.cutover_id,
@@ -238,6 +302,15 @@ class Cutover:
     def undo(self) -> list[str]:
         """Put back what this run changed (it failed before the application moved)."""
         did: list[str] = []
+        if self.old_source is not None and self.old_fence_lifted:  # a rollback failed while moving back
+            Fence(self.old_source[0], self.old_source[1], self.schema, self.cutover_id, self.opts.fence_wait,
+                  self.opts.timeout).raise_()
+            self.old_fence_lifted = False
+            did.append("the old source is fenced again")
+        if self.fallback is not None:
+            did.extend(f"dropped the fallback's {what}" for what in fallback.drop(self.target, self.fallback))
+            self.fallback = None
+            self.record(fallback=None)
         if self.bouncer is not None and self.entry is not None and self.pb.get("repointed"):
             self.bouncer.write_line(self.entry, self.entry.line)
             did.append("PgBouncer's entry restored")
@@ -273,6 +346,14 @@ class Cutover:
             dst.commit()
         finally:
             dst.close()
+        if self.fallback is not None:  # its WAL is of no use now; the reverse stream writes on the old source
+            r["fallback"]["forward_slot_dropped"] = fallback.drop_forward_slot(self.source, self.slot)
+        if self.forward is not None:  # a rollback: the forward cutover's fallback has been used
+            fb = control.read(self.forward[0], self.schema, self.forward[1])
+            if fb is not None and fb.fallback:
+                fallback.set_record(self.forward[0], self.schema, self.forward[1],
+                                    {**fb.fallback, "state": "rolled_back", "rolled_back_at": _now(),
+                                     "rollback_handoff_lsn": r["handoff_lsn"]})
         log.info("cutover done at %s: %s", r["handoff_lsn"], "the application is on the target"
                  if self.bouncer is not None or self.opts.switch_command else "point the application at the target")
         # Foreign keys came back NOT VALID; validating them scans, but lets the application write.
@@ -306,6 +387,8 @@ class Cutover:
         try:
             ok = self.check(handoff)
             if ok:
+                if self.opts.fallback:
+                    self.make_fallback()
                 self.switch()
         except BaseException as exc:
             if self.switched:
@@ -336,6 +419,7 @@ class Cutover:
                                                    "fenced_at": None}
         self.receipt["resumed_after_interruption"] = True
         self.opts.fence = rec.fence or self.opts.fence
+        self.opts.fallback = bool(rec.fallback)  # (making it again reuses what was made: idempotent)
         if self.opts.fence == "read-only" and not fence.source_fenced(self.source):
             log.warning("the fence of cutover %s is gone from the source: verify will tell whether anything was "
                         "written there since the handoff", rec.cutover_id)
@@ -383,8 +467,37 @@ def _without_password(dsn: str) -> str:
     return " ".join(f"{k}={v}" for k, v in p.items())
 
 
+def run_rollback(source: str, target: str, publication: str, slot: str, schema: str, opts: CutoverOptions,
+                 out: IO[str] = sys.stdout, undo: bool = False) -> int:
+    """`pgferry rollback`: after a cutover with --fallback, the cutover in reverse. The reverse
+    daemon (`pgferry start`, streaming the new server into the old source) applies up to a handoff
+    on the new server; its fence goes up, the old source's comes down, the application moves back."""
+    rec = control.read(target, schema, slot)
+    fb = (rec.fallback if rec is not None else None) or {}
+    if rec is None or rec.state != "done" or fb.get("state") != "active":
+        why = (f"the fallback is {fb['state'].replace('_', ' ')}" if fb.get("state") in ("stopped", "rolled_back")
+               else "no cutover with --fallback has finished")
+        raise PgferryError(f"nothing to roll back to: {why}. A rollback needs `pgferry cutover --fallback` done and "
+                           "the reverse `pgferry start` streaming")
+    if opts.fallback:
+        raise UsageError("--fallback is for `pgferry cutover`: a rollback keeps no way forward")
+
+    def reverse(c: Cutover) -> None:
+        c.old_source = (source, publication)
+        c.forward = (target, slot)
+
+    # the new server is the reverse's source, the old source its target; the reverse state is on the old
+    return run_cutover(target, source, fb["publication"], fb["slot"], schema, opts, out, undo, configure=reverse)
+
+
 def run_cutover(source: str, target: str, publication: str, slot: str, schema: str, opts: CutoverOptions,
-                out: IO[str] = sys.stdout, undo: bool = False) -> int:
+                out: IO[str] = sys.stdout, undo: bool = False,
+                configure: Callable[[Cutover], None] | None = None) -> int:
+    def made(c: Cutover) -> Cutover:
+        if configure is not None:
+            configure(c)
+        return c
+
     rec = control.read(target, schema, slot)
     if undo:
         if rec is None:
@@ -400,12 +513,12 @@ def run_cutover(source: str, target: str, publication: str, slot: str, schema: s
         raise PgferryError(f"cutover {rec.cutover_id} finished at {rec.handoff_lsn}: the application is on the target. "
                            "Nothing to do (`pgferry cleanup` removes what pgferry left on the source)")
     if rec is not None and rec.state == "handed_off":
-        return Cutover(source, target, publication, slot, schema, opts, out).run(resume=rec)
+        return made(Cutover(source, target, publication, slot, schema, opts, out)).run(resume=rec)
     if (rec is not None and rec.state == "requested") or fence.source_fenced(source):
         did = (control.undo(source, target, schema, slot, rec, opts.pgbouncer) if rec is not None
                else [f"the fence is lifted ({len(fence.lift(source, schema))} table(s))"])
         log.warning("an earlier cutover was interrupted before its handoff; undone first: %s", "; ".join(did))
-    return Cutover(source, target, publication, slot, schema, opts, out).run()
+    return made(Cutover(source, target, publication, slot, schema, opts, out)).run()
 
 def _write_receipt(receipt: dict[str, Any], out: IO[str], path: str | None) -> None:
     text = json.dumps(receipt, indent=2)

@@ -35,6 +35,8 @@ class State:
     session: Session | None = None
     settings: Settings | None = None
     throttle: Any = None  # replicator.throttle.Throttle
+    direction: str = "forward"  # "reverse": the new server streamed back into the old (a fallback)
+    streaming: tuple[str, str] | None = None  # (source DSN, slot) the daemon streams now
 
 
 STATE = State()
@@ -67,7 +69,8 @@ class _Slot:
     def _query(settings: Settings) -> tuple[int, int | None] | None:
         from ..source import slot_wal
 
-        found = slot_wal(settings.source, settings.slot, "pgferry-metrics")
+        source, slot = STATE.streaming or (settings.source, settings.slot)
+        found = slot_wal(source, slot, "pgferry-metrics")
         return None if found is None else (found[0] or 0, found[1])
 
 
@@ -87,6 +90,11 @@ class DaemonCollector:
         for p in PHASES:
             phase.add_metric([p], 1.0 if p == STATE.phase else 0.0)
         yield phase
+        direction = GaugeMetricFamily("pgferry_direction", "1 for the direction streamed: forward (source to "
+                                      "target) or reverse (after a cutover with --fallback)", labels=["direction"])
+        for d in ("forward", "reverse"):
+            direction.add_metric([d], 1.0 if d == STATE.direction else 0.0)
+        yield direction
         session = STATE.session
         sink = session.sink if session is not None else None
         if session is not None and sink is not None:

@@ -68,6 +68,7 @@ from sink.evolve import Follower
 from sink.state import HANDOFF_PREFIX, readable_name
 from sink.stats import SinkStats
 
+from ..cutover import fence
 from ..ddl import capture
 from ..errors import ConnectError, FatalError, PgferryError, SessionRetry, UsageError, first_line
 from ..source import (
@@ -199,6 +200,8 @@ class Session:
         except psycopg2.errors.InsufficientPrivilege as exc:
             raise FatalError(f"target {describe_dsn(cfg.target)}: {first_line(exc)}: pgferry needs CREATE on the "
                              f"database (or an existing {cfg.schema!r} schema it owns) for its state") from None
+        # a fenced target (the old source, streamed back into after a cutover with --fallback)
+        fence.pass_through(self.target, cfg.schema)
         src = connect(cfg.source, "source", **NET_OPTIONS)
         try:
             check_logical_source(src, cfg.source, cfg.publication)

@@ -1,0 +1,160 @@
+"""A way back after the cutover (replicator/cutover/fallback.py): `cutover --fallback` keeps the old
+source in sync from the new server, `rollback` hands back at one LSN, `fallback stop` ends it."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import subprocess
+
+import psycopg2.errors
+import pytest
+
+from tests.pgplugin import Daemon, Db, pgferry, wait_for
+from tests.replicator.test_switchover import _entry, _status, _streaming, _target_conninfo
+from tests.replicator.test_sync import PGBENCH
+
+pytestmark = pytest.mark.pg
+
+HISTORY = "SELECT tid, bid, aid, delta, mtime FROM pgbench_history"
+
+
+def _reverse_pair(src: Db, dst: Db) -> None:
+    if (src.version, dst.version) == (15, 15):
+        pytest.skip("runs on 15 <-> 18 and 18 <-> 18")
+    if dst.user is not None:  # the target's owner must open the reverse stream
+        Db(dst.server, "postgres").execute(f"ALTER ROLE {dst.user} REPLICATION")
+
+
+def _conninfo(db: Db) -> str:
+    return _target_conninfo(db)
+
+
+def test_rollback_under_pgbench_hands_back_every_write(owner_pair, daemons, pgbouncer, tmp_path):
+    """pgbench (8 clients) through PgBouncer all along: the cutover with --fallback moves it to the
+    target, the daemon turns around and streams the target's writes into the fenced old source,
+    `rollback` moves it back. No transaction fails, every one is on the old source exactly once, the
+    old source equals the target at the rollback's handoff, sequences are ahead of every value used."""
+    src, dst = owner_pair
+    _reverse_pair(src, dst)
+    subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-d", src.dsn], check=True, capture_output=True)
+    src.execute("CREATE SEQUENCE ticket; SELECT setval('ticket', 100)")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    _streaming(src, dst, d)
+    b = pgbouncer(src, pool_size=8)
+    bench = subprocess.Popen([PGBENCH, "-c", "8", "-j", "2", "-T", "40", "-n", "-M", "simple", "-d", b.dsn(src.name)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        wait_for(lambda: src.execute("SELECT count(*) FROM pgbench_history")[0][0] > 300 or bench.poll() is not None,
+                 60, "pgbench writing through PgBouncer")
+        r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60",
+                    "--pgbouncer", b.admin_dsn, "--pgbouncer-target", _conninfo(dst))
+        assert r.returncode == 0, r.stdout + r.stderr + d.output()
+        receipt = json.loads(r.stdout)
+        assert receipt["ok"] and receipt["fallback"]["state"] == "active", receipt
+        assert receipt["fallback"]["forward_slot_dropped"], receipt
+        # the daemon turned around: it streams the target into the old source
+        wait_for(lambda: "streaming back" in d.output() or not d.running(), 60, "the daemon to turn around")
+        assert d.running(), d.output()
+        handed_off = dst.execute("SELECT count(*) FROM pgbench_history")[0][0]
+        wait_for(lambda: dst.execute("SELECT count(*) FROM pgbench_history")[0][0] > handed_off + 300
+                 or bench.poll() is not None, 60, "pgbench writing on the target")
+        dst.execute("SELECT nextval('ticket') FROM generate_series(1, 50)")  # the application's, on the new server
+        st = _status(src, dst)
+        assert st["direction"] == "reverse" and st["fallback"]["state"] == "active", st
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            src.execute("INSERT INTO pgbench_history (tid, bid, aid, delta) VALUES (1, 1, 1, 0)")  # still fenced
+        r = pgferry("rollback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60",
+                    "--pgbouncer", b.admin_dsn, "--pgbouncer-target", _conninfo(src))
+        assert r.returncode == 0, r.stdout + r.stderr + d.output()
+        back = json.loads(r.stdout)
+        assert d.wait_exit(timeout=30) == 0, d.output()
+        out, err = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode == 0, out + err
+    processed = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    assert failed is None or int(failed.group(1)) == 0, out
+    assert back["ok"] and back["direction"] == "reverse" and back["old_source_fence_lifted"] > 0, back
+    assert back["refused_writes"] == 0 and not back["client_errors"], back
+    # every transaction pgbench counted is on the old source once: before the cutover, streamed back
+    # from the target, and written there again after the rollback
+    on_source = collections.Counter(src.execute(HISTORY))
+    assert sum(on_source.values()) == processed, (sum(on_source.values()), processed)
+    assert max(on_source.values()) == 1
+    # the target stopped at the rollback's handoff: all of it is on the old source
+    on_target = collections.Counter(dst.execute(HISTORY))
+    assert not on_target - on_source and sum(on_target.values()) > handed_off
+    (sums,) = src.execute("SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(tbalance) FROM "
+                          "pgbench_tellers), (SELECT sum(bbalance) FROM pgbench_branches), (SELECT sum(delta) FROM "
+                          "pgbench_history)")
+    assert len(set(sums)) == 1, sums
+    assert src.execute("SELECT last_value FROM ticket") == [(150,)]
+    # the application is back on the old source; the target is fenced now
+    assert _entry(b, src.name)["port"] == src.server.port and not _entry(b, src.name)["paused"]
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction, match="is fenced"):
+        dst.execute("DELETE FROM pgbench_history")
+    st = _status(src, dst)
+    assert st["fallback"]["state"] == "rolled_back", st
+    r = pgferry("rollback", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 1 and "rolled back" in r.stderr, r.stderr
+
+
+def test_fallback_survives_a_killed_reverse_daemon_and_stops_cleanly(pair, daemons):
+    """The reverse daemon killed (SIGKILL) mid-stream: `pgferry start` with the forward settings resumes
+    the reverse direction exactly once. `fallback stop` drops the reverse slot and publication, keeps
+    the old source fenced, and `start` then streams nothing."""
+    src, dst = pair
+    _reverse_pair(src, dst)
+    src.execute("CREATE TABLE w (id int PRIMARY KEY, v text); "
+                "INSERT INTO w SELECT g, 'v' FROM generate_series(1, 100) g")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    _streaming(src, dst, d)
+    r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
+    assert r.returncode == 0, r.stdout + r.stderr + d.output()
+    wait_for(lambda: "streaming back" in d.output() or not d.running(), 60, "the daemon to turn around")
+    dst.execute("INSERT INTO w SELECT g, 'new' FROM generate_series(101, 2000) g")
+    dst.execute("UPDATE w SET v = 'changed' WHERE id <= 50")
+    wait_for(lambda: src.execute("SELECT count(*) FROM w")[0][0] == 2000, 60, "the reverse stream")
+    d.kill()
+    dst.execute("DELETE FROM w WHERE id BETWEEN 60 AND 80; INSERT INTO w VALUES (5000, 'after the kill')")
+    again = Daemon(src, dst, ready=False)
+    daemons.append(again)
+    wait_for(lambda: src.execute("SELECT count(*) FROM w WHERE id = 5000")[0][0] == 1 or not again.running(), 60,
+             "the reverse stream after a restart")
+    assert again.running(), again.output()
+    assert src.execute("SELECT * FROM w ORDER BY id") == dst.execute("SELECT * FROM w ORDER BY id")
+    r = pgferry("fallback", "stop", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 1 and "in use" in r.stderr, r.stderr  # the reverse daemon still streams
+    assert again.stop() == 0
+    r = pgferry("fallback", "stop", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 0, r.stdout + r.stderr
+    stopped = json.loads(r.stdout)
+    assert stopped["fallback"] == "stopped" and "slot pgferry_fallback" in stopped["dropped"], stopped
+    assert dst.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgferry_fallback'") == [(0,)]
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+        src.execute("INSERT INTO w VALUES (9999, 'x')")  # the old source stays fenced
+    done = Daemon(src, dst, ready=False)
+    daemons.append(done)
+    assert done.wait_exit(timeout=60) == 1 and "migration is done" in done.output(), done.output()
+
+
+def test_fallback_is_refused_before_anything_changes_when_the_target_cannot_stream(owner_pair, daemons):
+    src, dst = owner_pair
+    if (src.version, dst.version) != (15, 18):
+        pytest.skip("runs on 15 -> 18")
+    src.execute("CREATE TABLE w (id int PRIMARY KEY)")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    _streaming(src, dst, d)
+    r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 1 and "--fallback refused before anything changed" in r.stderr, r.stderr
+    assert f"ALTER ROLE {dst.user} REPLICATION" in r.stderr, r.stderr
+    src.execute("INSERT INTO w VALUES (1)")  # not fenced
+    d.wait_caught_up()
+    assert d.running() and dst.execute("SELECT id FROM w") == [(1,)]
