@@ -253,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pgferry: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except psycopg2.Error as exc:  # a server error no command expected (a connection lost mid-way...)
+        if os.environ.get("PGFERRY_DEBUG"):  # where it came from, for a bug report
+            import traceback
+
+            traceback.print_exc()
         print(f"pgferry: error: {args.command}: {first_line(exc)}", file=sys.stderr)
         return EXIT_PROBLEM
     except KeyboardInterrupt:

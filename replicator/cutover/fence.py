@@ -81,14 +81,17 @@ $pgferry$"""
 def _fenced_relations(cur: Any, publication: str) -> list[tuple[int, str]]:
     """(oid, quoted name) of the published tables, the partitions below and the partitioned
     tables above them: a write through any of them reaches a published row."""
-    cur.execute("""SELECT DISTINCT c.oid, format('%%I.%%I', n.nspname, c.relname)
-        FROM pg_publication_tables p,
-             LATERAL (SELECT relid FROM pg_partition_tree(format('%%I.%%I', p.schemaname, p.tablename)::regclass)
-                      UNION SELECT relid FROM pg_partition_ancestors(format('%%I.%%I', p.schemaname,
-                                                                            p.tablename)::regclass)
-                      UNION SELECT format('%%I.%%I', p.schemaname, p.tablename)::regclass) r
+    # the published tables first (MATERIALIZED): otherwise the planner may cast other catalog rows'
+    # names to regclass, and a role without USAGE on pg_toast fails on a TOAST table's name
+    cur.execute("""WITH pub AS MATERIALIZED (
+            SELECT format('%%I.%%I', schemaname, tablename)::regclass AS relid
+            FROM pg_publication_tables WHERE pubname = %s)
+        SELECT DISTINCT c.oid, format('%%I.%%I', n.nspname, c.relname)
+        FROM pub, LATERAL (SELECT relid FROM pg_partition_tree(pub.relid)
+                           UNION SELECT relid FROM pg_partition_ancestors(pub.relid)
+                           UNION SELECT pub.relid) r
         JOIN pg_class c ON c.oid = r.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE p.pubname = %s AND c.relkind IN ('r', 'p') ORDER BY 2""", (publication,))
+        WHERE c.relkind IN ('r', 'p') ORDER BY 2""", (publication,))
     return [(int(oid), name) for oid, name in cur.fetchall()]
 
 

@@ -482,6 +482,10 @@ def run_rollback(source: str, target: str, publication: str, slot: str, schema: 
     if opts.fallback:
         raise UsageError("--fallback is for `pgferry cutover`: a rollback keeps no way forward")
 
+    if opts.pgbouncer and not opts.pgbouncer_database:  # the entry the cutover moved, not the new server's name
+        opts.pgbouncer_database = ((rec.pgbouncer or {}).get("database")
+                                   or psycopg2.extensions.parse_dsn(source).get("dbname"))
+
     def reverse(c: Cutover) -> None:
         c.old_source = (source, publication)
         c.forward = (target, slot)
