@@ -243,11 +243,11 @@ def _from_file(path: str) -> dict[str, Any]:
 
 
 # PGFERRY_* variables that are not settings: the config file, the tools' and servers' locations,
-# the accelerators' switch, fault injection (tests), PGFERRY_TEST_* (the tests' own), PGFERRY_DEBUG (tracebacks
-# of unexpected server errors), and what a
-# cutover's --switch-command is given (so it may run pgferry itself)
-OTHER_ENV = re.compile(r"PGFERRY_(HANDOFF_LSN|CUTOVER_ID|TARGET_DSN|CONFIG|PG_DUMP|PG\d+_BINDIR|PURE_PYTHON|FAILPOINT|DEBUG"
-                       r"|SOAK_SECONDS|TEST_\w+)")
+# the accelerators' switch, fault injection (tests), PGFERRY_TEST_* (the tests' own), PGFERRY_DEBUG
+# (tracebacks of unexpected server errors), and what a cutover's --switch-command is given (so it
+# may run pgferry itself)
+OTHER_ENV = re.compile(r"PGFERRY_(HANDOFF_LSN|CUTOVER_ID|TARGET_DSN|CONFIG|PG_DUMP|PG\d+_BINDIR|PURE_PYTHON|FAILPOINT"
+                       r"|DEBUG|SOAK_SECONDS|TEST_\w+)")
 
 
 def _from_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:

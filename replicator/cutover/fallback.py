@@ -95,7 +95,8 @@ def check_ready(source: str, target: str, schema: str, slot: str) -> None:
     src = connect(source, "source")
     try:
         with src.cursor() as cur:
-            cur.execute("SELECT has_database_privilege(current_database(), 'CREATE') OR to_regnamespace(%s) IS NOT NULL", (schema,))
+            cur.execute("SELECT has_database_privilege(current_database(), 'CREATE') "
+                        "OR to_regnamespace(%s) IS NOT NULL", (schema,))
             (can_state,) = cur.fetchone()
         src.rollback()
     finally:
