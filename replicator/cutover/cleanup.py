@@ -19,7 +19,7 @@ from ..ddl import capture
 from ..errors import PgferryError, first_line
 from ..source import connect, describe_dsn, read_state
 from ..sync import holdback
-from . import fence
+from . import control, fence
 
 
 def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bool) -> int:
@@ -33,6 +33,10 @@ def run_cleanup(source: str, target: str, slot: str, schema: str, drop_state: bo
     if row is None:
         raise PgferryError(f"no pgferry state for slot {slot!r} on target {describe_dsn(target)}: nothing to clean up")
     slot_created, pub_created, publication = row
+    rec = control.read(target, schema, slot)
+    if rec is not None and rec.fallback and rec.fallback.get("state") == "active":
+        raise PgferryError("a fallback is active: the old source is kept in sync from the target and stays fenced. "
+                           "`pgferry fallback stop` first (the migration is confirmed), or `pgferry rollback`")
     dropped = []
     src = connect(source, "source")
     src.autocommit = True

@@ -30,6 +30,8 @@ from .pgbouncer import Bouncer, Entry
 
 log = logging.getLogger("pgferry.cutover")
 
+MOVED_BY_COMMAND = "the switch command moved the application"  # the record's step once it did
+
 
 @dataclass
 class Record:
@@ -117,6 +119,9 @@ def undo(source: str, target: str, schema: str, slot: str, rec: Record, admin_ds
     if rec.state == "done":
         raise PgferryError(f"cutover {rec.cutover_id} finished at {rec.handoff_lsn}: the application is on the target "
                            "and wrote there, so there is nothing to undo (a way back to the source is a fallback)")
+    if rec.step == MOVED_BY_COMMAND:
+        raise PgferryError(f"cutover {rec.cutover_id}'s switch command moved the application to the target, which "
+                           "may have written there: it cannot be undone; run `pgferry cutover` to finish it")
     did: list[str] = []
     found = bouncer_of(rec, admin_dsn)
     if found is not None:

@@ -32,6 +32,7 @@ import logging
 import re
 import select
 import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -128,12 +129,12 @@ def establish(source: str, target: str, publication: str, slot: str, schema: str
             cur.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (fb_pub,))
             if cur.fetchone() is None:
                 cur.execute(f"CREATE PUBLICATION {quote_ident(fb_pub)} FOR TABLE {listed}")
-            cur.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (fb_slot,))
-            row = cur.fetchone()
-            if row is None:
-                cur.execute("SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (fb_slot,))
-                row = cur.fetchone()
-            (start_lsn,) = row
+            # a slot of that name left by an earlier try starts too early (forward writes came since):
+            # nothing streams from it (the reverse daemon starts only once a cutover is done)
+            cur.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s "
+                        "AND NOT active", (fb_slot,))
+            cur.execute("SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (fb_slot,))
+            (start_lsn,) = cur.fetchone()
     except psycopg2.Error as exc:
         raise PgferryError(f"could not create the fallback's publication and slot on target "
                            f"{describe_dsn(target)}: {first_line(exc)}") from None
@@ -144,6 +145,7 @@ def establish(source: str, target: str, publication: str, slot: str, schema: str
         with old.cursor() as cur:
             cur.execute("SET LOCAL pgferry.capture = off")  # the state's tables are not the application's DDL
             ensure_schema(cur, schema)
+            cur.execute(f"DELETE FROM {quote_ident(schema)}.progress WHERE slot_name = %s", (fb_slot,))
             init_progress(cur, schema, fb_slot, start_lsn, True)
         old.commit()
     finally:
@@ -251,6 +253,9 @@ def run_fallback_stop(source: str, target: str, schema: str, slot: str, out: IO[
     fb = rec.fallback if rec is not None else None
     if rec is None or not fb:
         raise PgferryError("no fallback to stop: the cutover was not run with --fallback")
+    if rec.state != "done" and fb.get("state") != "stopped":
+        raise PgferryError(f"cutover {rec.cutover_id} is not done ({rec.state}): finish it (`pgferry cutover`) or "
+                           "undo it (`pgferry cutover --undo`, which drops the fallback too) first")
     if fb.get("state") in ("stopped", "rolled_back"):
         raise PgferryError(f"the fallback is already {fb['state'].replace('_', ' ')}: nothing to stop")
     dropped = drop(target, fb)
@@ -311,3 +316,18 @@ def status(source: str, target: str, schema: str, record: dict[str, Any]) -> dic
     if out["applied_lsn"] is not None:
         out["lag_bytes"] = max(0, int(Lsn.parse(now)) - int(Lsn.parse(out["applied_lsn"])))
     return out
+
+
+def drop_after_rollback(target: str, record: dict[str, Any], wait: float = 30.0) -> list[str]:
+    """After a rollback the reverse slot holds WAL on the new server for nothing: drop it and the
+    publication, once the reverse daemon (which stops at the rollback's handoff) has let go."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return drop(target, record)
+        except PgferryError as exc:
+            if "in use" not in str(exc) or time.monotonic() > deadline:
+                log.warning("%s: drop them with `SELECT pg_drop_replication_slot('%s'); DROP PUBLICATION %s` on the "
+                            "new server", exc, record["slot"], record["publication"])
+                return []
+            time.sleep(0.2)

@@ -278,8 +278,14 @@ class Cutover:
             r["old_source_fence_lifted"] = len(fence.lift(self.old_source[0], self.schema))
         if o.switch_command:
             self.record(step="running the switch command")
-            r["switch_command"] = run_switch_command(o.switch_command, r["handoff_lsn"], self.cutover_id,
-                                                     self.target, o.switch_timeout)
+            try:
+                r["switch_command"] = run_switch_command(o.switch_command, r["handoff_lsn"], self.cutover_id,
+                                                         self.target, o.switch_timeout)
+            except PgferryError as exc:
+                r["switch_command"] = {"command": o.switch_command, "ok": False, "error": str(exc)}
+                raise
+            if self.bouncer is None:
+                self.record(step=control.MOVED_BY_COMMAND)  # a later run must not undo it: the application writes there
         if self.bouncer is not None and self.entry is not None:
             self.pb["repointed"] = True
             self.record(step="repointing PgBouncer", pgbouncer=self.pb)
@@ -298,6 +304,7 @@ class Cutover:
             log.info("PgBouncer sends %s to the target now (%d client(s) waited, the longest %.2f s)",
                      self.pb["database"], waiting, longest)
         self.switched = True
+        failpoints.hit("cutover_after_switch")
 
     def undo(self) -> list[str]:
         """Put back what this run changed (it failed before the application moved)."""
@@ -351,6 +358,7 @@ class Cutover:
         if self.forward is not None:  # a rollback: the forward cutover's fallback has been used
             fb = control.read(self.forward[0], self.schema, self.forward[1])
             if fb is not None and fb.fallback:
+                r["fallback_dropped"] = fallback.drop_after_rollback(self.source, fb.fallback)
                 fallback.set_record(self.forward[0], self.schema, self.forward[1],
                                     {**fb.fallback, "state": "rolled_back", "rolled_back_at": _now(),
                                      "rollback_handoff_lsn": r["handoff_lsn"]})
@@ -384,6 +392,9 @@ class Cutover:
                 raise
         else:  # a cutover killed after its handoff: the source is still fenced, carry on from there
             handoff = self._adopt(resume)
+            if self.switched:  # killed after the application moved: verified then; only the end is left
+                self.receipt.update(handoff_lsn=handoff["handoff_lsn"], applied_lsn=handoff["applied_lsn"])
+                return self.finish()
         try:
             ok = self.check(handoff)
             if ok:
@@ -420,6 +431,16 @@ class Cutover:
         self.receipt["resumed_after_interruption"] = True
         self.opts.fence = rec.fence or self.opts.fence
         self.opts.fallback = bool(rec.fallback)  # (making it again reuses what was made: idempotent)
+        fb = rec.fallback or {}
+        if fb.get("state") == "active":
+            self.fallback = dict(fb)
+            self.receipt["fallback"] = dict(fb)
+        self.switched = rec.step == control.MOVED_BY_COMMAND or bool((rec.pgbouncer or {}).get("resumed"))
+        if self.switched:
+            log.warning("the application had moved to the target before the interruption: finishing without "
+                        "pausing, verifying or undoing anything")
+            self.fenced = time.monotonic()
+            return {"handoff_lsn": rec.handoff_lsn, "applied_lsn": rec.applied_lsn}
         if self.opts.fence == "read-only" and not fence.source_fenced(self.source):
             log.warning("the fence of cutover %s is gone from the source: verify will tell whether anything was "
                         "written there since the handoff", rec.cutover_id)

@@ -100,6 +100,11 @@ def test_rollback_under_pgbench_hands_back_every_write(owner_pair, daemons, pgbo
         dst.execute("INSERT INTO pgbench_history (tid, bid, aid, delta) VALUES (1, 1, 1, 0)")
     st = _status(src, dst)
     assert st["fallback"]["state"] == "rolled_back", st
+    # the reverse slot would hold WAL on the new server for nothing
+    assert "slot pgferry_fallback" in back["fallback_dropped"], back
+    assert dst.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgferry_fallback'") == [(0,)]
+    print(f"rollback under pgbench: {processed} transactions, 0 failed; write downtime {back['write_downtime_s']} s, "
+          f"clients paused {back['client_pause_s']} s ({back['clients_waiting']} waiting); steps {back['steps_s']}")
     r = pgferry("rollback", "--source", src.dsn, "--target", dst.dsn)
     assert r.returncode == 1 and "rolled back" in r.stderr, r.stderr
 
@@ -129,6 +134,8 @@ def test_fallback_survives_a_killed_reverse_daemon_and_stops_cleanly(pair, daemo
              "the reverse stream after a restart")
     assert again.running(), again.output()
     assert src.execute("SELECT * FROM w ORDER BY id") == dst.execute("SELECT * FROM w ORDER BY id")
+    r = pgferry("cleanup", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 1 and "a fallback is active" in r.stderr, r.stderr  # it would lift the old source's fence
     r = pgferry("fallback", "stop", "--source", src.dsn, "--target", dst.dsn)
     assert r.returncode == 1 and "in use" in r.stderr, r.stderr  # the reverse daemon still streams
     assert again.stop() == 0

@@ -207,7 +207,7 @@ def test_a_foreign_key_the_data_breaks_is_named_with_its_rows_and_the_handoff_st
     assert receipt["handoff_lsn"] and not receipt["constraints_ok"]
     assert dst.execute("SELECT state FROM pgferry.control")[0][0] == "done"
     with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):  # still fenced: the application moved
-        src.execute("INSERT INTO parent (id) VALUES (-100)")
+        src.execute("INSERT INTO child (id) VALUES (-100)")  # (the fence is on the published tables)
     assert _firing(dst) == HELD and not _fk_valid(dst)  # created, NOT VALID
     assert d.wait_exit(30) == 0
 

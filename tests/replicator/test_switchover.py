@@ -329,3 +329,43 @@ def test_pgbouncer_in_session_mode_is_refused_before_anything_changes(pair, pgbo
     assert not _entry(b, src.name)["paused"]
     src.execute("INSERT INTO w VALUES ('still', 1)")
     assert Path(b.config).read_text().count(f"port={src.server.port}") == 1
+
+
+def test_a_cutover_killed_after_its_switch_command_is_finished_never_undone(pair, daemons):
+    """Killed once the switch command moved the application (which may write on the target at
+    once): `cutover --undo` refuses, and the next `pgferry cutover` finishes without verifying or
+    undoing anything, even though the target now has rows the source does not."""
+    src, dst = pair
+    main_pair_only(src, dst)
+    src.execute("CREATE TABLE w (who text, n int, PRIMARY KEY (who, n))")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    _streaming(src, dst, d)
+    r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--switch-command", "true",
+                env={"PGFERRY_FAILPOINT": "cutover_after_switch"})
+    assert r.returncode == 99, r.stdout + r.stderr
+    dst.execute("INSERT INTO w VALUES ('on the target', 1)")  # the application, moved
+    r = pgferry("cutover", "--undo", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 1 and "cannot be undone" in r.stderr, r.stderr
+    assert _status(src, dst)["fenced_tables"] == 1
+    r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 0, r.stdout + r.stderr
+    receipt = json.loads(r.stdout)
+    assert receipt["resumed_after_interruption"] and receipt["handoff_lsn"], receipt
+    st = _status(src, dst)
+    assert st["phase"] == "done" and st["fenced_tables"] == 1 and st["action"] is None, st
+    assert _rows(dst, "on the target") == [1]
+
+
+def test_a_failing_switch_command_is_in_the_receipt(pair, daemons):
+    src, dst = pair
+    main_pair_only(src, dst)
+    src.execute("CREATE TABLE w (who text, n int, PRIMARY KEY (who, n))")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    _streaming(src, dst, d)
+    r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--switch-command", "exit 4")
+    assert r.returncode == 1, r.stdout + r.stderr
+    receipt = json.loads(r.stdout)
+    assert receipt["ok"] is False and receipt["switch_command"]["ok"] is False, receipt
+    assert "exit 4" in receipt["switch_command"]["error"], receipt
