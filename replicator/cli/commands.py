@@ -446,9 +446,18 @@ def _stream(st: config.Settings, args: argparse.Namespace | None, reverse: Rever
         metrics.STATE.phase = "streaming"
         metrics.STATE.direction = "forward" if reverse is None else "reverse"
         metrics.STATE.streaming = (source, slot)
+        guard = None
         if reverse is not None:
             log.info("streaming back: the new server's writes (slot %s) into the old source (fallback)", slot)
-        rc = run_stream(cfg, stop)
+            if st.fallback_max_wal:
+                guard = fallback.Guard(reverse, st.fallback_max_wal, stop).start()
+        try:
+            rc = run_stream(cfg, stop)
+        finally:
+            if guard is not None:
+                guard.done.set()
+        if guard is not None and guard.over:
+            guard.drop_now(st.target, st.state_schema, st.slot)
         if rc != 0 or stop.set or reverse is not None:
             return rc
         reverse = fallback.await_reverse(st.source, st.target, st.state_schema, st.slot, stop)

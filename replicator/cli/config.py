@@ -93,6 +93,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_retained_wal: Positive | None = None  # bytes: the WAL guard warns when the slot retains more
     min_safe_wal: Positive | None = None  # bytes: ... or when safe_wal_size falls under this
     lift_throttle_on_wal_danger: bool = True
+    # bytes: after a cutover with --fallback, the reverse daemon drops the reverse slot (the way
+    # back) when it keeps more WAL than this on the new server (warning at 80%); unset: never
+    fallback_max_wal: Positive | None = None
     # [conflicts] and [conflicts.tables."schema.table"] (file only)
     conflicts: ConflictSettings = msgspec.field(default_factory=ConflictSettings)
 
@@ -180,6 +183,11 @@ nice = 10
 # max_retained_wal = 10737418240
 # min_safe_wal = 1073741824
 lift_throttle_on_wal_danger = true
+
+# After `pgferry cutover --fallback`: the reverse daemon drops the fallback's slot on the new
+# server (and the way back with it) when the slot keeps more WAL than this, e.g. because the old
+# source is gone; a warning at 80%. Default: never.
+# fallback_max_wal = 53687091200
 
 # Conflicts: what to do when the target disagrees with a change. Policies: "error" (stop and
 # name the change), "skip" (keep the target as it is), "overwrite" (the source row wins;

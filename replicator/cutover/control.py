@@ -174,6 +174,11 @@ def check_start(source: str, target: str, schema: str, slot: str) -> None:
     """`pgferry start`: refuse to stream after a handoff that stands; say so when the source is
     still fenced by an interrupted cutover."""
     rec = read(target, schema, slot)
+    fb = (rec.fallback if rec is not None else None) or {}
+    if rec is not None and rec.state == "done" and fb.get("state") == "rolled_back":
+        raise PgferryError(f"the migration was rolled back at {fb.get('rollback_handoff_lsn')}: the application is on "
+                           "the source again and the target is fenced. Nothing to stream; to migrate again, start "
+                           "afresh into an empty target")
     if rec is not None and rec.state == "done":
         raise PgferryError(f"the migration is done: cutover {rec.cutover_id} handed off at {rec.handoff_lsn} and the "
                            "application moved to the target. Nothing to stream (`pgferry cleanup` removes what "

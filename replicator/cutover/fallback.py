@@ -32,6 +32,7 @@ import logging
 import re
 import select
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -78,6 +79,8 @@ def check_ready(source: str, target: str, schema: str, slot: str) -> None:
                         "current_setting('max_wal_senders')::int - (SELECT count(*) FROM pg_stat_replication), "
                         "EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = %s)", (fb_slot,))
             wal_level, may_replicate, role, free_slots, free_senders, slot_exists = cur.fetchone()
+            cur.execute("SELECT current_setting('max_slot_wal_keep_size')")
+            (keep,) = cur.fetchone()
         dst.rollback()
     finally:
         dst.close()
@@ -107,6 +110,10 @@ def check_ready(source: str, target: str, schema: str, slot: str) -> None:
                         f"{describe_dsn(source)}: GRANT CREATE ON DATABASE ... TO it")
     if problems:
         raise PgferryError("--fallback refused before anything changed: " + "; ".join(problems))
+    if keep == "-1":
+        log.warning("target %s has max_slot_wal_keep_size = -1: while no reverse daemon runs, the fallback's slot "
+                    "keeps WAL there without a limit (fallback_max_wal only acts while one runs); consider a "
+                    "limit on the new server", where)
 
 
 def establish(source: str, target: str, publication: str, slot: str, schema: str) -> dict[str, Any]:
@@ -331,3 +338,55 @@ def drop_after_rollback(target: str, record: dict[str, Any], wait: float = 30.0)
                             "new server", exc, record["slot"], record["publication"])
                 return []
             time.sleep(0.2)
+
+
+class Guard:
+    """A forgotten fallback must not fill the new server's disk. While the reverse daemon runs (also
+    while it cannot reach the old source, the likely way to forget one: the old server shut down),
+    it polls the WAL the reverse slot keeps on the new server: a warning past 80% of
+    `fallback_max_wal`, and past the limit the daemon stops and the slot is dropped (`drop_now`),
+    the fallback recorded as `dropped`. With the daemon down nothing here watches: PostgreSQL's
+    `max_slot_wal_keep_size` on the new server is the backstop (check_ready warns when unset)."""
+
+    def __init__(self, reverse: Reverse, limit: int, stop: Any, every: float = 5.0) -> None:
+        self.reverse, self.limit, self.stop, self.every = reverse, limit, stop, every
+        self.over: str | None = None  # why the slot must go
+        self.done = threading.Event()
+
+    def start(self) -> Guard:
+        threading.Thread(target=self._run, name="fallback-guard", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        from ..source import slot_wal
+
+        warned = False
+        wait = 0.0
+        while not self.done.wait(wait):
+            wait = self.every
+            found = slot_wal(self.reverse.source, self.reverse.slot, "pgferry-fallback-guard")
+            retained = found[0] if found is not None else None
+            if retained is None:
+                continue
+            if retained > self.limit:
+                self.over = (f"the fallback's slot {self.reverse.slot} kept {retained >> 20} MiB of WAL on the new "
+                             f"server (fallback_max_wal {self.limit >> 20} MiB)")
+                log.error("%s: stopping to drop it", self.over)
+                self.stop.request()
+                return
+            if retained > self.limit * 0.8 and not warned:
+                log.warning("the fallback's slot %s keeps %d MiB of WAL on the new server: at fallback_max_wal "
+                            "(%d MiB) it is dropped and the way back is gone (is the old source reachable?)",
+                            self.reverse.slot, retained >> 20, self.limit >> 20)
+                warned = True
+
+    def drop_now(self, forward_target: str, schema: str, forward_slot: str) -> None:
+        """The daemon has stopped streaming: drop the reverse slot and publication, record why."""
+        rec = control.read(forward_target, schema, forward_slot)
+        fb = dict((rec.fallback if rec is not None else None) or {"slot": self.reverse.slot,
+                                                                  "publication": self.reverse.publication})
+        dropped = drop_after_rollback(self.reverse.source, fb)  # (waits for the slot to be let go)
+        set_record(forward_target, schema, forward_slot,
+                   {**fb, "state": "dropped", "dropped_at": datetime.now(UTC).isoformat(), "why": self.over})
+        raise PgferryError(f"{self.over}: dropped {', '.join(dropped) or 'nothing'}; the way back is gone (the old "
+                           "source stays fenced; `pgferry cleanup` ends the migration there)")

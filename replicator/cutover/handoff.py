@@ -429,6 +429,7 @@ class Cutover:
         self.receipt = dict(rec.receipt or {}) or {"cutover_id": rec.cutover_id, "fence": rec.fence,
                                                    "fenced_at": None}
         self.receipt["resumed_after_interruption"] = True
+        self.receipt.setdefault("direction", "reverse" if self.old_source else "forward")
         self.opts.fence = rec.fence or self.opts.fence
         self.opts.fallback = bool(rec.fallback)  # (making it again reuses what was made: idempotent)
         fb = rec.fallback or {}
@@ -512,7 +513,12 @@ def run_rollback(source: str, target: str, publication: str, slot: str, schema: 
         c.forward = (target, slot)
 
     # the new server is the reverse's source, the old source its target; the reverse state is on the old
-    return run_cutover(target, source, fb["publication"], fb["slot"], schema, opts, out, undo, configure=reverse)
+    rc = run_cutover(target, source, fb["publication"], fb["slot"], schema, opts, out, undo, configure=reverse)
+    if undo and not fence.source_fenced(source):  # killed after it lifted the old source's fence
+        Fence(source, publication, schema, rec.cutover_id, opts.fence_wait, opts.timeout).raise_()
+        print("pgferry rollback --undo: the old source is fenced again (the application stays on the new server)",
+              file=sys.stderr)
+    return rc
 
 
 def run_cutover(source: str, target: str, publication: str, slot: str, schema: str, opts: CutoverOptions,

@@ -11,7 +11,8 @@ import subprocess
 import psycopg2.errors
 import pytest
 
-from tests.pgplugin import Daemon, Db, pgferry, wait_for
+from replicator.local.servers import LocalServer
+from tests.pgplugin import Daemon, Db, new_db, pgferry, wait_for
 from tests.replicator.test_switchover import _entry, _status, _streaming, _target_conninfo
 from tests.replicator.test_sync import PGBENCH
 
@@ -165,3 +166,106 @@ def test_fallback_is_refused_before_anything_changes_when_the_target_cannot_stre
     src.execute("INSERT INTO w VALUES (1)")  # not fenced
     d.wait_caught_up()
     assert d.running() and dst.execute("SELECT id FROM w") == [(1,)]
+
+
+def _rows(db: Db) -> list[tuple]:
+    return db.execute("SELECT * FROM w ORDER BY id")
+
+
+def test_rollback_is_exact_after_restarts_of_both_servers_and_a_killed_reverse_daemon(pair, daemons):
+    """While streaming back: the new server crash-restarted, the old source restarted, the reverse
+    daemon SIGKILLed and started again; then `rollback` (no PgBouncer): the old source equals the new
+    server row by row at the handoff, takes writes again, and the new server is fenced."""
+    src0, dst0 = pair
+    if (src0.version, dst0.version) != (15, 18):
+        pytest.skip("runs on 15 <-> 18")
+    old_server = LocalServer(src0.version, name="fallback-old-").start()
+    new_server = LocalServer(dst0.version, name="fallback-new-").start()
+    try:
+        src, dst = new_db(old_server, "src"), new_db(new_server, "dst")
+        src.execute("CREATE TABLE w (id int PRIMARY KEY, v text, n int); CREATE SEQUENCE s; "
+                    "INSERT INTO w SELECT g, 'v', 0 FROM generate_series(1, 500) g")
+        d = Daemon(src, dst, copy=True, ready=False)
+        daemons.append(d)
+        _streaming(src, dst, d)
+        r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
+        assert r.returncode == 0, r.stdout + r.stderr + d.output()
+        wait_for(lambda: "streaming back" in d.output() or not d.running(), 60, "the daemon to turn around")
+        n = [500]
+
+        def write(k: int) -> None:
+            dst.execute(f"INSERT INTO w SELECT g, 'new', 1 FROM generate_series({n[0] + 1}, {n[0] + k}) g; "
+                        f"UPDATE w SET n = n + 1 WHERE id % 7 = 0; DELETE FROM w WHERE id % 97 = 0; "
+                        "SELECT nextval('s')")
+            n[0] += k
+
+        def caught_up() -> bool:
+            try:
+                return _rows(src) == _rows(dst)
+            except psycopg2.Error:
+                return False
+
+        write(300)
+        wait_for(caught_up, 60, "the reverse stream")
+        for fault in (lambda: new_server.restart("immediate"), lambda: old_server.restart("fast")):
+            before = d.output().count("reconnected after")
+            fault()
+            write(200)
+            wait_for(lambda b=before: (d.output().count("reconnected after") > b and caught_up()) or not d.running(),
+                     90, "the reverse daemon to reconnect and catch up")
+            assert d.running(), d.output()
+        d.kill()
+        write(200)
+        again = Daemon(src, dst, ready=False)
+        daemons.append(again)
+        wait_for(lambda: caught_up() or not again.running(), 60, "the restarted reverse daemon")
+        assert again.running(), again.output()
+        write(100)
+        r = pgferry("rollback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
+        assert r.returncode == 0, r.stdout + r.stderr + again.output()
+        back = json.loads(r.stdout)
+        assert back["ok"] and back["direction"] == "reverse", back
+        assert again.wait_exit(timeout=30) == 0, again.output()
+        assert _rows(src) == _rows(dst) and len(_rows(src)) > 1000
+        assert src.execute("SELECT last_value FROM s") == dst.execute("SELECT last_value FROM s")
+        src.execute("INSERT INTO w VALUES (-1, 'back on the old source', 0)")  # writable again
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            dst.execute("INSERT INTO w VALUES (-1, 'x', 0)")
+        out = d.output() + again.output()
+        assert "Traceback" not in out, out
+    finally:
+        for x in daemons:
+            x.close()
+        old_server.cleanup()
+        new_server.cleanup()
+
+
+def test_a_forgotten_fallback_is_dropped_past_fallback_max_wal(pair, daemons, tcp_proxy):
+    """The old source becomes unreachable while streaming back (as when the old server is shut
+    down): the reverse slot keeps the new server's WAL; past fallback_max_wal the daemon drops it,
+    says so and exits 1, and status shows the fallback dropped."""
+    src, dst = pair
+    if (src.version, dst.version) != (15, 18):
+        pytest.skip("runs on 15 <-> 18")
+    src.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
+    proxy = tcp_proxy(src)
+    d = Daemon(src, dst, copy=True, ready=False, source_dsn=proxy.dsn_for(src.dsn),
+               env={"PGFERRY_FALLBACK_MAX_WAL": str(4 << 20)})
+    daemons.append(d)
+    _streaming(src, dst, d)
+    r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
+    assert r.returncode == 0, r.stdout + r.stderr + d.output()
+    wait_for(lambda: "streaming back" in d.output() or not d.running(), 60, "the daemon to turn around")
+    dst.execute("INSERT INTO w VALUES (1, 'before')")
+    wait_for(lambda: src.execute("SELECT count(*) FROM w") == [(1,)], 60, "the reverse stream")
+    proxy.close()  # the old source is gone for the daemon
+    for i in range(8):  # ~8 MB of WAL on the new server
+        dst.execute(f"INSERT INTO w SELECT g, repeat('x', 1000) FROM generate_series({i * 1000 + 2}, "
+                    f"{i * 1000 + 1001}) g")
+        if not d.running():
+            break
+    assert d.wait_exit(timeout=90) == 1, d.output()
+    assert "fallback_max_wal" in d.output() and "the way back is gone" in d.output(), d.output()
+    assert dst.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgferry_fallback'") == [(0,)]
+    st = _status(src, dst)
+    assert st["fallback"]["state"] == "dropped" and "fallback_max_wal" in st["fallback"]["why"], st
