@@ -108,6 +108,9 @@ class Sink:
         self.schema_changes = SchemaChanges(self.cur, schema, slot, self.policies, self.resolver, self.stats)
         self._ddl_in_txn = False  # the open source transaction changed the target's schema
         self.resync_due = False  # a table waits to be re-copied (pgferry resync): the stream loop does it
+        # the pause asked for (sink/state.py pause_sql): None, '' (at the next boundary) or an LSN's text;
+        # seen with each batch's progress row, and polled by the stream loop while idle or paused
+        self.pause_request: str | None = None
         # without capture: what the stream's table descriptions show changed (sink/evolve.py)
         self.follower: Follower | None = None
         # what cannot be set-based: inserts as multi-row INSERTs, updates and deletes buffered
@@ -468,6 +471,22 @@ class Sink:
         self.flush()
         return claimed
 
+    def read_pause(self) -> str | None:
+        """Look for a pause request now (between batches: nothing else is in flight)."""
+        self._join()
+        self.cur.execute(state.pause_sql(self.schema), (self.slot,))
+        row = self.cur.fetchone()
+        self.conn.commit()
+        self.pause_request = row[0] if row else None
+        return self.pause_request
+
+    def mark_paused(self) -> None:
+        """Tell whoever asked that the daemon holds at its stored position."""
+        self._join()
+        self.cur.execute(f"UPDATE {state.quote_ident(self.schema)}.pause SET paused_lsn = %s::pg_lsn, paused_since = "
+                         "now() WHERE slot_name = %s AND paused_lsn IS NULL", (str(self.stored), self.slot))
+        self.conn.commit()
+
     def in_transaction(self) -> bool:
         """A source transaction is open (or one skipped by `pgferry skip`: its mark must commit
         with the progress past it, not before its end)."""
@@ -520,7 +539,8 @@ class Sink:
         if self.cur.rowcount != 1:
             raise ApplyError(f"progress row for slot {self.slot} is missing in {self.schema}.progress "
                              "(was the state schema dropped while pgferry ran?)")
-        if self.cur.fetchone()[0]:
+        resync, self.pause_request = self.cur.fetchone()
+        if resync:
             self.resync_due = True
         failpoints.hit("after_apply_before_commit")
         self.conn.commit()
@@ -567,6 +587,8 @@ class Sink:
         self.conn.commit()
         if row and row[0]:
             self.resync_due = True
+        if row:
+            self.pause_request = row[1]
         self.stored = lsn
         self.durability.committed(lsn)
 

@@ -176,6 +176,16 @@ def ensure_schema(cur: Any, schema: str) -> None:
         table_name text NOT NULL,
         columns jsonb NOT NULL,
         PRIMARY KEY (slot_name, schema_name, table_name))""")
+    # Pause requests (replicator/stream/pause.py): `pgferry pause` (at_lsn NULL: at the next
+    # transaction boundary) or `verify --online` (at_lsn X: everything committed before X applied,
+    # nothing after). The daemon fills paused_lsn once it holds there; deleting the row resumes it.
+    cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.pause (
+        slot_name text PRIMARY KEY,
+        at_lsn pg_lsn,
+        requested_by text NOT NULL,
+        requested_at timestamptz NOT NULL DEFAULT now(),
+        paused_lsn pg_lsn,
+        paused_since timestamptz)""")
     # Tables to re-copy while streaming (replicator/sync/resync.py): asked by `pgferry resync`, or
     # recorded with a schema change whose values only the source computed (sink/ddl.py)
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.resync (
@@ -280,11 +290,18 @@ def request_resync(cur: Any, schema: str, slot: str, table: str, reason: str) ->
 def progress_sql(schema: str) -> str:
     """The statement a batch runs last, inside its transaction. GREATEST: progress never moves back."""
     s = quote_ident(schema)
-    # RETURNING: whether a table waits to be re-copied (pgferry resync): noticed at the next batch
+    # RETURNING: whether a table waits to be re-copied (pgferry resync), and the pause asked for
+    # (pause_sql's value): noticed at the next batch
     return (f"UPDATE {s}.progress SET applied_lsn = GREATEST(applied_lsn, %s::pg_lsn), "
             "source_commit_time = COALESCE(%s, source_commit_time), rows_applied = rows_applied + %s, "
             f"updated_at = now() WHERE slot_name = %s RETURNING EXISTS (SELECT 1 FROM {s}.resync r "
-            "WHERE r.slot_name = progress.slot_name AND r.done_at IS NULL)")
+            f"WHERE r.slot_name = progress.slot_name AND r.done_at IS NULL), "
+            f"({pause_sql(schema, 'progress.slot_name')})")
+
+
+def pause_sql(schema: str, slot_expr: str = "%s") -> str:
+    """The pause asked for the slot: NULL (none), '' (at the next transaction boundary) or an LSN."""
+    return f"SELECT coalesce(at_lsn::text, '') FROM {quote_ident(schema)}.pause p WHERE p.slot_name = {slot_expr}"
 
 
 HANDOFF_PREFIX = "pgferry-handoff"

@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--tables", default=None, help="comma-separated subset of the published tables")
     verify.add_argument("--mode", choices=["count", "checksum"], default="checksum")
     verify.add_argument("--json", action="store_true", help="one JSON object")
+    verify.add_argument("--online", action="store_true",
+                        help="while the daemon streams: both sides as of one LSN (a source snapshot, the daemon "
+                             "held there for an instant while the target's is taken), compared while both go on")
+    verify.add_argument("--max-rate", type=_positive(float), default=None, metavar="ROWS",
+                        help="with --online: read at most this many rows per second (both sides together)")
+    verify.add_argument("--timeout", type=_positive(float), default=60.0,
+                        help="with --online: seconds to wait for the daemon to hold at the LSN (default 60)")
 
     def handoff_flags(p: argparse.ArgumentParser) -> None:
         common(p)
@@ -186,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     fallback.add_argument("action", choices=["stop"])
     common(fallback)
     fallback.add_argument("--publication", help="default: pgferry")
+
+    pause = sub.add_parser("pause", help="stop applying at the next source transaction boundary; the daemon keeps "
+                                         "the slot, its position and the connection (`pgferry resume` goes on)")
+    common(pause)
+    pause.add_argument("--timeout", type=_positive(float), default=60.0,
+                       help="seconds to wait for the daemon to hold (default 60)")
+    resume = sub.add_parser("resume", help="go on applying after `pgferry pause`")
+    common(resume)
 
     cleanup = sub.add_parser("cleanup", help="drop the slot and publication pgferry created")
     common(cleanup)
@@ -247,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "start":
             return _start(settings, args)
         if args.command in ("status", "verify", "cutover", "rollback", "fallback", "cleanup", "preflight", "skip",
-                            "resync"):
+                            "resync", "pause", "resume"):
             return _admin(args, settings)
     except PgferryError as exc:
         print(f"pgferry: error: {exc}", file=sys.stderr)
@@ -326,6 +341,11 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.command == "verify":
         from ..cutover.verify import print_results, verify
         tables = [t.strip() for t in args.tables.split(",")] if args.tables else None
+        if args.online:
+            from ..cutover.online import print_online, verify_online
+            res = verify_online(src, dst, settings.publication, slot, schema, tables, args.mode, args.timeout,
+                                args.max_rate, progress=sys.stderr)
+            return print_online(res, args.json)
         results = verify(src, dst, settings.publication, tables, args.mode)
         return print_results(results, args.json)
     if args.command in ("cutover", "rollback"):
@@ -341,6 +361,22 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.command == "fallback":
         from ..cutover.fallback import run_fallback_stop
         return run_fallback_stop(src, dst, schema, slot)
+    if args.command in ("pause", "resume"):
+        from ..stream import pause
+        if args.command == "resume":
+            found = pause.release(dst, schema, slot)
+            print("pgferry resume: " + ("the daemon applies again" if found else "it was not paused"),
+                  file=sys.stderr)
+            return 0
+        pause.request(dst, schema, slot, "pgferry pause")
+        if not pause.daemon_streaming(src, slot):
+            print("pgferry pause: no `pgferry start` streams now; the pause is recorded and holds once it starts "
+                  "(`pgferry resume` withdraws it)", file=sys.stderr)
+            return 0
+        held = pause.wait_paused(dst, schema, slot, args.timeout, lambda: pause.daemon_streaming(src, slot))
+        print(f"pgferry pause: paused at {held.paused_lsn}: nothing is applied until `pgferry resume`; the slot "
+              "keeps the source's WAL meanwhile (`pgferry status` shows how much)", file=sys.stderr)
+        return 0
     from ..cutover.cleanup import run_cleanup
     return run_cleanup(src, dst, slot, schema, args.drop_state)
 

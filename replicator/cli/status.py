@@ -20,6 +20,7 @@ from sink.state import quote_ident, readable_name
 from ..cutover import control as cutover_control
 from ..cutover import fallback, fence
 from ..source import connect, read_state
+from ..stream import pause
 from ..sync import holdback
 from ..sync.holdback import HeldBack
 
@@ -70,6 +71,9 @@ class Status(msgspec.Struct):
     # source; `fallback`: its state, slot, applied LSN, lag and the WAL the slot keeps on the new server
     direction: str = "forward"
     fallback: dict[str, Any] | None = None
+    # `pgferry pause` or `verify --online`: who asked, since when, and where the daemon holds (None:
+    # not yet); phase is "paused" while a running daemon holds
+    pause: dict[str, Any] | None = None
 
 
 def collect(source: str, target: str, slot: str, schema: str,
@@ -129,6 +133,7 @@ def collect(source: str, target: str, slot: str, schema: str,
     progress, sync, tables, control, conflicts, held, ddl = (found if found is not None
                                                               else (None, None, [], None, [], [], {}))
     running = bool(slot_row and slot_row[0]) or bool(copying_walsender and sync is not None and sync[0] != "streaming")
+    held = pause.read(target, schema, slot) if progress is not None else None
     record = cutover_control.read(target, schema, slot) if control else None
     if sync is not None and sync[0] == "done" and (record is None or record.state == "done"):
         phase = "done"
@@ -136,6 +141,8 @@ def collect(source: str, target: str, slot: str, schema: str,
         phase = "preflight"
     elif sync is not None and sync[0] != "streaming":
         phase = sync[0] if running else "stopped"
+    elif held is not None and held.paused_lsn is not None and running:
+        phase = "paused"
     else:
         phase = "streaming" if running else "stopped"
     applied = progress[0] if progress else None
@@ -159,7 +166,11 @@ def collect(source: str, target: str, slot: str, schema: str,
         action=cutover_control.advice(record, fenced),
         direction="reverse" if record is not None and record.state == "done" and record.fallback
         and record.fallback.get("state") == "active" else "forward",
-        fallback=fallback.status(source, target, schema, record.fallback) if record and record.fallback else None)
+        fallback=fallback.status(source, target, schema, record.fallback) if record and record.fallback else None,
+        pause=None if held is None else {
+            "requested_by": held.requested_by, "requested_at": held.requested_at.isoformat(), "at_lsn": held.at_lsn,
+            "paused_lsn": held.paused_lsn,
+            "paused_since": held.paused_since.isoformat() if held.paused_since else None})
 
 
 def _guard(slot_row: Any, guard: tuple[int | None, int | None]) -> str | None:
@@ -195,6 +206,10 @@ def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, 
         lines.append(f"cutover       {st.cutover}")
     if st.fenced_tables:
         lines.append(f"fence         up: {st.fenced_tables} source table(s) refuse writes")
+    if st.pause:
+        p = st.pause
+        lines.append(f"pause         asked by {p['requested_by']}: " + (
+            f"holding at {p['paused_lsn']} since {p['paused_since']}" if p["paused_lsn"] else "not holding yet"))
     if st.fallback:
         fb = st.fallback
         daemon = "streaming back" if fb.get("streaming") else "not running"

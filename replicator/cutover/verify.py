@@ -24,11 +24,44 @@ import psycopg2
 from sink.state import pgferry_session, quote_ident, readable_name
 
 from ..errors import first_line
-from ..source import connect, published_tables, query_one
+from ..source import connect, published_tables
 
 log = logging.getLogger("pgferry.verify")
 
 CHUNK = 100_000
+ROWS_NAMED = 10  # rows named per differing key range
+
+
+class Side:
+    """One database's view for a comparison. Plain: each query in a transaction of its own (rolled
+    back: nothing held). Pinned (`verify --online`): every query in the one REPEATABLE READ
+    transaction whose snapshot was taken at the comparison's LSN; a failed query rolls back to a
+    savepoint so the snapshot survives it."""
+
+    def __init__(self, conn: Any, pinned: bool = False) -> None:
+        self.conn, self.pinned = conn, pinned
+
+    def all(self, sql: str, params: tuple | list = ()) -> list[tuple]:
+        cur = self.conn.cursor()
+        if not self.pinned:
+            try:
+                cur.execute(sql, params)
+                return cur.fetchall()
+            finally:
+                self.conn.rollback()
+        cur.execute("SAVEPOINT pgferry_verify")
+        try:
+            cur.execute(sql, params)
+            rows = cur.fetchall()
+        except psycopg2.Error:
+            cur.execute("ROLLBACK TO SAVEPOINT pgferry_verify")
+            raise
+        cur.execute("RELEASE SAVEPOINT pgferry_verify")
+        return rows
+
+    def one(self, sql: str, params: tuple | list = ()) -> Any:
+        rows = self.all(sql, params)
+        return rows[0] if rows else None
 _SETTINGS = ("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; "
              "SET extra_float_digits = 1; SET bytea_output = 'hex'")
 
@@ -42,34 +75,29 @@ class TableResult:
     differences: list[str] = field(default_factory=list)
 
 
-def _columns(src: Any, qualified: str) -> tuple[list[str], list[tuple[str, str]]]:
+def _columns(src: Side, qualified: str) -> tuple[list[str], list[tuple[str, str]]]:
     """(columns to compare, primary-key columns with their types) from the source."""
-    with src.cursor() as cur:
-        cur.execute("""SELECT a.attname FROM pg_attribute a WHERE a.attrelid = %s::regclass AND a.attnum > 0
-            AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum""", (qualified,))
-        cols = [r[0] for r in cur.fetchall()]
-        cur.execute("""SELECT a.attname, format_type(a.atttypid, a.atttypmod)
-            FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-            WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)""",
-                    (qualified,))
-        key = cur.fetchall()
-    src.rollback()
-    return cols, key
+    cols = [r[0] for r in src.all("""SELECT a.attname FROM pg_attribute a WHERE a.attrelid = %s::regclass
+        AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum""", (qualified,))]
+    key = src.all("""SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+        FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+        WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)""",
+                  (qualified,))
+    return cols, [(str(n), str(t)) for n, t in key]
 
 
 
-def verify_table(src: Any, dst: Any, schema: str, table: str, mode: str) -> TableResult:
+def verify_table(src: Side, dst: Side, schema: str, table: str, mode: str) -> TableResult:
     qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
     res = TableResult(readable_name(schema, table))
     try:
-        (res.target_rows,) = query_one(dst, f"SELECT count(*) FROM {qualified}")
+        (res.target_rows,) = dst.one(f"SELECT count(*) FROM {qualified}")
     except psycopg2.Error as exc:
-        dst.rollback()
-        (res.source_rows,) = query_one(src, f"SELECT count(*) FROM {qualified}")
+        (res.source_rows,) = src.one(f"SELECT count(*) FROM {qualified}")
         res.match = False
         res.differences.append(f"cannot read the target table: {first_line(exc)}")
         return res
-    (res.source_rows,) = query_one(src, f"SELECT count(*) FROM {qualified}")
+    (res.source_rows,) = src.one(f"SELECT count(*) FROM {qualified}")
     if res.source_rows != res.target_rows:
         res.match = False
         res.differences.append(f"row count {res.source_rows} on the source, {res.target_rows} on the target")
@@ -83,7 +111,7 @@ def verify_table(src: Any, dst: Any, schema: str, table: str, mode: str) -> Tabl
         sql = (f"SELECT count(*), coalesce(sum(('x' || left(h, 16))::bit(64)::bigint), 0), "
                f"coalesce(sum(('x' || right(h, 16))::bit(64)::bigint), 0) FROM (SELECT {row} AS h "
                f"FROM {qualified}{where}) s")
-        return query_one(src, sql, params), query_one(dst, sql, params)
+        return src.one(sql, params), dst.one(sql, params)
 
     a, b = digest()
     if a == b:
@@ -94,12 +122,9 @@ def verify_table(src: Any, dst: Any, schema: str, table: str, mode: str) -> Tabl
         return res
     k = ", ".join(quote_ident(c) for c, _ in key)
     # chunk upper bounds from the source: every CHUNK-th key, as text, cast back by type
-    with src.cursor() as cur:
-        cur.execute(f"SELECT {', '.join(f'{quote_ident(c)}::text' for c, _ in key)} FROM (SELECT {k}, "
-                    f"row_number() OVER (ORDER BY {k}) AS rn FROM {qualified}) s WHERE rn %% %s = 0 ORDER BY rn",
-                    (CHUNK,))
-        bounds = cur.fetchall()
-    src.rollback()
+    bounds = src.all(f"SELECT {', '.join(f'{quote_ident(c)}::text' for c, _ in key)} FROM (SELECT {k}, "
+                     f"row_number() OVER (ORDER BY {k}) AS rn FROM {qualified}) s WHERE rn %% %s = 0 ORDER BY rn",
+                     (CHUNK,))
     typed = "(" + ", ".join(f"%s::{t}" for _, t in key) + ")"
     lower: tuple | None = None
     for upper in [*bounds, None]:
@@ -110,13 +135,27 @@ def verify_table(src: Any, dst: Any, schema: str, table: str, mode: str) -> Tabl
         if upper is not None:
             conds.append(f"({k}) <= {typed}")
             params += list(upper)
-        a, b = digest(" WHERE " + " AND ".join(conds) if conds else "", tuple(params))
+        where = " WHERE " + " AND ".join(conds) if conds else ""
+        a, b = digest(where, tuple(params))
         if a != b:
             start = f"> {lower}" if lower else "from the start"
             span = f"({k}) {start} {f'to {upper}' if upper else 'to the end'}"
             res.differences.append(f"rows in key range {span} differ ({a[0]} source rows, {b[0]} target rows)")
+            shown = ", ".join(c if c.isidentifier() and c == c.lower() else quote_ident(c) for c, _ in key)
+            res.differences.extend(_rows_that_differ(src, dst, qualified, k, shown, row, where, tuple(params)))
         lower = upper
     return res
+
+
+def _rows_that_differ(src: Side, dst: Side, qualified: str, k: str, shown: str, row: str, where: str,
+                      params: tuple) -> list[str]:
+    """Name the rows of one differing key range (at most CHUNK rows: a key and a hash each)."""
+    sql = f"SELECT ROW({k})::text, {row} FROM {qualified}{where}"
+    a, b = dict(src.all(sql, params)), dict(dst.all(sql, params))
+    named = [f"row ({shown})={key}: " + ("missing on the target" if key not in b else "only on the target"
+                                     if key not in a else "differs")
+             for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    return named[:ROWS_NAMED] + ([f"... and {len(named) - ROWS_NAMED} more rows"] if len(named) > ROWS_NAMED else [])
 
 
 def verify(source: str, target: str, publication: str, tables: list[str] | None, mode: str) -> list[TableResult]:
@@ -127,7 +166,7 @@ def verify(source: str, target: str, publication: str, tables: list[str] | None,
             pgferry_session(cur)  # no timeouts for big tables' checksums; row security would hide rows
             cur.execute(_SETTINGS)
             c.commit()
-        return [verify_table(src, dst, n, t, mode) for n, t in published_tables(src, publication, tables)]
+        return [verify_table(Side(src), Side(dst), n, t, mode) for n, t in published_tables(src, publication, tables)]
     finally:
         src.close()
         dst.close()

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgferry.metrics")
 
-PHASES = ("preflight", "schema", "copy", "streaming", "stopped", "done")
+PHASES = ("preflight", "schema", "copy", "streaming", "paused", "stopped", "done")
 OPS: dict[type, str] = {Insert: "insert", Update: "update", Delete: "delete", Truncate: "truncate"}
 
 

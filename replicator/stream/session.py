@@ -187,6 +187,13 @@ class Session:
         self.bytes_read = 0  # payload bytes handled (the throttle's byte budget)
         self._paced_rows = self._paced_bytes = 0
         self.next_resync_check = 0.0  # monotonic time of the next look for tables to re-copy, when idle
+        # pause (pgferry pause, verify --online): hold before the first transaction that commits at
+        # or after `pause_at` (0: the next one); `held` is its first message, handled on resume
+        self.pause_at: Lsn | None = None
+        self.held: Any = None
+        self.held_lsn = Lsn(0)  # the commit LSN of the held transaction
+        self.paused = False
+        self.next_pause_poll = 0.0
 
     # -- set-up ------------------------------------------------------------------------------
     def open(self) -> None:
@@ -278,8 +285,10 @@ class Session:
             if self.stop.reload:
                 self.reload()
             self.feedback()
-            deadline = sink.deadline()
             now = time.monotonic()
+            if self.pausing(now):
+                continue
+            deadline = sink.deadline()
             if now >= self.next_gc:  # the automatic collector is off (tune_gc)
                 self.next_gc = now + GC_EVERY
                 gc.collect()
@@ -302,6 +311,8 @@ class Session:
                     break
                 handle(msg)
                 n += 1
+                if self.held is not None:
+                    break  # the pause point: nothing after it is read until resumed
                 if self.handed_off is not None:
                     metrics.STATE.phase = "done"
                     self.feedback(force=True)
@@ -335,6 +346,55 @@ class Session:
             if sink.writing():
                 timeout = min(timeout, 0.002)  # confirm the batch as soon as it is durable
             select.select(fds, [], [], timeout)
+
+    def pausing(self, now: float) -> bool:
+        """The pause, between source transactions: look for a request (a busy stream sees it with
+        each batch's progress row), reach its point (everything committed before it applied, nothing
+        after), hold there answering the walsender, and resume when the request is gone. True while
+        it holds (the loop reads nothing)."""
+        sink = self.sink
+        assert sink is not None
+        if now >= self.next_pause_poll and not sink.in_transaction() and not sink.writing() and (
+                self.paused or not sink.batch_open()):
+            self.next_pause_poll = now + PAUSE_POLL
+            sink.read_pause()
+        req = sink.pause_request
+        if req is None:
+            self.pause_at = None
+            if self.paused or self.held is not None:
+                held, self.held, self.paused = self.held, None, False
+                metrics.STATE.phase = "streaming"
+                log.info("resumed at %s", sink.stored)
+                if held is not None:
+                    self.handle(held)
+            return False
+        target = Lsn(0) if req == "" else Lsn.parse(req)
+        if self.pause_at is not None and target != self.pause_at and (self.paused or self.held is not None):
+            # moved on (verify --online holds first, then names its LSN): release what lies before it
+            self.paused = False
+            if self.held is not None and self.held_lsn < target:
+                held, self.held = self.held, None
+                self.pause_at = target
+                self.handle(held)
+                return False
+        self.pause_at = target
+        if self.paused:
+            self.keep_alive()  # the walsender times out a silent client (wal_sender_timeout)
+            select.select([self.stop], [], [], min(PAUSE_POLL, self.cfg.status_interval))
+            return True
+        if sink.in_transaction():
+            return False
+        if self.held is None and self.pause_at and Lsn(self.cur.wal_end) < self.pause_at:
+            return False  # not there yet: transactions before the point may still come
+        if sink.batch_open():
+            sink.flush()
+        sink.mark_paused()
+        self.feedback(force=True)
+        self.paused = True
+        metrics.STATE.phase = "paused"
+        log.info("paused at %s%s: applying nothing, keeping the slot and answering the source until resumed",
+                 sink.stored, f" (asked to hold before {self.pause_at})" if self.pause_at else "")
+        return True
 
     def resync_pending(self) -> None:
         """Re-copy the tables whose re-copy is asked (replicator/sync/resync.py), between two
@@ -485,6 +545,9 @@ class Session:
             if not self.skip:
                 sink.apply(m, len(payload))  # type: ignore[arg-type]
         elif t is Begin:
+            if self.pause_at is not None and m.final_lsn >= self.pause_at:  # type: ignore[union-attr]
+                self.held, self.held_lsn = raw, m.final_lsn  # type: ignore[union-attr]
+                return
             self.skip = not sink.begin(m.xid, m.final_lsn)  # type: ignore[union-attr, arg-type]
         elif t is Commit:
             if not self.skip:
@@ -501,6 +564,9 @@ class Session:
         elif t is StreamStart:
             self.stream_xid = m.xid  # type: ignore[union-attr]
         elif t is StreamCommit:
+            if self.pause_at is not None and m.commit_lsn >= self.pause_at:  # type: ignore[union-attr]
+                self.held, self.held_lsn = raw, m.commit_lsn  # type: ignore[union-attr]
+                return
             self.apply_streamed(m)  # type: ignore[arg-type]
         elif t is StreamAbort:
             self.spool.abort(m.xid, m.subxid)  # type: ignore[union-attr, arg-type]
@@ -591,6 +657,7 @@ class Session:
 
 
 RESYNC_POLL = 2.0  # seconds between looks for tables to re-copy (pgferry resync)
+PAUSE_POLL = 0.5  # seconds between looks for a pause request while idle or paused
 GC_EVERY = 10.0  # seconds between the stream loop's own runs of the cycle collector
 
 

@@ -182,6 +182,7 @@ def test_verify_names_the_table_and_key_range_that_differ(pair, daemons, monkeyp
     assert result["public.k"]["differences"] == ["row count 2 on the source, 1 on the target",
                                                   "content differs (table without primary key: hashed whole)"]
     assert not result["public.t"]["match"] and result["public.k"]["match"] is False
+    assert "row (a, b)=(250,3): differs" in result["public.t"]["differences"], result["public.t"]
     r = pgferry("verify", "--source", src.dsn, "--target", dst.dsn, "--mode", "count", "--tables", "t")
     assert r.returncode == 0, r.stdout
 

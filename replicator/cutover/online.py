@@ -1,0 +1,156 @@
+"""`pgferry verify --online`: compare source and target as of one LSN while both keep working.
+
+1. A temporary logical slot on the source exports a snapshot at its consistent point X: a
+   REPEATABLE READ transaction imports it and sees exactly what committed before X. The slot and
+   its replication connection go right after the import (the transaction keeps the snapshot).
+2. The daemon is asked to hold before the first transaction that commits at or after X
+   (replicator/stream/pause.py). Once it holds, the target holds exactly what the source committed
+   before X: a REPEATABLE READ transaction on the target takes its snapshot, and the daemon goes
+   on. So that it cannot have gone past X before it hears of it, it is first held where it is
+   (before the slot is made, so X is after that point), then moved on to X. It holds while the
+   slot is made (the source finishing the transactions running then) and for a round trip or two
+   after; the source never stops.
+3. Both snapshots are compared table by table with the same digests as `pgferry verify`
+   (cutover/verify.py), key ranges, then rows, for the tables that differ. `max_rate` paces the
+   reading (rows per second, over both sides) so production is not hurt.
+
+The source snapshot holds back vacuum on the source (its xmin) for as long as the comparison
+runs: its age is printed. A daemon that restarts meanwhile does not change the target snapshot,
+which was already taken; a daemon that is not running cannot hold, and the verify says so (exit 1)
+instead of comparing a target that is not at X.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import msgspec
+import psycopg2
+import psycopg2.extras
+
+from decoder import Lsn
+from sink.state import pgferry_session, quote_ident
+
+from ..errors import PgferryError, first_line
+from ..source import connect, describe_dsn, published_tables
+from ..stream import pause
+from .verify import _SETTINGS, Side, TableResult, verify_table
+
+log = logging.getLogger("pgferry.verify")
+
+BY = "verify --online"
+
+
+@dataclass
+class OnlineResult:
+    lsn: str
+    held_s: float  # how long the daemon held at the LSN
+    snapshot_age_s: float = 0.0  # how long the source's snapshot was held
+    tables: list[TableResult] = field(default_factory=list)
+
+
+def _pinned(conn: Any, snapshot: str | None = None) -> Side:
+    conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+    cur = conn.cursor()
+    if snapshot is not None:  # first in the transaction: before any query takes a snapshot of its own
+        cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+    pgferry_session(cur)
+    cur.execute(_SETTINGS)
+    return Side(conn, pinned=True)
+
+
+def verify_online(source: str, target: str, publication: str, slot: str, schema: str, tables: list[str] | None,
+                  mode: str = "checksum", timeout: float = 60.0, max_rate: float | None = None,
+                  progress: IO[str] | None = None) -> OnlineResult:
+    repl = connect(source, "source", connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    src = connect(source, "source")
+    dst = connect(target, "target")
+    try:
+        name = f"pgferry_verify_{os.getpid()}"
+        rcur = repl.cursor()
+        held = time.monotonic()
+        pause.request(target, schema, slot, BY)  # hold first: it cannot pass X before hearing of it
+        try:
+            pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot))
+        except PgferryError:
+            pause.release(target, schema, slot, BY)
+            raise
+        try:
+            rcur.execute(f"CREATE_REPLICATION_SLOT {quote_ident(name)} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT")
+            _, consistent, snapshot, _ = rcur.fetchone()
+        except psycopg2.Error as exc:
+            pause.release(target, schema, slot, BY)
+            raise PgferryError(f"could not take a snapshot of source {describe_dsn(source)} (a temporary slot): "
+                               f"{first_line(exc)}") from None
+        taken = time.monotonic()
+        src_side = _pinned(src, snapshot)
+        repl.close()  # the temporary slot goes; the transaction keeps the snapshot
+        at = Lsn.parse(consistent)
+        pause.request(target, schema, slot, BY, at)
+        try:
+            pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot))
+            dst_side = _pinned(dst)  # its first query takes the target's snapshot: everything before `at`
+        finally:
+            pause.release(target, schema, slot, BY)
+        result = OnlineResult(lsn=str(at), held_s=round(time.monotonic() - held, 3))
+        log.info("snapshots at %s: the daemon held %.3f s; comparing while it streams on", at, result.held_s)
+        listing = connect(source, "source")  # (not the pinned session: listing rolls back)
+        try:
+            names = published_tables(listing, publication, tables)
+        finally:
+            listing.close()
+        pace = Pacer(max_rate)
+        for i, (n, t) in enumerate(names, 1):
+            started = time.monotonic()
+            res = verify_table(src_side, dst_side, n, t, mode)
+            pace.rows(res.source_rows + res.target_rows)
+            result.tables.append(res)
+            if progress is not None:
+                age = time.monotonic() - taken
+                progress.write(f"  [{i}/{len(names)}] {res.name}: {res.source_rows:,} rows, "
+                               f"{'equal' if res.match else 'DIFFERENT'} in {time.monotonic() - started:.1f} s "
+                               f"(source snapshot held {age:.0f} s)\n")
+                progress.flush()
+        result.snapshot_age_s = round(time.monotonic() - taken, 3)
+        return result
+    finally:
+        for c in (repl, src, dst):
+            if not c.closed:
+                c.close()
+
+
+class Pacer:
+    """At most `rate` rows per second, on average since the start (None: as fast as it goes)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate, self.started, self.done = rate, time.monotonic(), 0
+
+    def rows(self, n: int) -> None:
+        self.done += n
+        if self.rate:
+            ahead = self.done / self.rate - (time.monotonic() - self.started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def print_online(res: OnlineResult, as_json: bool, out: IO[str] = sys.stdout) -> int:
+    ok = all(t.match for t in res.tables)
+    if as_json:
+        out.write(msgspec.json.encode({"ok": ok, "online": True, "lsn": res.lsn, "held_s": res.held_s,
+                                       "snapshot_age_s": res.snapshot_age_s, "tables": [
+            {"name": r.name, "source_rows": r.source_rows, "target_rows": r.target_rows, "match": r.match,
+             "differences": r.differences} for r in res.tables]}).decode() + "\n")
+        return 0 if ok else 1
+    for r in res.tables:
+        out.write(f"{r.name:<40} {r.source_rows:>10} {r.target_rows:>10}  {'ok' if r.match else 'DIFFERENT'}\n")
+        for d in r.differences:
+            out.write(f"    {d}\n")
+    bad = sum(not r.match for r in res.tables)
+    out.write(f"{len(res.tables)} tables compared as of {res.lsn} (the daemon held {res.held_s} s; the source "
+              f"snapshot was held {res.snapshot_age_s} s), {bad} different\n")
+    return 0 if ok else 1
