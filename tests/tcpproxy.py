@@ -39,6 +39,9 @@ class TcpProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self._closed:  # accepted by an accept() that was blocked while close() ran
+                _reset(client)
+                return
             try:
                 server = socket.create_connection(self.upstream)
             except OSError:
@@ -88,7 +91,12 @@ class TcpProxy:
             return len(self._conns)
 
     def close(self) -> None:
+        """Stop listening (new connections are refused) and reset the open ones."""
         self._closed = True
+        try:  # wakes an accept() blocked in another thread; close() alone leaves the port listening
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         self.cut()
 
