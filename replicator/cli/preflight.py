@@ -267,6 +267,7 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
                                        "install", "install their packages on the target server first")
     if src is not None:
         _xml(src, tgt, st, where, add)
+    _fallback(tgt, where, user, add)
     forced = (_tables_where(src, "c.relrowsecurity AND c.relforcerowsecurity", _published(src, st))
               if src is not None and st.schema else [])
     if forced and not query_one(tgt, "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")[0]:
@@ -276,6 +277,22 @@ def _target(tgt: Any, st: Settings, src: Any) -> list[Finding]:
             f"ALTER ROLE {user} BYPASSRLS;  -- as a superuser")
     tgt.rollback()
     return out
+
+
+def _fallback(tgt: Any, where: str, user: str, add: Callable[..., None]) -> None:
+    """Whether `cutover --fallback` could stream the target back into the source afterwards (an
+    info finding: the fallback is optional; the cutover checks again and refuses without it)."""
+    wal_level, may = query_one(tgt, "SELECT current_setting('wal_level'), (SELECT rolreplication OR rolsuper "
+                                    "FROM pg_roles WHERE rolname = current_user)")
+    missing = ([f"wal_level is {wal_level}"] if wal_level != "logical" else []) + (
+        [f"role {user} may not replicate"] if not may else [])
+    if missing:
+        add("info", "fallback", f"`cutover --fallback` (a way back after the cutover) is not possible on target "
+                                f"{where}: {' and '.join(missing)}",
+            "; ".join(([] if wal_level == "logical" else ["ALTER SYSTEM SET wal_level = logical (restart)"])
+                      + ([] if may else [f"ALTER ROLE {user} REPLICATION"])))
+    else:
+        add("info", "fallback", f"target {where} can stream back: `cutover --fallback` keeps a way back")
 
 
 # a column of type xml: itself, an array of it or a domain over it

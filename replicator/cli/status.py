@@ -133,7 +133,7 @@ def collect(source: str, target: str, slot: str, schema: str,
     progress, sync, tables, control, conflicts, held, ddl = (found if found is not None
                                                               else (None, None, [], None, [], [], {}))
     running = bool(slot_row and slot_row[0]) or bool(copying_walsender and sync is not None and sync[0] != "streaming")
-    held = pause.read(target, schema, slot) if progress is not None else None
+    holding = pause.read(target, schema, slot) if progress is not None else None
     record = cutover_control.read(target, schema, slot) if control else None
     if sync is not None and sync[0] == "done" and (record is None or record.state == "done"):
         phase = "done"
@@ -141,7 +141,7 @@ def collect(source: str, target: str, slot: str, schema: str,
         phase = "preflight"
     elif sync is not None and sync[0] != "streaming":
         phase = sync[0] if running else "stopped"
-    elif held is not None and held.paused_lsn is not None and running:
+    elif holding is not None and holding.paused_lsn is not None and running:
         phase = "paused"
     else:
         phase = "streaming" if running else "stopped"
@@ -167,10 +167,10 @@ def collect(source: str, target: str, slot: str, schema: str,
         direction="reverse" if record is not None and record.state == "done" and record.fallback
         and record.fallback.get("state") == "active" else "forward",
         fallback=fallback.status(source, target, schema, record.fallback) if record and record.fallback else None,
-        pause=None if held is None else {
-            "requested_by": held.requested_by, "requested_at": held.requested_at.isoformat(), "at_lsn": held.at_lsn,
-            "paused_lsn": held.paused_lsn,
-            "paused_since": held.paused_since.isoformat() if held.paused_since else None})
+        pause=None if holding is None else {
+            "requested_by": holding.requested_by, "requested_at": holding.requested_at.isoformat(),
+            "at_lsn": holding.at_lsn, "paused_lsn": holding.paused_lsn,
+            "paused_since": holding.paused_since.isoformat() if holding.paused_since else None})
 
 
 def _guard(slot_row: Any, guard: tuple[int | None, int | None]) -> str | None:

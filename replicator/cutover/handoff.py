@@ -89,6 +89,7 @@ from sink.state import HANDOFF_PREFIX, ensure_schema, pgferry_session, quote_ide
 
 from ..errors import PgferryError, UsageError
 from ..source import connect, describe_dsn, published_tables
+from ..stream import pause
 from ..sync import holdback
 from ..sync.sequences import copy_sequences
 from . import control, fallback, fence
@@ -155,6 +156,10 @@ class Cutover:
     # -- 1. before anything changes -------------------------------------------------------------
     def prepare(self) -> None:
         o = self.opts
+        paused = pause.read(self.target, self.schema, self.slot)
+        if paused is not None:
+            raise PgferryError(f"the daemon is paused ({paused.requested_by}, since {paused.requested_at}): it would "
+                               "never apply up to the handoff. `pgferry resume` first")
         if o.fallback:
             fallback.check_ready(self.source, self.target, self.schema, self.slot)
         if o.pgbouncer:

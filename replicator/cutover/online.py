@@ -73,13 +73,17 @@ def verify_online(source: str, target: str, publication: str, slot: str, schema:
     try:
         name = f"pgferry_verify_{os.getpid()}"
         rcur = repl.cursor()
-        held = time.monotonic()
+        earlier = pause.read(target, schema, slot)
+        if earlier is not None:
+            raise PgferryError(f"the daemon is paused ({earlier.requested_by}, since {earlier.requested_at}): "
+                               "`pgferry resume` first; an online verify holds and resumes it itself")
         pause.request(target, schema, slot, BY)  # hold first: it cannot pass X before hearing of it
         try:
             pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot))
-        except PgferryError:
+        except BaseException:
             pause.release(target, schema, slot, BY)
             raise
+        held = time.monotonic()
         try:
             rcur.execute(f"CREATE_REPLICATION_SLOT {quote_ident(name)} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT")
             _, consistent, snapshot, _ = rcur.fetchone()
@@ -87,6 +91,9 @@ def verify_online(source: str, target: str, publication: str, slot: str, schema:
             pause.release(target, schema, slot, BY)
             raise PgferryError(f"could not take a snapshot of source {describe_dsn(source)} (a temporary slot): "
                                f"{first_line(exc)}") from None
+        except BaseException:
+            pause.release(target, schema, slot, BY)
+            raise
         taken = time.monotonic()
         src_side = _pinned(src, snapshot)
         repl.close()  # the temporary slot goes; the transaction keeps the snapshot

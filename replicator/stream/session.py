@@ -363,6 +363,7 @@ class Session:
             self.pause_at = None
             if self.paused or self.held is not None:
                 held, self.held, self.paused = self.held, None, False
+                self.last_heard = time.monotonic()  # nothing was read while holding: not the source's silence
                 metrics.STATE.phase = "streaming"
                 log.info("resumed at %s", sink.stored)
                 if held is not None:

@@ -160,6 +160,9 @@ def test_fallback_is_refused_before_anything_changes_when_the_target_cannot_stre
     d = Daemon(src, dst, copy=True, ready=False)
     daemons.append(d)
     _streaming(src, dst, d)
+    pre = pgferry("preflight", "--json", "--source", src.dsn, "--target", dst.dsn)
+    found = [f for f in json.loads(pre.stdout)["findings"] if f["check"] == "fallback"]
+    assert found and found[0]["severity"] == "info" and "REPLICATION" in found[0]["fix"], pre.stdout
     r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn)
     assert r.returncode == 1 and "--fallback refused before anything changed" in r.stderr, r.stderr
     assert f"ALTER ROLE {dst.user} REPLICATION" in r.stderr, r.stderr
@@ -269,3 +272,26 @@ def test_a_forgotten_fallback_is_dropped_past_fallback_max_wal(pair, daemons, tc
     assert dst.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgferry_fallback'") == [(0,)]
     st = _status(src, dst)
     assert st["fallback"]["state"] == "dropped" and "fallback_max_wal" in st["fallback"]["why"], st
+
+
+def test_a_column_added_on_the_new_server_streams_back(pair, daemons):
+    """Schema changes on the new server after the cutover are not captured there, but what the
+    stream shows is followed: a column added to a migrated table (and its values) reaches the old
+    source, through its fence, and a rollback hands it back with the rows."""
+    src, dst = pair
+    _reverse_pair(src, dst)
+    src.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    _streaming(src, dst, d)
+    r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
+    assert r.returncode == 0, r.stdout + r.stderr + d.output()
+    wait_for(lambda: "streaming back" in d.output() or not d.running(), 60, "the daemon to turn around")
+    dst.execute("ALTER TABLE w ADD COLUMN extra int")
+    dst.execute("INSERT INTO w VALUES (1, 'a', 10), (2, 'b', NULL)")
+    wait_for(lambda: src.execute("SELECT count(*) FROM w")[0][0] == 2 or not d.running(), 60, "the reverse stream")
+    assert d.running(), d.output()
+    assert src.execute("SELECT id, v, extra FROM w ORDER BY id") == [(1, "a", 10), (2, "b", None)]
+    r = pgferry("rollback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
+    assert r.returncode == 0, r.stdout + r.stderr + d.output()
+    assert json.loads(r.stdout)["ok"]

@@ -65,6 +65,13 @@ def test_pause_holds_the_position_across_walsender_timeouts_and_resume_catches_u
         st = _status(src, dst)
         assert st["phase"] == "paused" and st["applied_lsn"] == applied and st["lag_bytes"] > 0, st
         assert st["slot_retained_wal_bytes"] and st["daemon_running"], st
+        # neither an online verify nor a cutover undoes an operator's pause
+        r = pgferry("verify", "--online", "--source", src.dsn, "--target", dst.dsn)
+        assert r.returncode == 1 and "the daemon is paused (pgferry pause" in r.stderr, r.stderr
+        r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn)
+        assert r.returncode == 1 and "`pgferry resume` first" in r.stderr, r.stderr
+        assert _status(src, dst)["phase"] == "paused" and not src.execute(
+            "SELECT 1 FROM pg_trigger WHERE tgname = 'pgferry_fence'")  # refused before the fence
         r = pgferry("resume", "--source", src.dsn, "--target", dst.dsn)
         assert r.returncode == 0 and "applies again" in r.stderr, r.stderr
     finally:
