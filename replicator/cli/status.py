@@ -248,15 +248,17 @@ def watch_status(source: str, target: str, slot: str, schema: str, interval: flo
 
     console = Console(stderr=False)
     prev: tuple[float, Status] | None = None
+    lags: list[int] = []  # the lag at each refresh, for the sparkline
     n = 0
     with Live(console=console, auto_refresh=False, transient=False) as live:
         while True:
             now = time.monotonic()
             st = collect(source, target, slot, schema)
-            live.update(_view(st, prev, now), refresh=True)
+            lags = ([*lags, st.lag_bytes] if st.lag_bytes is not None else lags)[-SPARK:]
+            live.update(_view(st, prev, now, lags), refresh=True)
             prev = (now, st)
             n += 1
-            if (iterations is not None and n >= iterations) or st.phase == "done":
+            if (iterations is not None and n >= iterations) or (st.phase == "done" and st.direction != "reverse"):
                 return 0
             try:
                 time.sleep(interval)
@@ -264,7 +266,31 @@ def watch_status(source: str, target: str, slot: str, schema: str, interval: flo
                 return 0
 
 
-def _view(st: Status, prev: tuple[float, Status] | None, now: float) -> RenderableType:
+SPARK = 40  # refreshes the lag sparkline shows
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[int]) -> str:
+    """The values as a row of block characters, scaled to their own maximum (a trend, not numbers)."""
+    top = max(values, default=0)
+    if top <= 0:
+        return _BARS[0] * len(values)
+    return "".join(_BARS[min(len(_BARS) - 1, v * len(_BARS) // (top + 1))] for v in values)
+
+
+def catch_up(st: Status, prev: tuple[float, Status] | None, now: float) -> str | None:
+    """The catch-up ETA: lag over the rate at which it shrank since the last refresh."""
+    if prev is None or st.lag_bytes is None or prev[1].lag_bytes is None or now <= prev[0]:
+        return None
+    if st.lag_bytes == 0:
+        return "caught up"
+    shrink = (prev[1].lag_bytes - st.lag_bytes) / (now - prev[0])
+    if shrink <= 0:
+        return "not shrinking"
+    return f"{st.lag_bytes / shrink:,.0f} s at {shrink / 1e6:,.1f} MB/s"
+
+
+def _view(st: Status, prev: tuple[float, Status] | None, now: float, lags: list[int] | None = None) -> RenderableType:
     from rich.console import Group
     from rich.table import Table
 
@@ -279,7 +305,11 @@ def _view(st: Status, prev: tuple[float, Status] | None, now: float) -> Renderab
     head.add_column()
     head.add_row("phase", f"{st.phase} (daemon {'running' if st.daemon_running else 'not running'})")
     head.add_row("applied / source", f"{st.applied_lsn or '-'} / {st.source_lsn}")
-    head.add_row("lag", f"{_mb(st.lag_bytes)}, {st.lag_seconds if st.lag_seconds is not None else '-'} s")
+    head.add_row("lag", f"{_mb(st.lag_bytes)}, {st.lag_seconds if st.lag_seconds is not None else '-'} s"
+                 + (f"  {sparkline(lags)}" if lags and len(lags) > 1 else ""))
+    eta = catch_up(st, prev, now)
+    if eta is not None and st.phase in ("streaming", "paused", "stopped"):
+        head.add_row("catch-up", eta)
     head.add_row("rows applied", f"{st.rows_applied:,}" + (f"  ({rate:,.0f}/s)" if rate is not None else ""))
     head.add_row("slot", f"{st.slot}: {st.slot_wal_status or 'missing'}, retains {_mb(st.slot_retained_wal_bytes)}"
                  + (f", safe_wal_size {_mb(st.slot_safe_wal_size)}" if st.slot_safe_wal_size is not None else ""))
@@ -287,6 +317,17 @@ def _view(st: Status, prev: tuple[float, Status] | None, now: float) -> Renderab
         head.add_row("cutover", st.cutover)
     if st.fenced_tables:
         head.add_row("fence", f"up: {st.fenced_tables} source table(s) refuse writes")
+    if st.pause:
+        p = st.pause
+        head.add_row("pause", f"asked by {p['requested_by']}: " + (f"holding at {p['paused_lsn']}" if p["paused_lsn"]
+                                                                    else "not holding yet"))
+    if st.fallback:
+        fb = st.fallback
+        head.add_row("fallback", f"{fb['state']}" + (
+            f", streaming back: applied {fb.get('applied_lsn') or '-'}, lag {_mb(fb.get('lag_bytes'))}, the new "
+            f"server keeps {_mb(fb.get('retained_wal_bytes'))} of WAL" + ("" if fb.get("streaming") else
+                                                                           " [bold red](no daemon)[/]")
+            if fb["state"] == "active" else ""))
     if st.action:
         head.add_row("to do", f"[bold red]{st.action}[/]")
     parts: list[RenderableType] = [head]

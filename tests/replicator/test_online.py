@@ -65,6 +65,9 @@ def test_pause_holds_the_position_across_walsender_timeouts_and_resume_catches_u
         st = _status(src, dst)
         assert st["phase"] == "paused" and st["applied_lsn"] == applied and st["lag_bytes"] > 0, st
         assert st["slot_retained_wal_bytes"] and st["daemon_running"], st
+        r = pgferry("status", "--source", src.dsn, "--target", dst.dsn, "--watch", "0.2", "--iterations", "2")
+        assert "paused (daemon running)" in r.stdout and "asked by pgferry pause: holding at" in r.stdout, r.stdout
+        assert "not shrinking" in r.stdout, r.stdout  # the catch-up ETA, while nothing is applied
         # neither an online verify nor a cutover undoes an operator's pause
         r = pgferry("verify", "--online", "--source", src.dsn, "--target", dst.dsn)
         assert r.returncode == 1 and "the daemon is paused (pgferry pause" in r.stderr, r.stderr
