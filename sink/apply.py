@@ -480,11 +480,14 @@ class Sink:
         self.pause_request = row[0] if row else None
         return self.pause_request
 
-    def mark_paused(self) -> None:
-        """Tell whoever asked that the daemon holds at its stored position."""
+    def mark_paused(self, at: str | None) -> None:
+        """Tell whoever asked that the daemon holds at its stored position; `at`: the request it
+        reached (its at_lsn, None: the next boundary), so a request that replaced it meanwhile is
+        not answered for it."""
         self._join()
         self.cur.execute(f"UPDATE {state.quote_ident(self.schema)}.pause SET paused_lsn = %s::pg_lsn, paused_since = "
-                         "now() WHERE slot_name = %s AND paused_lsn IS NULL", (str(self.stored), self.slot))
+                         "now() WHERE slot_name = %s AND paused_lsn IS NULL AND at_lsn IS NOT DISTINCT FROM "
+                         "%s::pg_lsn", (str(self.stored), self.slot, at))
         self.conn.commit()
 
     def in_transaction(self) -> bool:

@@ -342,7 +342,12 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
         from ..cutover.verify import print_results, verify
         tables = [t.strip() for t in args.tables.split(",")] if args.tables else None
         if args.online:
+            from ..cutover.fallback import reverse_of
             from ..cutover.online import print_online, verify_online
+            if reverse_of(src, dst, schema, slot) is not None:
+                raise PgferryError("verify --online compares the forward direction; after a cutover with --fallback "
+                                   "the daemon streams back: run `pgferry verify` against the servers swapped, or "
+                                   "`pgferry rollback`, whose verify runs under its fence")
             res = verify_online(src, dst, settings.publication, slot, schema, tables, args.mode, args.timeout,
                                 args.max_rate, progress=sys.stderr)
             return print_online(res, args.json)
@@ -362,7 +367,12 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
         from ..cutover.fallback import run_fallback_stop
         return run_fallback_stop(src, dst, schema, slot)
     if args.command in ("pause", "resume"):
+        from ..cutover.fallback import reverse_of
         from ..stream import pause
+
+        reverse = reverse_of(src, dst, schema, slot)
+        if reverse is not None:  # after a cutover with --fallback: the daemon streams back into the old source
+            src, dst, slot = reverse.source, reverse.target, reverse.slot
         if args.command == "resume":
             found = pause.release(dst, schema, slot)
             print("pgferry resume: " + ("the daemon applies again" if found else "it was not paused"),

@@ -136,8 +136,8 @@ def undo(source: str, target: str, schema: str, slot: str, rec: Record, admin_ds
             b.write_line(entry, entry.line)
             did.append(f"PgBouncer's entry for {entry.database} points at the source again")
     fb = rec.fallback or {}
-    if fb.get("state") == "active" and rec.unfinished:  # made before the application moved: of no use now
-        from .fallback import drop
+    if fb.get("state") in ("requested", "active") and rec.unfinished:  # made (maybe part-way) before the
+        from .fallback import drop  # application moved: of no use now
 
         did.extend(f"dropped the fallback's {what}" for what in drop(target, fb))
     lifted = fence.lift(source, schema)  # before the resume: the clients let through may write

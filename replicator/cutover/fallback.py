@@ -207,6 +207,10 @@ def reverse_of(source: str, target: str, schema: str, slot: str) -> Reverse | No
     fb = rec.fallback if rec is not None else None
     if rec is None or rec.state != "done" or not fb or fb.get("state") != "active":
         return None
+    back = control.read(source, schema, fb["slot"])  # a rollback's own record, on the old source
+    if back is not None and back.state in ("handed_off", "done"):
+        raise PgferryError(f"rollback {back.cutover_id} handed back at {back.handoff_lsn}: nothing to stream back "
+                           + ("(run `pgferry rollback` to finish it)" if back.state == "handed_off" else "any more"))
     return Reverse(source=target, target=source, slot=fb["slot"], publication=fb["publication"])
 
 

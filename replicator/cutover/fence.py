@@ -164,7 +164,8 @@ class Fence:
                     if cur.fetchone()[0]:
                         cur.execute(f"CREATE SEQUENCE {s}.{KEY_TABLE} MINVALUE 1 MAXVALUE 9000000000000000000")
                         cur.execute(f"REVOKE ALL ON {s}.{KEY_TABLE} FROM PUBLIC")
-                        cur.execute(f"SELECT setval('{s}.{KEY_TABLE}', 1 + floor(random() * 8.9e18)::bigint)")
+                        cur.execute("SELECT setval(%s::regclass, 1 + floor(random() * 8.9e18)::bigint)",
+                                    (f"{s}.{KEY_TABLE}",))
                     cur.execute(_function_sql(self.schema, self.cutover_id))
                     for _, name in relations:
                         cur.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {name}")

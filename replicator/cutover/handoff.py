@@ -312,28 +312,70 @@ class Cutover:
         failpoints.hit("cutover_after_switch")
 
     def undo(self) -> list[str]:
-        """Put back what this run changed (it failed before the application moved)."""
+        """Put back what this run changed (it failed before the application moved). Each step is
+        tried whatever the others did (an unreachable target must not leave the source fenced and
+        PgBouncer paused); what failed is logged with what to run."""
         did: list[str] = []
-        if self.old_source is not None and self.old_fence_lifted:  # a rollback failed while moving back
-            Fence(self.old_source[0], self.old_source[1], self.schema, self.cutover_id, self.opts.fence_wait,
-                  self.opts.timeout).raise_()
+        failed: list[str] = []
+
+        def step(what: str, fn: Callable[[], object]) -> None:
+            try:
+                fn()
+            except Exception as exc:  # best effort: the next steps matter more than this one's error
+                failed.append(f"{what}: {exc}")
+
+        def refence() -> None:  # a rollback that failed once the old source's fence was down (maybe in a
+            assert self.old_source is not None  # run killed earlier: the catalog tells)
+            if not fence.source_fenced(self.old_source[0]):
+                Fence(self.old_source[0], self.old_source[1], self.schema, self.cutover_id, self.opts.fence_wait,
+                      self.opts.timeout).raise_()
+                did.append("the old source is fenced again")
             self.old_fence_lifted = False
-            did.append("the old source is fenced again")
-        if self.fallback is not None:
-            did.extend(f"dropped the fallback's {what}" for what in fallback.drop(self.target, self.fallback))
-            self.fallback = None
-            self.record(fallback=None)
-        if self.bouncer is not None and self.entry is not None and self.pb.get("repointed"):
+
+        def entry() -> None:
+            assert self.bouncer is not None and self.entry is not None
             self.bouncer.write_line(self.entry, self.entry.line)
             did.append("PgBouncer's entry restored")
-        if self.opts.fence == "read-only" and fence.lift(self.source, self.schema):
-            did.append("the fence is lifted")
-        if self.bouncer is not None and self.pb.get("paused") and self.bouncer.resume():
-            did.append("PgBouncer resumed on the source")  # after the lift: its clients may write
-        state = control.cancel_or_undo(self.target, self.schema, self.slot, self.cutover_id)
-        if self.pb:
-            self.pb.update(paused=False, repointed=False)
-            self.record(pgbouncer=self.pb, step=f"undone after a failure ({state})")
+
+        def lift() -> None:
+            if fence.lift(self.source, self.schema):
+                did.append("the fence is lifted")
+
+        def resume() -> None:
+            assert self.bouncer is not None
+            if self.bouncer.resume():
+                did.append("PgBouncer resumed on the source")  # after the lift: its clients may write
+
+        def drop_fallback() -> None:  # by name: a kill or failure part-way through making it left no record
+            fb_slot, fb_pub = fallback.names(self.slot, self.publication)
+            gone = fallback.drop(self.target, self.fallback or {"slot": fb_slot, "publication": fb_pub})
+            did.extend(f"dropped the fallback's {what}" for what in gone)
+            self.fallback = None
+            self.record(fallback=None)
+
+        if self.old_source is not None:
+            step("fencing the old source again", refence)
+        if self.bouncer is not None and self.entry is not None and self.pb.get("repointed"):
+            step("restoring PgBouncer's entry", entry)
+        if self.opts.fence == "read-only":
+            step("lifting the fence", lift)
+        if self.bouncer is not None and self.pb.get("paused"):
+            step("resuming PgBouncer", resume)
+        if self.opts.fallback or self.fallback is not None:
+            step("dropping the fallback's slot and publication", drop_fallback)
+        state = "?"
+
+        def cancel() -> None:
+            nonlocal state
+            state = control.cancel_or_undo(self.target, self.schema, self.slot, self.cutover_id)
+            if self.pb:
+                self.pb.update(paused=False, repointed=False)
+                self.record(pgbouncer=self.pb, step=f"undone after a failure ({state})")
+
+        step("recording the undo", cancel)
+        if failed:
+            log.error("the undo could not finish: %s. Run `pgferry cutover --undo` (or `pgferry rollback --undo`) "
+                      "once the servers are reachable", "; ".join(failed))
         return did
 
     def finish(self) -> int:

@@ -78,30 +78,25 @@ def verify_online(source: str, target: str, publication: str, slot: str, schema:
             raise PgferryError(f"the daemon is paused ({earlier.requested_by}, since {earlier.requested_at}): "
                                "`pgferry resume` first; an online verify holds and resumes it itself")
         pause.request(target, schema, slot, BY)  # hold first: it cannot pass X before hearing of it
-        try:
-            pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot))
-        except BaseException:
-            pause.release(target, schema, slot, BY)
-            raise
-        held = time.monotonic()
-        try:
-            rcur.execute(f"CREATE_REPLICATION_SLOT {quote_ident(name)} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT")
-            _, consistent, snapshot, _ = rcur.fetchone()
-        except psycopg2.Error as exc:
-            pause.release(target, schema, slot, BY)
-            raise PgferryError(f"could not take a snapshot of source {describe_dsn(source)} (a temporary slot): "
-                               f"{first_line(exc)}") from None
-        except BaseException:
-            pause.release(target, schema, slot, BY)
-            raise
-        taken = time.monotonic()
-        src_side = _pinned(src, snapshot)
-        repl.close()  # the temporary slot goes; the transaction keeps the snapshot
-        at = Lsn.parse(consistent)
-        pause.request(target, schema, slot, BY, at)
-        try:
-            pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot))
-            dst_side = _pinned(dst)  # its first query takes the target's snapshot: everything before `at`
+        try:  # from here on the daemon holds for us: whatever happens, it is let go
+            pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot), by=BY)
+            held = time.monotonic()
+            try:
+                rcur.execute(f"CREATE_REPLICATION_SLOT {quote_ident(name)} TEMPORARY LOGICAL pgoutput "
+                             "EXPORT_SNAPSHOT")
+                _, consistent, snapshot, _ = rcur.fetchone()
+            except psycopg2.Error as exc:
+                raise PgferryError(f"could not take a snapshot of source {describe_dsn(source)} (a temporary "
+                                   f"slot): {first_line(exc)}") from None
+            taken = time.monotonic()
+            src_side = _pinned(src, snapshot)
+            repl.close()  # the temporary slot goes; the transaction keeps the snapshot
+            at = Lsn.parse(consistent)
+            pause.request(target, schema, slot, BY, at)
+            pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot), by=BY,
+                              at=at)
+            dst_side = _pinned(dst)
+            dst_side.one("SELECT pg_current_snapshot()")  # taken now, while the daemon holds before `at`
         finally:
             pause.release(target, schema, slot, BY)
         result = OnlineResult(lsn=str(at), held_s=round(time.monotonic() - held, 3))

@@ -52,7 +52,9 @@ def request(target: str, schema: str, slot: str, by: str, at: Lsn | None = None)
     conn = connect(target, "target")
     try:
         with conn.cursor() as cur:
-            ensure_schema(cur, schema)
+            cur.execute("SELECT to_regclass(%s)", (f"{quote_ident(schema)}.pause",))
+            if cur.fetchone()[0] is None:  # state made before pauses existed (the daemon adds it as it starts)
+                ensure_schema(cur, schema)
             cur.execute(f"SELECT 1 FROM {quote_ident(schema)}.progress WHERE slot_name = %s", (slot,))
             if cur.fetchone() is None:
                 raise PgferryError(f"no pgferry progress for slot {slot!r} on the target: nothing streams to pause")
@@ -83,14 +85,17 @@ def release(target: str, schema: str, slot: str, by: str | None = None) -> bool:
         conn.close()
 
 
-def wait_paused(target: str, schema: str, slot: str, timeout: float, daemon_running: Any) -> PauseState:
-    """Until the daemon holds (its paused_lsn is set). `daemon_running()`: False ends the wait at
-    once (nobody would ever hold)."""
+def wait_paused(target: str, schema: str, slot: str, timeout: float, daemon_running: Any, by: str | None = None,
+                at: Lsn | None = None) -> PauseState:
+    """Until the daemon holds (its paused_lsn is set) for this request (`by`, `at`: whose, and
+    where). `daemon_running()`: False ends the wait at once (nobody would ever hold)."""
     deadline = time.monotonic() + timeout
     while True:
         st = read(target, schema, slot)
         if st is None:
             raise PgferryError("the pause request is gone (someone ran `pgferry resume`)")
+        if by is not None and (st.requested_by != by or (at is not None and st.at_lsn != str(at))):
+            raise PgferryError(f"another pause request ({st.requested_by}) replaced this one: try again")
         if st.paused_lsn is not None:
             return st
         if not daemon_running():

@@ -373,6 +373,7 @@ class Session:
         if self.pause_at is not None and target != self.pause_at and (self.paused or self.held is not None):
             # moved on (verify --online holds first, then names its LSN): release what lies before it
             self.paused = False
+            self.last_heard = time.monotonic()  # nothing was read while holding: not the source's silence
             if self.held is not None and self.held_lsn < target:
                 held, self.held = self.held, None
                 self.pause_at = target
@@ -389,7 +390,7 @@ class Session:
             return False  # not there yet: transactions before the point may still come
         if sink.batch_open():
             sink.flush()
-        sink.mark_paused()
+        sink.mark_paused(str(self.pause_at) if self.pause_at else None)
         self.feedback(force=True)
         self.paused = True
         metrics.STATE.phase = "paused"

@@ -295,3 +295,28 @@ def test_a_column_added_on_the_new_server_streams_back(pair, daemons):
     r = pgferry("rollback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
     assert r.returncode == 0, r.stdout + r.stderr + d.output()
     assert json.loads(r.stdout)["ok"]
+
+
+def test_a_cutover_that_fails_after_making_the_fallback_drops_it(pair, daemons):
+    """The switch command fails after the reverse slot was made: the undo drops the slot and the
+    publication (they would keep the target's WAL), lifts the fence, and the daemon that waited to
+    turn around exits; `start` streams forward again."""
+    src, dst = pair
+    _reverse_pair(src, dst)
+    if (src.version, dst.version) != (15, 18):
+        pytest.skip("runs on 15 -> 18")
+    src.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    _streaming(src, dst, d)
+    r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--switch-command", "exit 3")
+    assert r.returncode == 1 and "switch command failed" in r.stderr, r.stderr
+    assert "dropped the fallback's slot pgferry_fallback" in r.stderr, r.stderr
+    assert dst.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgferry_fallback'") == [(0,)]
+    assert dst.execute("SELECT count(*) FROM pg_publication WHERE pubname = 'pgferry_fallback'") == [(0,)]
+    assert d.wait_exit(timeout=30) == 0, d.output()
+    assert "streaming back" not in d.output()
+    src.execute("INSERT INTO w VALUES (1, 'writable again')")
+    d.start()
+    d.wait_caught_up()
+    assert dst.execute("SELECT v FROM w") == [("writable again",)]
