@@ -25,12 +25,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import msgspec
 import psycopg2
+import psycopg2.errors
 import psycopg2.extras
 
 from decoder import Lsn
@@ -81,13 +83,23 @@ def verify_online(source: str, target: str, publication: str, slot: str, schema:
         try:  # from here on the daemon holds for us: whatever happens, it is let go
             pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot), by=BY)
             held = time.monotonic()
+            # the slot waits for the transactions running on the source to finish, the daemon held all
+            # along: cancelled after `timeout`
+            timer = threading.Timer(timeout, repl.cancel)
+            timer.start()
             try:
                 rcur.execute(f"CREATE_REPLICATION_SLOT {quote_ident(name)} TEMPORARY LOGICAL pgoutput "
                              "EXPORT_SNAPSHOT")
                 _, consistent, snapshot, _ = rcur.fetchone()
+            except psycopg2.errors.QueryCanceled:
+                raise PgferryError(f"source {describe_dsn(source)}: transactions running there did not finish "
+                                   f"within {timeout:.0f} s, so no snapshot could be taken (see pg_stat_activity "
+                                   "for long ones); the daemon goes on") from None
             except psycopg2.Error as exc:
                 raise PgferryError(f"could not take a snapshot of source {describe_dsn(source)} (a temporary "
                                    f"slot): {first_line(exc)}") from None
+            finally:
+                timer.cancel()
             taken = time.monotonic()
             src_side = _pinned(src, snapshot)
             repl.close()  # the temporary slot goes; the transaction keeps the snapshot

@@ -136,3 +136,26 @@ def test_verify_online_without_a_daemon_says_so_and_compares_nothing(pair, daemo
     assert r.returncode == 1 and "no `pgferry start` streams this slot" in r.stderr, r.stderr
     assert "tables compared" not in r.stdout
     assert dst.execute("SELECT count(*) FROM pgferry.pause") == [(0,)]  # the request does not linger
+
+
+def test_verify_online_gives_up_on_a_long_source_transaction_and_lets_the_daemon_go(pair, daemons):
+    """The source snapshot waits for the transactions running there; one held open longer than
+    --timeout: the verify stops with a clear message, and the daemon, held meanwhile, goes on."""
+    src, dst = pair
+    src.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
+    d = Daemon(src, dst, copy=True, ready=False)
+    daemons.append(d)
+    _streaming(src, dst, d)
+    open_tx = psycopg2.connect(src.dsn)
+    try:
+        open_tx.cursor().execute("INSERT INTO w VALUES (1, 'open')")  # an xid, not committed
+        r = pgferry("verify", "--online", "--timeout", "3", "--source", src.dsn, "--target", dst.dsn)
+        assert r.returncode == 1 and "did not finish within 3 s" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert dst.execute("SELECT count(*) FROM pgferry.pause") == [(0,)]
+    finally:
+        open_tx.rollback()
+        open_tx.close()
+    src.execute("INSERT INTO w VALUES (2, 'after')")
+    d.wait_caught_up()
+    assert dst.execute("SELECT id FROM w") == [(2,)]
