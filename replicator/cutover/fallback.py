@@ -44,7 +44,7 @@ from decoder import Lsn
 from sink.state import ensure_schema, init_progress, quote_ident
 
 from ..errors import PgferryError, first_line
-from ..source import connect, describe_dsn, published_tables
+from ..source import connect, describe_dsn, published_tables, read_state
 from . import control
 
 log = logging.getLogger("pgferry.fallback")
@@ -283,21 +283,16 @@ def run_fallback_stop(source: str, target: str, schema: str, slot: str, out: IO[
 
 
 def _reverse_applied(source: str, schema: str, fb_slot: str) -> str | None:
+    """How far the old source got, from the reverse progress there (None: not known)."""
+    def q(cur: Any, s: str) -> Any:
+        cur.execute(f"SELECT applied_lsn::text FROM {s}.progress WHERE slot_name = %s", (fb_slot,))
+        return cur.fetchone()
+
     try:
-        conn = connect(source, "source")
-    except PgferryError:
+        row = read_state(source, schema, q)
+    except PgferryError:  # the old source out of reach: status and the receipt say so with None
         return None
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass(%s)", (f"{quote_ident(schema)}.progress",))
-            if cur.fetchone()[0] is None:
-                return None
-            cur.execute(f"SELECT applied_lsn::text FROM {quote_ident(schema)}.progress WHERE slot_name = %s",
-                        (fb_slot,))
-            row = cur.fetchone()
-            return row[0] if row else None
-    finally:
-        conn.close()
+    return row[0] if row else None
 
 
 def status(source: str, target: str, schema: str, record: dict[str, Any]) -> dict[str, Any]:

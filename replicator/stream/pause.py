@@ -19,7 +19,7 @@ from decoder import Lsn
 from sink.state import ensure_schema, quote_ident
 
 from ..errors import PgferryError
-from ..source import connect
+from ..source import connect, read_state
 
 
 @dataclass
@@ -32,19 +32,13 @@ class PauseState:
 
 
 def read(target: str, schema: str, slot: str) -> PauseState | None:
-    conn = connect(target, "target")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass(%s)", (f"{quote_ident(schema)}.pause",))
-            if cur.fetchone()[0] is None:
-                return None
-            cur.execute(f"SELECT at_lsn::text, requested_by, requested_at, paused_lsn::text, paused_since "
-                        f"FROM {quote_ident(schema)}.pause WHERE slot_name = %s", (slot,))
-            row = cur.fetchone()
-        conn.rollback()
-        return None if row is None else PauseState(*row)
-    finally:
-        conn.close()
+    def q(cur: Any, s: str) -> Any:
+        cur.execute(f"SELECT at_lsn::text, requested_by, requested_at, paused_lsn::text, paused_since "
+                    f"FROM {s}.pause WHERE slot_name = %s", (slot,))
+        return cur.fetchone()
+
+    row = read_state(target, schema, q)  # (None also when the state has no pause table yet)
+    return None if row is None else PauseState(*row)
 
 
 def request(target: str, schema: str, slot: str, by: str, at: Lsn | None = None) -> None:

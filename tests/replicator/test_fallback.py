@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 import subprocess
 
 import psycopg2.errors
@@ -13,7 +12,7 @@ import pytest
 
 from replicator.local.servers import LocalServer
 from tests.pgplugin import Daemon, Db, new_db, pgferry, wait_for
-from tests.replicator.test_switchover import _entry, _status, _streaming, _target_conninfo
+from tests.replicator.test_switchover import _entry, _start_streaming, _status, _target_conninfo, pgbench_processed
 from tests.replicator.test_sync import PGBENCH
 
 pytestmark = pytest.mark.pg
@@ -26,6 +25,14 @@ def _reverse_pair(src: Db, dst: Db) -> None:
         pytest.skip("runs on 15 <-> 18 and 18 <-> 18")
     if dst.user is not None:  # the target's owner must open the reverse stream
         Db(dst.server, "postgres").execute(f"ALTER ROLE {dst.user} REPLICATION")
+
+
+def _cut_over_with_fallback(src: Db, dst: Db, d: Daemon) -> None:
+    """`cutover --fallback` (no PgBouncer), then the daemon turns around and streams back."""
+    r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
+    assert r.returncode == 0, r.stdout + r.stderr + d.output()
+    wait_for(lambda: "streaming back" in d.output() or not d.running(), 60, "the daemon to turn around")
+    assert d.running(), d.output()
 
 
 def _conninfo(db: Db) -> str:
@@ -41,9 +48,7 @@ def test_rollback_under_pgbench_hands_back_every_write(owner_pair, daemons, pgbo
     _reverse_pair(src, dst)
     subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-d", src.dsn], check=True, capture_output=True)
     src.execute("CREATE SEQUENCE ticket; SELECT setval('ticket', 100)")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons)
     b = pgbouncer(src, pool_size=8)
     bench = subprocess.Popen([PGBENCH, "-c", "8", "-j", "2", "-T", "40", "-n", "-M", "simple", "-d", b.dsn(src.name)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
@@ -76,10 +81,7 @@ def test_rollback_under_pgbench_hands_back_every_write(owner_pair, daemons, pgbo
     finally:
         if bench.poll() is None:
             bench.kill()
-    assert bench.returncode == 0, out + err
-    processed = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
-    failed = re.search(r"number of failed transactions: (\d+)", out)
-    assert failed is None or int(failed.group(1)) == 0, out
+    processed = pgbench_processed(bench.returncode, out, err)
     assert back["ok"] and back["direction"] == "reverse" and back["old_source_fence_lifted"] > 0, back
     assert back["refused_writes"] == 0 and not back["client_errors"], back
     # every transaction pgbench counted is on the old source once: before the cutover, streamed back
@@ -118,12 +120,8 @@ def test_fallback_survives_a_killed_reverse_daemon_and_stops_cleanly(pair, daemo
     _reverse_pair(src, dst)
     src.execute("CREATE TABLE w (id int PRIMARY KEY, v text); "
                 "INSERT INTO w SELECT g, 'v' FROM generate_series(1, 100) g")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
-    r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
-    assert r.returncode == 0, r.stdout + r.stderr + d.output()
-    wait_for(lambda: "streaming back" in d.output() or not d.running(), 60, "the daemon to turn around")
+    d = _start_streaming(src, dst, daemons)
+    _cut_over_with_fallback(src, dst, d)
     dst.execute("INSERT INTO w SELECT g, 'new' FROM generate_series(101, 2000) g")
     dst.execute("UPDATE w SET v = 'changed' WHERE id <= 50")
     wait_for(lambda: src.execute("SELECT count(*) FROM w")[0][0] == 2000, 60, "the reverse stream")
@@ -157,9 +155,7 @@ def test_fallback_is_refused_before_anything_changes_when_the_target_cannot_stre
     if (src.version, dst.version) != (15, 18):
         pytest.skip("runs on 15 -> 18")
     src.execute("CREATE TABLE w (id int PRIMARY KEY)")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons)
     pre = pgferry("preflight", "--json", "--source", src.dsn, "--target", dst.dsn)
     found = [f for f in json.loads(pre.stdout)["findings"] if f["check"] == "fallback"]
     assert found and found[0]["severity"] == "info" and "REPLICATION" in found[0]["fix"], pre.stdout
@@ -188,12 +184,8 @@ def test_rollback_is_exact_after_restarts_of_both_servers_and_a_killed_reverse_d
         src, dst = new_db(old_server, "src"), new_db(new_server, "dst")
         src.execute("CREATE TABLE w (id int PRIMARY KEY, v text, n int); CREATE SEQUENCE s; "
                     "INSERT INTO w SELECT g, 'v', 0 FROM generate_series(1, 500) g")
-        d = Daemon(src, dst, copy=True, ready=False)
-        daemons.append(d)
-        _streaming(src, dst, d)
-        r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
-        assert r.returncode == 0, r.stdout + r.stderr + d.output()
-        wait_for(lambda: "streaming back" in d.output() or not d.running(), 60, "the daemon to turn around")
+        d = _start_streaming(src, dst, daemons)
+        _cut_over_with_fallback(src, dst, d)
         n = [500]
 
         def write(k: int) -> None:
@@ -252,13 +244,9 @@ def test_a_forgotten_fallback_is_dropped_past_fallback_max_wal(pair, daemons, tc
         pytest.skip("runs on 15 <-> 18")
     src.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
     proxy = tcp_proxy(src)
-    d = Daemon(src, dst, copy=True, ready=False, source_dsn=proxy.dsn_for(src.dsn),
-               env={"PGFERRY_FALLBACK_MAX_WAL": str(4 << 20)})
-    daemons.append(d)
-    _streaming(src, dst, d)
-    r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
-    assert r.returncode == 0, r.stdout + r.stderr + d.output()
-    wait_for(lambda: "streaming back" in d.output() or not d.running(), 60, "the daemon to turn around")
+    d = _start_streaming(src, dst, daemons, source_dsn=proxy.dsn_for(src.dsn),
+                         env={"PGFERRY_FALLBACK_MAX_WAL": str(4 << 20)})
+    _cut_over_with_fallback(src, dst, d)
     dst.execute("INSERT INTO w VALUES (1, 'before')")
     wait_for(lambda: src.execute("SELECT count(*) FROM w") == [(1,)], 60, "the reverse stream")
     proxy.close()  # the old source is gone for the daemon
@@ -281,12 +269,8 @@ def test_a_column_added_on_the_new_server_streams_back(pair, daemons):
     src, dst = pair
     _reverse_pair(src, dst)
     src.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
-    r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60")
-    assert r.returncode == 0, r.stdout + r.stderr + d.output()
-    wait_for(lambda: "streaming back" in d.output() or not d.running(), 60, "the daemon to turn around")
+    d = _start_streaming(src, dst, daemons)
+    _cut_over_with_fallback(src, dst, d)
     dst.execute("ALTER TABLE w ADD COLUMN extra int")
     dst.execute("INSERT INTO w VALUES (1, 'a', 10), (2, 'b', NULL)")
     wait_for(lambda: src.execute("SELECT count(*) FROM w")[0][0] == 2 or not d.running(), 60, "the reverse stream")
@@ -306,9 +290,7 @@ def test_a_cutover_that_fails_after_making_the_fallback_drops_it(pair, daemons):
     if (src.version, dst.version) != (15, 18):
         pytest.skip("runs on 15 -> 18")
     src.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons)
     r = pgferry("cutover", "--fallback", "--source", src.dsn, "--target", dst.dsn, "--switch-command", "exit 3")
     assert r.returncode == 1 and "switch command failed" in r.stderr, r.stderr
     assert "dropped the fallback's slot pgferry_fallback" in r.stderr, r.stderr

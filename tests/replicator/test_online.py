@@ -10,8 +10,8 @@ import threading
 import psycopg2
 import pytest
 
-from tests.pgplugin import Daemon, Db, assert_same_tables, pgferry, wait_for
-from tests.replicator.test_switchover import _status, _streaming
+from tests.pgplugin import Db, assert_same_tables, pgferry, wait_for
+from tests.replicator.test_switchover import _start_streaming, _status
 from tests.replicator.test_sync import PGBENCH
 
 pytestmark = pytest.mark.pg
@@ -43,9 +43,7 @@ def test_pause_holds_the_position_across_walsender_timeouts_and_resume_catches_u
     src, dst = owner_pair
     src.execute("CREATE TABLE w (id int PRIMARY KEY, v text); "
                 "INSERT INTO w SELECT g, 'v' FROM generate_series(1, 100) g")
-    d = Daemon(src, dst, copy=True, ready=False, source_dsn=src.dsn + " options='-c wal_sender_timeout=2s'")
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons, source_dsn=src.dsn + " options='-c wal_sender_timeout=2s'")
     load = Load(src)
     load.start()
     try:
@@ -95,9 +93,7 @@ def test_verify_online_under_load_finds_nothing_then_names_the_rows_changed_behi
     subprocess.run([PGBENCH, "-i", "-s", "2", "-q", "-d", src.dsn], check=True, capture_output=True)
     src.execute("CREATE TABLE w (id int PRIMARY KEY, v text); "
                 "INSERT INTO w SELECT g, 'v' FROM generate_series(1, 1000) g")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons)
     bench = subprocess.Popen([PGBENCH, "-c", "4", "-j", "2", "-T", "60", "-n", "-d", src.dsn], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
@@ -128,9 +124,7 @@ def test_verify_online_under_load_finds_nothing_then_names_the_rows_changed_behi
 def test_verify_online_without_a_daemon_says_so_and_compares_nothing(pair, daemons):
     src, dst = pair
     src.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons)
     assert d.stop() == 0
     r = pgferry("verify", "--online", "--source", src.dsn, "--target", dst.dsn)
     assert r.returncode == 1 and "no `pgferry start` streams this slot" in r.stderr, r.stderr
@@ -143,9 +137,7 @@ def test_verify_online_gives_up_on_a_long_source_transaction_and_lets_the_daemon
     --timeout: the verify stops with a clear message, and the daemon, held meanwhile, goes on."""
     src, dst = pair
     src.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons)
     open_tx = psycopg2.connect(src.dsn)
     try:
         open_tx.cursor().execute("INSERT INTO w VALUES (1, 'open')")  # an xid, not committed

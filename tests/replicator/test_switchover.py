@@ -31,6 +31,22 @@ def _streaming(src: Db, dst: Db, d: Daemon) -> None:
     assert d.running(), d.output()
 
 
+def _start_streaming(src: Db, dst: Db, daemons: list[Daemon], **kw: object) -> Daemon:
+    """`pgferry start` (copy, then stream) from src into dst, once it streams."""
+    d = Daemon(src, dst, copy=True, ready=False, **kw)  # type: ignore[arg-type]
+    daemons.append(d)
+    _streaming(src, dst, d)
+    return d
+
+
+def pgbench_processed(returncode: int, out: str, err: str) -> int:
+    """The transactions pgbench says it committed; it ended well and none failed."""
+    assert returncode == 0, out + err
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    assert failed is None or int(failed.group(1)) == 0, out
+    return int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
+
+
 def _target_conninfo(dst: Db) -> str:
     return f"host={dst.server.host} port={dst.server.port} dbname={dst.name} user={dst.user or dst.server.user}"
 
@@ -101,9 +117,7 @@ def test_pgbench_through_pgbouncer_sees_a_pause_not_an_error(owner_pair, daemons
     src, dst = owner_pair
     main_pair_only(src, dst)
     subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-d", src.dsn], check=True, capture_output=True)
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons)
     b = pgbouncer(src, pool_size=8)
     bench = subprocess.Popen([PGBENCH, "-c", "8", "-j", "2", "-T", "20", "-n", "-M", "simple", "-l", "--log-prefix",
                               str(tmp_path / "tx"), "-d", b.dsn(src.name)], stdout=subprocess.PIPE,
@@ -118,10 +132,7 @@ def test_pgbench_through_pgbouncer_sees_a_pause_not_an_error(owner_pair, daemons
     finally:
         if bench.poll() is None:
             bench.kill()
-    assert bench.returncode == 0, out + err
-    processed = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
-    failed = re.search(r"number of failed transactions: (\d+)", out)
-    assert failed is None or int(failed.group(1)) == 0, out
+    processed = pgbench_processed(bench.returncode, out, err)
     receipt = json.loads(r.stdout)
     assert receipt["ok"] and receipt["refused_writes"] == 0 and not receipt["client_errors"], receipt
     assert d.wait_exit(timeout=30) == 0, d.output()
@@ -155,9 +166,7 @@ def test_no_client_commits_on_the_source_after_the_fence_whatever_it_sets(pair, 
     src.psql(f"CREATE ROLE {role} LOGIN; GRANT ALL ON w TO {role}; "
              f"ALTER ROLE {role} SET default_transaction_read_only = off; "
              f"ALTER DATABASE {src.name} SET default_transaction_read_only = off")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons)
     dsn = src.dsn
     writers = [Writer(src.server.dsn(src.name, user=role), "role_setting"),
                Writer(dsn + " options='-c default_transaction_read_only=off'", "option"),
@@ -202,9 +211,7 @@ def test_a_cutover_killed_after_the_fence_is_undone_and_the_next_one_runs(pair, 
     src, dst = pair
     main_pair_only(src, dst)
     src.execute("CREATE TABLE w (who text, n int, PRIMARY KEY (who, n))")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons)
     b = pgbouncer(src)
     app = Writer(b.dsn(src.name), "app")
     app.start()
@@ -250,9 +257,7 @@ def test_a_cutover_killed_after_the_handoff_is_finished_by_the_next(pair, daemon
     src, dst = pair
     main_pair_only(src, dst)
     src.execute("CREATE TABLE w (who text, n int, PRIMARY KEY (who, n)); CREATE SEQUENCE s; SELECT setval('s', 42)")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons)
     b = pgbouncer(src)
     app = Writer(b.dsn(src.name), "app")
     app.start()
@@ -292,9 +297,7 @@ def test_a_failing_switch_command_undoes_the_cutover(pair, daemons, tmp_path):
     it fails the fence is lifted like after a failed verify, and `start` streams again."""
     src, dst = pair
     src.execute("CREATE TABLE w (who text, n int, PRIMARY KEY (who, n))")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    d = _start_streaming(src, dst, daemons)
     r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--switch-command",
                 "echo no route to the load balancer >&2; exit 3")
     assert r.returncode == 1, r.stdout + r.stderr
@@ -338,9 +341,7 @@ def test_a_cutover_killed_after_its_switch_command_is_finished_never_undone(pair
     src, dst = pair
     main_pair_only(src, dst)
     src.execute("CREATE TABLE w (who text, n int, PRIMARY KEY (who, n))")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    _start_streaming(src, dst, daemons)
     r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--switch-command", "true",
                 env={"PGFERRY_FAILPOINT": "cutover_after_switch"})
     assert r.returncode == 99, r.stdout + r.stderr
@@ -361,9 +362,7 @@ def test_a_failing_switch_command_is_in_the_receipt(pair, daemons):
     src, dst = pair
     main_pair_only(src, dst)
     src.execute("CREATE TABLE w (who text, n int, PRIMARY KEY (who, n))")
-    d = Daemon(src, dst, copy=True, ready=False)
-    daemons.append(d)
-    _streaming(src, dst, d)
+    _start_streaming(src, dst, daemons)
     r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--switch-command", "exit 4")
     assert r.returncode == 1, r.stdout + r.stderr
     receipt = json.loads(r.stdout)
