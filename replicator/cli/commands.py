@@ -156,10 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=_positive(float), default=60.0,
                        help="seconds to wait for the daemon to apply up to the handoff (default 60)")
         p.add_argument("--receipt", default=None, help="also write the JSON receipt to this file")
-        p.add_argument("--verify", choices=["checksum", "count"], default="checksum",
+        p.add_argument("--verify", choices=["checksum", "count", "online"], default="checksum",
                        help="how the tables are compared after the handoff, while the source is still fenced: "
-                            "checksum (default) reads every row on both sides; count only counts them, for a "
-                            "shorter write downtime on a big database")
+                            "checksum (default) reads every row on both sides; count only counts them; online "
+                            "(cutover only) compares every row while the daemon streams, before the fence (like "
+                            "`verify --online`), and under the fence only the rows the source changed since: a "
+                            "write downtime that does not grow with the database")
+        p.add_argument("--max-rate", type=_positive(float), default=None, metavar="ROWS",
+                       help="with --verify online: the comparison before the fence reads at most this many rows "
+                            "per second (both sides together)")
         p.add_argument("--pgbouncer", metavar="DSN", default=None,
                        help="the admin console of the PgBouncer the application reaches the source through "
                             "(e.g. 'host=10.0.0.5 port=6432 user=pgbouncer'): PAUSE it, then repoint its database "
@@ -359,7 +364,8 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
                               verify_mode=args.verify, fence_wait=args.fence_wait, pgbouncer=args.pgbouncer,
                               pgbouncer_database=args.pgbouncer_database, pgbouncer_config=args.pgbouncer_config,
                               pgbouncer_target=args.pgbouncer_target, switch_command=args.switch_command,
-                              switch_timeout=args.switch_timeout, fallback=getattr(args, "fallback", False))
+                              switch_timeout=args.switch_timeout, fallback=getattr(args, "fallback", False),
+                              online_max_rate=args.max_rate)
         if args.command == "rollback":
             return run_rollback(src, dst, settings.publication, slot, schema, opts, undo=args.undo)
         return run_cutover(src, dst, settings.publication, slot, schema, opts, undo=args.undo)

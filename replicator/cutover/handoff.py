@@ -85,17 +85,19 @@ import psycopg2
 import psycopg2.extensions
 
 from sink import failpoints
-from sink.state import HANDOFF_PREFIX, ensure_schema, pgferry_session, quote_ident
+from sink.state import HANDOFF_PREFIX, ensure_schema, pgferry_session, quote_ident, readable_name
 
 from ..errors import PgferryError, UsageError
 from ..source import connect, describe_dsn, published_tables
 from ..stream import pause
 from ..sync import holdback
 from ..sync.sequences import copy_sequences
-from . import control, fallback, fence
+from . import changed, control, fallback, fence
+from .changed import ChangeReader
 from .fence import Fence
+from .online import print_online, verify_online
 from .pgbouncer import Bouncer, Entry, target_settings
-from .verify import verify
+from .verify import TableResult, verify
 
 log = logging.getLogger("pgferry.cutover")
 
@@ -118,6 +120,7 @@ class CutoverOptions:
     switch_command: str | None = None
     switch_timeout: float = 60.0
     fallback: bool = False  # keep a way back (cutover/fallback.py)
+    online_max_rate: float | None = None  # --verify online: rows per second before the fence
 
 
 class Cutover:
@@ -142,6 +145,8 @@ class Cutover:
         self.old_source: tuple[str, str] | None = None  # (its DSN, the forward publication)
         self.old_fence_lifted = False
         self.forward: tuple[str, str] | None = None  # (the new server's DSN, the forward slot)
+        self.changes: ChangeReader | None = None  # --verify online: the source's changes since the comparison
+        self.online: dict[str, Any] | None = None  # --verify online: what the comparison before the fence found
 
     def record(self, **cols: Any) -> None:
         """Store the run's progress (a step begins: the time the last one took goes in the receipt)."""
@@ -154,6 +159,27 @@ class Cutover:
         control.update(self.target, self.schema, self.slot, self.cutover_id, **cols)
 
     # -- 1. before anything changes -------------------------------------------------------------
+    def verify_online_first(self) -> None:
+        """--verify online: every row compared while the daemon streams (cutover/online.py); the
+        temporary slot stays, read by `self.changes`, so that under the fence only the rows changed
+        since are compared (cutover/changed.py). A difference stops the cutover here: nothing changed."""
+        log.info("verify online: comparing every table while the daemon streams, before the fence")
+        res = verify_online(self.source, self.target, self.publication, self.slot, self.schema, None, "checksum",
+                            self.opts.timeout, self.opts.online_max_rate, progress=sys.stderr, follow=True)
+        self.changes = res.changes
+        bad = [t for t in res.tables if not t.match]
+        self.online = {"lsn": res.lsn, "tables": len(res.tables), "rows": sum(t.source_rows for t in res.tables),
+                       "daemon_held_s": res.held_s, "snapshot_age_s": res.snapshot_age_s, "took_s": res.took_s,
+                       "different": [{"name": t.name, "differences": t.differences} for t in bad]}
+        if bad:
+            print_online(res, False, sys.stderr)
+            names = ", ".join(t.name for t in bad)
+            raise PgferryError(f"the online verify found differences as of {res.lsn} in {names} (listed above)"
+                               ": nothing was changed, the source takes writes. Fix the target (or "
+                               "`pgferry resync` those tables), then cut over again")
+        log.info("verify online: %d tables equal as of %s (%.1f s); the cutover goes on", len(res.tables), res.lsn,
+                 res.took_s)
+
     def prepare(self) -> None:
         o = self.opts
         paused = pause.read(self.target, self.schema, self.slot)
@@ -175,6 +201,8 @@ class Cutover:
         self.receipt = {"cutover_id": self.cutover_id, "direction": "reverse" if self.old_source else "forward",
                         "fence": o.fence, "fenced_at": None,
                         "analyzed": analyze_tables_without_statistics(self.source, self.target, self.publication)}
+        if self.online is not None:
+            self.receipt["online_verify"] = self.online
         fb_slot, fb_pub = fallback.names(self.slot, self.publication)
         requested = {"state": "requested", "slot": fb_slot, "publication": fb_pub} if o.fallback else None
         dst = connect(self.target, "target")
@@ -256,9 +284,7 @@ class Cutover:
         r["handoff_lsn"], r["applied_lsn"] = handoff["handoff_lsn"], handoff["applied_lsn"]
         self.record(step="copying sequences")
         r["sequences"] = [{"name": n, "value": v} for n, v in copy_sequences(self.source, self.target)]
-        self.record(step="verifying")
-        r["verify"] = self.opts.verify_mode
-        results = verify(self.source, self.target, self.publication, None, self.opts.verify_mode)
+        results = self._verify()
         r["tables"] = [{"name": t.name, "source_rows": t.source_rows, "target_rows": t.target_rows,
                         "match": t.match, "differences": t.differences} for t in results]
         r["ok"] = all(t.match for t in results) and handoff["handoff_lsn"] == handoff["applied_lsn"]
@@ -266,6 +292,29 @@ class Cutover:
             self.record(step="creating what was held back")
             r["held_back_created_s"] = round(holdback.create(self.target, self.schema, self.slot), 3)
         return bool(r["ok"])
+
+    def _verify(self) -> list[TableResult]:
+        r, mode = self.receipt, self.opts.verify_mode
+        if self.changes is None:
+            if mode == "online":  # a cutover killed after its handoff: the stream of changes went with it
+                r["verify_note"] = "online: the changes since the online verify were lost with the run killed; " \
+                                   "compared whole (checksum)"
+                mode = "checksum"
+            self.record(step="verifying")
+            r["verify"] = mode
+            return verify(self.source, self.target, self.publication, None, mode)
+        self.record(step="reading the changes since the online verify")
+        r["verify"] = "online"
+        ch = self.changes.wait_for_marker(self.cutover_id, self.opts.timeout)
+        self.record(step="verifying the changed rows")
+        results = changed.compare(self.source, self.target, ch)
+        r["changes_verified"] = {
+            "since_lsn": ch.since, "transactions": ch.transactions, "changes": ch.changes,
+            "keys": sum(len(k) for k in ch.keys.values()), "tables_by_key": sorted(readable_name(*t) for t in ch.keys),
+            "tables_whole": {readable_name(*t): why for t, why in sorted(ch.whole.items())},
+            "not_covered": "a write on the target behind pgferry's back after since_lsn, to a row the source did "
+                           "not change since"}
+        return results
 
     # -- 4. a way back, then move the application ------------------------------------------------
     def make_fallback(self) -> None:
@@ -430,7 +479,16 @@ class Cutover:
 
     # -- the whole run ---------------------------------------------------------------------------
     def run(self, resume: control.Record | None = None) -> int:
+        try:
+            return self._run(resume)
+        finally:
+            if self.changes is not None:
+                self.changes.close()
+
+    def _run(self, resume: control.Record | None) -> int:
         if resume is None:
+            if self.opts.verify_mode == "online":
+                self.verify_online_first()
             self.prepare()
             try:
                 handoff = self.hand_off()
@@ -550,6 +608,8 @@ def run_rollback(source: str, target: str, publication: str, slot: str, schema: 
                            "the reverse `pgferry start` streaming")
     if opts.fallback:
         raise UsageError("--fallback is for `pgferry cutover`: a rollback keeps no way forward")
+    if opts.verify_mode == "online":
+        raise UsageError("--verify online is for `pgferry cutover`: a rollback verifies with checksum or count")
 
     if opts.pgbouncer and not opts.pgbouncer_database:  # the entry the cutover moved, not the new server's name
         opts.pgbouncer_database = ((rec.pgbouncer or {}).get("database")

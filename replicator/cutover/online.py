@@ -41,6 +41,7 @@ from sink.state import pgferry_session, quote_ident
 from ..errors import PgferryError, first_line
 from ..source import connect, describe_dsn, published_tables
 from ..stream import pause
+from .changed import ChangeReader
 from .verify import _SETTINGS, Side, TableResult, verify_table
 
 log = logging.getLogger("pgferry.verify")
@@ -54,6 +55,8 @@ class OnlineResult:
     held_s: float  # how long the daemon held at the LSN
     snapshot_age_s: float = 0.0  # how long the source's snapshot was held
     tables: list[TableResult] = field(default_factory=list)
+    took_s: float = 0.0
+    changes: ChangeReader | None = None  # `follow`: the source's changes since `lsn`, being read
 
 
 def _pinned(conn: Any, snapshot: str | None = None) -> Side:
@@ -68,13 +71,20 @@ def _pinned(conn: Any, snapshot: str | None = None) -> Side:
 
 def verify_online(source: str, target: str, publication: str, slot: str, schema: str, tables: list[str] | None,
                   mode: str = "checksum", timeout: float = 60.0, max_rate: float | None = None,
-                  progress: IO[str] | None = None) -> OnlineResult:
+                  progress: IO[str] | None = None, follow: bool = False) -> OnlineResult:
+    """Compare both sides as of one LSN while the daemon streams on. `follow` (`cutover --verify
+    online`): the temporary slot stays, and the result's `changes` reads what the source commits
+    after the LSN (cutover/changed.py); the caller closes it."""
+    started = time.monotonic()
     repl = connect(source, "source", connection_factory=psycopg2.extras.LogicalReplicationConnection)
     src = connect(source, "source")
     dst = connect(target, "target")
+    result: OnlineResult | None = None
     try:
         name = f"pgferry_verify_{os.getpid()}"
         rcur = repl.cursor()
+        if follow:  # the stream's key values print as the comparing sessions will read them
+            rcur.execute(_SETTINGS)
         earlier = pause.read(target, schema, slot)
         if earlier is not None:
             raise PgferryError(f"the daemon is paused ({earlier.requested_by}, since {earlier.requested_at}): "
@@ -102,7 +112,8 @@ def verify_online(source: str, target: str, publication: str, slot: str, schema:
                 timer.cancel()
             taken = time.monotonic()
             src_side = _pinned(src, snapshot)
-            repl.close()  # the temporary slot goes; the transaction keeps the snapshot
+            if not follow:
+                repl.close()  # the temporary slot goes; the transaction keeps the snapshot
             at = Lsn.parse(consistent)
             pause.request(target, schema, slot, BY, at)
             pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot), by=BY,
@@ -112,6 +123,8 @@ def verify_online(source: str, target: str, publication: str, slot: str, schema:
         finally:
             pause.release(target, schema, slot, BY)
         result = OnlineResult(lsn=str(at), held_s=round(time.monotonic() - held, 3))
+        if follow:  # from X on, while the comparison runs: the slot then holds little WAL
+            result.changes = ChangeReader(repl, name, publication, at, source)
         log.info("snapshots at %s: the daemon held %.3f s; comparing while it streams on", at, result.held_s)
         listing = connect(source, "source")  # (not the pinned session: listing rolls back)
         try:
@@ -120,20 +133,25 @@ def verify_online(source: str, target: str, publication: str, slot: str, schema:
             listing.close()
         pace = Pacer(max_rate)
         for i, (n, t) in enumerate(names, 1):
-            started = time.monotonic()
+            began = time.monotonic()
             res = verify_table(src_side, dst_side, n, t, mode)
-            pace.rows(res.source_rows + res.target_rows)
             result.tables.append(res)
             if progress is not None:
                 age = time.monotonic() - taken
                 progress.write(f"  [{i}/{len(names)}] {res.name}: {res.source_rows:,} rows, "
-                               f"{'equal' if res.match else 'DIFFERENT'} in {time.monotonic() - started:.1f} s "
+                               f"{'equal' if res.match else 'DIFFERENT'} in {time.monotonic() - began:.1f} s "
                                f"(source snapshot held {age:.0f} s)\n")
                 progress.flush()
+            pace.rows(res.source_rows + res.target_rows)
         result.snapshot_age_s = round(time.monotonic() - taken, 3)
+        result.took_s = round(time.monotonic() - started, 3)
         return result
+    except BaseException:
+        if result is not None and result.changes is not None:
+            result.changes.close()
+        raise
     finally:
-        for c in (repl, src, dst):
+        for c in (src, dst) if result is not None and result.changes is not None else (repl, src, dst):
             if not c.closed:
                 c.close()
 

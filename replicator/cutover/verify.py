@@ -86,6 +86,11 @@ def _columns(src: Side, qualified: str) -> tuple[list[str], list[tuple[str, str]
     return cols, [(str(n), str(t)) for n, t in key]
 
 
+def row_hash(cols: list[str]) -> str:
+    """A row's md5, of its columns' text hashed as UTF-8 bytes: a row's text is in its database's
+    encoding (LATIN1 'é' is one byte)."""
+    return f"md5(convert_to(ROW({', '.join(quote_ident(c) for c in cols)})::text, 'UTF8'))"
+
 
 def verify_table(src: Side, dst: Side, schema: str, table: str, mode: str) -> TableResult:
     qualified = f"{quote_ident(schema)}.{quote_ident(table)}"
@@ -104,8 +109,7 @@ def verify_table(src: Side, dst: Side, schema: str, table: str, mode: str) -> Ta
     if mode == "count":
         return res
     cols, key = _columns(src, qualified)
-    # hashed as UTF-8 bytes: a row's text is in its database's encoding (LATIN1 'é' is one byte)
-    row = f"md5(convert_to(ROW({', '.join(quote_ident(c) for c in cols)})::text, 'UTF8'))"
+    row = row_hash(cols)
 
     def digest(where: str = "", params: tuple = ()) -> tuple:
         sql = (f"SELECT count(*), coalesce(sum(('x' || left(h, 16))::bit(64)::bigint), 0), "

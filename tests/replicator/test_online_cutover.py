@@ -1,0 +1,221 @@
+"""`cutover --verify online` (cutover/changed.py) and `verify --online` with the daemon disturbed:
+every row compared while streaming, then under the fence only the rows changed since."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+import psycopg2
+import pytest
+
+from tests.pgplugin import Db, assert_same_tables, pgferry, wait_for
+from tests.replicator.test_switchover import _start_streaming, _target_conninfo, main_pair_only, pgbench_processed
+from tests.replicator.test_sync import PGBENCH
+
+pytestmark = pytest.mark.pg
+
+W = {"w": ["id", "v"]}
+
+
+def _stderr_lines(proc: subprocess.Popen, seen: list[str]) -> threading.Thread:
+    """Collect a process's stderr lines as they come (the test waits on them)."""
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            seen.append(line)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+def test_cutover_verify_online_under_pgbench_checks_only_the_changed_rows_at_the_fence(owner_pair, daemons,
+                                                                                      pgbouncer, tmp_path):
+    """pgbench through PgBouncer across `cutover --verify online`: every row compared before the
+    fence, the rows pgbench changed since compared by key under it; no transaction fails and every
+    one is on the target exactly once."""
+    src, dst = owner_pair
+    main_pair_only(src, dst)
+    subprocess.run([PGBENCH, "-i", "-s", "2", "-q", "-d", src.dsn], check=True, capture_output=True)
+    d = _start_streaming(src, dst, daemons)
+    b = pgbouncer(src, pool_size=8)
+    bench = subprocess.Popen([PGBENCH, "-c", "4", "-j", "2", "-T", "25", "-n", "-M", "simple", "-d",
+                              b.dsn(src.name)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=tmp_path)
+    try:
+        wait_for(lambda: src.execute("SELECT count(*) FROM pgbench_history")[0][0] > 500 or bench.poll() is not None,
+                 60, "pgbench writing through PgBouncer")
+        r = pgferry("cutover", "--verify", "online", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60",
+                    "--pgbouncer", b.admin_dsn, "--pgbouncer-target", _target_conninfo(dst))
+        assert r.returncode == 0, r.stdout + r.stderr + d.output() + b.log_tail()
+        out, err = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    processed = pgbench_processed(bench.returncode, out, err)
+    receipt = json.loads(r.stdout)
+    assert receipt["ok"] and receipt["verify"] == "online" and not receipt["client_errors"], receipt
+    online = receipt["online_verify"]
+    assert online["tables"] == 4 and online["rows"] >= 200_000 and not online["different"], online
+    changes = receipt["changes_verified"]
+    assert changes["since_lsn"] == online["lsn"] and changes["transactions"] > 0 and changes["keys"] > 0, changes
+    assert "public.pgbench_accounts" in changes["tables_by_key"], changes
+    assert changes["tables_whole"] == {"public.pgbench_history": "no primary key"}, changes
+    assert {t["name"] for t in receipt["tables"]} == {"public.pgbench_history", *changes["tables_by_key"]}
+    assert all(t["match"] for t in receipt["tables"]), receipt["tables"]
+    assert "[1/4] public.pgbench_accounts" in r.stderr, r.stderr  # the progress of the comparison
+    assert d.wait_exit(timeout=30) == 0, d.output()
+    (on_target,) = dst.execute("SELECT count(*) FROM pgbench_history")[0]
+    assert on_target == processed, (on_target, processed)
+    (sums,) = dst.execute("SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(tbalance) FROM "
+                          "pgbench_tellers), (SELECT sum(bbalance) FROM pgbench_branches), (SELECT sum(delta) FROM "
+                          "pgbench_history)")
+    assert len(set(sums)) == 1, sums
+    assert not src.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'pgferry_verify%'")
+    print(f"cutover --verify online: {processed} pgbench transactions, 0 failed; write downtime "
+          f"{receipt['write_downtime_s']} s, clients paused {receipt['client_pause_s']} s; online verify "
+          f"{online['took_s']} s; {changes['keys']} changed keys; steps {receipt['steps_s']}")
+
+
+def _tamper_on_target(dst: Db) -> None:
+    """A row the daemon updates to 'poison' ends up 'tampered' on the target: a difference made
+    after the online verify's LSN, which only the check at the fence can see."""
+    dst.execute("CREATE FUNCTION tamper() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.v = 'poison' THEN NEW.v := 'tampered'; END IF; RETURN NEW; END $$; "
+                "CREATE TRIGGER tamper BEFORE UPDATE ON w FOR EACH ROW EXECUTE FUNCTION tamper(); "
+                "ALTER TABLE w ENABLE ALWAYS TRIGGER tamper")
+
+
+def test_cutover_verify_online_finds_a_row_changed_after_the_online_comparison_and_undoes(owner_pair, daemons):
+    src, dst = owner_pair
+    src.execute("CREATE TABLE big (id int PRIMARY KEY, v text); INSERT INTO big SELECT g, 'b' FROM "
+                "generate_series(1, 3000) g; CREATE TABLE w (id int PRIMARY KEY, v text); "
+                "INSERT INTO w SELECT g, 'v' FROM generate_series(1, 100) g")
+    d = _start_streaming(src, dst, daemons)
+    _tamper_on_target(dst)
+    # 6,000 rows compared at 1,000 a second: the comparison goes on for ~6 s after its LSN
+    proc = subprocess.Popen([*pgferry_cmd(), "cutover", "--verify", "online", "--max-rate", "1000", "--source",
+                             src.dsn, "--target", dst.dsn, "--timeout", "30"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    seen: list[str] = []
+    reader = _stderr_lines(proc, seen)
+    try:
+        wait_for(lambda: any("[1/2] public.big" in line for line in seen) or proc.poll() is not None, 60,
+                 "the online comparison under way")
+        src.execute("UPDATE w SET v = 'poison' WHERE id = 7")  # after the LSN, before the fence
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    err = "".join(seen)
+    assert proc.returncode == 1, out + err + d.output()
+    assert "cutover verification failed (public.w)" in err and "Traceback" not in err, err
+    receipt = json.loads(out)
+    assert receipt["ok"] is False and receipt["verify"] == "online" and not receipt["online_verify"]["different"]
+    tables = {t["name"]: t for t in receipt["tables"]}
+    assert tables["public.w"]["differences"][1:] == ["row (id)=(7): differs"], tables
+    assert receipt["changes_verified"]["tables_by_key"] == ["public.w"], receipt
+    # undone: the source takes writes; the daemon, stopped at the handoff, streams again once started
+    assert d.wait_exit(timeout=30) == 0, d.output()
+    src.execute("UPDATE w SET v = 'after' WHERE id = 8")
+    dst.execute("DROP TRIGGER tamper ON w")  # (a start refuses a trigger that would fire during apply)
+    d.start()
+    wait_for(lambda: dst.execute("SELECT v FROM w WHERE id = 8") == [("after",)], 30, "the daemon streaming again")
+
+
+def pgferry_cmd() -> list[str]:
+    import sys
+    return [sys.executable, "-m", "replicator.cli"]
+
+
+ROOT = str(__import__("pathlib").Path(__file__).resolve().parents[2])
+
+
+def test_verify_online_survives_a_daemon_killed_and_restarted_while_it_compares(pair, daemons):
+    """Both snapshots are taken before the comparison: a daemon killed (SIGKILL) and restarted
+    meanwhile changes nothing compared; a daemon gone before it could hold fails the verify."""
+    src, dst = pair
+    src.execute("CREATE TABLE big (id int PRIMARY KEY, v text); INSERT INTO big SELECT g, 'b' FROM "
+                "generate_series(1, 3000) g; CREATE TABLE w (id int PRIMARY KEY, v text)")
+    d = _start_streaming(src, dst, daemons)
+    stop = threading.Event()
+
+    def load() -> None:
+        conn = psycopg2.connect(src.dsn)
+        conn.autocommit = True
+        n = 0
+        while not stop.is_set():
+            n += 1
+            conn.cursor().execute("INSERT INTO w VALUES (%s, 'load'); UPDATE big SET v = %s WHERE id = %s",
+                                  (n, str(n), n % 3000 + 1))
+        conn.close()
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    proc = subprocess.Popen([*pgferry_cmd(), "verify", "--online", "--json", "--max-rate", "1000", "--source",
+                             src.dsn, "--target", dst.dsn], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    seen: list[str] = []
+    reader = _stderr_lines(proc, seen)
+    try:
+        wait_for(lambda: any("[1/2] public.big" in line for line in seen) or proc.poll() is not None, 60,
+                 "the online comparison under way")
+        d.kill()
+        d.start()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        stop.set()
+        t.join(10)
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    assert proc.returncode == 0, out + "".join(seen) + d.output()
+    res = json.loads(out)
+    assert res["ok"] and [t["name"] for t in res["tables"]] == ["public.big", "public.w"], res
+    d.wait_caught_up(timeout=60)
+    assert_same_tables(src, dst, {"big": ["id", "v"], **W})
+    # killed before it holds: nothing is compared, the verify says why
+    d.kill()
+    r = pgferry("verify", "--online", "--timeout", "10", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 1 and "no `pgferry start` streams this slot" in r.stderr, r.stderr
+    assert "tables compared" not in r.stdout
+
+
+def test_verify_online_while_large_transactions_stream(pair, daemons):
+    """Transactions bigger than logical_decoding_work_mem (streamed to the daemon in pieces before
+    they commit) keep committing around the LSN: the comparison finds both sides equal."""
+    src, dst = pair
+    src.execute("CREATE TABLE w (id int PRIMARY KEY, v text); CREATE TABLE big (id bigint PRIMARY KEY, v text)")
+    d = _start_streaming(src, dst, daemons, source_dsn=src.dsn + " options='-c logical_decoding_work_mem=64kB'")
+    stop = threading.Event()
+    batches = [0]
+
+    def large() -> None:
+        conn = psycopg2.connect(src.dsn)
+        conn.autocommit = True
+        while not stop.is_set():
+            i = batches[0]
+            conn.cursor().execute("INSERT INTO big SELECT g, repeat('x', 50) FROM generate_series(%s, %s) g",
+                                  (i * 20_000 + 1, (i + 1) * 20_000))
+            batches[0] += 1
+        conn.close()
+
+    t = threading.Thread(target=large, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: batches[0] >= 2, 60, "large transactions")
+        r = pgferry("verify", "--online", "--json", "--source", src.dsn, "--target", dst.dsn)
+        first = batches[0]
+        wait_for(lambda: batches[0] >= first + 2, 60, "more large transactions after the verify")
+    finally:
+        stop.set()
+        t.join(30)
+    assert r.returncode == 0, r.stdout + r.stderr + d.output()
+    res = json.loads(r.stdout)
+    rows = {x["name"]: x["source_rows"] for x in res["tables"]}
+    assert res["ok"] and rows["public.big"] % 20_000 == 0 and rows["public.big"] > 0, res
+    d.wait_caught_up(timeout=120)
+    assert_same_tables(src, dst, {"big": ["id", "v"], **W})
