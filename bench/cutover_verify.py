@@ -1,0 +1,104 @@
+"""The write downtime of a cutover as the database grows: `--verify online` against `--verify checksum`.
+
+    python -m bench.cutover_verify [--scales 5,50] [--rate 300]
+
+For each scale, one PostgreSQL 15 source with `pgbench -i -s SCALE`, migrated twice into fresh
+PostgreSQL 18 databases owned by a non-superuser role (pgferry start: copy, then stream), each time
+under a steady pgbench load (4 clients, --rate transactions per second: the same traffic whatever
+the size) and then cut over: once with `--verify online` (every row compared while streaming, only
+the rows changed since compared under the fence), once with `--verify checksum` (every row compared
+under the fence). The receipts give the write downtime (fence to the end) and its steps. Between
+the two runs `pgferry cleanup` lifts the fence and drops the slot. Durable servers (fsync and
+full_page_writes on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.catchup import DURABLE, PGBENCH, _target_db
+from replicator.local.servers import LocalServer
+from tests.pgplugin import Db, new_db
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "replicator.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=check)
+
+
+def _one(src: Db, tgt: LocalServer, mode: str, rate: int, run: str) -> dict:
+    dst = _target_db(tgt, "dst", "owner")
+    conn = ["--source", src.dsn, "--target", dst.dsn, "--slot", f"cv_{run}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        log = open(Path(tmp) / "daemon.log", "w")
+        d = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", *conn], cwd=ROOT, stdout=log,
+                             stderr=log)
+        deadline = time.monotonic() + 1800
+        while True:
+            r = _cli("status", "--json", *conn)
+            if r.returncode == 0 and json.loads(r.stdout)["phase"] == "streaming":
+                break
+            if d.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(Path(log.name).read_text()[-3000:])
+            time.sleep(0.5)
+        bench = subprocess.Popen([PGBENCH, "-c", "4", "-j", "2", "-R", str(rate), "-T", "3600", "-n", "-d", src.dsn],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
+        try:
+            time.sleep(5)  # the load settles (the daemon streams it meanwhile)
+            r = _cli("cutover", "--verify", mode, "--timeout", "600", *conn)
+        finally:
+            bench.kill()
+            bench.wait()
+        d.wait(120)
+        if r.returncode != 0:
+            raise RuntimeError(r.stdout[-2000:] + r.stderr[-3000:] + Path(log.name).read_text()[-2000:])
+        _cli("cleanup", *conn, check=True)  # the fence goes, and the slot: the next run starts afresh
+    receipt = json.loads(r.stdout)
+    steps = receipt.get("steps_s", {})
+    return {"downtime": receipt["write_downtime_s"],
+            "verify": round(sum(v for k, v in steps.items() if "verif" in k or "reading the changes" in k), 3),
+            "online": (receipt.get("online_verify") or {}).get("took_s"),
+            "keys": (receipt.get("changes_verified") or {}).get("keys"), "steps": steps,
+            "compare_s": (receipt.get("changes_verified") or {}).get("compare_s")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scales", default="5,50")
+    ap.add_argument("--rate", type=int, default=300, help="pgbench transactions per second during each run")
+    args = ap.parse_args()
+    scales = [int(s) for s in args.scales.split(",")]
+    results: dict[tuple[int, str], dict] = {}
+    with LocalServer(15, name="cv-src-", settings=DURABLE) as s, LocalServer(18, name="cv-tgt-",
+                                                                              settings=DURABLE) as t:
+        for scale in scales:
+            src = new_db(s, "src")
+            subprocess.run([PGBENCH, "-i", "-s", str(scale), "-q", "-d", src.dsn], check=True, capture_output=True)
+            for mode in ("online", "checksum"):
+                started = time.monotonic()
+                results[(scale, mode)] = res = _one(src, t, mode, args.rate, f"{scale}_{mode}")
+                print(f"scale {scale:>3} --verify {mode:8}: write downtime {res['downtime']:.3f} s, of which "
+                      f"verify {res['verify']:.3f} s; online comparison {res['online']} s, changed keys "
+                      f"{res['keys']} (run {time.monotonic() - started:.0f} s); steps {res['steps']}; tables "
+                      f"{res['compare_s']}", flush=True)
+    print(f"\npgbench 15 -> 18, owner-only target, load {args.rate} tps (4 clients), durable servers")
+    print(f"{'scale':>6} {'online: downtime':>17} {'verify':>8} {'checksum: downtime':>19} {'verify':>8}")
+    for scale in scales:
+        o, c = results[(scale, "online")], results[(scale, "checksum")]
+        print(f"{scale:>6} {o['downtime']:>15.3f} s {o['verify']:>6.3f} s {c['downtime']:>17.3f} s "
+              f"{c['verify']:>6.3f} s")
+    if len(scales) >= 2:
+        a, b = results[(scales[0], "online")], results[(scales[-1], "online")]
+        print(f"online: scale {scales[-1]} / scale {scales[0]} write downtime = {b['downtime'] / a['downtime']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
