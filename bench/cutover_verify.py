@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,10 +52,22 @@ def _one(src: Db, tgt: LocalServer, mode: str, rate: int, run: str) -> dict:
             time.sleep(0.5)
         bench = subprocess.Popen([PGBENCH, "-c", "4", "-j", "2", "-R", str(rate), "-T", "3600", "-n", "-d", src.dsn],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
+        lags: list[int] = []
+        done = threading.Event()
+
+        def watch() -> None:  # the daemon's lag while the cutover (and its online comparison) runs
+            while not done.wait(1.0):
+                st = _cli("status", "--json", *conn)
+                if st.returncode == 0:
+                    lags.append(int(json.loads(st.stdout).get("lag_bytes") or 0))
+
         try:
             time.sleep(5)  # the load settles (the daemon streams it meanwhile)
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
             r = _cli("cutover", "--verify", mode, "--timeout", "600", *conn)
         finally:
+            done.set()
             bench.kill()
             bench.wait()
         d.wait(120)
@@ -67,7 +80,8 @@ def _one(src: Db, tgt: LocalServer, mode: str, rate: int, run: str) -> dict:
             "verify": round(sum(v for k, v in steps.items() if "verif" in k or "reading the changes" in k), 3),
             "online": (receipt.get("online_verify") or {}).get("took_s"),
             "keys": (receipt.get("changes_verified") or {}).get("keys"), "steps": steps,
-            "compare_s": (receipt.get("changes_verified") or {}).get("compare_s")}
+            "compare_s": (receipt.get("changes_verified") or {}).get("compare_s"),
+            "max_lag": max(lags, default=0)}
 
 
 def main() -> None:
@@ -87,7 +101,8 @@ def main() -> None:
                 results[(scale, mode)] = res = _one(src, t, mode, args.rate, f"{scale}_{mode}")
                 print(f"scale {scale:>3} --verify {mode:8}: write downtime {res['downtime']:.3f} s, of which "
                       f"verify {res['verify']:.3f} s; online comparison {res['online']} s, changed keys "
-                      f"{res['keys']} (run {time.monotonic() - started:.0f} s); steps {res['steps']}; tables "
+                      f"{res['keys']}; the daemon's lag at most {res['max_lag'] / 1e6:.1f} MB (run "
+                      f"{time.monotonic() - started:.0f} s); steps {res['steps']}; tables "
                       f"{res['compare_s']}", flush=True)
     print(f"\npgbench 15 -> 18, owner-only target, load {args.rate} tps (4 clients), durable servers")
     print(f"{'scale':>6} {'online: downtime':>17} {'verify':>8} {'checksum: downtime':>19} {'verify':>8}")

@@ -26,6 +26,7 @@ import logging
 import select
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extras
 
-from decoder import UNCHANGED, Commit, Delete, Insert, LogicalMessage, Lsn, Relation, Truncate, Update
+from decoder import UNCHANGED, Begin, Commit, Delete, Insert, LogicalMessage, Lsn, Relation, Truncate, Update
 from decoder.pgoutput import PgOutputDecoder
 from sink.state import HANDOFF_PREFIX, pgferry_session, quote_ident, readable_name
 
@@ -44,6 +45,8 @@ from .verify import _SETTINGS, Side, TableResult, _columns, _rows_that_differ, r
 log = logging.getLogger("pgferry.verify")
 
 LOOKUPS = "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; "
+SCANS = "SET LOCAL enable_seqscan = on; SET LOCAL enable_hashjoin = on; SET LOCAL enable_mergejoin = on"
+SPLIT_PREFIX = "pgferry-verify-split"  # the logical message that ends a window of changes
 MAX_KEYS = 1_000_000  # keys remembered per table; past this the table is compared whole at the fence
 FEEDBACK_EVERY = 1.0  # seconds between acknowledgements to the slot
 
@@ -57,34 +60,60 @@ class _Rel:
     keyed: bool  # the replica identity is the key columns of a default identity (the primary key)
 
 
+T = tuple[str, str]  # (schema, table)
+
+
 @dataclass
 class Changes:
-    """The keys written on the source since `since` (a stream read by a thread), per table."""
+    """The keys written on the source in a window of its stream (from `since`), per table, each
+    with the commit LSN of the last transaction that wrote it."""
 
     since: str
-    keys: dict[tuple[str, str], set[tuple[Any, ...]]] = field(default_factory=dict)
-    key_names: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
-    whole: dict[tuple[str, str], str] = field(default_factory=dict)  # table -> why it is compared whole
+    keys: dict[T, dict[tuple[Any, ...], int]] = field(default_factory=dict)
+    key_names: dict[T, tuple[str, ...]] = field(default_factory=dict)
+    whole: dict[T, str] = field(default_factory=dict)  # table -> why it is compared whole
+    whole_at: dict[T, int] = field(default_factory=dict)  # ...and the last commit LSN that wrote it
     transactions: int = 0
     changes: int = 0
-    error: str | None = None
-    marker: str | None = None  # the cutover id whose handoff marker the stream reached
     compare_s: dict[str, float] = field(default_factory=dict)  # table -> seconds its comparison took
 
-    def table_count(self) -> int:
-        return len(set(self.keys) | set(self.whole))
+    def key_count(self) -> int:
+        return sum(len(k) for k in self.keys.values())
+
+    def tables(self) -> list[T]:
+        return sorted(set(self.keys) | set(self.whole))
+
+    def split(self, at: int) -> tuple[Changes, Changes]:
+        """(what was last written before `at`, what after): a key written on both sides of `at`
+        goes after, where its last state is compared."""
+        before, after = Changes(since=self.since), Changes(since=str(Lsn(at)))
+        before.transactions, before.changes = self.transactions, self.changes
+        for t, ks in self.keys.items():
+            for key, lsn in ks.items():
+                side = before if lsn < at else after
+                side.keys.setdefault(t, {})[key] = lsn
+                side.key_names[t] = self.key_names[t]
+        for t, why in self.whole.items():
+            side = before if self.whole_at[t] < at else after
+            side.whole[t], side.whole_at[t] = why, self.whole_at[t]
+        return before, after
 
 
 class ChangeReader:
-    """Reads a temporary slot's stream in a thread until closed, into a `Changes`."""
+    """Reads a temporary slot's stream in a thread until closed, into `changes`: the window since
+    the last `split` (or since the slot's start)."""
 
     def __init__(self, repl: Any, slot_name: str, publication: str, since: Lsn, source: str) -> None:
         self.repl, self.slot_name, self.source = repl, slot_name, source
         self.changes = Changes(since=str(since))
+        self.error: str | None = None
+        self.marker: str | None = None  # the cutover id whose handoff marker the stream reached
         self._rels: dict[int, _Rel] = {}
+        self._lsn = 0  # the commit LSN of the transaction being read
+        self._splits: dict[str, int] = {}  # a split asked for: its id -> at
+        self._ready: dict[str, Changes] = {}
         self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._seen = threading.Condition(self._lock)
+        self._seen = threading.Condition(threading.Lock())
         cur = repl.cursor()
         try:
             cur.start_replication(slot_name=slot_name, decode=False, start_lsn=int(since), options={
@@ -113,13 +142,21 @@ class ChangeReader:
                 if acked and time.monotonic() - last > FEEDBACK_EVERY:
                     cur.send_feedback(flush_lsn=acked)
                     last = time.monotonic()
-        except Exception as exc:  # reported by wait_for_marker: never a silent gap
+        except Exception as exc:  # reported to whoever waits: never a silent gap
             with self._seen:
-                self.changes.error = first_line(exc) if isinstance(exc, psycopg2.Error) else repr(exc)
+                self.error = first_line(exc) if isinstance(exc, psycopg2.Error) else repr(exc)
                 self._seen.notify_all()
+
+    def _whole(self, t: T, why: str) -> None:
+        c = self.changes
+        c.whole[t], c.whole_at[t] = why, self._lsn
+        c.keys.pop(t, None)
 
     def _take(self, m: Any) -> None:
         c = self.changes
+        if isinstance(m, Begin):
+            self._lsn = int(m.final_lsn)
+            return
         if isinstance(m, Relation):
             at = tuple(i for i, col in enumerate(m.columns) if col.is_key)
             self._rels[m.oid] = _Rel(m.namespace, m.name, tuple(m.columns[i].name for i in at), at,
@@ -130,58 +167,83 @@ class ChangeReader:
             t = (rel.schema, rel.table)
             c.changes += 1
             if t in c.whole:
+                c.whole_at[t] = self._lsn
                 return
             if not rel.keyed:
-                c.whole[t] = "no primary key" if rel.key_at == () else "its replica identity is not the primary key"
-                c.keys.pop(t, None)
+                self._whole(t, "no primary key" if rel.key_at == () else "its replica identity is not the primary key")
                 return
             rows = [m.new] if isinstance(m, Insert) else [m.old] if isinstance(m, Delete) else \
                 [m.new] + ([m.old] if m.old is not None else [])
-            seen = c.keys.setdefault(t, set())
+            seen = c.keys.setdefault(t, {})
             c.key_names[t] = rel.key_names
             for row in rows:
                 assert row is not None
                 key = tuple(row[i] for i in rel.key_at)
                 if any(v is UNCHANGED or v is None or isinstance(v, bytes) for v in key):
-                    c.whole[t] = "a key value the stream did not carry"
-                    c.keys.pop(t, None)
+                    self._whole(t, "a key value the stream did not carry")
                     return
-                seen.add(key)
+                seen[key] = self._lsn
             if len(seen) > MAX_KEYS:
-                c.whole[t] = f"more than {MAX_KEYS:,} keys changed"
-                c.keys.pop(t, None)
+                self._whole(t, f"more than {MAX_KEYS:,} keys changed")
             return
         if isinstance(m, Truncate):
             for oid in m.relation_oids:
                 rel = self._rels[oid]
-                c.whole[(rel.schema, rel.table)] = "truncated"
-                c.keys.pop((rel.schema, rel.table), None)
+                self._whole((rel.schema, rel.table), "truncated")
             return
         if isinstance(m, Commit):
             c.transactions += 1
             return
         if isinstance(m, LogicalMessage) and m.prefix == HANDOFF_PREFIX:
             with self._seen:
-                c.marker = m.content.decode("utf-8", "replace")
+                self.marker = m.content.decode("utf-8", "replace")
                 self._seen.notify_all()
+        elif isinstance(m, LogicalMessage) and m.prefix == SPLIT_PREFIX:
+            ident = m.content.decode("utf-8", "replace")
+            with self._seen:
+                if ident in self._splits:  # every commit before `at` has been read: they come in commit order
+                    self._ready[ident], self.changes = c.split(self._splits.pop(ident))
+                    self._seen.notify_all()
 
     # -- the cutover's side ----------------------------------------------------------------------
-    def wait_for_marker(self, cutover_id: str, timeout: float) -> Changes:
-        """Until the stream has reached the handoff marker of `cutover_id`: every change the
-        source committed before the handoff is in `changes` then. Stops the reading."""
+    def _wait(self, done: Any, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with self._seen:
-            while self.changes.marker != cutover_id:
-                if self.changes.error is not None:
+            while not done():
+                if self.error is not None:
                     raise PgferryError(f"reading the changes since {self.changes.since} from source "
-                                       f"{describe_dsn(self.source)} failed: {self.changes.error}")
+                                       f"{describe_dsn(self.source)} failed: {self.error}")
                 if not self._thread.is_alive():
                     raise PgferryError("the reader of the changes since the online verify stopped")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise PgferryError(f"the changes since {self.changes.since} were not read up to the handoff "
-                                       f"within {timeout:.0f} s")
+                    raise PgferryError(f"the changes since {self.changes.since} were not read up to {what} within "
+                                       f"{timeout:.0f} s")
                 self._seen.wait(min(left, 0.5))
+
+    def split(self, at: Lsn, timeout: float) -> Changes:
+        """The window up to `at` (what was last written before it), once read; the reader goes on
+        from `at`. A transactional message committed on the source now (after `at`) tells when
+        every commit before `at` has been read."""
+        ident = uuid.uuid4().hex
+        with self._seen:
+            self._splits[ident] = int(at)
+        conn = connect(self.source, "source")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET default_transaction_read_only = off")
+                cur.execute("SELECT pg_logical_emit_message(true, %s, %s)", (SPLIT_PREFIX, ident))
+            conn.commit()
+        finally:
+            conn.close()
+        self._wait(lambda: ident in self._ready, str(at), timeout)
+        with self._seen:
+            return self._ready.pop(ident)
+
+    def wait_for_marker(self, cutover_id: str, timeout: float) -> Changes:
+        """Until the stream has reached the handoff marker of `cutover_id`: every change the
+        source committed before the handoff is in `changes` then. Stops the reading."""
+        self._wait(lambda: self.marker == cutover_id, "the handoff", timeout)
         self.close()
         return self.changes
 
@@ -198,7 +260,7 @@ class ChangeReader:
 
 def compare(source: str, target: str, changes: Changes, mode: str = "checksum") -> list[TableResult]:
     """Compare, with the source fenced and the target at the handoff, the rows of the keys that
-    changed since X (and whole the tables that cannot be told by key)."""
+    changed in the window (and whole the tables that cannot be told by key)."""
     src, dst = connect(source, "source"), connect(target, "target")
     try:
         for c in (src, dst):
@@ -206,28 +268,32 @@ def compare(source: str, target: str, changes: Changes, mode: str = "checksum") 
             pgferry_session(cur)
             cur.execute(_SETTINGS)
             c.commit()
-        s, d = Side(src), Side(dst)
-        results = []
-        with ThreadPoolExecutor(2) as pool:
-            for t in sorted(set(changes.keys) | set(changes.whole)):
-                began = time.monotonic()
-                if t in changes.whole:
-                    res = verify_table(s, d, t[0], t[1], mode)
-                    res.differences.insert(0, f"compared whole: {changes.whole[t]}")
-                    if res.match:
-                        res.differences.clear()
-                else:
-                    res = _compare_keys(s, d, pool, t, changes.key_names[t], changes.keys[t])
-                results.append(res)
-                changes.compare_s[readable_name(*t)] = round(time.monotonic() - began, 3)
-        return results
+        return compare_sides(Side(src), Side(dst), changes, mode)
     finally:
         src.close()
         dst.close()
 
 
-def _compare_keys(src: Side, dst: Side, pool: ThreadPoolExecutor, t: tuple[str, str], names: tuple[str, ...],
-                  keys: set[tuple[Any, ...]]) -> TableResult:
+def compare_sides(s: Side, d: Side, changes: Changes, mode: str = "checksum") -> list[TableResult]:
+    """`compare` on two sessions already open (pinned to snapshots, in a round before the fence)."""
+    results = []
+    with ThreadPoolExecutor(2) as pool:
+        for t in changes.tables():
+            began = time.monotonic()
+            if t in changes.whole:
+                res = verify_table(s, d, t[0], t[1], mode)
+                res.differences.insert(0, f"compared whole: {changes.whole[t]}")
+                if res.match:
+                    res.differences.clear()
+            else:
+                res = _compare_keys(s, d, pool, t, changes.key_names[t], changes.keys[t])
+            results.append(res)
+            changes.compare_s[readable_name(*t)] = round(time.monotonic() - began, 3)
+    return results
+
+
+def _compare_keys(src: Side, dst: Side, pool: ThreadPoolExecutor, t: T, names: tuple[str, ...],
+                  keys: dict[tuple[Any, ...], int]) -> TableResult:
     qualified = f"{quote_ident(t[0])}.{quote_ident(t[1])}"
     res = TableResult(readable_name(*t))
     cols, pk = _columns(src, qualified)
@@ -249,7 +315,15 @@ def _compare_keys(src: Side, dst: Side, pool: ThreadPoolExecutor, t: tuple[str, 
            f"coalesce(sum(('x' || right(h, 16))::bit(64)::bigint), 0) FROM (SELECT {row} AS h FROM {qualified}"
            f"{where}) s")
     params = tuple(arrays)
-    fa, fb = pool.submit(src.one, sql, params), pool.submit(dst.one, sql, params)
+
+    def digest(side: Side) -> Any:
+        try:
+            return side.one(sql, params)
+        finally:
+            if side.pinned:  # SET LOCAL outlives the savepoint: the rest of the transaction may scan
+                side.conn.cursor().execute(SCANS)
+
+    fa, fb = pool.submit(digest, src), pool.submit(digest, dst)
     try:
         a, b = fa.result(), fb.result()
     except psycopg2.Error as exc:

@@ -95,11 +95,14 @@ from ..sync.sequences import copy_sequences
 from . import changed, control, fallback, fence
 from .changed import ChangeReader
 from .fence import Fence
-from .online import print_online, verify_online
+from .online import catch_up_round, print_online, verify_online
 from .pgbouncer import Bouncer, Entry, target_settings
 from .verify import TableResult, verify
 
 log = logging.getLogger("pgferry.cutover")
+
+# --verify online: catch-up rounds while the last comparison took longer than this (seconds)
+ROUND_WHILE_S = 1.0
 
 
 def _now() -> str:
@@ -121,6 +124,7 @@ class CutoverOptions:
     switch_timeout: float = 60.0
     fallback: bool = False  # keep a way back (cutover/fallback.py)
     online_max_rate: float | None = None  # --verify online: rows per second before the fence
+    online_rounds: int = 4  # --verify online: catch-up rounds at most (--catch-up-rounds)
 
 
 class Cutover:
@@ -177,8 +181,37 @@ class Cutover:
             raise PgferryError(f"the online verify found differences as of {res.lsn} in {names} (listed above)"
                                ": nothing was changed, the source takes writes. Fix the target (or "
                                "`pgferry resync` those tables), then cut over again")
-        log.info("verify online: %d tables equal as of %s (%.1f s); the cutover goes on", len(res.tables), res.lsn,
-                 res.took_s)
+        log.info("verify online: %d tables equal as of %s (%.1f s)", len(res.tables), res.lsn, res.took_s)
+        # Catch-up rounds: what changed during the comparison, compared while streaming, until a
+        # round is short; the fence then only waits for what was written during the last one.
+        last, rounds = res.took_s, self.online.setdefault("rounds", [])
+        assert self.changes is not None
+        while last > ROUND_WHILE_S and len(rounds) < self.opts.online_rounds:
+            try:
+                rnd = catch_up_round(self.source, self.target, self.slot, self.schema, self.changes, len(rounds) + 1,
+                                     self.opts.timeout)
+            except PgferryError as exc:
+                if "could not take a snapshot" not in str(exc):
+                    raise
+                log.warning("verify online: no catch-up round (%s); the fence compares all changed since %s", exc,
+                            self.changes.changes.since)
+                break
+            bad = [t for t in rnd.tables if not t.match]
+            rounds.append({"lsn": rnd.lsn, "keys": rnd.window.key_count(), "tables": len(rnd.tables),
+                           "daemon_held_s": rnd.held_s, "took_s": rnd.took_s,
+                           "different": [{"name": t.name, "differences": t.differences} for t in bad]})
+            if bad:
+                for t in bad:
+                    print(f"{t.name}: DIFFERENT\n" + "".join(f"    {d}\n" for d in t.differences), file=sys.stderr,
+                          end="")
+                raise PgferryError(f"the online verify's catch-up round found differences as of {rnd.lsn} in "
+                                   f"{', '.join(t.name for t in bad)} (listed above): nothing was changed, the "
+                                   "source takes writes. Fix the target (or `pgferry resync` those tables), then "
+                                   "cut over again")
+            log.info("verify online: round %d: %d changed rows equal as of %s (%.1f s)", len(rounds),
+                     rnd.window.key_count(), rnd.lsn, rnd.took_s)
+            last = rnd.took_s
+        log.info("verify online: every row equal; the cutover goes on")
 
     def prepare(self) -> None:
         o = self.opts

@@ -41,7 +41,7 @@ from sink.state import pgferry_session, quote_ident
 from ..errors import PgferryError, first_line
 from ..source import connect, describe_dsn, published_tables
 from ..stream import pause
-from .changed import ChangeReader
+from .changed import ChangeReader, Changes, compare_sides
 from .verify import _SETTINGS, Side, TableResult, verify_table
 
 log = logging.getLogger("pgferry.verify")
@@ -69,6 +69,64 @@ def _pinned(conn: Any, snapshot: str | None = None) -> Side:
     return Side(conn, pinned=True)
 
 
+@dataclass
+class Snapshots:
+    """The source and the target as of one LSN, each pinned in a REPEATABLE READ transaction."""
+
+    at: Lsn
+    source: Side
+    target: Side
+    held_s: float  # how long the daemon held
+    taken: float  # monotonic time the source snapshot was taken
+
+
+def take_snapshots(source: str, target: str, slot: str, schema: str, repl: Any, src: Any, dst: Any, name: str,
+                   timeout: float) -> Snapshots:
+    """Steps 1 and 2 of the module doc: a temporary slot `name` made on the replication
+    connection `repl` exports the source's snapshot at its consistent point X (imported into
+    `src`), the daemon holds before X while `dst` takes the target's. The slot lives as long as
+    `repl`; nothing else may run on `repl` before the import (the export would end)."""
+    rcur = repl.cursor()
+    earlier = pause.read(target, schema, slot)
+    if earlier is not None:
+        raise PgferryError(f"the daemon is paused ({earlier.requested_by}, since {earlier.requested_at}): "
+                           "`pgferry resume` first; an online verify holds and resumes it itself")
+    pause.request(target, schema, slot, BY)  # hold first: it cannot pass X before hearing of it
+    try:  # from here on the daemon holds for us: whatever happens, it is let go
+        pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot), by=BY)
+        held = time.monotonic()
+        # the slot waits for the transactions running on the source to finish, the daemon held all
+        # along: cancelled after `timeout`
+        timer = threading.Timer(timeout, repl.cancel)
+        timer.start()
+        try:
+            rcur.execute(f"CREATE_REPLICATION_SLOT {quote_ident(name)} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT")
+            _, consistent, snapshot, _ = rcur.fetchone()
+        except psycopg2.errors.QueryCanceled:
+            raise PgferryError(f"source {describe_dsn(source)}: transactions running there did not finish "
+                               f"within {timeout:.0f} s, so no snapshot could be taken (see pg_stat_activity "
+                               "for long ones); the daemon goes on") from None
+        except psycopg2.Error as exc:
+            raise PgferryError(f"could not take a snapshot of source {describe_dsn(source)} (a temporary "
+                               f"slot): {first_line(exc)}") from None
+        finally:
+            timer.cancel()
+        taken = time.monotonic()
+        src_side = _pinned(src, snapshot)
+        at = Lsn.parse(consistent)
+        pause.request(target, schema, slot, BY, at)
+        pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot), by=BY, at=at)
+        dst_side = _pinned(dst)
+        dst_side.one("SELECT pg_current_snapshot()")  # taken now, while the daemon holds before `at`
+    finally:
+        pause.release(target, schema, slot, BY)
+    return Snapshots(at, src_side, dst_side, round(time.monotonic() - held, 3), taken)
+
+
+def _replication(source: str) -> Any:
+    return connect(source, "source", connection_factory=psycopg2.extras.LogicalReplicationConnection)
+
+
 def verify_online(source: str, target: str, publication: str, slot: str, schema: str, tables: list[str] | None,
                   mode: str = "checksum", timeout: float = 60.0, max_rate: float | None = None,
                   progress: IO[str] | None = None, follow: bool = False) -> OnlineResult:
@@ -76,53 +134,19 @@ def verify_online(source: str, target: str, publication: str, slot: str, schema:
     online`): the temporary slot stays, and the result's `changes` reads what the source commits
     after the LSN (cutover/changed.py); the caller closes it."""
     started = time.monotonic()
-    repl = connect(source, "source", connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    repl = _replication(source)
     src = connect(source, "source")
     dst = connect(target, "target")
     result: OnlineResult | None = None
     try:
         name = f"pgferry_verify_{os.getpid()}"
-        rcur = repl.cursor()
         if follow:  # the stream's key values print as the comparing sessions will read them
-            rcur.execute(_SETTINGS)
-        earlier = pause.read(target, schema, slot)
-        if earlier is not None:
-            raise PgferryError(f"the daemon is paused ({earlier.requested_by}, since {earlier.requested_at}): "
-                               "`pgferry resume` first; an online verify holds and resumes it itself")
-        pause.request(target, schema, slot, BY)  # hold first: it cannot pass X before hearing of it
-        try:  # from here on the daemon holds for us: whatever happens, it is let go
-            pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot), by=BY)
-            held = time.monotonic()
-            # the slot waits for the transactions running on the source to finish, the daemon held all
-            # along: cancelled after `timeout`
-            timer = threading.Timer(timeout, repl.cancel)
-            timer.start()
-            try:
-                rcur.execute(f"CREATE_REPLICATION_SLOT {quote_ident(name)} TEMPORARY LOGICAL pgoutput "
-                             "EXPORT_SNAPSHOT")
-                _, consistent, snapshot, _ = rcur.fetchone()
-            except psycopg2.errors.QueryCanceled:
-                raise PgferryError(f"source {describe_dsn(source)}: transactions running there did not finish "
-                                   f"within {timeout:.0f} s, so no snapshot could be taken (see pg_stat_activity "
-                                   "for long ones); the daemon goes on") from None
-            except psycopg2.Error as exc:
-                raise PgferryError(f"could not take a snapshot of source {describe_dsn(source)} (a temporary "
-                                   f"slot): {first_line(exc)}") from None
-            finally:
-                timer.cancel()
-            taken = time.monotonic()
-            src_side = _pinned(src, snapshot)
-            if not follow:
-                repl.close()  # the temporary slot goes; the transaction keeps the snapshot
-            at = Lsn.parse(consistent)
-            pause.request(target, schema, slot, BY, at)
-            pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot), by=BY,
-                              at=at)
-            dst_side = _pinned(dst)
-            dst_side.one("SELECT pg_current_snapshot()")  # taken now, while the daemon holds before `at`
-        finally:
-            pause.release(target, schema, slot, BY)
-        result = OnlineResult(lsn=str(at), held_s=round(time.monotonic() - held, 3))
+            repl.cursor().execute(_SETTINGS)
+        snaps = take_snapshots(source, target, slot, schema, repl, src, dst, name, timeout)
+        if not follow:
+            repl.close()  # the temporary slot goes; the transaction keeps the snapshot
+        src_side, dst_side, at, taken = snaps.source, snaps.target, snaps.at, snaps.taken
+        result = OnlineResult(lsn=str(at), held_s=snaps.held_s)
         if follow:  # from X on, while the comparison runs: the slot then holds little WAL
             result.changes = ChangeReader(repl, name, publication, at, source)
         log.info("snapshots at %s: the daemon held %.3f s; comparing while it streams on", at, result.held_s)
@@ -152,6 +176,38 @@ def verify_online(source: str, target: str, publication: str, slot: str, schema:
         raise
     finally:
         for c in (src, dst) if result is not None and result.changes is not None else (repl, src, dst):
+            if not c.closed:
+                c.close()
+
+
+@dataclass
+class Round:
+    """One catch-up round of `cutover --verify online`: the rows changed in a window, compared."""
+
+    lsn: str
+    window: Changes
+    tables: list[TableResult]
+    held_s: float
+    took_s: float
+
+
+def catch_up_round(source: str, target: str, slot: str, schema: str, changes: ChangeReader, n: int,
+                   timeout: float) -> Round:
+    """Snapshots at a new LSN Y (a second temporary slot, dropped at once; the daemon held an
+    instant), then only the rows the source changed since the last comparison (the reader's window
+    up to Y) compared in them, while the daemon streams on. What is left for the fence is then what
+    was written during this round, not during the whole first comparison."""
+    started = time.monotonic()
+    repl, src, dst = _replication(source), connect(source, "source"), connect(target, "target")
+    try:
+        snaps = take_snapshots(source, target, slot, schema, repl, src, dst, f"pgferry_verify_{os.getpid()}_{n}",
+                               timeout)
+        repl.close()  # this slot only gave the snapshot
+        window = changes.split(snaps.at, timeout)
+        tables = compare_sides(snaps.source, snaps.target, window)
+        return Round(str(snaps.at), window, tables, snaps.held_s, round(time.monotonic() - started, 3))
+    finally:
+        for c in (repl, src, dst):
             if not c.closed:
                 c.close()
 

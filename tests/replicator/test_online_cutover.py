@@ -60,7 +60,9 @@ def test_cutover_verify_online_under_pgbench_checks_only_the_changed_rows_at_the
     online = receipt["online_verify"]
     assert online["tables"] == 4 and online["rows"] >= 200_000 and not online["different"], online
     changes = receipt["changes_verified"]
-    assert changes["since_lsn"] == online["lsn"] and changes["transactions"] > 0 and changes["keys"] > 0, changes
+    rounds = online["rounds"]  # catch-up rounds only after a comparison of more than a second
+    assert changes["since_lsn"] == (rounds[-1]["lsn"] if rounds else online["lsn"]), (changes, online)
+    assert changes["transactions"] > 0 and changes["keys"] > 0, changes
     assert "public.pgbench_accounts" in changes["tables_by_key"], changes
     assert changes["tables_whole"] == {"public.pgbench_history": "no primary key"}, changes
     assert {t["name"] for t in receipt["tables"]} == {"public.pgbench_history", *changes["tables_by_key"]}
@@ -88,42 +90,70 @@ def _tamper_on_target(dst: Db) -> None:
                 "ALTER TABLE w ENABLE ALWAYS TRIGGER tamper")
 
 
-def test_cutover_verify_online_finds_a_row_changed_after_the_online_comparison_and_undoes(owner_pair, daemons):
-    src, dst = owner_pair
+def _cutover_with_a_row_tampered_after_the_lsn(src: Db, dst: Db, daemons: list, rounds: str) -> tuple[int, str, str]:
+    """A cutover --verify online; while its first comparison runs (after its LSN), the source
+    updates a row that the target's trigger tampers with as the daemon applies it."""
     src.execute("CREATE TABLE big (id int PRIMARY KEY, v text); INSERT INTO big SELECT g, 'b' FROM "
                 "generate_series(1, 3000) g; CREATE TABLE w (id int PRIMARY KEY, v text); "
                 "INSERT INTO w SELECT g, 'v' FROM generate_series(1, 100) g")
     d = _start_streaming(src, dst, daemons)
     _tamper_on_target(dst)
     # 6,000 rows compared at 1,000 a second: the comparison goes on for ~6 s after its LSN
-    proc = subprocess.Popen([*pgferry_cmd(), "cutover", "--verify", "online", "--max-rate", "1000", "--source",
-                             src.dsn, "--target", dst.dsn, "--timeout", "30"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen([*pgferry_cmd(), "cutover", "--verify", "online", "--max-rate", "1000",
+                             "--catch-up-rounds", rounds, "--source", src.dsn, "--target", dst.dsn, "--timeout", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     seen: list[str] = []
     reader = _stderr_lines(proc, seen)
     try:
         wait_for(lambda: any("[1/2] public.big" in line for line in seen) or proc.poll() is not None, 60,
                  "the online comparison under way")
         src.execute("UPDATE w SET v = 'poison' WHERE id = 7")  # after the LSN, before the fence
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)  # (its stdout, a receipt, fits in the pipe; the reader drains stderr)
+        out = proc.stdout.read()  # type: ignore[union-attr]
     finally:
         if proc.poll() is None:
             proc.kill()
     reader.join(10)
-    err = "".join(seen)
-    assert proc.returncode == 1, out + err + d.output()
+    return proc.returncode, out, "".join(seen) + d.output()
+
+
+def test_cutover_verify_online_finds_a_row_changed_after_the_online_comparison_at_the_fence(owner_pair, daemons):
+    """No catch-up round: the row changed after the comparison's LSN is compared under the fence,
+    found different, and the cutover undone."""
+    src, dst = owner_pair
+    rc, out, err = _cutover_with_a_row_tampered_after_the_lsn(src, dst, daemons, "0")
+    assert rc == 1, out + err
     assert "cutover verification failed (public.w)" in err and "Traceback" not in err, err
     receipt = json.loads(out)
     assert receipt["ok"] is False and receipt["verify"] == "online" and not receipt["online_verify"]["different"]
+    assert receipt["online_verify"]["rounds"] == [], receipt
     tables = {t["name"]: t for t in receipt["tables"]}
     assert tables["public.w"]["differences"][1:] == ["row (id)=(7): differs"], tables
     assert receipt["changes_verified"]["tables_by_key"] == ["public.w"], receipt
     # undone: the source takes writes; the daemon, stopped at the handoff, streams again once started
+    d = daemons[-1]
     assert d.wait_exit(timeout=30) == 0, d.output()
     src.execute("UPDATE w SET v = 'after' WHERE id = 8")
     dst.execute("DROP TRIGGER tamper ON w")  # (a start refuses a trigger that would fire during apply)
     d.start()
     wait_for(lambda: dst.execute("SELECT v FROM w WHERE id = 8") == [("after",)], 30, "the daemon streaming again")
+
+
+def test_cutover_verify_online_catch_up_round_finds_it_before_the_fence(owner_pair, daemons):
+    """With catch-up rounds (the default), the same row is found by the round that compares what
+    changed during the first comparison: refused before anything changed, the daemon streams on."""
+    src, dst = owner_pair
+    rc, out, err = _cutover_with_a_row_tampered_after_the_lsn(src, dst, daemons, "4")
+    assert rc == 1, out + err
+    assert "catch-up round found differences" in err and "in public.w" in err and "Traceback" not in err, err
+    assert "row (id)=(7): differs" in err, err
+    assert out == ""  # no receipt: no cutover began
+    assert not src.execute("SELECT 1 FROM pg_trigger WHERE tgname = 'pgferry_fence'")
+    assert not src.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'pgferry_verify%'")
+    d = daemons[-1]
+    assert d.running(), d.output()
+    src.execute("UPDATE w SET v = 'after' WHERE id = 8")
+    wait_for(lambda: dst.execute("SELECT v FROM w WHERE id = 8") == [("after",)], 30, "the daemon streaming on")
 
 
 def pgferry_cmd() -> list[str]:
@@ -165,7 +195,8 @@ def test_verify_online_survives_a_daemon_killed_and_restarted_while_it_compares(
                  "the online comparison under way")
         d.kill()
         d.start()
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)  # (its stdout, a receipt, fits in the pipe; the reader drains stderr)
+        out = proc.stdout.read()  # type: ignore[union-attr]
     finally:
         stop.set()
         t.join(10)
