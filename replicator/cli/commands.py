@@ -143,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--timeout", type=_positive(float), default=60.0,
                         help="with --online: seconds to wait for the daemon to hold at the LSN (default 60)")
 
+    repair = sub.add_parser("repair", help="copy again the key ranges an online verify finds different (a dry run "
+                                           "without --apply), then verify them again")
+    common(repair)
+    repair.add_argument("--publication", help="the published tables are compared (default: pgferry)")
+    repair.add_argument("--tables", default=None, help="comma-separated subset of the published tables")
+    repair.add_argument("--apply", action="store_true",
+                        help="copy the differing ranges again (as of one LSN, the daemon held meanwhile); without "
+                             "it, only list them")
+    repair.add_argument("--json", action="store_true", help="one JSON object")
+    repair.add_argument("--max-rate", type=_positive(float), default=None, metavar="ROWS",
+                        help="the comparisons read at most this many rows per second (both sides together)")
+    repair.add_argument("--timeout", type=_positive(float), default=60.0,
+                        help="seconds to wait for the daemon to hold (default 60)")
+
     def handoff_flags(p: argparse.ArgumentParser) -> None:
         common(p)
         p.add_argument("--publication", help="default: pgferry")
@@ -270,8 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tail(settings.source, settings.publication, args.slot)
         if args.command == "start":
             return _start(settings, args)
-        if args.command in ("status", "verify", "cutover", "rollback", "fallback", "cleanup", "preflight", "skip",
-                            "resync", "pause", "resume"):
+        if args.command in ("status", "verify", "repair", "cutover", "rollback", "fallback", "cleanup", "preflight",
+                            "skip", "resync", "pause", "resume"):
             return _admin(args, settings)
     except PgferryError as exc:
         print(f"pgferry: error: {exc}", file=sys.stderr)
@@ -307,7 +321,7 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
         flags["ddl_capture"] = False
     if isinstance(flags.get("tables"), str):
         flags["tables"] = [t.strip() for t in flags["tables"].split(",") if t.strip()]
-    if args.command == "verify":
+    if args.command in ("verify", "repair"):
         flags.pop("tables", None)  # verify's --tables picks among the published tables: not a setting
     return flags
 
@@ -362,6 +376,14 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
             return print_online(res, args.json)
         results = verify(src, dst, settings.publication, tables, args.mode)
         return print_results(results, args.json)
+    if args.command == "repair":
+        from ..cutover.fallback import reverse_of
+        from ..cutover.repair import run_repair
+        if reverse_of(src, dst, schema, slot) is not None:
+            raise PgferryError("repair works on the forward direction, before the cutover")
+        tables = [t.strip() for t in args.tables.split(",")] if args.tables else None
+        return run_repair(src, dst, settings.publication, slot, schema, tables, args.apply, args.timeout,
+                          args.max_rate, args.json)
     if args.command in ("cutover", "rollback"):
         from ..cutover.handoff import CutoverOptions, run_cutover, run_rollback
         opts = CutoverOptions(fence=args.fence, timeout=args.timeout, receipt_path=args.receipt,

@@ -81,11 +81,13 @@ class Snapshots:
 
 
 def take_snapshots(source: str, target: str, slot: str, schema: str, repl: Any, src: Any, dst: Any, name: str,
-                   timeout: float) -> Snapshots:
+                   timeout: float, release: bool = True) -> Snapshots:
     """Steps 1 and 2 of the module doc: a temporary slot `name` made on the replication
     connection `repl` exports the source's snapshot at its consistent point X (imported into
     `src`), the daemon holds before X while `dst` takes the target's. The slot lives as long as
-    `repl`; nothing else may run on `repl` before the import (the export would end)."""
+    `repl`; nothing else may run on `repl` before the import (the export would end). `release`
+    False: the daemon still holds at X on return (if no error), for the caller to let go
+    (`pause.release(..., BY)`)."""
     rcur = repl.cursor()
     earlier = pause.read(target, schema, slot)
     if earlier is not None:
@@ -118,7 +120,10 @@ def take_snapshots(source: str, target: str, slot: str, schema: str, repl: Any, 
         pause.wait_paused(target, schema, slot, timeout, lambda: pause.daemon_streaming(source, slot), by=BY, at=at)
         dst_side = _pinned(dst)
         dst_side.one("SELECT pg_current_snapshot()")  # taken now, while the daemon holds before `at`
-    finally:
+    except BaseException:
+        pause.release(target, schema, slot, BY)
+        raise
+    if release:
         pause.release(target, schema, slot, BY)
     return Snapshots(at, src_side, dst_side, round(time.monotonic() - held, 3), taken)
 

@@ -73,6 +73,9 @@ class TableResult:
     target_rows: int = 0
     match: bool = True
     differences: list[str] = field(default_factory=list)
+    # the key ranges that differ, (above, up to) as text tuples (None: unbounded): what `pgferry repair` copies again
+    ranges: list[tuple[tuple | None, tuple | None]] = field(default_factory=list)
+    keyed: bool = True  # False: no primary key, compared whole (a difference can only be resynced whole)
 
 
 def _columns(src: Side, qualified: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -122,6 +125,7 @@ def verify_table(src: Side, dst: Side, schema: str, table: str, mode: str) -> Ta
         return res
     res.match = False
     if not key:
+        res.keyed = False
         res.differences.append("content differs (table without primary key: hashed whole)")
         return res
     k = ", ".join(quote_ident(c) for c, _ in key)
@@ -129,19 +133,12 @@ def verify_table(src: Side, dst: Side, schema: str, table: str, mode: str) -> Ta
     bounds = src.all(f"SELECT {', '.join(f'{quote_ident(c)}::text' for c, _ in key)} FROM (SELECT {k}, "
                      f"row_number() OVER (ORDER BY {k}) AS rn FROM {qualified}) s WHERE rn %% %s = 0 ORDER BY rn",
                      (CHUNK,))
-    typed = "(" + ", ".join(f"%s::{t}" for _, t in key) + ")"
     lower: tuple | None = None
     for upper in [*bounds, None]:
-        conds, params = [], []
-        if lower is not None:
-            conds.append(f"({k}) > {typed}")
-            params += list(lower)
-        if upper is not None:
-            conds.append(f"({k}) <= {typed}")
-            params += list(upper)
-        where = " WHERE " + " AND ".join(conds) if conds else ""
+        where, params = key_range(key, lower, upper)
         a, b = digest(where, tuple(params))
         if a != b:
+            res.ranges.append((lower, upper))
             start = f"> {lower}" if lower else "from the start"
             span = f"({k}) {start} {f'to {upper}' if upper else 'to the end'}"
             res.differences.append(f"rows in key range {span} differ ({a[0]} source rows, {b[0]} target rows)")
@@ -149,6 +146,21 @@ def verify_table(src: Side, dst: Side, schema: str, table: str, mode: str) -> Ta
             res.differences.extend(_rows_that_differ(src, dst, qualified, k, shown, row, where, tuple(params)))
         lower = upper
     return res
+
+
+def key_range(key: list[tuple[str, str]], lower: tuple | None, upper: tuple | None) -> tuple[str, list]:
+    """(` WHERE ...`, its parameters) for the rows whose key is above `lower` and at most `upper`
+    (None: unbounded), the bounds as text cast back to the key's types."""
+    k = ", ".join(quote_ident(c) for c, _ in key)
+    typed = "(" + ", ".join(f"%s::{t}" for _, t in key) + ")"
+    conds, params = [], []
+    if lower is not None:
+        conds.append(f"({k}) > {typed}")
+        params += list(lower)
+    if upper is not None:
+        conds.append(f"({k}) <= {typed}")
+        params += list(upper)
+    return (" WHERE " + " AND ".join(conds) if conds else ""), params
 
 
 def _rows_that_differ(src: Side, dst: Side, qualified: str, k: str, shown: str, row: str, where: str,

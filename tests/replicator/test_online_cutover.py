@@ -250,3 +250,44 @@ def test_verify_online_while_large_transactions_stream(pair, daemons):
     assert res["ok"] and rows["public.big"] % 20_000 == 0 and rows["public.big"] > 0, res
     d.wait_caught_up(timeout=120)
     assert_same_tables(src, dst, {"big": ["id", "v"], **W})
+
+
+def test_repair_copies_the_differing_ranges_again_under_load(owner_pair, daemons, tmp_path):
+    """Rows changed, deleted and added on the target behind pgferry's back: `repair` lists their
+    key ranges (a dry run changes nothing), `--apply` copies them again as of one LSN while pgbench
+    writes on, and the tables end equal; a table without a key is left to `resync`."""
+    src, dst = owner_pair
+    subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-d", src.dsn], check=True, capture_output=True)
+    src.execute("CREATE TABLE w (id int PRIMARY KEY, v text); INSERT INTO w SELECT g, 'v' FROM "
+                "generate_series(1, 1000) g; CREATE TABLE nokey (v text); INSERT INTO nokey VALUES ('a'), ('b'); "
+                "INSERT INTO pgbench_accounts VALUES (100001, 1, 0, '')")  # (pgbench writes aid 1 to 100000)
+    d = _start_streaming(src, dst, daemons)
+    dst.execute("UPDATE w SET v = 'changed' WHERE id = 17; DELETE FROM w WHERE id = 33; "
+                "INSERT INTO w VALUES (5000, 'extra'); UPDATE pgbench_accounts SET filler = 'x' WHERE aid = 100001")
+    bench = subprocess.Popen([PGBENCH, "-c", "2", "-j", "2", "-T", "120", "-n", "-d", src.dsn],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        wait_for(lambda: src.execute("SELECT count(*) FROM pgbench_history")[0][0] > 200, 60, "pgbench")
+        r = pgferry("repair", "--json", "--source", src.dsn, "--target", dst.dsn)
+        assert r.returncode == 1, r.stdout + r.stderr
+        dry = json.loads(r.stdout)
+        assert not dry["applied"] and set(dry["ranges"]) == {"public.w", "public.pgbench_accounts"}, (dry, r.stderr)
+        assert dst.execute("SELECT v FROM w WHERE id = 17") == [("changed",)]  # nothing changed
+        r = pgferry("repair", "--apply", "--json", "--source", src.dsn, "--target", dst.dsn)
+        assert r.returncode == 0, r.stdout + r.stderr + d.output()
+        done = json.loads(r.stdout)
+        assert done["ok"] and done["applied"] and done["applied_at_lsn"] and done["rows_copied"] >= 1000, done
+        assert {t["name"] for t in done["after"]} == {"public.w", "public.pgbench_accounts"}, done
+        assert all(t["match"] for t in done["after"]), done
+        # a table without a key: named, not repaired
+        dst.execute("UPDATE nokey SET v = 'z' WHERE v = 'a'")
+        r = pgferry("repair", "--apply", "--source", src.dsn, "--target", dst.dsn)
+        assert r.returncode == 1 and "public.nokey: not repaired: no primary key" in r.stdout, r.stdout + r.stderr
+        assert "pgferry resync public.nokey" in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr
+    finally:
+        bench.kill()
+        bench.wait()
+    d.wait_caught_up(timeout=60)
+    assert d.running(), d.output()
+    assert_same_tables(src, dst, {"w": ["id", "v"], "pgbench_accounts": ["aid", "bid", "abalance", "filler"],
+                                  "pgbench_tellers": ["tid", "bid", "tbalance", "filler"]})
