@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,31 +89,42 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scales", default="5,50")
     ap.add_argument("--rate", type=int, default=300, help="pgbench transactions per second during each run")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of --verify online per scale (medians)")
     args = ap.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
-    results: dict[tuple[int, str], dict] = {}
+    results: dict[tuple[int, str], list[dict]] = {}
     with LocalServer(15, name="cv-src-", settings=DURABLE) as s, LocalServer(18, name="cv-tgt-",
                                                                               settings=DURABLE) as t:
+        sources = {}
         for scale in scales:
-            src = new_db(s, "src")
+            sources[scale] = src = new_db(s, "src")
             subprocess.run([PGBENCH, "-i", "-s", str(scale), "-q", "-d", src.dsn], check=True, capture_output=True)
-            for mode in ("online", "checksum"):
-                started = time.monotonic()
-                results[(scale, mode)] = res = _one(src, t, mode, args.rate, f"{scale}_{mode}")
-                print(f"scale {scale:>3} --verify {mode:8}: write downtime {res['downtime']:.3f} s, of which "
-                      f"verify {res['verify']:.3f} s; online comparison {res['online']} s, changed keys "
-                      f"{res['keys']}; the daemon's lag at most {res['max_lag'] / 1e6:.1f} MB (run "
-                      f"{time.monotonic() - started:.0f} s); steps {res['steps']}; tables "
-                      f"{res['compare_s']}", flush=True)
-    print(f"\npgbench 15 -> 18, owner-only target, load {args.rate} tps (4 clients), durable servers")
-    print(f"{'scale':>6} {'online: downtime':>17} {'verify':>8} {'checksum: downtime':>19} {'verify':>8}")
+        runs = [(scale, "checksum") for scale in scales] + [(scale, "online") for _ in range(args.repeats)
+                                                             for scale in scales]  # the scales side by side
+        for i, (scale, mode) in enumerate(runs):
+            started = time.monotonic()
+            res = _one(sources[scale], t, mode, args.rate, f"{scale}_{mode}_{i}")
+            results.setdefault((scale, mode), []).append(res)
+            print(f"scale {scale:>3} --verify {mode:8}: write downtime {res['downtime']:.3f} s, of which "
+                  f"verify {res['verify']:.3f} s; online comparison {res['online']} s, changed keys "
+                  f"{res['keys']}; the daemon's lag at most {res['max_lag'] / 1e6:.1f} MB (run "
+                  f"{time.monotonic() - started:.0f} s); steps {res['steps']}; tables "
+                  f"{res['compare_s']}", flush=True)
+
+    def med(scale: int, mode: str, k: str) -> float:
+        return statistics.median(r[k] for r in results[(scale, mode)])
+
+    print(f"\npgbench 15 -> 18, owner-only target, load {args.rate} tps (4 clients), durable servers; "
+          f"medians of {args.repeats} online run(s)")
+    print(f"{'scale':>6} {'online: downtime':>17} {'verify':>8} {'max lag':>8} {'checksum: downtime':>19} "
+          f"{'verify':>8}")
     for scale in scales:
-        o, c = results[(scale, "online")], results[(scale, "checksum")]
-        print(f"{scale:>6} {o['downtime']:>15.3f} s {o['verify']:>6.3f} s {c['downtime']:>17.3f} s "
-              f"{c['verify']:>6.3f} s")
+        print(f"{scale:>6} {med(scale, 'online', 'downtime'):>15.3f} s {med(scale, 'online', 'verify'):>6.3f} s "
+              f"{med(scale, 'online', 'max_lag') / 1e6:>5.1f} MB {med(scale, 'checksum', 'downtime'):>17.3f} s "
+              f"{med(scale, 'checksum', 'verify'):>6.3f} s")
     if len(scales) >= 2:
-        a, b = results[(scales[0], "online")], results[(scales[-1], "online")]
-        print(f"online: scale {scales[-1]} / scale {scales[0]} write downtime = {b['downtime'] / a['downtime']:.2f}")
+        a, b = med(scales[0], "online", "downtime"), med(scales[-1], "online", "downtime")
+        print(f"online: scale {scales[-1]} / scale {scales[0]} write downtime = {b / a:.2f}")
 
 
 if __name__ == "__main__":
