@@ -158,18 +158,25 @@ def verify_online(source: str, target: str, publication: str, slot: str, schema:
         listing = connect(source, "source")  # (not the pinned session: listing rolls back)
         try:
             names = published_tables(listing, publication, tables)
+            estimates = row_estimates(listing, names)
         finally:
             listing.close()
         pace = Pacer(max_rate)
+        compared = 0
         for i, (n, t) in enumerate(names, 1):
             began = time.monotonic()
             res = verify_table(src_side, dst_side, n, t, mode)
             result.tables.append(res)
+            compared += res.source_rows
             if progress is not None:
-                age = time.monotonic() - taken
+                now = time.monotonic()
+                left = sum(estimates[i:])  # the tables not compared yet, by the source's statistics
+                rate = compared / max(now - taken, 1e-3)
+                eta = f"ETA {left / rate:.0f} s" if rate > 0 and left else "ETA ?" if left else "done"
                 progress.write(f"  [{i}/{len(names)}] {res.name}: {res.source_rows:,} rows, "
-                               f"{'equal' if res.match else 'DIFFERENT'} in {time.monotonic() - began:.1f} s "
-                               f"(source snapshot held {age:.0f} s)\n")
+                               f"{'equal' if res.match else 'DIFFERENT'} in {now - began:.1f} s; "
+                               f"{100 * compared / max(compared + left, 1):.0f}% of ~{compared + left:,} rows, "
+                               f"{rate:,.0f} rows/s, {eta} (source snapshot held {now - taken:.0f} s)\n")
                 progress.flush()
             pace.rows(res.source_rows + res.target_rows)
         result.snapshot_age_s = round(time.monotonic() - taken, 3)
@@ -215,6 +222,18 @@ def catch_up_round(source: str, target: str, slot: str, schema: str, changes: Ch
         for c in (repl, src, dst):
             if not c.closed:
                 c.close()
+
+
+def row_estimates(conn: Any, names: list[tuple[str, str]]) -> list[int]:
+    """Each table's row count by the source's statistics (its partitions' for a partitioned one;
+    0 where never analyzed): what the progress's percentage and ETA are reckoned against."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT coalesce((SELECT sum(greatest(c.reltuples, 0)) FROM pg_partition_tree(to_regclass(t)) p "
+                    "JOIN pg_class c ON c.oid = p.relid), 0)::bigint FROM unnest(%s::text[]) WITH ORDINALITY u(t, i) "
+                    "ORDER BY i", ([f"{quote_ident(n)}.{quote_ident(t)}" for n, t in names],))
+        rows = [int(r[0]) for r in cur.fetchall()]
+    conn.rollback()
+    return rows
 
 
 class Pacer:

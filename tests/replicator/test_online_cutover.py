@@ -291,3 +291,41 @@ def test_repair_copies_the_differing_ranges_again_under_load(owner_pair, daemons
     assert d.running(), d.output()
     assert_same_tables(src, dst, {"w": ["id", "v"], "pgbench_accounts": ["aid", "bid", "abalance", "filler"],
                                   "pgbench_tellers": ["tid", "bid", "tbalance", "filler"]})
+
+
+def test_cutover_verify_online_with_partitions_toast_and_a_truncate(pair, daemons):
+    """Partitions (the stream names the leaves), rows with TOASTed values updated around them (the
+    stream leaves the unchanged TOAST value out, the key is there), a keyless table and a TRUNCATE
+    after the comparison: each compared by key or whole under the fence, and equal."""
+    src, dst = pair
+    src.execute("CREATE TABLE p (id int, part int, v text, PRIMARY KEY (id, part)) PARTITION BY LIST (part); "
+                "CREATE TABLE p1 PARTITION OF p FOR VALUES IN (1); CREATE TABLE p2 PARTITION OF p FOR VALUES IN (2); "
+                "INSERT INTO p SELECT g, 1 + g % 2, 'v' FROM generate_series(1, 2000) g; "
+                "CREATE TABLE t (id int PRIMARY KEY, n int, doc text); "
+                "INSERT INTO t SELECT g, 0, repeat(md5(g::text), 40000) FROM generate_series(1, 20) g; "
+                "CREATE TABLE k (v text); INSERT INTO k VALUES ('a'); "
+                "CREATE TABLE gone (id int PRIMARY KEY); INSERT INTO gone SELECT generate_series(1, 100)")
+    d = _start_streaming(src, dst, daemons)
+    proc = subprocess.Popen([*pgferry_cmd(), "cutover", "--verify", "online", "--max-rate", "2000",
+                             "--catch-up-rounds", "0", "--source", src.dsn, "--target", dst.dsn, "--timeout", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    seen: list[str] = []
+    reader = _stderr_lines(proc, seen)
+    try:
+        wait_for(lambda: any("[1/" in line for line in seen) or proc.poll() is not None, 60, "the comparison")
+        src.execute("UPDATE p SET v = 'changed' WHERE id IN (4, 5); UPDATE t SET n = n + 1 WHERE id <= 5; "
+                    "INSERT INTO k VALUES ('b'); TRUNCATE gone; INSERT INTO gone VALUES (7)")
+        proc.wait(timeout=120)
+        out = proc.stdout.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    assert proc.returncode == 0, out + "".join(seen) + d.output()
+    receipt = json.loads(out)
+    changes = receipt["changes_verified"]
+    assert receipt["ok"] and changes["tables_by_key"] == ["public.p1", "public.p2", "public.t"], changes
+    assert changes["tables_whole"] == {"public.gone": "truncated", "public.k": "no primary key"}, changes
+    rows = {t["name"]: t["source_rows"] for t in receipt["tables"]}
+    assert rows["public.t"] == 5 and rows["public.gone"] == 1, rows
+    assert_same_tables(src, dst, {"p": ["id", "part", "v"], "t": ["id", "n", "doc"], "k": ["v"], "gone": ["id"]})
