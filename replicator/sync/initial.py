@@ -55,6 +55,8 @@ from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_
 from .pgtools import drop_unknown_settings
 from .plan import SyncConfig, TableCopy
 from .postdata import PostDataRun
+from .progress import Estimate
+from .progress_view import BarsView, LogView
 from .schema import SchemaDump
 from .sequences import copy_sequences
 
@@ -273,7 +275,7 @@ class InitialSync:
         finally:
             src.close()
         for t in tables:
-            t.bytes, t.data_bytes = sizes.get(t.display, (0, 0))
+            t.bytes, t.data_bytes, t.rows_estimate = sizes.get(t.display, (0, 0, None))
         cur = self.target.cursor()  # one statement: a row per table was a round trip per table
         s = quote_ident(self.cfg.schema)
         names = ([t.schema for t in tables], [t.name for t in tables])
@@ -309,9 +311,8 @@ class InitialSync:
             return
         started = time.monotonic()
         sizes = {t.display: t.data_bytes for t in tables}  # what the COPYs move: TOAST too
-        progress = CopyProgress(self.cfg, sizes, len(tables))
-        ticker = threading.Event()
-        threading.Thread(target=progress.report_every, args=(ticker, 5.0), daemon=True).start()
+        progress = CopyProgress(self.cfg, {t.display: Estimate(t.data_bytes, t.rows_estimate) for t in tables},
+                                BarsView() if self.cfg.progress_bars else LogView(self.cfg.progress_seconds)).start()
         parts: list[tuple[TableCopy, list[str]]] = []
         split: dict[str, int] = {}
         merged = libpq.pump() is not None  # the C pump reads all ranges of a table into one target COPY
@@ -341,7 +342,7 @@ class InitialSync:
                         if post is not None:  # its indexes build beside the copy of the others
                             post.table_copied(t.schema, t.name, t.bytes)
         finally:
-            ticker.set()
+            progress.stop()
             conns.close()
         took = time.monotonic() - started
         size = sum(sizes.values())
