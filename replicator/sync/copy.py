@@ -217,13 +217,18 @@ class CopyProgress:
 def running_copies(conn: Any) -> dict[str, tuple[int, int]]:
     """schema.table -> (rows, bytes) of pgferry's COPYs running on the target (`conn`)."""
     with conn.cursor() as cur:
-        cur.execute("SELECT n.nspname, c.relname, sum(p.tuples_processed), sum(p.bytes_processed) "
-                    "FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
-                    "JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE a.application_name = 'pgferry-copy' GROUP BY 1, 2")
-        rows = cur.fetchall()
+        found = read_running_copies(cur)
     conn.rollback()
-    return {readable_name(n, t): (int(r), int(b)) for n, t, r, b in rows}
+    return found
+
+
+def read_running_copies(cur: Any) -> dict[str, tuple[int, int]]:
+    """The same on a cursor (in the caller's transaction)."""
+    cur.execute("SELECT n.nspname, c.relname, sum(p.tuples_processed), sum(p.bytes_processed) "
+                "FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
+                "JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE a.application_name = 'pgferry-copy' GROUP BY 1, 2")
+    return {readable_name(n, t): (int(r), int(b)) for n, t, r, b in cur.fetchall()}
 
 
 MID_COPY_ROWS = 100_000  # the mid_copy failpoint fires once the running COPYs have passed this many rows
@@ -473,14 +478,14 @@ def table_sizes(src: Any, tables: list[TableCopy]) -> dict[str, tuple[int, int, 
     (partitioned roots: the sums over their partitions). The heap sizes the block ranges; the data a
     table holds is both (a table of large values is mostly TOAST). The rows are `reltuples` scaled
     to the table's current size, as the planner estimates them (None: a table never analyzed):
-    what the copy's progress counts against (progress.py)."""
+    what the copy's progress counts against (progress.py). A table the source no longer has is left out."""
     with src.cursor() as cur:
         # pg_partition_tree() is empty for a plain table: the table itself, and its partitions.
         # A partitioned table holds no rows itself (its reltuples: -1 or the sum of its leaves').
         cur.execute("""SELECT s, t, sum(size), sum(size + toast),
                 CASE WHEN bool_and(est IS NOT NULL) THEN sum(est) END
             FROM unnest(%s::text[], %s::text[]) AS x(s, t)
-            CROSS JOIN LATERAL (SELECT format('%%I.%%I', s, t)::regclass) AS r(rel)
+            CROSS JOIN LATERAL (SELECT to_regclass(format('%%I.%%I', s, t))) AS r(rel)
             CROSS JOIN LATERAL (SELECT r.rel UNION SELECT relid FROM pg_partition_tree(r.rel)) AS p(relid)
             JOIN pg_class c ON c.oid = p.relid
             CROSS JOIN LATERAL (SELECT pg_relation_size(c.oid) AS size,

@@ -309,6 +309,7 @@ class InitialSync:
         transaction (the table is emptied first and marked copied when its last part has committed)."""
         if not tables:
             return
+        self._mark("copy_started_at = now()")
         started = time.monotonic()
         sizes = {t.display: t.data_bytes for t in tables}  # what the COPYs move: TOAST too
         progress = CopyProgress(self.cfg, {t.display: Estimate(t.data_bytes, t.rows_estimate) for t in tables},

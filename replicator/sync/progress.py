@@ -115,17 +115,21 @@ class CopyModel:
         self.total = sum(e.bytes for e in estimates.values())
         self.finished: set[str] = set()
         self.rows_finished = 0
+        self.earlier = 0  # bytes of tables finished before `started` (an earlier run): not in the rate
         self._best: dict[str, float] = {}  # table -> the highest fraction seen while it ran
         self._seen: dict[str, float] = {}  # table -> when it started: at the look before it was first seen
         self._last_look = started
         self._done = 0  # bytes_done last reported: it never goes backwards
         self._percent = 0.0
 
-    def finish(self, name: str, rows: int = 0) -> None:
+    def finish(self, name: str, rows: int = 0, earlier: bool = False) -> None:
+        """`name` has been copied (`earlier`: before `started`)."""
         if name not in self.finished:
             self.finished.add(name)
             self.rows_finished += rows
             self._best.pop(name, None)
+            if earlier and name in self.estimates:
+                self.earlier += self.estimates[name].bytes
 
     def observe(self, now: float, running: dict[str, tuple[int, int]]) -> Progress:
         """`running`: table -> (rows, bytes) of its COPYs in progress."""
@@ -160,7 +164,7 @@ class CopyModel:
         self._percent = percent = max(self._percent, round(percent, 1))
         self._last_look = now
         took = now - self.started
-        rate = done / took if took > 0 and done > 0 else None
+        rate = (done - self.earlier) / took if took > 0 and done > self.earlier else None
         return Progress(len(self.finished), len(self.estimates), rows, done, self.total, percent, rate,
                         0.0 if complete else eta(self.total - done, rate), round(took, 1),
                         sorted(tables, key=lambda t: t.name))

@@ -27,6 +27,15 @@ class ProgressView(Protocol):
         """The copy has ended (`p`: its last look, None when it failed)."""
 
 
+BAR_WIDTH = 30
+
+
+def text_bar(percent: float, width: int = BAR_WIDTH) -> str:
+    """`███████░░░░░░░`: a bar that reads the same without colours (a log, a pasted screen)."""
+    full = min(width, max(0, int(width * percent / 100)))
+    return "█" * full + "░" * (width - full)
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
@@ -67,9 +76,11 @@ class BarsView:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn
+        from rich.progress import Progress, TextColumn
 
-        self.bars = Progress(TextColumn("{task.description:<32}"), BarColumn(bar_width=30),
+        # (rich's BarColumn tells done from to do by colour only: pasted or without colours, a bar
+        # at 1% looked full)
+        self.bars = Progress(TextColumn("{task.description:<32}"), TextColumn("{task.fields[bar]}", style="green"),
                              TextColumn("{task.fields[percent]:>6}"), TextColumn("{task.fields[detail]}"),
                              console=Console(file=sys.stderr), auto_refresh=False, transient=False,
                              redirect_stderr=True, redirect_stdout=False)
@@ -85,7 +96,7 @@ class BarsView:
         for h in logging.getLogger().handlers:
             if isinstance(h, logging.StreamHandler) and h.stream is real and sys.stderr is not real:
                 self._streams.append((h, h.setStream(sys.stderr)))
-        self.overall = self.bars.add_task("all tables", total=100, percent="", detail="")
+        self.overall = self.bars.add_task("all tables", total=100, percent="", detail="", bar=text_bar(0))
 
     def show(self, p: Progress, now: float) -> None:
         if self.overall is None:
@@ -94,11 +105,11 @@ class BarsView:
             self.bars.remove_task(self.tasks.pop(name))
         for t in p.running:
             if t.name not in self.tasks:
-                self.tasks[t.name] = self.bars.add_task(t.name, total=100, percent="", detail="")
+                self.tasks[t.name] = self.bars.add_task(t.name, total=100, percent="", detail="", bar=text_bar(0))
             est = f"~{t.rows_estimate:,} rows" if t.rows_estimate else f"~{_mb(t.bytes_total)}"
             self.bars.update(self.tasks[t.name], completed=t.percent, percent=f"{t.percent:.1f}%",
-                             detail=f"{t.rows:,} of {est}  ETA {format_eta(t.eta_seconds)}")
-        self.bars.update(self.overall, completed=p.percent, percent=f"{p.percent:.1f}%",
+                             bar=text_bar(t.percent), detail=f"{t.rows:,} of {est}  ETA {format_eta(t.eta_seconds)}")
+        self.bars.update(self.overall, completed=p.percent, percent=f"{p.percent:.1f}%", bar=text_bar(p.percent),
                          description=f"all: {p.tables_done}/{p.tables} tables",
                          detail=f"{_mb(p.bytes_done)} of ~{_mb(p.bytes_total)}  {_mb(p.rate or 0)}/s  "
                                 f"ETA {format_eta(p.eta_seconds)}")

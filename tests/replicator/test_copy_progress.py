@@ -4,12 +4,26 @@ below its estimate; the JSON log line carries the figures as fields."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
 
 from replicator.cli.logs import JsonFormatter
 from replicator.sync.progress import CopyModel, Estimate, format_eta, fraction
 from replicator.sync.progress_view import LogView, line
+from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, main_pair_only, pgferry, wait_for
 
 
 def test_a_running_table_counts_its_rows_against_the_estimate_capped_below_it():
@@ -73,3 +87,178 @@ def test_a_progress_log_line_is_text_with_fields_in_json(caplog):
         "tables_done": 0, "tables": 1, "bytes_done": 2_500_000, "bytes_total": 10_000_000, "percent": 25.0,
         "eta_seconds": 6.0}
     assert out["rate"] == 1_250_000 and out["running"][0]["table"] == "public.big"
+
+
+# -- on real servers: `pgferry start` copying through a slow link (tests/tcpproxy.py's limit) ------
+BIG_ROWS = 150_000  # ~16.5 MB of binary COPY data: ~14 s at RATE
+RATE = 1_200_000  # bytes per second between pgferry and the source
+
+
+def _slow_source(src: Db, tcp_proxy) -> str:
+    """A big and a small table on the source, analyzed (their row estimates), and the DSN of a
+    proxy in front of it that forwards RATE bytes a second: a steady copy of about 14 s."""
+    src.execute("CREATE TABLE big (id int PRIMARY KEY, v text); "
+                f"INSERT INTO big SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, {BIG_ROWS}) g; "
+                "CREATE TABLE small (id int PRIMARY KEY); INSERT INTO small SELECT generate_series(1, 1000); "
+                "CREATE PUBLICATION pgferry FOR ALL TABLES")
+    src.execute("VACUUM ANALYZE big, small")
+    proxy = tcp_proxy(src)
+    proxy.limit(RATE)
+    return proxy.dsn_for(src.dsn)
+
+
+def _json_lines(out: str) -> list[dict]:
+    lines = []
+    for raw in out.splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            continue
+    return lines
+
+
+def _ts(line: dict) -> float:
+    return dt.datetime.fromisoformat(line["ts"]).timestamp()
+
+
+@pytest.mark.pg
+def test_copy_progress_rises_to_exactly_100_and_its_eta_holds(owner_pair, daemons, tcp_proxy):
+    """`pgferry start` with JSON logs (not a terminal): a progress line a second with structured
+    fields, percent never going back and ending at exactly 100 once both tables are in; the ETA
+    taken mid-copy is within a factor of 2 of the time the copy really took to finish."""
+    src, dst = owner_pair
+    main_pair_only(src, dst, "the copy's progress runs on 15 -> 18, the main case")
+    source_dsn = _slow_source(src, tcp_proxy)
+    d = Daemon(src, dst, "--jobs", "1", "--progress-interval", "1", source_dsn=source_dsn, copy=True, ready=False)
+    daemons.append(d)
+    wait_for(lambda: '"msg":"copy: 2 tables' in d.output() or not d.running(), 60, "the copy to finish")
+    assert d.running(), d.output()
+    lines = _json_lines(d.output())
+    progress = [x for x in lines if x.get("event") == "copy_progress"]
+    assert len(progress) >= 5, d.output()
+    percents = [x["percent"] for x in progress]
+    assert percents == sorted(percents), percents
+    assert all(p < 100 for p in percents[:-1]) and percents[-1] == 100.0, percents
+    last = progress[-1]
+    assert last["tables_done"] == last["tables"] == 2 and last["bytes_done"] == last["bytes_total"] > 0
+    assert last["eta_seconds"] == 0.0 and last["rows"] == BIG_ROWS + 1000
+    assert [x["bytes_done"] for x in progress] == sorted(x["bytes_done"] for x in progress)
+    assert last["msg"].startswith("copy: 2/2 tables, 151000 rows, 100.0% of ~")
+    running = [r for x in progress for r in x["running"]]
+    assert running and all(r["table"] == "public.big" and r["percent"] < 100 for r in running)
+    # the ETA at mid-copy against when the big table's copy really finished
+    finished = _ts(next(x for x in lines if x.get("msg", "").startswith("copied public.big")))
+    mid = next(x for x in progress if 30 <= x["percent"] <= 70)
+    actual = finished - _ts(mid)
+    ratio = mid["eta_seconds"] / actual
+    print(f"ETA at {mid['percent']}%: {mid['eta_seconds']} s; the copy finished {actual:.1f} s later "
+          f"(ratio {ratio:.2f}); {len(progress)} progress lines, rate {mid['rate']} B/s")
+    assert 0.5 <= ratio <= 2, (mid, actual)
+    assert_same_tables(src, dst, {"big": ["id", "v"], "small": ["id"]})
+
+
+def require_tmux() -> str:
+    """tmux's path; skip without it, or fail under CI=true (.ci/run installs it)."""
+    path = shutil.which("tmux")
+    if path is None:
+        why = "tmux is not installed (Debian: apt-get install tmux)"
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail(why)
+        pytest.skip(f"{why}; bash .ci/run installs it")
+    return path
+
+
+class Tmux:
+    """A tmux server of its own (its own socket), 120x40 windows; killed by its socket at the end."""
+
+    def __init__(self) -> None:
+        self.tmux = require_tmux()
+        self.socket = f"pgferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def run(self, *args: str) -> str:
+        # (the server takes the environment of the command that starts it: the pytest run's
+        # COLUMNS and LINES, if set, would fix the size programs in its windows see)
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        r = subprocess.run([self.tmux, "-L", self.socket, *args], capture_output=True, text=True, timeout=10,
+                           check=False, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def start(self, name: str, argv: list[str]) -> int:
+        """Run `argv` (exec'd: the pane's process is it) in a new session; its pid."""
+        env = ["-e", f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}"]
+        self.run("new-session", "-d", "-x", "120", "-y", "40", "-s", name, "-c", str(ROOT), *env,
+                 "exec " + shlex.join(argv) + " 2>&1 || sleep 600")
+        return int(self.run("display-message", "-p", "-t", name, "#{pane_pid}").strip())
+
+    def screen(self, name: str) -> str:
+        return self.run("capture-pane", "-p", "-t", name)
+
+    def wait(self, name: str, cond: Callable[[str], object], timeout: float, what: str) -> str:
+        """The screen of `name` once `cond(screen)` holds; fails showing the screen on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen(name)
+            if cond(screen):
+                return screen
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout}s waiting for {what}; the screen:\n{screen}")
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        subprocess.run([self.tmux, "-L", self.socket, "kill-server"], capture_output=True, timeout=10, check=False)
+
+
+@pytest.fixture
+def tmux():
+    t = Tmux()
+    yield t
+    t.kill()
+
+
+@pytest.mark.pg
+def test_the_terminal_shows_bars_and_status_watch_the_copy(owner_pair, tcp_proxy, tmux):
+    """What a person sees: `pgferry start` on a terminal (tmux) draws a bar per table being copied
+    and one for the whole copy, with percent, rate and ETA; `pgferry status --watch` shows the copy's
+    percent and ETA per table; `status --json` carries the figures while it copies."""
+    src, dst = owner_pair
+    main_pair_only(src, dst, "the copy's progress runs on 15 -> 18, the main case")
+    source_dsn = _slow_source(src, tcp_proxy)
+    cli = [sys.executable, "-m", "replicator.cli"]
+    pid = tmux.start("copy", [*cli, "start", "--jobs", "1", "--source", source_dsn, "--target", dst.dsn])
+    try:
+        screen = tmux.wait("copy", lambda s: "public.big" in s and "ETA" in s and "all: 0/2 tables" in s and "%" in s,
+                           60, "the copy's bars on the terminal")
+        print("pgferry start, copying:\n" + screen.rstrip())
+        bar_line = next(x for x in screen.splitlines() if "public.big" in x)
+        assert re.search(r"public\.big +█*░+ +\d+\.\d% +[\d,]+ of ~[\d,]+ rows +ETA \d", bar_line), bar_line
+        assert re.search(r"all: 0/2 tables +█*░+ +\d+\.\d% .* MB/s +ETA \d", screen), screen
+        assert "Traceback" not in screen
+
+        watch = tmux.start("watch", [*cli, "status", "--watch", "1", "--source", src.dsn, "--target", dst.dsn])
+
+        screen = tmux.wait("watch", lambda s: re.search(r"copy +█*░+ \d+\.\d% +ETA \d", s) and "public.big" in s, 30,
+                           "status --watch to show the copy")
+        print("pgferry status --watch, copying:\n" + screen.rstrip())
+        assert re.search(r"public\.big +│ copying +│ +[\d,]+ │ +\d+\.\d% │ +(\d+ s|\d+:\d\d)", screen), screen
+        samples = []
+        while not samples or (samples[-1]["phase"] == "copy" and samples[-1]["copy"]["percent"] < 100):
+            r = pgferry("status", "--json", "--source", src.dsn, "--target", dst.dsn)
+            assert r.returncode == 0, r.stderr
+            samples.append(json.loads(r.stdout))
+            assert len(samples) < 120, samples[-1]
+        copies = [s["copy"] for s in samples if s["copy"]]
+        assert len(copies) >= 2, samples
+        first, last = copies[0], copies[-1]
+        assert last["percent"] > first["percent"] and first["bytes_total"] == last["bytes_total"] > 0
+        assert first["rate"] > 0 and first["eta_seconds"] > 0 and {"tables_done", "tables", "bytes_done"} <= set(first)
+        big = next(t for t in samples[0]["tables"] if t["name"] == "public.big")
+        assert big["rows_estimate"] == pytest.approx(BIG_ROWS, rel=0.1) and big["percent"] is not None
+
+        screen = tmux.wait("copy", lambda s: re.search("all: 2/2 tables +█{30} 100.0%", s), 60,
+                           "the copy to finish on the terminal")
+        print("pgferry start, copied:\n" + screen.rstrip())
+        os.kill(watch, signal.SIGINT)
+    finally:
+        os.kill(pid, signal.SIGTERM)  # it exits 0 after its final feedback (not our child: watch /proc)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30, "pgferry start to stop")
