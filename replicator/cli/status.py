@@ -209,7 +209,7 @@ def copy_progress(src: Any, tables: list[TableStatus], names: dict[str, tuple[st
     (now, not in the copy's snapshot: close enough for an estimate). `names`: each table's schema
     and name; `earlier`: tables copied before this copy started (not in its rate); `took`: seconds
     since it started (None: no daemon copies, so no rate). Sets each table's `percent` and
-    `rows_estimate`."""
+    `rows_estimate`, and shows a table whose COPY runs as copying."""
     sizes = table_sizes(src, [TableCopy(n, t) for n, t in names.values()])
     estimates = {t.name: Estimate(*sizes[t.name][1:]) if t.name in sizes else Estimate(0, None) for t in tables}
     model = CopyModel(estimates, 0.0)
@@ -221,6 +221,8 @@ def copy_progress(src: Any, tables: list[TableStatus], names: dict[str, tuple[st
     for t in tables:
         t.rows_estimate = estimates[t.name].rows
         t.percent = 100.0 if t.state == "copied" else (by_name[t.name].percent if t.name in by_name else 0.0)
+        if t.state == "pending" and t.name in by_name:  # a small table is not marked before its copy
+            t.state, t.rows = "copying", by_name[t.name].rows
     fields = p.fields()
     if took is None:
         fields.update(rate=None, eta_seconds=None)

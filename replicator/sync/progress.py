@@ -15,7 +15,9 @@ The whole copy weighs each table by its size on the source (heap and TOAST: `byt
 fraction of it. Estimates can be exceeded, so a running table stays below `RUNNING_CAP` until it
 has finished, nothing goes backwards (a COPY that has ended but not yet been counted as finished
 keeps the best fraction seen), and the copy shows exactly 100% once every table has finished and
-never before. The rate is the average since the copy started; the ETA is what is left at that rate.
+never before. The rate is the average since the copy started; the ETA is what is left at that
+rate, or the ETA of the slowest table being copied where that is later (at the end of a copy one
+big table often runs alone, slower than the tables did side by side).
 """
 
 from __future__ import annotations
@@ -165,6 +167,8 @@ class CopyModel:
         self._last_look = now
         took = now - self.started
         rate = (done - self.earlier) / took if took > 0 and done > self.earlier else None
+        left = eta(self.total - done, rate)
+        if left is not None:  # the copy does not end before its slowest running table (the tail runs alone)
+            left = max([left, *(t.eta_seconds for t in tables if t.eta_seconds is not None)])
         return Progress(len(self.finished), len(self.estimates), rows, done, self.total, percent, rate,
-                        0.0 if complete else eta(self.total - done, rate), round(took, 1),
-                        sorted(tables, key=lambda t: t.name))
+                        0.0 if complete else left, round(took, 1), sorted(tables, key=lambda t: t.name))

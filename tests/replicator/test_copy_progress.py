@@ -55,6 +55,14 @@ def test_percent_rises_monotonically_and_ends_at_exactly_100():
     assert last.eta_seconds == 0.0 and last.rows == 407
 
 
+def test_the_eta_is_no_earlier_than_the_slowest_running_tables():
+    m = CopyModel({"a": Estimate(1000, 100), "b": Estimate(1000, 100)}, started=0.0)
+    m.finish("a", 100)  # a copied fast: 1000 bytes in the first 2 s...
+    p = m.observe(2.0, {"b": (10, 0)})  # ...b only 10% in those 2 s: 18 s to go on its own
+    assert p.rate == 550 and p.running[0].eta_seconds == 18.0
+    assert p.eta_seconds == 18.0  # not 900 / 550 = 1.6 s
+
+
 def test_empty_tables_count_by_number_and_100_only_at_the_end():
     m = CopyModel({"a": Estimate(0, 0), "b": Estimate(0, 0)}, started=0.0)
     m.finish("a")
