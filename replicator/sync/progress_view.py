@@ -54,6 +54,7 @@ class LogView:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.last: float | None = None
+        self.finished = False  # the 100% line is out (once only)
 
     def show(self, p: Progress, now: float) -> None:
         if self.last is None:
@@ -66,8 +67,10 @@ class LogView:
         if p is not None and p.finished:
             self._emit(p)
 
-    @staticmethod
-    def _emit(p: Progress) -> None:
+    def _emit(self, p: Progress) -> None:
+        if self.finished:
+            return
+        self.finished = p.finished
         log.info("%s", line(p), extra={"fields": {"event": "copy_progress", **p.fields()}})
 
 

@@ -97,6 +97,17 @@ def test_a_progress_log_line_is_text_with_fields_in_json(caplog):
     assert out["rate"] == 1_250_000 and out["running"][0]["table"] == "public.big"
 
 
+def test_the_100_percent_line_is_logged_once(caplog):
+    caplog.set_level(logging.INFO, logger="pgferry.sync")
+    m = CopyModel({"a": Estimate(10, 1)}, started=0.0)
+    m.finish("a", 1)
+    view = LogView(1.0)
+    view.show(m.observe(2.0, {}), 2.0)  # a periodic line that happens to come after the last table
+    view.close(m.observe(2.1, {}))
+    (only,) = caplog.records
+    assert only.getMessage() == "copy: 1/1 tables, 1 rows, 100.0% of ~0.0 MB, 0.0 MB/s, ETA 0 s"
+
+
 # -- on real servers: `pgferry start` copying through a slow link (tests/tcpproxy.py's limit) ------
 BIG_ROWS = 150_000  # ~16.5 MB of binary COPY data: ~14 s at RATE
 RATE = 1_200_000  # bytes per second between pgferry and the source
