@@ -454,7 +454,10 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
         def phase(name: str) -> None:
             metrics.STATE.phase = name
 
-        InitialSync(sync_cfg, on_phase=phase).run()
+        def progress(p: object) -> None:
+            metrics.STATE.copy = p
+
+        InitialSync(sync_cfg, on_phase=phase, on_progress=progress).run()
         from sink import failpoints
 
         failpoints.hit("before_stream")  # the copy is done and recorded; streaming has not started

@@ -158,10 +158,12 @@ class CopyProgress:
     pg_stat_progress_copy for the COPYs still running (the data never passes through Python, so
     this is where to look), twice a second; `view` (progress_view.py) shows what it finds."""
 
-    def __init__(self, cfg: SyncConfig, estimates: dict[str, Estimate], view: ProgressView | None = None) -> None:
+    def __init__(self, cfg: SyncConfig, estimates: dict[str, Estimate], view: ProgressView | None = None,
+                 on_look: Callable[[Progress], None] | None = None) -> None:
         self.cfg = cfg
         self.model = CopyModel(estimates, time.monotonic())
         self.view: ProgressView = view or LogView(5.0)
+        self.on_look = on_look or (lambda _: None)
         self.rows = 0
         self.lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -192,7 +194,9 @@ class CopyProgress:
 
     def look(self, running: dict[str, tuple[int, int]]) -> Progress:
         with self.lock:
-            return self.model.observe(time.monotonic(), running)
+            p = self.model.observe(time.monotonic(), running)
+        self.on_look(p)
+        return p
 
     def _report(self) -> None:
         conn = None

@@ -55,7 +55,7 @@ from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_
 from .pgtools import drop_unknown_settings
 from .plan import SyncConfig, TableCopy
 from .postdata import PostDataRun
-from .progress import Estimate
+from .progress import Estimate, Progress
 from .progress_view import BarsView, LogView
 from .schema import SchemaDump
 from .sequences import copy_sequences
@@ -68,9 +68,11 @@ NO_LSN = Lsn(0)  # sync.consistent_lsn before the slot exists
 
 # -- the orchestration -------------------------------------------------------------------------
 class InitialSync:
-    def __init__(self, cfg: SyncConfig, on_phase: Callable[[str], None] | None = None) -> None:
+    def __init__(self, cfg: SyncConfig, on_phase: Callable[[str], None] | None = None,
+                 on_progress: Callable[[Progress], None] | None = None) -> None:
         self.cfg = cfg
         self.on_phase = on_phase or (lambda _: None)  # "schema", then "copy" (the metrics' pgferry_phase)
+        self.on_progress = on_progress  # each look at the copy's progress (the metrics' pgferry_copy_*)
         self.target: Any = None
         self.snapshot_conn: Any = None  # a replication connection that keeps an exported snapshot alive
         self.tables_created = False  # pre-data created the tables in this run (so they are empty)
@@ -313,7 +315,8 @@ class InitialSync:
         started = time.monotonic()
         sizes = {t.display: t.data_bytes for t in tables}  # what the COPYs move: TOAST too
         progress = CopyProgress(self.cfg, {t.display: Estimate(t.data_bytes, t.rows_estimate) for t in tables},
-                                BarsView() if self.cfg.progress_bars else LogView(self.cfg.progress_seconds)).start()
+                                BarsView() if self.cfg.progress_bars else LogView(self.cfg.progress_seconds),
+                                self.on_progress).start()
         parts: list[tuple[TableCopy, list[str]]] = []
         split: dict[str, int] = {}
         merged = libpq.pump() is not None  # the C pump reads all ranges of a table into one target COPY

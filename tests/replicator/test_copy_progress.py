@@ -12,9 +12,11 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 
@@ -126,6 +128,18 @@ def _slow_source(src: Db, tcp_proxy) -> str:
     return proxy.dsn_for(src.dsn)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {name: float(value) for name, _, value in (x.rpartition(" ") for x in text.splitlines())
+            if name and not name.startswith("#")}
+
+
 def _json_lines(out: str) -> list[dict]:
     lines = []
     for raw in out.splitlines():
@@ -144,14 +158,23 @@ def _ts(line: dict) -> float:
 def test_copy_progress_rises_to_exactly_100_and_its_eta_holds(owner_pair, daemons, tcp_proxy):
     """`pgferry start` with JSON logs (not a terminal): a progress line a second with structured
     fields, percent never going back and ending at exactly 100 once both tables are in; the ETA
-    taken mid-copy is within a factor of 2 of the time the copy really took to finish."""
+    taken mid-copy is within a factor of 2 of the time the copy really took to finish; the metrics
+    carry the same figures."""
     src, dst = owner_pair
     main_pair_only(src, dst, "the copy's progress runs on 15 -> 18, the main case")
     source_dsn = _slow_source(src, tcp_proxy)
-    d = Daemon(src, dst, "--jobs", "1", "--progress-interval", "1", source_dsn=source_dsn, copy=True, ready=False)
+    port = _free_port()
+    d = Daemon(src, dst, "--jobs", "1", "--progress-interval", "1", "--metrics-port", str(port),
+               "--metrics-address", "127.0.0.1", source_dsn=source_dsn, copy=True, ready=False)
     daemons.append(d)
+    wait_for(lambda: '"event":"copy_progress"' in d.output() or not d.running(), 60, "a progress line")
+    mid = _metrics(port)  # the same figures for Prometheus
+    assert 0 < mid["pgferry_copy_percent"] < 100 and mid["pgferry_copy_tables"] == 2, mid
+    assert mid["pgferry_copy_eta_seconds"] > 0 and mid["pgferry_copy_bytes_total"] > mid["pgferry_copy_bytes_done"]
     wait_for(lambda: '"msg":"copy: 2 tables' in d.output() or not d.running(), 60, "the copy to finish")
     assert d.running(), d.output()
+    end = _metrics(port)
+    assert end["pgferry_copy_percent"] == 100 and end["pgferry_copy_tables_done"] == 2, end
     lines = _json_lines(d.output())
     progress = [x for x in lines if x.get("event") == "copy_progress"]
     assert len(progress) >= 5, d.output()
