@@ -190,12 +190,15 @@ def test_copy_progress_rises_to_exactly_100_and_its_eta_holds(owner_pair, daemon
     assert running and all(r["table"] == "public.big" and r["percent"] < 100 for r in running)
     # the ETA at mid-copy against when the big table's copy really finished
     finished = _ts(next(x for x in lines if x.get("msg", "").startswith("copied public.big")))
-    mid = next(x for x in progress if 30 <= x["percent"] <= 70)
+    mid = min(progress, key=lambda x: abs(x["percent"] - 50))
     actual = finished - _ts(mid)
     ratio = mid["eta_seconds"] / actual
+    middle = [x["eta_seconds"] / (finished - _ts(x)) for x in progress if 25 <= x["percent"] <= 75]
     print(f"ETA at {mid['percent']}%: {mid['eta_seconds']} s; the copy finished {actual:.1f} s later "
-          f"(ratio {ratio:.2f}); {len(progress)} progress lines, rate {mid['rate']} B/s")
+          f"(ratio {ratio:.2f}; from 25% to 75%: {min(middle):.2f} to {max(middle):.2f}); {len(progress)} "
+          f"progress lines, rate {mid['rate']} B/s")
     assert 0.5 <= ratio <= 2, (mid, actual)
+    assert all(0.5 <= r <= 2 for r in middle), middle
     assert_same_tables(src, dst, {"big": ["id", "v"], "small": ["id"]})
 
 
