@@ -4,6 +4,7 @@ below its estimate; the JSON log line carries the figures as fields."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -219,6 +220,7 @@ class Tmux:
     def __init__(self) -> None:
         self.tmux = require_tmux()
         self.socket = f"pgferry-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path = ""  # the socket's file, which the server leaves behind when it exits
 
     def run(self, *args: str) -> str:
         # (the server takes the environment of the command that starts it: the pytest run's
@@ -234,7 +236,8 @@ class Tmux:
         env = ["-e", f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}"]
         self.run("new-session", "-d", "-x", "120", "-y", "40", "-s", name, "-c", str(ROOT), *env,
                  "exec " + shlex.join(argv) + " 2>&1 || sleep 600")
-        return int(self.run("display-message", "-p", "-t", name, "#{pane_pid}").strip())
+        pid, self.path = self.run("display-message", "-p", "-t", name, "#{pane_pid} #{socket_path}").split()
+        return int(pid)
 
     def screen(self, name: str) -> str:
         return self.run("capture-pane", "-p", "-t", name)
@@ -251,7 +254,11 @@ class Tmux:
             time.sleep(0.2)
 
     def kill(self) -> None:
+        """Kill this server (only: by its socket) and remove the socket file it leaves behind."""
         subprocess.run([self.tmux, "-L", self.socket, "kill-server"], capture_output=True, timeout=10, check=False)
+        if self.path.endswith(self.socket):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
 
 @pytest.fixture
