@@ -112,6 +112,8 @@ def ensure_schema(cur: Any, schema: str) -> None:
         started_at timestamptz NOT NULL DEFAULT now(),
         copied_at timestamptz)""")
     cur.execute(f"ALTER TABLE {s}.sync ADD COLUMN IF NOT EXISTS publication text")
+    # when the copy (of what was left, on a resume) started: `status` reckons the copy's rate from it
+    cur.execute(f"ALTER TABLE {s}.sync ADD COLUMN IF NOT EXISTS copy_started_at timestamptz")
     # the dead-letter table: every conflict not applied as sent (sink/conflicts.py)
     cur.execute(f"""CREATE TABLE IF NOT EXISTS {s}.conflicts (
         id bigserial PRIMARY KEY,

@@ -6,6 +6,7 @@ import select
 import socket
 import struct
 import threading
+import time
 
 
 class TcpProxy:
@@ -15,6 +16,9 @@ class TcpProxy:
       new connections still go through.
     * ``blackhole(True)``: stop forwarding in both directions without closing anything, like a
       dropped route: the peers see silence, not an error. ``blackhole(False)`` resumes.
+    * ``limit(bytes_per_second)``: forward at most that many bytes a second (all connections and
+      both directions together), like a slow link: a copy through it runs at a steady rate.
+      ``limit(None)`` lifts it.
     """
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
@@ -25,6 +29,8 @@ class TcpProxy:
         self._conns: list[tuple[socket.socket, socket.socket]] = []
         self._holes = False
         self._closed = False
+        self._rate: float | None = None
+        self._next = 0.0  # when the bytes forwarded so far may have gone, at the limit
         self.connections_made = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -61,9 +67,10 @@ class TcpProxy:
                     continue
                 readable, _, _ = select.select([a, b], [], [], 0.05)
                 for s in readable:
-                    data = s.recv(65536)
+                    data = s.recv(16384 if self._rate else 65536)
                     if not data:
                         return
+                    self._wait_for_budget(len(data))
                     peer[s].sendall(data)
         except (OSError, ValueError):  # ValueError: select() on a socket cut() closed
             return
@@ -85,6 +92,19 @@ class TcpProxy:
 
     def blackhole(self, on: bool) -> None:
         self._holes = on
+
+    def limit(self, bytes_per_second: float | None) -> None:
+        self._rate = bytes_per_second
+
+    def _wait_for_budget(self, n: int) -> None:
+        rate = self._rate
+        if not rate:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._next = max(self._next, now) + n / rate
+            until = self._next
+        time.sleep(max(0.0, until - now))
 
     def open_connections(self) -> int:
         with self._lock:

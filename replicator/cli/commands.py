@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
     start.add_argument("--log-format", choices=["auto", "text", "json"],
                        help="auto (default): text on a terminal, JSON lines otherwise")
+    start.add_argument("--progress-interval", type=_positive(float), metavar="SECONDS",
+                       help="a copy progress log line every SECONDS when stderr is no terminal or the logs are "
+                            "JSON (default 5; on a terminal with text logs: live bars)")
 
     def common(p: argparse.ArgumentParser) -> None:
         _add_source(p)
@@ -446,7 +449,7 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
     from .priority import lower_priority
 
     lower_priority(st.nice)  # first: the threads started from here on inherit it
-    logs.setup(st.log_level, st.log_format)
+    json_logs = logs.setup(st.log_level, st.log_format)
     if not st.target:
         raise UsageError("no target given: pass --target DSN or set PGFERRY_TARGET")
     if not st.source:
@@ -474,7 +477,8 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
 
         sync_cfg = SyncConfig(source=st.source, target=st.target, publication=st.publication, slot=st.slot,
                               schema=st.state_schema, schema_copy=st.schema, tables=st.tables,
-                              hold_back=st.hold_back_constraints)
+                              hold_back=st.hold_back_constraints, progress_seconds=st.progress_interval,
+                              progress_bars=not json_logs and sys.stderr.isatty())
         if st.jobs:
             sync_cfg.jobs = st.jobs
         metrics.STATE.phase = "copy"  # "schema" while the tables are created: the sync says so
@@ -482,7 +486,10 @@ def _start(st: config.Settings, args: argparse.Namespace | None = None) -> int:
         def phase(name: str) -> None:
             metrics.STATE.phase = name
 
-        InitialSync(sync_cfg, on_phase=phase).run()
+        def progress(p: object) -> None:
+            metrics.STATE.copy = p
+
+        InitialSync(sync_cfg, on_phase=phase, on_progress=progress).run()
         from sink import failpoints
 
         failpoints.hit("before_stream")  # the copy is done and recorded; streaming has not started

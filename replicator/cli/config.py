@@ -84,6 +84,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # operation
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "json"] = "auto"
+    progress_interval: PositiveFloat = 5.0  # seconds between the copy's progress log lines
     metrics_port: Port | None = None
     metrics_address: str = "0.0.0.0"  # all interfaces (a container's port mapping needs them)
     nice: Nice = 10  # CPU priority below the servers' (replicator/cli/priority.py); 0: unchanged
@@ -164,6 +165,9 @@ network_timeout = 30.0
 # otherwise), text or json.
 log_level = "info"
 log_format = "auto"
+# The initial copy's progress: live bars on a terminal with text logs; otherwise a log line
+# (with structured fields in JSON logs) every progress_interval seconds.
+progress_interval = 5.0
 # Serve Prometheus metrics on this port. Default: off. metrics_address: the interface to listen on
 # (default 0.0.0.0, all of them; 127.0.0.1 keeps the endpoint on this machine).
 # metrics_port = 9187

@@ -22,7 +22,11 @@ from ..cutover import fallback, fence
 from ..source import connect, read_state
 from ..stream import pause
 from ..sync import holdback
+from ..sync.copy import read_running_copies, table_sizes
 from ..sync.holdback import HeldBack
+from ..sync.plan import TableCopy
+from ..sync.progress import CopyModel, Estimate, format_eta
+from ..sync.progress_view import text_bar
 
 if TYPE_CHECKING:
     from rich.console import RenderableType  # rich is imported when the view is drawn
@@ -38,6 +42,10 @@ class TableStatus(msgspec.Struct):
     name: str
     state: str
     rows: int | None
+    # during the initial copy: how far this table is (100 once copied; a running one stays below
+    # 100 until it has finished) and the rows the source's statistics expect (replicator/sync/progress.py)
+    percent: float | None = None
+    rows_estimate: int | None = None
 
 
 class Status(msgspec.Struct):
@@ -74,6 +82,11 @@ class Status(msgspec.Struct):
     # `pgferry pause` or `verify --online`: who asked, since when, and where the daemon holds (None:
     # not yet); phase is "paused" while a running daemon holds
     pause: dict[str, Any] | None = None
+    # during the initial copy (phase copy, or stopped in it): tables_done, tables, rows, bytes_done,
+    # bytes_total (the tables' size on the source), percent, rate (bytes/s since the copy started;
+    # None when no daemon copies), eta_seconds, running (per table being copied: table, percent,
+    # rows, rows_estimate, bytes_done, bytes_total, eta_seconds)
+    copy: dict[str, Any] | None = None
 
 
 def collect(source: str, target: str, slot: str, schema: str,
@@ -94,24 +107,35 @@ def collect(source: str, target: str, slot: str, schema: str,
                         "AND application_name = 'pgferry' AND datname = current_database()")
             (copying_walsender,) = cur.fetchone()
             fenced = fence.fenced_tables(cur)
+        src.rollback()
+        return _collect(src, source_lsn, slot_row, copying_walsender, fenced, source, target, slot, schema, guard)
     finally:
         src.close()
 
+
+def _collect(src: Any, source_lsn: str, slot_row: Any, copying_walsender: bool, fenced: list, source: str,
+             target: str, slot: str, schema: str, guard: tuple[int | None, int | None]) -> Status:
     def read(cur: Any, s: str) -> tuple:
         cur.execute(f"SELECT applied_lsn::text, rows_applied, updated_at, source_commit_time "
                     f"FROM {s}.progress WHERE slot_name = %s", (slot,))
         progress = cur.fetchone()
-        cur.execute(f"SELECT phase FROM {s}.sync WHERE slot_name = %s", (slot,))
+        # (copy_started_at: a column newer than the state schema may be)
+        cur.execute(f"SELECT phase, extract(epoch FROM now() - (to_jsonb(y) ->> 'copy_started_at')::timestamptz) "
+                    f"FROM {s}.sync y WHERE slot_name = %s", (slot,))
         sync = cur.fetchone()
+        running = read_running_copies(cur) if sync is not None and sync[0] == "copy" else {}
         # rows of a table being copied: what its running COPYs have written so far
         cur.execute(f"""SELECT t.schema_name, t.table_name, t.state,
                 CASE WHEN t.state = 'copying' THEN (
                     SELECT sum(p.tuples_processed) FROM pg_stat_progress_copy p
                     JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-                    WHERE n.nspname = t.schema_name AND c.relname = t.table_name) ELSE t.rows END
-            FROM {s}.tables t WHERE t.slot_name = %s ORDER BY 1, 2""", (slot,))
-        tables = [TableStatus(readable_name(n, t), st, None if r is None else int(r))
-                  for n, t, st, r in cur.fetchall()]
+                    WHERE n.nspname = t.schema_name AND c.relname = t.table_name) ELSE t.rows END,
+                t.copied_at < now() - make_interval(secs => %s)
+            FROM {s}.tables t WHERE t.slot_name = %s ORDER BY 1, 2""", (sync[1] if sync else None, slot))
+        found = cur.fetchall()
+        tables = [TableStatus(readable_name(n, t), st, None if r is None else int(r)) for n, t, st, r, _ in found]
+        names = {readable_name(n, t): (n, t) for n, t, *_ in found}
+        earlier = {readable_name(n, t) for n, t, _, _, before in found if before}
         cur.execute(f"SELECT state, handoff_lsn::text FROM {s}.control WHERE slot_name = %s", (slot,))
         control = cur.fetchone()
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{s}.conflicts",))
@@ -127,11 +151,11 @@ def collect(source: str, target: str, slot: str, schema: str,
         if cur.fetchone()[0]:
             cur.execute(f"SELECT result, count(*) FROM {s}.ddl WHERE slot_name = %s GROUP BY 1 ORDER BY 1", (slot,))
             ddl = {r: int(n) for r, n in cur.fetchall()}
-        return progress, sync, tables, control, conflicts, held, ddl
+        return progress, sync, tables, control, conflicts, held, ddl, (running, names, earlier)
 
     found = read_state(target, schema, read)
-    progress, sync, tables, control, conflicts, held, ddl = (found if found is not None
-                                                              else (None, None, [], None, [], [], {}))
+    progress, sync, tables, control, conflicts, held, ddl, (copies, names, earlier) = (
+        found if found is not None else (None, None, [], None, [], [], {}, ({}, {}, set())))
     running = bool(slot_row and slot_row[0]) or bool(copying_walsender and sync is not None and sync[0] != "streaming")
     holding = pause.read(target, schema, slot) if progress is not None else None
     record = cutover_control.read(target, schema, slot) if control else None
@@ -145,6 +169,10 @@ def collect(source: str, target: str, slot: str, schema: str,
         phase = "paused"
     else:
         phase = "streaming" if running else "stopped"
+    copying = None
+    if sync is not None and sync[0] == "copy" and tables:
+        copying = copy_progress(src, tables, names, earlier, copies,
+                                float(sync[1]) if sync[1] is not None and running else None)
     applied = progress[0] if progress else None
     lag_bytes = lag_seconds = None
     if applied is not None:
@@ -170,7 +198,37 @@ def collect(source: str, target: str, slot: str, schema: str,
         pause=None if holding is None else {
             "requested_by": holding.requested_by, "requested_at": holding.requested_at.isoformat(),
             "at_lsn": holding.at_lsn, "paused_lsn": holding.paused_lsn,
-            "paused_since": holding.paused_since.isoformat() if holding.paused_since else None})
+            "paused_since": holding.paused_since.isoformat() if holding.paused_since else None},
+        copy=copying)
+
+
+def copy_progress(src: Any, tables: list[TableStatus], names: dict[str, tuple[str, str]], earlier: set[str],
+                  running: dict[str, tuple[int, int]], took: float | None) -> dict[str, Any]:
+    """The initial copy's progress (replicator/sync/progress.py) from the tables' states, the
+    COPYs running on the target (`running`) and the tables' sizes and row estimates on the source
+    (now, not in the copy's snapshot: close enough for an estimate). `names`: each table's schema
+    and name; `earlier`: tables copied before this copy started (not in its rate); `took`: seconds
+    since it started (None: no daemon copies, so no rate). Sets each table's `percent` and
+    `rows_estimate`, and shows a table whose COPY runs as copying."""
+    sizes = table_sizes(src, [TableCopy(n, t) for n, t in names.values()])
+    estimates = {t.name: Estimate(*sizes[t.name][1:]) if t.name in sizes else Estimate(0, None) for t in tables}
+    model = CopyModel(estimates, 0.0)
+    for t in tables:
+        if t.state == "copied":
+            model.finish(t.name, t.rows or 0, earlier=t.name in earlier)
+    p = model.observe(took or 0.0, running)
+    by_name = {r.name: r for r in p.running}
+    for t in tables:
+        t.rows_estimate = estimates[t.name].rows
+        t.percent = 100.0 if t.state == "copied" else (by_name[t.name].percent if t.name in by_name else 0.0)
+        if t.state == "pending" and t.name in by_name:  # a small table is not marked before its copy
+            t.state, t.rows = "copying", by_name[t.name].rows
+    fields = p.fields()
+    if took is None:
+        fields.update(rate=None, eta_seconds=None)
+        for r in fields["running"]:
+            r["eta_seconds"] = None
+    return fields
 
 
 def _guard(slot_row: Any, guard: tuple[int | None, int | None]) -> str | None:
@@ -200,6 +258,8 @@ def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, 
         f"{_mb(st.slot_retained_wal_bytes)}" + (f", safe_wal_size {_mb(st.slot_safe_wal_size)}"
                                                 if st.slot_safe_wal_size is not None else ""),
     ]
+    if st.copy:
+        lines.append(f"copy          {copy_summary(st.copy)}")
     if st.ddl:
         lines.append("schema changes " + ", ".join(f"{n} {r}" for r, n in sorted(st.ddl.items())))
     if st.cutover:
@@ -222,8 +282,13 @@ def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, 
         lines.append(f"WAL GUARD     {st.wal_guard}")
     for c in st.conflicts_by_table:
         lines.append(f"  conflicts {c.table:<30} {c.kind:<16} {c.count}")
+    running = {r["table"]: r for r in st.copy["running"]} if st.copy else {}
     for t in st.tables:
-        lines.append(f"  {t.name:<40} {t.state:<8} {t.rows if t.rows is not None else ''}")
+        text = f"  {t.name:<40} {t.state:<8} {t.rows if t.rows is not None else ''}"
+        if t.percent is not None and t.state != "copied":
+            text += f" ({t.percent:.1f}%" + (f", ETA {format_eta(running[t.name]['eta_seconds'])}"
+                                            if t.name in running else "") + ")"
+        lines.append(text)
     held = [h for h in st.held_back if h.state != "validated"]
     if held:
         lines.append(f"held back     {len(held)} until cutover (created, validated when the target takes over):")
@@ -235,6 +300,27 @@ def run_status(source: str, target: str, slot: str, schema: str, as_json: bool, 
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def copy_summary(c: dict[str, Any]) -> str:
+    """`status`'s line for the initial copy (`Status.copy`)."""
+    rate = f", {c['rate'] / 1e6:,.1f} MB/s, ETA {format_eta(c['eta_seconds'])}" if c["rate"] else ""
+    return (f"{c['percent']:.1f}% of ~{_mb(c['bytes_total'])}, {c['tables_done']}/{c['tables']} tables, "
+            f"{c['rows']:,} rows" + rate)
+
+
+def hold_best(st: Status, best: dict[str, float]) -> None:
+    """`status --watch`: the copy's percents never go back from one refresh to the next (a COPY
+    that has ended a moment before its table is marked copied, an estimate the source's
+    autovacuum has just changed); `best` keeps the highest seen."""
+    if st.copy is None:
+        return
+    st.copy["percent"] = best[""] = max(best.get("", 0.0), st.copy["percent"])
+    for t in st.tables:
+        if t.percent is not None:
+            t.percent = best[t.name] = max(best.get(t.name, 0.0), t.percent)
+    for r in st.copy["running"]:
+        r["percent"] = best.get(r["table"], r["percent"])
 
 
 def watch_status(source: str, target: str, slot: str, schema: str, interval: float,
@@ -249,11 +335,13 @@ def watch_status(source: str, target: str, slot: str, schema: str, interval: flo
     console = Console(stderr=False)
     prev: tuple[float, Status] | None = None
     lags: list[int] = []  # the lag at each refresh, for the sparkline
+    best: dict[str, float] = {}  # the copy's percents: never back
     n = 0
     with Live(console=console, auto_refresh=False, transient=False) as live:
         while True:
             now = time.monotonic()
             st = collect(source, target, slot, schema)
+            hold_best(st, best)
             lags = ([*lags, st.lag_bytes] if st.lag_bytes is not None else lags)[-SPARK:]
             live.update(_view(st, prev, now, lags), refresh=True)
             prev = (now, st)
@@ -330,6 +418,12 @@ def _view(st: Status, prev: tuple[float, Status] | None, now: float, lags: list[
             if fb["state"] == "active" else ""))
     if st.action:
         head.add_row("to do", f"[bold red]{st.action}[/]")
+    if st.copy:
+        c = st.copy
+        head.add_row("copy", f"[green]{text_bar(c['percent'])}[/] {c['percent']:.1f}%"
+                     + (f"  ETA {format_eta(c['eta_seconds'])}" if c["rate"] else ""))
+        head.add_row("copied", f"{_mb(c['bytes_done'])} of ~{_mb(c['bytes_total'])}, {c['tables_done']}/{c['tables']} "
+                     f"tables, {c['rows']:,} rows" + (f", {c['rate'] / 1e6:,.1f} MB/s" if c["rate"] else ""))
     parts: list[RenderableType] = [head]
     if st.tables:
         tables = Table(title="tables" + (f" (copying {copy_rate:,.0f} rows/s)" if copy_rate else ""),
@@ -337,10 +431,18 @@ def _view(st: Status, prev: tuple[float, Status] | None, now: float, lags: list[
         tables.add_column("table")
         tables.add_column("state")
         tables.add_column("rows", justify="right")
+        if st.copy:
+            tables.add_column("%", justify="right")
+            tables.add_column("ETA", justify="right")
+        running = {r["table"]: r for r in st.copy["running"]} if st.copy else {}
         for t in st.tables:
             style = {"copied": "green", "copying": "yellow"}.get(t.state, "")
-            tables.add_row(t.name, f"[{style}]{t.state}[/]" if style else t.state,
-                           f"{t.rows:,}" if t.rows is not None else "")
+            cells = [t.name, f"[{style}]{t.state}[/]" if style else t.state,
+                     f"{t.rows:,}" if t.rows is not None else ""]
+            if st.copy:
+                cells.append(f"{t.percent:.1f}%" if t.percent is not None else "")
+                cells.append(format_eta(running[t.name]["eta_seconds"]) if t.name in running else "")
+            tables.add_row(*cells)
         parts.append(tables)
     return Group(*parts)
 

@@ -37,6 +37,7 @@ class State:
     throttle: Any = None  # replicator.throttle.Throttle
     direction: str = "forward"  # "reverse": the new server streamed back into the old (a fallback)
     streaming: tuple[str, str] | None = None  # (source DSN, slot) the daemon streams now
+    copy: Any = None  # the initial copy's progress as last seen (replicator/sync/progress.py's Progress)
 
 
 STATE = State()
@@ -95,6 +96,7 @@ class DaemonCollector:
         for d in ("forward", "reverse"):
             direction.add_metric([d], 1.0 if d == STATE.direction else 0.0)
         yield direction
+        yield from _copy_metrics(GaugeMetricFamily)
         session = STATE.session
         sink = session.sink if session is not None else None
         if session is not None and sink is not None:
@@ -138,6 +140,23 @@ class DaemonCollector:
                 if slot[1] is not None:
                     yield GaugeMetricFamily("pgferry_slot_safe_wal_size_bytes", "WAL the source can still write "
                                             "before the slot is in danger (max_slot_wal_keep_size)", value=slot[1])
+
+
+def _copy_metrics(gauge: Any) -> Iterator[Any]:
+    """The initial copy's progress, once it has started (kept at its last figures after it)."""
+    p = STATE.copy
+    if p is None:
+        return
+    yield gauge("pgferry_copy_percent", "The initial copy's progress (100 only once every table is copied)",
+                value=p.percent)
+    yield gauge("pgferry_copy_bytes_done", "The source size of what is copied (finished tables, running ones' "
+                "share)", value=p.bytes_done)
+    yield gauge("pgferry_copy_bytes_total", "The source size of the tables to copy", value=p.bytes_total)
+    yield gauge("pgferry_copy_tables_done", "Tables copied", value=p.tables_done)
+    yield gauge("pgferry_copy_tables", "Tables to copy", value=p.tables)
+    yield gauge("pgferry_copy_rows", "Rows copied so far", value=p.rows)
+    if p.eta_seconds is not None:
+        yield gauge("pgferry_copy_eta_seconds", "Seconds the copy still needs at its rate", value=p.eta_seconds)
 
 
 _started = False

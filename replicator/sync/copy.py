@@ -28,6 +28,8 @@ from ..errors import CopyError, PgferryError
 from ..source import ThreadConnections, connect
 from . import libpq
 from .pgtools import find_client, libpq_env
+from .progress import CopyModel, Estimate, Progress
+from .progress_view import LogView, ProgressView
 
 if TYPE_CHECKING:
     from .plan import SyncConfig, TableCopy
@@ -152,63 +154,85 @@ def _set_up_session(conn: Any) -> None:
 
 
 class CopyProgress:
-    """Rows and bytes copied so far: finished parts plus the target's pg_stat_progress_copy for
-    the COPYs still running (the data never passes through Python, so this is where to look)."""
+    """Samples the copy for progress.py's model: finished tables, plus the target's
+    pg_stat_progress_copy for the COPYs still running (the data never passes through Python, so
+    this is where to look), twice a second; `view` (progress_view.py) shows what it finds."""
 
-    def __init__(self, cfg: SyncConfig, sizes: dict[str, int], tables: int) -> None:
+    def __init__(self, cfg: SyncConfig, estimates: dict[str, Estimate], view: ProgressView | None = None,
+                 on_look: Callable[[Progress], None] | None = None) -> None:
         self.cfg = cfg
-        self.sizes = sizes  # table -> source size: what a finished table counts for
-        self.total_bytes, self.tables = sum(sizes.values()), tables
-        self.done_bytes = 0
-        self.rows = self.done = 0
-        self.started = time.monotonic()
+        self.model = CopyModel(estimates, time.monotonic())
+        self.view: ProgressView = view or LogView(5.0)
+        self.on_look = on_look or (lambda _: None)
+        self.rows = 0
         self.lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def table_done(self, t: TableCopy) -> None:
         with self.lock:
-            self.done += 1
-            self.done_bytes += self.sizes.get(t.display, 0)
+            self.model.finish(t.display, t.rows)
 
     def part_done(self, rows: int) -> None:
         with self.lock:
             self.rows += rows
 
-    def running(self, conn: Any) -> tuple[int, int]:
-        """(rows, bytes) of the COPYs in progress on the target."""
-        with conn.cursor() as cur:
-            cur.execute("SELECT coalesce(sum(p.tuples_processed), 0), coalesce(sum(p.bytes_processed), 0) "
-                        "FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
-                        "WHERE a.application_name = 'pgferry-copy'")
-            rows, nbytes = cur.fetchone()
-        conn.rollback()
-        return int(rows), int(nbytes)
+    def running(self, conn: Any) -> dict[str, tuple[int, int]]:
+        """table -> (rows, bytes) of the COPYs in progress on the target."""
+        return running_copies(conn)
 
-    def report_every(self, stop: threading.Event, seconds: float) -> None:
-        """Log progress every `seconds`; look at the running COPYs twice a second."""
+    def start(self) -> CopyProgress:
+        self._thread = threading.Thread(target=self._report, name="copy-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """The copy has ended: a last look (100% when every table has finished), the view closed."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def look(self, running: dict[str, tuple[int, int]]) -> Progress:
+        with self.lock:
+            p = self.model.observe(time.monotonic(), running)
+        self.on_look(p)
+        return p
+
+    def _report(self) -> None:
+        conn = None
+        last: Progress | None = None
         try:
             conn = connect(self.cfg.target, "target")
-        except PgferryError:
-            return
-        last = time.monotonic()
-        try:
-            while not stop.wait(0.5):
-                rows, nbytes = self.running(conn)
-                if rows > MID_COPY_ROWS:
+            while not self._stop.wait(0.5):
+                running = self.running(conn)
+                if sum(r for r, _ in running.values()) > MID_COPY_ROWS:
                     failpoints.hit("mid_copy")
-                if time.monotonic() - last < seconds:
-                    continue
-                last = time.monotonic()
-                nbytes += self.done_bytes  # COPY bytes of running parts + source size of finished tables
-                took = last - self.started
-                rate = nbytes / max(took, 1e-6)
-                left = max(self.total_bytes - nbytes, 0)
-                eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-                log.info("copy: %d/%d tables, %d rows, %.1f of ~%.1f MB, %.1f MB/s, ETA %s", self.done,
-                         self.tables, self.rows + rows, nbytes / 1e6, self.total_bytes / 1e6, rate / 1e6, eta)
-        except psycopg2.Error:
-            return
+                last = self.look(running)
+                self.view.show(last, time.monotonic())
+        except (PgferryError, psycopg2.Error):
+            pass  # no progress shown: the copy goes on (and says what failed, if it fails)
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
+            final = self.look({})
+            self.view.close(final if final.finished else last)
+
+
+def running_copies(conn: Any) -> dict[str, tuple[int, int]]:
+    """schema.table -> (rows, bytes) of pgferry's COPYs running on the target (`conn`)."""
+    with conn.cursor() as cur:
+        found = read_running_copies(cur)
+    conn.rollback()
+    return found
+
+
+def read_running_copies(cur: Any) -> dict[str, tuple[int, int]]:
+    """The same on a cursor (in the caller's transaction)."""
+    cur.execute("SELECT n.nspname, c.relname, sum(p.tuples_processed), sum(p.bytes_processed) "
+                "FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
+                "JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE a.application_name = 'pgferry-copy' GROUP BY 1, 2")
+    return {readable_name(n, t): (int(r), int(b)) for n, t, r, b in cur.fetchall()}
 
 
 MID_COPY_ROWS = 100_000  # the mid_copy failpoint fires once the running COPYs have passed this many rows
@@ -453,20 +477,30 @@ def _die_with_parent() -> None:
         pass
 
 
-def table_sizes(src: Any, tables: list[TableCopy]) -> dict[str, tuple[int, int]]:
-    """schema.table -> (its heap size, heap and TOAST) on the source (partitioned roots: the sums
-    over their partitions). The heap sizes the block ranges; the data a table holds is both (a
-    table of large values is mostly TOAST)."""
+def table_sizes(src: Any, tables: list[TableCopy]) -> dict[str, tuple[int, int, int | None]]:
+    """schema.table -> (its heap size, heap and TOAST, its estimated rows) on the source
+    (partitioned roots: the sums over their partitions). The heap sizes the block ranges; the data a
+    table holds is both (a table of large values is mostly TOAST). The rows are `reltuples` scaled
+    to the table's current size, as the planner estimates them (None: a table never analyzed):
+    what the copy's progress counts against (progress.py). A table the source no longer has is left out."""
     with src.cursor() as cur:
-        # pg_partition_tree() is empty for a plain table: the table itself, and its partitions
-        cur.execute("""SELECT s, t, sum(pg_relation_size(c.oid)),
-                sum(pg_relation_size(c.oid) + coalesce(pg_relation_size(nullif(c.reltoastrelid, 0)), 0))
+        # pg_partition_tree() is empty for a plain table: the table itself, and its partitions.
+        # A partitioned table holds no rows itself (its reltuples: -1 or the sum of its leaves').
+        cur.execute("""SELECT s, t, sum(size), sum(size + toast),
+                CASE WHEN bool_and(est IS NOT NULL) THEN sum(est) END
             FROM unnest(%s::text[], %s::text[]) AS x(s, t)
-            CROSS JOIN LATERAL (SELECT format('%%I.%%I', s, t)::regclass) AS r(rel)
+            CROSS JOIN LATERAL (SELECT to_regclass(format('%%I.%%I', s, t))) AS r(rel)
             CROSS JOIN LATERAL (SELECT r.rel UNION SELECT relid FROM pg_partition_tree(r.rel)) AS p(relid)
             JOIN pg_class c ON c.oid = p.relid
+            CROSS JOIN LATERAL (SELECT pg_relation_size(c.oid) AS size,
+                coalesce(pg_relation_size(nullif(c.reltoastrelid, 0)), 0) AS toast) AS z
+            CROSS JOIN LATERAL (SELECT CASE WHEN c.relkind = 'p' THEN 0
+                WHEN c.reltuples >= 0 AND c.relpages > 0
+                    THEN c.reltuples / c.relpages * (size / current_setting('block_size')::int)
+                WHEN c.reltuples >= 0 AND size = 0 THEN 0 END AS est) AS e
             GROUP BY 1, 2""",
                     ([t.schema for t in tables], [t.name for t in tables]))
-        sizes = {readable_name(s, t): (int(heap), int(data)) for s, t, heap, data in cur.fetchall()}
+        sizes = {readable_name(s, t): (int(heap), int(data), None if est is None else int(est))
+                 for s, t, heap, data, est in cur.fetchall()}
     src.rollback()
     return sizes

@@ -55,6 +55,8 @@ from .copy import CopyConnections, CopyProgress, block_ranges, copy_table, mark_
 from .pgtools import drop_unknown_settings
 from .plan import SyncConfig, TableCopy
 from .postdata import PostDataRun
+from .progress import Estimate, Progress
+from .progress_view import BarsView, LogView
 from .schema import SchemaDump
 from .sequences import copy_sequences
 
@@ -66,9 +68,11 @@ NO_LSN = Lsn(0)  # sync.consistent_lsn before the slot exists
 
 # -- the orchestration -------------------------------------------------------------------------
 class InitialSync:
-    def __init__(self, cfg: SyncConfig, on_phase: Callable[[str], None] | None = None) -> None:
+    def __init__(self, cfg: SyncConfig, on_phase: Callable[[str], None] | None = None,
+                 on_progress: Callable[[Progress], None] | None = None) -> None:
         self.cfg = cfg
         self.on_phase = on_phase or (lambda _: None)  # "schema", then "copy" (the metrics' pgferry_phase)
+        self.on_progress = on_progress  # each look at the copy's progress (the metrics' pgferry_copy_*)
         self.target: Any = None
         self.snapshot_conn: Any = None  # a replication connection that keeps an exported snapshot alive
         self.tables_created = False  # pre-data created the tables in this run (so they are empty)
@@ -273,7 +277,7 @@ class InitialSync:
         finally:
             src.close()
         for t in tables:
-            t.bytes, t.data_bytes = sizes.get(t.display, (0, 0))
+            t.bytes, t.data_bytes, t.rows_estimate = sizes.get(t.display, (0, 0, None))
         cur = self.target.cursor()  # one statement: a row per table was a round trip per table
         s = quote_ident(self.cfg.schema)
         names = ([t.schema for t in tables], [t.name for t in tables])
@@ -307,11 +311,12 @@ class InitialSync:
         transaction (the table is emptied first and marked copied when its last part has committed)."""
         if not tables:
             return
+        self._mark("copy_started_at = now()")
         started = time.monotonic()
         sizes = {t.display: t.data_bytes for t in tables}  # what the COPYs move: TOAST too
-        progress = CopyProgress(self.cfg, sizes, len(tables))
-        ticker = threading.Event()
-        threading.Thread(target=progress.report_every, args=(ticker, 5.0), daemon=True).start()
+        progress = CopyProgress(self.cfg, {t.display: Estimate(t.data_bytes, t.rows_estimate) for t in tables},
+                                BarsView() if self.cfg.progress_bars else LogView(self.cfg.progress_seconds),
+                                self.on_progress).start()
         parts: list[tuple[TableCopy, list[str]]] = []
         split: dict[str, int] = {}
         merged = libpq.pump() is not None  # the C pump reads all ranges of a table into one target COPY
@@ -341,7 +346,7 @@ class InitialSync:
                         if post is not None:  # its indexes build beside the copy of the others
                             post.table_copied(t.schema, t.name, t.bytes)
         finally:
-            ticker.set()
+            progress.stop()
             conns.close()
         took = time.monotonic() - started
         size = sum(sizes.values())

@@ -19,6 +19,8 @@ class SyncConfig:
     jobs: int = max(1, min(4, os.cpu_count() or 1))
     schema_copy: bool = True  # False: --no-schema, the target's tables are made by hand
     hold_back: bool = False  # --hold-back-constraints (replicator/holdback.py)
+    progress_bars: bool = False  # the copy's progress as live bars (a terminal), else log lines
+    progress_seconds: float = 5.0  # a progress log line every this many seconds
 
 
 @dataclass
@@ -28,6 +30,7 @@ class TableCopy:
     rows: int = 0
     bytes: int = 0  # the heap on the source (block ranges are cut from it)
     data_bytes: int = 0  # heap and TOAST: what the copy moves (progress, order, the summary)
+    rows_estimate: int | None = None  # from the source's statistics (None: never analyzed): progress
 
     @property
     def qualified(self) -> str:
