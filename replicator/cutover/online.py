@@ -36,11 +36,12 @@ import psycopg2.errors
 import psycopg2.extras
 
 from decoder import Lsn
-from sink.state import pgferry_session, quote_ident
+from sink.state import pgferry_session, quote_ident, readable_name
 
 from ..errors import PgferryError, first_line
 from ..source import connect, describe_dsn, published_tables
 from ..stream import pause
+from ..sync.copy import TableCopy, table_sizes
 from .changed import ChangeReader, Changes, compare_sides
 from .verify import _SETTINGS, Side, TableResult, verify_table
 
@@ -158,7 +159,9 @@ def verify_online(source: str, target: str, publication: str, slot: str, schema:
         listing = connect(source, "source")  # (not the pinned session: listing rolls back)
         try:
             names = published_tables(listing, publication, tables)
-            estimates = row_estimates(listing, names)
+            # the progress's share and ETA: the source's statistics (0 for a table never analyzed)
+            sizes = table_sizes(listing, [TableCopy(n, t) for n, t in names])
+            estimates = [(sizes.get(readable_name(n, t)) or (0, 0, None))[2] or 0 for n, t in names]
         finally:
             listing.close()
         pace = Pacer(max_rate)
@@ -222,18 +225,6 @@ def catch_up_round(source: str, target: str, slot: str, schema: str, changes: Ch
         for c in (repl, src, dst):
             if not c.closed:
                 c.close()
-
-
-def row_estimates(conn: Any, names: list[tuple[str, str]]) -> list[int]:
-    """Each table's row count by the source's statistics (its partitions' for a partitioned one;
-    0 where never analyzed): what the progress's percentage and ETA are reckoned against."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT coalesce((SELECT sum(greatest(c.reltuples, 0)) FROM pg_partition_tree(to_regclass(t)) p "
-                    "JOIN pg_class c ON c.oid = p.relid), 0)::bigint FROM unnest(%s::text[]) WITH ORDINALITY u(t, i) "
-                    "ORDER BY i", ([f"{quote_ident(n)}.{quote_ident(t)}" for n, t in names],))
-        rows = [int(r[0]) for r in cur.fetchall()]
-    conn.rollback()
-    return rows
 
 
 class Pacer:
