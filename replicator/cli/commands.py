@@ -50,6 +50,16 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgferry",
@@ -182,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-rate", type=_positive(float), default=None, metavar="ROWS",
                        help="with --verify online: the comparison before the fence reads at most this many rows "
                             "per second (both sides together)")
-        p.add_argument("--catch-up-rounds", type=int, default=4, metavar="N",
+        p.add_argument("--catch-up-rounds", type=_non_negative, default=4, metavar="N",
                        help="with --verify online: after the first comparison, compare the rows changed during it "
                             "while streaming, again and again while a round takes over a second, at most N times "
                             "(default 4; 0: none), so the fence waits only for what the last round left")
@@ -394,7 +404,7 @@ def _admin(args: argparse.Namespace, settings: config.Settings) -> int:
                               pgbouncer_database=args.pgbouncer_database, pgbouncer_config=args.pgbouncer_config,
                               pgbouncer_target=args.pgbouncer_target, switch_command=args.switch_command,
                               switch_timeout=args.switch_timeout, fallback=getattr(args, "fallback", False),
-                              online_max_rate=args.max_rate, online_rounds=max(0, args.catch_up_rounds))
+                              online_max_rate=args.max_rate, online_rounds=args.catch_up_rounds)
         if args.command == "rollback":
             return run_rollback(src, dst, settings.publication, slot, schema, opts, undo=args.undo)
         return run_cutover(src, dst, settings.publication, slot, schema, opts, undo=args.undo)

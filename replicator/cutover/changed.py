@@ -27,15 +27,18 @@ import select
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import psycopg2
 import psycopg2.extras
 
 from decoder import UNCHANGED, Begin, Commit, Delete, Insert, LogicalMessage, Lsn, Relation, Truncate, Update
 from decoder.pgoutput import PgOutputDecoder
+from sink import ddl
+from sink.ddl import PREFIX as DDL_PREFIX
 from sink.state import HANDOFF_PREFIX, pgferry_session, quote_ident, readable_name
 
 from ..errors import PgferryError, first_line
@@ -97,6 +100,21 @@ class Changes:
             side = before if self.whole_at[t] < at else after
             side.whole[t], side.whole_at[t] = why, self.whole_at[t]
         return before, after
+
+
+def _table_of(obj: ddl.DdlObject) -> T | None:
+    """(schema, table) of a DDL command's object when it is a table (its identity is the quoted
+    `schema.table`), or an index's table."""
+    ident = obj.table if obj.type == "index" else obj.identity if obj.type == "table" else None
+    if not ident or not obj.schema:
+        return None
+    for prefix in (obj.schema + ".", quote_ident(obj.schema) + "."):  # quoted where PostgreSQL must
+        if ident.startswith(prefix):
+            rest = ident[len(prefix):]
+            break
+    else:
+        return None
+    return obj.schema, rest[1:-1].replace('""', '"') if rest.startswith('"') else rest
 
 
 class ChangeReader:
@@ -198,6 +216,17 @@ class ChangeReader:
             with self._seen:
                 self.marker = m.content.decode("utf-8", "replace")
                 self._seen.notify_all()
+        elif isinstance(m, LogicalMessage) and m.prefix == DDL_PREFIX:
+            # a table altered (a rewrite, a default) or made since X: its rows changed without row
+            # messages, or were never compared: the whole table
+            try:
+                cmd = ddl.parse(m.content)
+            except (msgspec.DecodeError, ValueError):
+                return
+            for obj in cmd.objects:
+                name = _table_of(obj)
+                if name is not None:
+                    self._whole(name, f"changed by DDL ({cmd.tag})")
         elif isinstance(m, LogicalMessage) and m.prefix == SPLIT_PREFIX:
             ident = m.content.decode("utf-8", "replace")
             with self._seen:
@@ -236,9 +265,22 @@ class ChangeReader:
             conn.commit()
         finally:
             conn.close()
-        self._wait(lambda: ident in self._ready, str(at), timeout)
+        try:
+            self._wait(lambda: ident in self._ready, str(at), timeout)
+        finally:
+            with self._seen:
+                self._splits.pop(ident, None)  # a split that came too late must not take keys away
         with self._seen:
             return self._ready.pop(ident)
+
+    def check(self) -> None:
+        """Raise if the reader has stopped (before the fence: nothing to undo yet)."""
+        with self._seen:
+            if self.error is not None:
+                raise PgferryError(f"reading the changes since {self.changes.since} from source "
+                                   f"{describe_dsn(self.source)} failed: {self.error}")
+            if not self._thread.is_alive():
+                raise PgferryError("the reader of the changes since the online verify stopped")
 
     def wait_for_marker(self, cutover_id: str, timeout: float) -> Changes:
         """Until the stream has reached the handoff marker of `cutover_id`: every change the
@@ -280,16 +322,30 @@ def compare_sides(s: Side, d: Side, changes: Changes, mode: str = "checksum") ->
     with ThreadPoolExecutor(2) as pool:
         for t in changes.tables():
             began = time.monotonic()
-            if t in changes.whole:
-                res = verify_table(s, d, t[0], t[1], mode)
-                res.differences.insert(0, f"compared whole: {changes.whole[t]}")
-                if res.match:
-                    res.differences.clear()
-            else:
-                res = _compare_keys(s, d, pool, t, changes.key_names[t], changes.keys[t])
+            try:
+                if t in changes.whole:
+                    res = verify_table(s, d, t[0], t[1], mode)
+                    res.differences.insert(0, f"compared whole: {changes.whole[t]}")
+                    if res.match:
+                        res.differences.clear()
+                else:
+                    res = _compare_keys(s, d, pool, t, changes.key_names[t], changes.keys[t])
+            except psycopg2.Error as exc:  # e.g. dropped or renamed since: gone from both is no difference
+                res = _gone(s, d, t, exc)
             results.append(res)
             changes.compare_s[readable_name(*t)] = round(time.monotonic() - began, 3)
     return results
+
+
+def _gone(s: Side, d: Side, t: T, exc: psycopg2.Error) -> TableResult:
+    res = TableResult(readable_name(*t))
+    qualified = f"{quote_ident(t[0])}.{quote_ident(t[1])}"
+    there = [side.one("SELECT to_regclass(%s) IS NOT NULL", (qualified,))[0] for side in (s, d)]
+    if any(there):
+        res.match = False
+        res.differences.append(f"cannot compare it: {first_line(exc)}"
+                               + ("" if all(there) else f" (it is only on the {'source' if there[0] else 'target'})"))
+    return res
 
 
 def _compare_keys(src: Side, dst: Side, pool: ThreadPoolExecutor, t: T, names: tuple[str, ...],
@@ -297,11 +353,16 @@ def _compare_keys(src: Side, dst: Side, pool: ThreadPoolExecutor, t: T, names: t
     qualified = f"{quote_ident(t[0])}.{quote_ident(t[1])}"
     res = TableResult(readable_name(*t))
     cols, pk = _columns(src, qualified)
-    if tuple(n for n, _ in pk) != names:  # the key changed meanwhile (DDL): whole, to be sure
+    if sorted(n for n, _ in pk) != sorted(names):  # the key changed meanwhile (DDL): whole, to be sure
         res = verify_table(src, dst, t[0], t[1], "checksum")
+        res.differences.insert(0, "compared whole: its primary key is not the stream's key any more")
+        if res.match:
+            res.differences.clear()
         return res
     k = ", ".join(quote_ident(c) for c, _ in pk)
-    arrays = [[key[i] for key in keys] for i in range(len(pk))]
+    # the stream lists the key columns in column order, the index in its own
+    at = [names.index(n) for n, _ in pk]
+    arrays = [[key[i] for key in keys] for i in at]
     unnest = ", ".join("%s::text[]" for _ in pk)
     typed = ", ".join(f"u.c{i}::{typ}" for i, (_, typ) in enumerate(pk))
     aliases = ", ".join(f"c{i}" for i in range(len(pk)))
@@ -324,6 +385,7 @@ def _compare_keys(src: Side, dst: Side, pool: ThreadPoolExecutor, t: T, names: t
                 side.conn.cursor().execute(SCANS)
 
     fa, fb = pool.submit(digest, src), pool.submit(digest, dst)
+    wait([fa, fb])  # both: a session still busy must not take the next table's queries
     try:
         a, b = fa.result(), fb.result()
     except psycopg2.Error as exc:

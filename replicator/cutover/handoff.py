@@ -95,7 +95,7 @@ from ..sync.sequences import copy_sequences
 from . import changed, control, fallback, fence
 from .changed import ChangeReader
 from .fence import Fence
-from .online import catch_up_round, print_online, verify_online
+from .online import SnapshotUnavailable, catch_up_round, print_online, verify_online
 from .pgbouncer import Bouncer, Entry, target_settings
 from .verify import TableResult, verify
 
@@ -174,7 +174,8 @@ class Cutover:
         bad = [t for t in res.tables if not t.match]
         self.online = {"lsn": res.lsn, "tables": len(res.tables), "rows": sum(t.source_rows for t in res.tables),
                        "daemon_held_s": res.held_s, "snapshot_age_s": res.snapshot_age_s, "took_s": res.took_s,
-                       "different": [{"name": t.name, "differences": t.differences} for t in bad]}
+                       "different": [{"name": t.name, "differences": t.differences} for t in bad],
+                       "table_rows": {t.name: t.source_rows for t in res.tables}}
         if bad:
             print_online(res, False, sys.stderr)
             names = ", ".join(t.name for t in bad)
@@ -190,9 +191,7 @@ class Cutover:
             try:
                 rnd = catch_up_round(self.source, self.target, self.slot, self.schema, self.changes, len(rounds) + 1,
                                      self.opts.timeout)
-            except PgferryError as exc:
-                if "could not take a snapshot" not in str(exc):
-                    raise
+            except SnapshotUnavailable as exc:
                 log.warning("verify online: no catch-up round (%s); the fence compares all changed since %s", exc,
                             self.changes.changes.since)
                 break
@@ -213,12 +212,20 @@ class Cutover:
             last = rnd.took_s
         log.info("verify online: every row equal; the cutover goes on")
 
-    def prepare(self) -> None:
-        o = self.opts
+    def _not_paused(self) -> None:
         paused = pause.read(self.target, self.schema, self.slot)
         if paused is not None:
             raise PgferryError(f"the daemon is paused ({paused.requested_by}, since {paused.requested_at}): it would "
                                "never apply up to the handoff. `pgferry resume` first")
+
+    def precheck(self) -> None:
+        """What refuses the cutover before anything changes (and before a long online verify)."""
+        o = self.opts
+        if o.verify_mode == "online" and o.fence != "read-only":
+            raise UsageError("--verify online needs the fence (--fence read-only): the rows changed since the online "
+                             "comparison are read from the source's stream up to the handoff, and a write after it "
+                             "would be in no comparison")
+        self._not_paused()
         if o.fallback:
             fallback.check_ready(self.source, self.target, self.schema, self.slot)
         if o.pgbouncer:
@@ -231,6 +238,10 @@ class Cutover:
             self.pb = {"admin": _without_password(o.pgbouncer), "database": database, "conffile": self.entry.conffile,
                        "line": self.entry.line, "paused": False, "repointed": False, "resumed": False,
                        "new": target_settings(self.target, o.pgbouncer_target)}
+
+    def prepare(self) -> None:
+        o = self.opts
+        self._not_paused()
         self.receipt = {"cutover_id": self.cutover_id, "direction": "reverse" if self.old_source else "forward",
                         "fence": o.fence, "fenced_at": None,
                         "analyzed": analyze_tables_without_statistics(self.source, self.target, self.publication)}
@@ -261,6 +272,8 @@ class Cutover:
     # -- 2. pause, fence, hand off ---------------------------------------------------------------
     def hand_off(self) -> dict[str, Any]:
         o = self.opts
+        if self.changes is not None:  # a reader that died would be found only under the fence
+            self.changes.check()
         if self.bouncer is not None:
             self.pb["paused"] = True
             self.record(step="pausing PgBouncer", pgbouncer=self.pb)  # before: a kill leaves it to undo
@@ -520,6 +533,7 @@ class Cutover:
 
     def _run(self, resume: control.Record | None) -> int:
         if resume is None:
+            self.precheck()
             if self.opts.verify_mode == "online":
                 self.verify_online_first()
             self.prepare()

@@ -41,7 +41,8 @@ from sink.state import pgferry_session, quote_ident, readable_name
 from ..errors import PgferryError, first_line
 from ..source import connect, describe_dsn, published_tables
 from ..stream import pause
-from ..sync.copy import TableCopy, table_sizes
+from ..sync.copy import table_sizes
+from ..sync.plan import TableCopy
 from .changed import ChangeReader, Changes, compare_sides
 from .verify import _SETTINGS, Side, TableResult, verify_table
 
@@ -68,6 +69,11 @@ def _pinned(conn: Any, snapshot: str | None = None) -> Side:
     pgferry_session(cur)
     cur.execute(_SETTINGS)
     return Side(conn, pinned=True)
+
+
+class SnapshotUnavailable(PgferryError):
+    """No snapshot could be exported (no free slot or WAL sender, transactions running too long):
+    nothing was compared, the daemon goes on."""
 
 
 @dataclass
@@ -106,11 +112,11 @@ def take_snapshots(source: str, target: str, slot: str, schema: str, repl: Any, 
             rcur.execute(f"CREATE_REPLICATION_SLOT {quote_ident(name)} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT")
             _, consistent, snapshot, _ = rcur.fetchone()
         except psycopg2.errors.QueryCanceled:
-            raise PgferryError(f"source {describe_dsn(source)}: transactions running there did not finish "
+            raise SnapshotUnavailable(f"source {describe_dsn(source)}: transactions running there did not finish "
                                f"within {timeout:.0f} s, so no snapshot could be taken (see pg_stat_activity "
                                "for long ones); the daemon goes on") from None
         except psycopg2.Error as exc:
-            raise PgferryError(f"could not take a snapshot of source {describe_dsn(source)} (a temporary "
+            raise SnapshotUnavailable(f"could not take a snapshot of source {describe_dsn(source)} (a temporary "
                                f"slot): {first_line(exc)}") from None
         finally:
             timer.cancel()
@@ -213,7 +219,11 @@ def catch_up_round(source: str, target: str, slot: str, schema: str, changes: Ch
     up to Y) compared in them, while the daemon streams on. What is left for the fence is then what
     was written during this round, not during the whole first comparison."""
     started = time.monotonic()
-    repl, src, dst = _replication(source), connect(source, "source"), connect(target, "target")
+    try:
+        repl = _replication(source)
+    except PgferryError as exc:  # e.g. no WAL sender free (the reader holds one)
+        raise SnapshotUnavailable(str(exc)) from None
+    src, dst = connect(source, "source"), connect(target, "target")
     try:
         snaps = take_snapshots(source, target, slot, schema, repl, src, dst, f"pgferry_verify_{os.getpid()}_{n}",
                                timeout)

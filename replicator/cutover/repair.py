@@ -35,9 +35,13 @@ from ..errors import PgferryError, first_line
 from ..source import connect, describe_dsn, published_tables
 from ..stream import pause
 from .online import BY, _replication, take_snapshots, verify_online
-from .verify import _SETTINGS, TableResult, _columns, key_range
+from .verify import _SETTINGS, Side, TableResult, _columns, key_range
 
 log = logging.getLogger("pgferry.repair")
+
+
+class RangeMismatch(PgferryError):
+    pass
 
 
 @dataclass
@@ -72,6 +76,8 @@ def plan(source: str, publication: str, results: list[TableResult]) -> tuple[lis
             refused[r.name] = f"no primary key: copy it again whole with `pgferry resync {r.name}`"
         elif not r.ranges:
             refused[r.name] = "; ".join(r.differences) or "it differs, but no key range was found"
+        elif r.name not in names:
+            refused[r.name] = "no longer published"
         else:
             plans.append(Plan(names[r.name], r.ranges))
     return plans, refused
@@ -114,10 +120,19 @@ def _apply(res: RepairResult, source: str, target: str, slot: str, schema: str, 
             qualified = f"{quote_ident(p.table[0])}.{quote_ident(p.table[1])}"
             cols, key = _columns(snaps.source, qualified)
             listed = ", ".join(quote_ident(c) for c in cols)
+            as_text = ", ".join(f"{quote_ident(c)}::text" for c, _ in key)
             for lower, upper in p.ranges:
                 where, params = key_range(key, lower, upper)
-                cur.execute(f"DELETE FROM {qualified}{where}", params)
-                res.rows_deleted += cur.rowcount
+                cur.execute(f"DELETE FROM {qualified}{where} RETURNING {as_text}", params)
+                deleted = set(cur.fetchall())
+                res.rows_deleted += len(deleted)
+                # Each server puts a text key in a range by its own collation: a row the target
+                # deletes must be one the source copies back, or not on the source at all.
+                extra = deleted - set(snaps.source.all(f"SELECT {as_text} FROM {qualified}{where}", params))
+                if extra and _on_source(snaps.source, qualified, key, extra):
+                    raise RangeMismatch(f"{readable_name(*p.table)}: the servers' collations put different keys in "
+                                        "the same key range; nothing changed. Copy the table again whole with "
+                                        f"`pgferry resync {readable_name(*p.table)}`")
                 buf = io.BytesIO()
                 scur = snaps.source.conn.cursor()
                 scur.copy_expert(scur.mogrify(f"COPY (SELECT {listed} FROM {qualified}{where}) TO STDOUT", params)
@@ -125,20 +140,33 @@ def _apply(res: RepairResult, source: str, target: str, slot: str, schema: str, 
                 buf.seek(0)
                 cur.copy_expert(f"COPY {qualified} ({listed}) FROM STDIN", buf)
                 res.rows_copied += cur.rowcount
-        writer.commit()
+        try:
+            writer.commit()
+        except psycopg2.Error as exc:
+            raise PgferryError(f"repair: the commit on target {describe_dsn(target)} failed ({first_line(exc)}); it "
+                               "may or may not have taken effect: run `pgferry repair` again to see") from None
         res.daemon_held_s = round(snaps.held_s + time.monotonic() - started, 3)
         log.info("repair: %d rows copied again as of %s (%d deleted first); the daemon held %.3f s",
                  res.rows_copied, snaps.at, res.rows_deleted, res.daemon_held_s)
     except psycopg2.Error as exc:
-        writer.rollback()
         raise PgferryError(f"repair failed, nothing changed on target {describe_dsn(target)}: {first_line(exc)}") \
             from None
     finally:
+        for c in (writer, repl, src, dst):  # the writer first: its locks go before the daemon goes on
+            if not c.closed:
+                c.close()  # (an open transaction rolls back)
         if held:
             pause.release(target, schema, slot, BY)
-        for c in (repl, src, dst, writer):
-            if not c.closed:
-                c.close()
+
+
+def _on_source(src: Side, qualified: str, key: list[tuple[str, str]], keys: set[tuple]) -> bool:
+    """Whether any of `keys` (as text) is a row of the source snapshot."""
+    k = ", ".join(quote_ident(c) for c, _ in key)
+    typed = ", ".join(f"u.c{i}::{t}" for i, (_, t) in enumerate(key))
+    cols = ", ".join(f"c{i}" for i in range(len(key)))
+    arrays = tuple([row[i] for row in keys] for i in range(len(key)))
+    return bool(src.all(f"SELECT 1 FROM {qualified} WHERE ({k}) IN (SELECT {typed} FROM unnest("
+                        f"{', '.join('%s::text[]' for _ in key)}) AS u({cols})) LIMIT 1", arrays))
 
 
 def _print(res: RepairResult, apply: bool, as_json: bool, out: IO[str]) -> int:

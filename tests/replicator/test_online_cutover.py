@@ -329,3 +329,41 @@ def test_cutover_verify_online_with_partitions_toast_and_a_truncate(pair, daemon
     rows = {t["name"]: t["source_rows"] for t in receipt["tables"]}
     assert rows["public.t"] == 5 and rows["public.gone"] == 1, rows
     assert_same_tables(src, dst, {"p": ["id", "part", "v"], "t": ["id", "n", "doc"], "k": ["v"], "gone": ["id"]})
+
+
+def test_cutover_verify_online_with_a_key_update_a_reordered_key_and_ddl(pair, daemons):
+    """A primary key updated (old and new key both compared), a primary key whose columns are not
+    in table order (still compared by key), and a table altered by DDL after the comparison's LSN
+    (compared whole); `--fence none` is refused with --verify online (exit 2)."""
+    src, dst = pair
+    src.execute("CREATE TABLE w (id int PRIMARY KEY, v text); INSERT INTO w SELECT g, 'v' FROM "
+                "generate_series(1, 1000) g; CREATE TABLE c (a int, b int, v text, PRIMARY KEY (b, a)); "
+                "INSERT INTO c SELECT g, g % 7, 'c' FROM generate_series(1, 1000) g; "
+                "CREATE TABLE d (id int PRIMARY KEY); INSERT INTO d SELECT generate_series(1, 100)")
+    d = _start_streaming(src, dst, daemons)
+    r = pgferry("cutover", "--verify", "online", "--fence", "none", "--source", src.dsn, "--target", dst.dsn)
+    assert r.returncode == 2 and "--verify online needs the fence" in r.stderr, r.stderr
+    proc = subprocess.Popen([*pgferry_cmd(), "cutover", "--verify", "online", "--max-rate", "1000",
+                             "--catch-up-rounds", "0", "--source", src.dsn, "--target", dst.dsn, "--timeout", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    seen: list[str] = []
+    reader = _stderr_lines(proc, seen)
+    try:
+        wait_for(lambda: any("[1/" in line for line in seen) or proc.poll() is not None, 60, "the comparison")
+        src.execute("UPDATE w SET id = 10003 WHERE id = 3; UPDATE c SET v = 'changed' WHERE a = 8; "
+                    "ALTER TABLE d ADD COLUMN z int DEFAULT 5")
+        proc.wait(timeout=120)
+        out = proc.stdout.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    assert proc.returncode == 0, out + "".join(seen) + d.output()
+    receipt = json.loads(out)
+    changes = receipt["changes_verified"]
+    assert receipt["ok"] and changes["tables_by_key"] == ["public.c", "public.w"], changes
+    assert changes["tables_whole"] == {"public.d": "changed by DDL (ALTER TABLE)"}, changes
+    rows = {t["name"]: (t["source_rows"], t["target_rows"]) for t in receipt["tables"]}
+    assert rows["public.w"] == (1, 1) and rows["public.c"] == (1, 1) and rows["public.d"] == (100, 100), rows
+    assert receipt["online_verify"]["table_rows"] == {"public.c": 1000, "public.d": 100, "public.w": 1000}
+    assert_same_tables(src, dst, {"w": ["id", "v"], "c": ["a", "b", "v"], "d": ["id", "z"]})
