@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import json
 import os
 import select
 import signal
@@ -145,6 +146,27 @@ def _target_db(server: LocalServer, prefix: str, role: str) -> Db:
     admin.execute(f"CREATE ROLE {name} LOGIN")
     admin.execute(f"ALTER DATABASE {db.name} OWNER TO {name}")
     return Db(server, db.name, user=name)
+
+
+def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """This checkout's `pgferry ARGS`, its output captured."""
+    return subprocess.run([sys.executable, "-m", "replicator.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=check)
+
+
+def start_streaming(conn: list[str], log: Path, timeout: float) -> subprocess.Popen:
+    """`pgferry start CONN` (its output into `log`), once `status` says it streams."""
+    out = open(log, "w")
+    d = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", *conn], cwd=ROOT, stdout=out, stderr=out)
+    deadline = time.monotonic() + timeout
+    while True:
+        r = cli("status", "--json", *conn)
+        if r.returncode == 0 and json.loads(r.stdout)["phase"] == "streaming":
+            return d
+        if d.poll() is not None or time.monotonic() > deadline:
+            d.kill()
+            raise RuntimeError(log.read_text()[-3000:])
+        time.sleep(0.2)
 
 
 def _confirmed(src: Db, slot: str) -> int:

@@ -18,39 +18,22 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bench.catchup import DURABLE, PGBENCH, _target_db
+from bench.catchup import DURABLE, PGBENCH, _target_db, cli, start_streaming
 from replicator.local.servers import LocalServer
 from tests.pgplugin import Db, new_db
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "replicator.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          check=check)
 
 
 def _one(src: Db, tgt: LocalServer, mode: str, rate: int, run: str) -> dict:
     dst = _target_db(tgt, "dst", "owner")
     conn = ["--source", src.dsn, "--target", dst.dsn, "--slot", f"cv_{run}"]
     with tempfile.TemporaryDirectory() as tmp:
-        log = open(Path(tmp) / "daemon.log", "w")
-        d = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", *conn], cwd=ROOT, stdout=log,
-                             stderr=log)
-        deadline = time.monotonic() + 1800
-        while True:
-            r = _cli("status", "--json", *conn)
-            if r.returncode == 0 and json.loads(r.stdout)["phase"] == "streaming":
-                break
-            if d.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(Path(log.name).read_text()[-3000:])
-            time.sleep(0.5)
+        log = Path(tmp) / "daemon.log"
+        d = start_streaming(conn, log, 1800)
         bench = subprocess.Popen([PGBENCH, "-c", "4", "-j", "2", "-R", str(rate), "-T", "3600", "-n", "-d", src.dsn],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
         lags: list[int] = []
@@ -58,7 +41,7 @@ def _one(src: Db, tgt: LocalServer, mode: str, rate: int, run: str) -> dict:
 
         def watch() -> None:  # the daemon's lag while the cutover (and its online comparison) runs
             while not done.wait(1.0):
-                st = _cli("status", "--json", *conn)
+                st = cli("status", "--json", *conn)
                 if st.returncode == 0:
                     lags.append(int(json.loads(st.stdout).get("lag_bytes") or 0))
 
@@ -66,15 +49,15 @@ def _one(src: Db, tgt: LocalServer, mode: str, rate: int, run: str) -> dict:
             time.sleep(5)  # the load settles (the daemon streams it meanwhile)
             watcher = threading.Thread(target=watch, daemon=True)
             watcher.start()
-            r = _cli("cutover", "--verify", mode, "--timeout", "600", *conn)
+            r = cli("cutover", "--verify", mode, "--timeout", "600", *conn)
         finally:
             done.set()
             bench.kill()
             bench.wait()
         d.wait(120)
         if r.returncode != 0:
-            raise RuntimeError(r.stdout[-2000:] + r.stderr[-3000:] + Path(log.name).read_text()[-2000:])
-        _cli("cleanup", *conn, check=True)  # the fence goes, and the slot: the next run starts afresh
+            raise RuntimeError(r.stdout[-2000:] + r.stderr[-3000:] + log.read_text()[-2000:])
+        cli("cleanup", *conn, check=True)  # the fence goes, and the slot: the next run starts afresh
     receipt = json.loads(r.stdout)
     steps = receipt.get("steps_s", {})
     return {"downtime": receipt["write_downtime_s"],

@@ -17,16 +17,12 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.catchup import DURABLE, PGBENCH, _target_db
+from bench.catchup import DURABLE, PGBENCH, _target_db, cli, start_streaming
 from replicator.local.servers import LocalServer
 from tests.pgplugin import new_db
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _one(src_server: LocalServer, tgt: LocalServer, scale: int, role: str, run: int) -> dict:
@@ -37,25 +33,12 @@ def _one(src_server: LocalServer, tgt: LocalServer, scale: int, role: str, run: 
     dst = _target_db(tgt, "dst", role)
     conn[3] = dst.dsn
     with tempfile.TemporaryDirectory() as tmp:
-        log = open(Path(tmp) / "daemon.log", "w")
-        d = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", *conn], cwd=ROOT, stdout=log,
-                             stderr=log)
-        deadline = time.monotonic() + 600
-        while True:
-            r = subprocess.run([sys.executable, "-m", "replicator.cli", "status", "--json", *conn], cwd=ROOT,
-                               capture_output=True, text=True)
-            if r.returncode == 0 and json.loads(r.stdout)["phase"] == "streaming":
-                break
-            if d.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(Path(log.name).read_text()[-3000:])
-            time.sleep(0.2)
-        r = subprocess.run([sys.executable, "-m", "replicator.cli", "cutover", "--verify", "count", *conn],
-                           cwd=ROOT, capture_output=True, text=True)
+        d = start_streaming(conn, Path(tmp) / "daemon.log", 600)
+        r = cli("cutover", "--verify", "count", *conn)
         d.wait(60)
         if r.returncode != 0:
             raise RuntimeError(r.stderr[-3000:])
-        subprocess.run([sys.executable, "-m", "replicator.cli", "cleanup", *conn], cwd=ROOT, check=True,
-                       capture_output=True)  # the slot would hold the next runs' WAL
+        cli("cleanup", *conn, check=True)  # the slot would hold the next runs' WAL
     receipt = json.loads(r.stdout)
     return {"downtime": receipt["write_downtime_s"], "created": receipt.get("held_back_created_s", 0.0),
             "validated": receipt.get("constraints_validated_s", 0.0),

@@ -16,18 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from bench.catchup import DURABLE, PGBENCH, _target_db
-from bench.cutover_verify import _cli
+from bench.catchup import DURABLE, PGBENCH, _target_db, cli, start_streaming
 from replicator.local.servers import LocalServer
 from tests.pgplugin import new_db
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _verify(conn: list[str]) -> tuple[dict, float, int]:
@@ -36,14 +32,14 @@ def _verify(conn: list[str]) -> tuple[dict, float, int]:
 
     def watch() -> None:
         while not done.wait(1.0):
-            st = _cli("status", "--json", *conn)
+            st = cli("status", "--json", *conn)
             if st.returncode == 0:
                 lags.append(int(json.loads(st.stdout).get("lag_bytes") or 0))
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     started = time.monotonic()
-    r = _cli("verify", "--online", "--json", "--timeout", "300", *conn)
+    r = cli("verify", "--online", "--json", "--timeout", "300", *conn)
     took = time.monotonic() - started
     done.set()
     if r.returncode not in (0, 1):
@@ -63,17 +59,8 @@ def main() -> None:
         dst = _target_db(t, "dst", "owner")
         conn = ["--source", src.dsn, "--target", dst.dsn]
         with tempfile.TemporaryDirectory() as tmp:
-            log = open(Path(tmp) / "daemon.log", "w")
-            d = subprocess.Popen([sys.executable, "-m", "replicator.cli", "start", *conn], cwd=ROOT, stdout=log,
-                                 stderr=log)
+            d = start_streaming(conn, Path(tmp) / "daemon.log", 3600)
             try:
-                while True:
-                    r = _cli("status", "--json", *conn)
-                    if r.returncode == 0 and json.loads(r.stdout)["phase"] == "streaming":
-                        break
-                    if d.poll() is not None:
-                        raise RuntimeError(Path(log.name).read_text()[-3000:])
-                    time.sleep(0.5)
                 bench = subprocess.Popen([PGBENCH, "-c", "4", "-j", "2", "-R", str(args.rate), "-T", "3600", "-n",
                                           "-d", src.dsn], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
                 try:

@@ -335,14 +335,18 @@ class Daemon:
             self.stop(9)
 
 
-def require_pgbouncer() -> None:
-    """Skip a test that needs Debian's pgbouncer where it is not installed; under CI=true fail
-    instead (.ci/run installs it)."""
-    if find_pgbouncer() is None:
-        why = "pgbouncer is not installed (Debian: apt-get install pgbouncer)"
+def require_installed(found: object, why: str) -> None:
+    """Skip a test whose tool is missing (`found` None), saying `why`; under CI=true fail instead
+    (.ci/run installs every tool the tests use)."""
+    if found is None:
         if os.environ.get("CI", "").lower() in ("1", "true"):
             pytest.fail(why)
         pytest.skip(f"{why}; bash .ci/run installs it")
+
+
+def require_pgbouncer() -> None:
+    """Skip a test that needs Debian's pgbouncer where it is not installed (fail under CI=true)."""
+    require_installed(find_pgbouncer(), "pgbouncer is not installed (Debian: apt-get install pgbouncer)")
 
 
 @pytest.fixture

@@ -6,10 +6,8 @@ running daemon exposes (as the exposition names it: counters with `_total`, hist
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +17,8 @@ from typing import Any
 import pytest
 
 from replicator.local.servers import LocalServer
-from tests.pgplugin import Daemon, main_pair_only, new_db, publish_same_table, wait_for
+from tests.pgplugin import Daemon, main_pair_only, new_db, publish_same_table, require_installed, wait_for
+from tests.replicator.test_operability import _free_port
 
 ROOT = Path(__file__).parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "pgferry-rules.yml"
@@ -30,11 +29,8 @@ METRIC = re.compile(r"\bpgferry_[a-z0-9_]*[a-z0-9]\b")
 
 def _promtool() -> str:
     path = shutil.which("promtool")
-    if path is None:
-        why = "promtool is not installed (Debian: apt-get install prometheus)"
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail(why)
-        pytest.skip(f"{why}; bash .ci/run installs it")
+    require_installed(path, "promtool is not installed (Debian: apt-get install prometheus)")
+    assert path is not None
     return path
 
 
@@ -152,12 +148,6 @@ def _referenced() -> dict[str, set[str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     return {"rules": set(METRIC.findall(RULES.read_text())),
             "dashboard": {m for expr in _expressions(dashboard) for m in METRIC.findall(expr)}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.pg

@@ -43,7 +43,7 @@ from sink.state import HANDOFF_PREFIX, pgferry_session, quote_ident, readable_na
 
 from ..errors import PgferryError, first_line
 from ..source import connect, describe_dsn
-from .verify import _SETTINGS, Side, TableResult, _columns, _rows_that_differ, row_hash, verify_table
+from .verify import _SETTINGS, Side, TableResult, _columns, _rows_that_differ, keys_among, row_hash, verify_table
 
 log = logging.getLogger("pgferry.verify")
 
@@ -363,13 +363,10 @@ def _compare_keys(src: Side, dst: Side, pool: ThreadPoolExecutor, t: T, names: t
     # the stream lists the key columns in column order, the index in its own
     at = [names.index(n) for n, _ in pk]
     arrays = [[key[i] for key in keys] for i in at]
-    unnest = ", ".join("%s::text[]" for _ in pk)
-    typed = ", ".join(f"u.c{i}::{typ}" for i, (_, typ) in enumerate(pk))
-    aliases = ", ".join(f"c{i}" for i in range(len(pk)))
     if len(pk) == 1:  # one index scan over the sorted array
         where = f" WHERE {k} = ANY(%s::text[]::{pk[0][1]}[])"
     else:
-        where = f" WHERE ({k}) IN (SELECT {typed} FROM unnest({unnest}) AS u({aliases}))"
+        where = f" WHERE {keys_among(pk)}"
     row = row_hash(cols)
     # key look-ups, whatever the number of keys: a scan would grow with the table
     sql = (f"{LOOKUPS}SELECT count(*), coalesce(sum(('x' || left(h, 16))::bit(64)::bigint), 0), "

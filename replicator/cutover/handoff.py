@@ -356,7 +356,7 @@ class Cutover:
         results = changed.compare(self.source, self.target, ch)
         r["changes_verified"] = {
             "since_lsn": ch.since, "transactions": ch.transactions, "changes": ch.changes,
-            "keys": sum(len(k) for k in ch.keys.values()), "tables_by_key": sorted(readable_name(*t) for t in ch.keys),
+            "keys": ch.key_count(), "tables_by_key": sorted(readable_name(*t) for t in ch.keys),
             "tables_whole": {readable_name(*t): why for t, why in sorted(ch.whole.items())}, "compare_s": ch.compare_s,
             "not_covered": "a write on the target behind pgferry's back after since_lsn, to a row the source did "
                            "not change since"}

@@ -35,7 +35,7 @@ from ..errors import PgferryError, first_line
 from ..source import connect, describe_dsn, published_tables
 from ..stream import pause
 from .online import BY, _replication, take_snapshots, verify_online
-from .verify import _SETTINGS, Side, TableResult, _columns, key_range
+from .verify import _SETTINGS, Side, TableResult, _columns, key_range, keys_among
 
 log = logging.getLogger("pgferry.repair")
 
@@ -161,12 +161,8 @@ def _apply(res: RepairResult, source: str, target: str, slot: str, schema: str, 
 
 def _on_source(src: Side, qualified: str, key: list[tuple[str, str]], keys: set[tuple]) -> bool:
     """Whether any of `keys` (as text) is a row of the source snapshot."""
-    k = ", ".join(quote_ident(c) for c, _ in key)
-    typed = ", ".join(f"u.c{i}::{t}" for i, (_, t) in enumerate(key))
-    cols = ", ".join(f"c{i}" for i in range(len(key)))
     arrays = tuple([row[i] for row in keys] for i in range(len(key)))
-    return bool(src.all(f"SELECT 1 FROM {qualified} WHERE ({k}) IN (SELECT {typed} FROM unnest("
-                        f"{', '.join('%s::text[]' for _ in key)}) AS u({cols})) LIMIT 1", arrays))
+    return bool(src.all(f"SELECT 1 FROM {qualified} WHERE {keys_among(key)} LIMIT 1", arrays))
 
 
 def _print(res: RepairResult, apply: bool, as_json: bool, out: IO[str]) -> int:

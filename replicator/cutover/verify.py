@@ -178,6 +178,15 @@ def key_range(key: list[tuple[str, str]], lower: tuple | None, upper: tuple | No
     return (" WHERE " + " AND ".join(conds) if conds else ""), params
 
 
+def keys_among(key: list[tuple[str, str]]) -> str:
+    """`(key) IN (...)`: the rows whose key is one of those given, as one text array parameter per
+    key column (cast back to the key's types)."""
+    k = ", ".join(quote_ident(c) for c, _ in key)
+    typed = ", ".join(f"u.c{i}::{t}" for i, (_, t) in enumerate(key))
+    aliases = ", ".join(f"c{i}" for i in range(len(key)))
+    return f"({k}) IN (SELECT {typed} FROM unnest({', '.join('%s::text[]' for _ in key)}) AS u({aliases}))"
+
+
 def _rows_that_differ(src: Side, dst: Side, qualified: str, k: str, shown: str, row: str, where: str,
                       params: tuple) -> list[str]:
     """Name the rows of one differing key range (at most CHUNK rows: a key and a hash each)."""

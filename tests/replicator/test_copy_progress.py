@@ -13,11 +13,9 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable
 
@@ -26,7 +24,8 @@ import pytest
 from replicator.cli.logs import JsonFormatter
 from replicator.sync.progress import CopyModel, Estimate, format_eta, fraction
 from replicator.sync.progress_view import LogView, line
-from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, main_pair_only, pgferry, wait_for
+from tests.pgplugin import ROOT, Daemon, Db, assert_same_tables, main_pair_only, pgferry, require_installed, wait_for
+from tests.replicator.test_operability import _free_port, _metrics
 
 
 def test_a_running_table_counts_its_rows_against_the_estimate_capped_below_it():
@@ -129,18 +128,6 @@ def _slow_source(src: Db, tcp_proxy) -> str:
     return proxy.dsn_for(src.dsn)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _metrics(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {name: float(value) for name, _, value in (x.rpartition(" ") for x in text.splitlines())
-            if name and not name.startswith("#")}
-
-
 def _json_lines(out: str) -> list[dict]:
     lines = []
     for raw in out.splitlines():
@@ -206,11 +193,8 @@ def test_copy_progress_rises_to_exactly_100_and_its_eta_holds(owner_pair, daemon
 def require_tmux() -> str:
     """tmux's path; skip without it, or fail under CI=true (.ci/run installs it)."""
     path = shutil.which("tmux")
-    if path is None:
-        why = "tmux is not installed (Debian: apt-get install tmux)"
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail(why)
-        pytest.skip(f"{why}; bash .ci/run installs it")
+    require_installed(path, "tmux is not installed (Debian: apt-get install tmux)")
+    assert path is not None
     return path
 
 

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
+from collections.abc import Callable
 
 import psycopg2
 import pytest
 
-from tests.pgplugin import Db, assert_same_tables, pgferry, wait_for
-from tests.replicator.test_switchover import _start_streaming, _target_conninfo, main_pair_only, pgbench_processed
+from tests.pgplugin import ROOT, Db, assert_same_tables, pgferry, wait_for
+from tests.replicator.test_switchover import (
+    _start_streaming,
+    assert_pgbench_once_on,
+    cut_over_under_pgbench,
+    main_pair_only,
+)
 from tests.replicator.test_sync import PGBENCH
 
 pytestmark = pytest.mark.pg
@@ -19,16 +26,31 @@ pytestmark = pytest.mark.pg
 W = {"w": ["id", "v"]}
 
 
-def _stderr_lines(proc: subprocess.Popen, seen: list[str]) -> threading.Thread:
-    """Collect a process's stderr lines as they come (the test waits on them)."""
-    def read() -> None:
+def while_comparing(args: list[str], progress: str, act: Callable[[], object]) -> tuple[int, str, str]:
+    """Run `pgferry ARGS` (a verify or cutover comparing online); once its stderr shows the
+    progress line `progress`, do `act()`, then wait for it to end. (exit code, stdout, stderr)"""
+    proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    seen: list[str] = []
+
+    def read() -> None:  # stderr as it comes; stdout (a receipt) fits in the pipe meanwhile
         assert proc.stderr is not None
         for line in proc.stderr:
             seen.append(line)
 
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    return t
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(progress in line for line in seen) or proc.poll() is not None, 60,
+                 "the online comparison under way")
+        act()
+        proc.wait(timeout=120)
+        out = proc.stdout.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    return proc.returncode, out, "".join(seen)
 
 
 def test_cutover_verify_online_under_pgbench_checks_only_the_changed_rows_at_the_fence(owner_pair, daemons,
@@ -44,17 +66,7 @@ def test_cutover_verify_online_under_pgbench_checks_only_the_changed_rows_at_the
     bench = subprocess.Popen([PGBENCH, "-c", "4", "-j", "2", "-T", "25", "-n", "-M", "simple", "-d",
                               b.dsn(src.name)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              cwd=tmp_path)
-    try:
-        wait_for(lambda: src.execute("SELECT count(*) FROM pgbench_history")[0][0] > 500 or bench.poll() is not None,
-                 60, "pgbench writing through PgBouncer")
-        r = pgferry("cutover", "--verify", "online", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60",
-                    "--pgbouncer", b.admin_dsn, "--pgbouncer-target", _target_conninfo(dst))
-        assert r.returncode == 0, r.stdout + r.stderr + d.output() + b.log_tail()
-        out, err = bench.communicate(timeout=120)
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-    processed = pgbench_processed(bench.returncode, out, err)
+    r, processed = cut_over_under_pgbench(bench, src, dst, d, b, "--verify", "online")
     receipt = json.loads(r.stdout)
     assert receipt["ok"] and receipt["verify"] == "online" and not receipt["client_errors"], receipt
     online = receipt["online_verify"]
@@ -69,12 +81,7 @@ def test_cutover_verify_online_under_pgbench_checks_only_the_changed_rows_at_the
     assert all(t["match"] for t in receipt["tables"]), receipt["tables"]
     assert "[1/4] public.pgbench_accounts" in r.stderr, r.stderr  # the progress of the comparison
     assert d.wait_exit(timeout=30) == 0, d.output()
-    (on_target,) = dst.execute("SELECT count(*) FROM pgbench_history")[0]
-    assert on_target == processed, (on_target, processed)
-    (sums,) = dst.execute("SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(tbalance) FROM "
-                          "pgbench_tellers), (SELECT sum(bbalance) FROM pgbench_branches), (SELECT sum(delta) FROM "
-                          "pgbench_history)")
-    assert len(set(sums)) == 1, sums
+    assert_pgbench_once_on(dst, processed)
     assert not src.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name LIKE 'pgferry_verify%'")
     print(f"cutover --verify online: {processed} pgbench transactions, 0 failed; write downtime "
           f"{receipt['write_downtime_s']} s, clients paused {receipt['client_pause_s']} s; online verify "
@@ -99,22 +106,11 @@ def _cutover_with_a_row_tampered_after_the_lsn(src: Db, dst: Db, daemons: list, 
     d = _start_streaming(src, dst, daemons)
     _tamper_on_target(dst)
     # 6,000 rows compared at 1,000 a second: the comparison goes on for ~6 s after its LSN
-    proc = subprocess.Popen([*pgferry_cmd(), "cutover", "--verify", "online", "--max-rate", "1000",
-                             "--catch-up-rounds", rounds, "--source", src.dsn, "--target", dst.dsn, "--timeout", "30"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    seen: list[str] = []
-    reader = _stderr_lines(proc, seen)
-    try:
-        wait_for(lambda: any("[1/2] public.big" in line for line in seen) or proc.poll() is not None, 60,
-                 "the online comparison under way")
-        src.execute("UPDATE w SET v = 'poison' WHERE id = 7")  # after the LSN, before the fence
-        proc.wait(timeout=120)  # (its stdout, a receipt, fits in the pipe; the reader drains stderr)
-        out = proc.stdout.read()  # type: ignore[union-attr]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(10)
-    return proc.returncode, out, "".join(seen) + d.output()
+    rc, out, err = while_comparing(
+        ["cutover", "--verify", "online", "--max-rate", "1000", "--catch-up-rounds", rounds, "--source", src.dsn,
+         "--target", dst.dsn, "--timeout", "30"], "[1/2] public.big",
+        lambda: src.execute("UPDATE w SET v = 'poison' WHERE id = 7"))  # after the LSN, before the fence
+    return rc, out, err + d.output()
 
 
 def test_cutover_verify_online_finds_a_row_changed_after_the_online_comparison_at_the_fence(owner_pair, daemons):
@@ -156,14 +152,6 @@ def test_cutover_verify_online_catch_up_round_finds_it_before_the_fence(owner_pa
     wait_for(lambda: dst.execute("SELECT v FROM w WHERE id = 8") == [("after",)], 30, "the daemon streaming on")
 
 
-def pgferry_cmd() -> list[str]:
-    import sys
-    return [sys.executable, "-m", "replicator.cli"]
-
-
-ROOT = str(__import__("pathlib").Path(__file__).resolve().parents[2])
-
-
 def test_verify_online_survives_a_daemon_killed_and_restarted_while_it_compares(pair, daemons):
     """Both snapshots are taken before the comparison: a daemon killed (SIGKILL) and restarted
     meanwhile changes nothing compared; a daemon gone before it could hold fails the verify."""
@@ -185,25 +173,18 @@ def test_verify_online_survives_a_daemon_killed_and_restarted_while_it_compares(
 
     t = threading.Thread(target=load, daemon=True)
     t.start()
-    proc = subprocess.Popen([*pgferry_cmd(), "verify", "--online", "--json", "--max-rate", "1000", "--source",
-                             src.dsn, "--target", dst.dsn], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
-    seen: list[str] = []
-    reader = _stderr_lines(proc, seen)
-    try:
-        wait_for(lambda: any("[1/2] public.big" in line for line in seen) or proc.poll() is not None, 60,
-                 "the online comparison under way")
+
+    def restart() -> None:
         d.kill()
         d.start()
-        proc.wait(timeout=120)  # (its stdout, a receipt, fits in the pipe; the reader drains stderr)
-        out = proc.stdout.read()  # type: ignore[union-attr]
+
+    try:
+        rc, out, err = while_comparing(["verify", "--online", "--json", "--max-rate", "1000", "--source", src.dsn,
+                                        "--target", dst.dsn], "[1/2] public.big", restart)
     finally:
         stop.set()
         t.join(10)
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(10)
-    assert proc.returncode == 0, out + "".join(seen) + d.output()
+    assert rc == 0, out + err + d.output()
     res = json.loads(out)
     assert res["ok"] and [t["name"] for t in res["tables"]] == ["public.big", "public.w"], res
     d.wait_caught_up(timeout=60)
@@ -306,22 +287,12 @@ def test_cutover_verify_online_with_partitions_toast_and_a_truncate(pair, daemon
                 "CREATE TABLE k (v text); INSERT INTO k VALUES ('a'); "
                 "CREATE TABLE gone (id int PRIMARY KEY); INSERT INTO gone SELECT generate_series(1, 100)")
     d = _start_streaming(src, dst, daemons)
-    proc = subprocess.Popen([*pgferry_cmd(), "cutover", "--verify", "online", "--max-rate", "2000",
-                             "--catch-up-rounds", "0", "--source", src.dsn, "--target", dst.dsn, "--timeout", "30"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    seen: list[str] = []
-    reader = _stderr_lines(proc, seen)
-    try:
-        wait_for(lambda: any("[1/" in line for line in seen) or proc.poll() is not None, 60, "the comparison")
-        src.execute("UPDATE p SET v = 'changed' WHERE id IN (4, 5); UPDATE t SET n = n + 1 WHERE id <= 5; "
-                    "INSERT INTO k VALUES ('b'); TRUNCATE gone; INSERT INTO gone VALUES (7)")
-        proc.wait(timeout=120)
-        out = proc.stdout.read()  # type: ignore[union-attr]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(10)
-    assert proc.returncode == 0, out + "".join(seen) + d.output()
+    rc, out, err = while_comparing(
+        ["cutover", "--verify", "online", "--max-rate", "2000", "--catch-up-rounds", "0", "--source", src.dsn,
+         "--target", dst.dsn, "--timeout", "30"], "[1/",
+        lambda: src.execute("UPDATE p SET v = 'changed' WHERE id IN (4, 5); UPDATE t SET n = n + 1 WHERE id <= 5; "
+                            "INSERT INTO k VALUES ('b'); TRUNCATE gone; INSERT INTO gone VALUES (7)"))
+    assert rc == 0, out + err + d.output()
     receipt = json.loads(out)
     changes = receipt["changes_verified"]
     assert receipt["ok"] and changes["tables_by_key"] == ["public.p1", "public.p2", "public.t"], changes
@@ -343,22 +314,12 @@ def test_cutover_verify_online_with_a_key_update_a_reordered_key_and_ddl(pair, d
     d = _start_streaming(src, dst, daemons)
     r = pgferry("cutover", "--verify", "online", "--fence", "none", "--source", src.dsn, "--target", dst.dsn)
     assert r.returncode == 2 and "--verify online needs the fence" in r.stderr, r.stderr
-    proc = subprocess.Popen([*pgferry_cmd(), "cutover", "--verify", "online", "--max-rate", "1000",
-                             "--catch-up-rounds", "0", "--source", src.dsn, "--target", dst.dsn, "--timeout", "30"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    seen: list[str] = []
-    reader = _stderr_lines(proc, seen)
-    try:
-        wait_for(lambda: any("[1/" in line for line in seen) or proc.poll() is not None, 60, "the comparison")
-        src.execute("UPDATE w SET id = 10003 WHERE id = 3; UPDATE c SET v = 'changed' WHERE a = 8; "
-                    "ALTER TABLE d ADD COLUMN z int DEFAULT 5")
-        proc.wait(timeout=120)
-        out = proc.stdout.read()  # type: ignore[union-attr]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(10)
-    assert proc.returncode == 0, out + "".join(seen) + d.output()
+    rc, out, err = while_comparing(
+        ["cutover", "--verify", "online", "--max-rate", "1000", "--catch-up-rounds", "0", "--source", src.dsn,
+         "--target", dst.dsn, "--timeout", "30"], "[1/",
+        lambda: src.execute("UPDATE w SET id = 10003 WHERE id = 3; UPDATE c SET v = 'changed' WHERE a = 8; "
+                            "ALTER TABLE d ADD COLUMN z int DEFAULT 5"))
+    assert rc == 0, out + err + d.output()
     receipt = json.loads(out)
     changes = receipt["changes_verified"]
     assert receipt["ok"] and changes["tables_by_key"] == ["public.c", "public.w"], changes

@@ -9,6 +9,7 @@ import re
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import psycopg2.errors
@@ -45,6 +46,35 @@ def pgbench_processed(returncode: int, out: str, err: str) -> int:
     failed = re.search(r"number of failed transactions: (\d+)", out)
     assert failed is None or int(failed.group(1)) == 0, out
     return int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))  # type: ignore[union-attr]
+
+
+def cut_over_under_pgbench(bench: subprocess.Popen, src: Db, dst: Db, d: Daemon, b: Any, *flags: str
+                           ) -> tuple[Any, int]:
+    """`pgferry cutover FLAGS --pgbouncer ...` once pgbench (writing through PgBouncer `b`) has
+    500 transactions in; it must succeed. (The cutover's result, the transactions pgbench counted.)"""
+    try:
+        wait_for(lambda: src.execute("SELECT count(*) FROM pgbench_history")[0][0] > 500 or bench.poll() is not None,
+                 60, "pgbench writing through PgBouncer")
+        r = pgferry("cutover", *flags, "--source", src.dsn, "--target", dst.dsn, "--timeout", "60", "--pgbouncer",
+                    b.admin_dsn, "--pgbouncer-target", _target_conninfo(dst))
+        assert r.returncode == 0, r.stdout + r.stderr + d.output() + b.log_tail()
+        out, err = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    return r, pgbench_processed(bench.returncode, out, err)
+
+
+def assert_pgbench_once_on(dst: Db, processed: int) -> None:
+    """Every transaction pgbench counted is one history row on the target (those before the
+    handoff came through the stream, those after were written there through PgBouncer), and the
+    balances add up."""
+    (on_target,) = dst.execute("SELECT count(*) FROM pgbench_history")[0]
+    assert on_target == processed, (on_target, processed)
+    (sums,) = dst.execute("SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(tbalance) FROM "
+                          "pgbench_tellers), (SELECT sum(bbalance) FROM pgbench_branches), (SELECT sum(delta) FROM "
+                          "pgbench_history)")
+    assert len(set(sums)) == 1, sums
 
 
 def _target_conninfo(dst: Db) -> str:
@@ -122,28 +152,11 @@ def test_pgbench_through_pgbouncer_sees_a_pause_not_an_error(owner_pair, daemons
     bench = subprocess.Popen([PGBENCH, "-c", "8", "-j", "2", "-T", "20", "-n", "-M", "simple", "-l", "--log-prefix",
                               str(tmp_path / "tx"), "-d", b.dsn(src.name)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    try:
-        wait_for(lambda: src.execute("SELECT count(*) FROM pgbench_history")[0][0] > 500 or bench.poll() is not None,
-                 60, "pgbench writing through PgBouncer")
-        r = pgferry("cutover", "--source", src.dsn, "--target", dst.dsn, "--timeout", "60", "--pgbouncer",
-                    b.admin_dsn, "--pgbouncer-target", _target_conninfo(dst))
-        assert r.returncode == 0, r.stdout + r.stderr + d.output() + b.log_tail()
-        out, err = bench.communicate(timeout=120)
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-    processed = pgbench_processed(bench.returncode, out, err)
+    r, processed = cut_over_under_pgbench(bench, src, dst, d, b)
     receipt = json.loads(r.stdout)
     assert receipt["ok"] and receipt["refused_writes"] == 0 and not receipt["client_errors"], receipt
     assert d.wait_exit(timeout=30) == 0, d.output()
-    # every transaction pgbench counted is one history row on the target: those before the
-    # handoff came through the stream, those after were written there through PgBouncer
-    (on_target,) = dst.execute("SELECT count(*) FROM pgbench_history")[0]
-    assert on_target == processed, (on_target, processed)
-    (sums,) = dst.execute("SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(tbalance) FROM "
-                          "pgbench_tellers), (SELECT sum(bbalance) FROM pgbench_branches), (SELECT sum(delta) FROM "
-                          "pgbench_history)")
-    assert len(set(sums)) == 1, sums
+    assert_pgbench_once_on(dst, processed)
     # the source kept exactly what it had at the handoff: all of it is on the target too
     source_rows = collections.Counter(src.execute("SELECT tid, bid, aid, delta, mtime FROM pgbench_history"))
     target_rows = collections.Counter(dst.execute("SELECT tid, bid, aid, delta, mtime FROM pgbench_history"))
